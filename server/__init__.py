@@ -1,0 +1,1 @@
+"""The aiohttp server, the durable queue and history, and the command line."""
