@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import threading
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -45,9 +46,9 @@ def _canonical(value: Any) -> str:
     try:
         text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
     except (TypeError, ValueError):
-        return f"<unhashable {id(value)} {object()!r}>"
+        return f"<unhashable {uuid.uuid4()}>"
     if isinstance(value, float) and math.isnan(value):
-        return f"<nan {object()!r}>"
+        return f"<nan {uuid.uuid4()}>"
     return text
 
 

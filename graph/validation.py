@@ -206,7 +206,7 @@ def validate_prompt(prompt: Any, registry: NodeRegistry, env: Any = None,
     needed = set(outputs)
     for out in outputs:
         needed |= nx.ancestors(graph, out)
-    sub = graph.subgraph(needed)
+    sub = graph if len(needed) == len(calls) else build_graph({i: calls[i] for i in needed})
 
     node_errors: dict[str, list[dict[str, Any]]] = {}
     invalid: set[str] = set()
@@ -232,8 +232,9 @@ def validate_prompt(prompt: Any, registry: NodeRegistry, env: Any = None,
             node_errors.setdefault(node_id, []).extend(errs)
             invalid.add(node_id)
 
-    for node_id in nx.topological_sort(sub.subgraph(needed - {n for n in invalid if n in node_errors
-                                                               and _in_cycle(node_errors[n])})):
+    in_cycles = {n for n in invalid if _in_cycle(node_errors[n])}
+    acyclic = sub if not in_cycles else build_graph({i: calls[i] for i in needed - in_cycles})
+    for node_id in nx.topological_sort(acyclic):
         upstream = set(sub.predecessors(node_id))
         if upstream & crashed and node_id not in crashed:
             node_errors.setdefault(node_id, []).append(error(
@@ -256,9 +257,9 @@ def validate_prompt(prompt: Any, registry: NodeRegistry, env: Any = None,
     runnable = set(valid_outputs)
     for out in valid_outputs:
         runnable |= nx.ancestors(sub, out)
-    validated = ValidatedPrompt(
-        nodes={i: checked[i] for i in runnable}, classes={i: classes[i] for i in runnable},
-        outputs=valid_outputs, graph=graph.subgraph(runnable).copy(), api_prompt=prompt)
+    nodes = {i: checked[i] for i in runnable}
+    validated = ValidatedPrompt(nodes=nodes, classes={i: classes[i] for i in runnable}, outputs=valid_outputs,
+                                graph=build_graph(nodes), api_prompt=prompt)
     return Validation(validated, None, response_errors)
 
 
