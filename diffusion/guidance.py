@@ -1,0 +1,178 @@
+"""Classifier-free guidance over ComfyUI-style conditioning lists.
+
+A conditioning is a list of `(context [1, T, dim], options)`. Every entry is one evaluation of the denoiser
+on (a region of) the batch; entries of one list are blended by weighted averaging, each weighted by its
+strength (times its mask, or an 8-pixel ramp at an area's inner edges), so overlapping areas mix and
+uncovered pixels fall back to the other entries. Guidance: denoised = uncond + (cond - uncond) * cfg.
+
+Options understood: `area` (h, w, y, x) in latent pixels, `strength`, `mask` ([H, W] or [1, H, W], any
+resolution, resized bilinearly to the latent) with `mask_strength` and `set_area_to_bounds`, and
+`start_percent` / `end_percent` (active while the sampling progress is in that range). Other keys (e.g.
+`pooled_output`) are turned into network kwargs by the caller's `extra_cond(options, x) -> dict`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model_sampling import ModelSampling
+
+Conditioning = list[tuple[Tensor, dict[str, Any]]]
+ExtraCond = Callable[[dict[str, Any], Tensor], dict[str, Tensor]]
+
+_AREA_FEATHER = 8  # latent pixels over which an area's weight ramps up from its inner edges
+_EMPTY_WEIGHT = 1e-37  # so pixels no entry covers divide to 0 instead of NaN
+
+
+def _mask_bounds(mask: Tensor) -> tuple[int, int, int, int]:
+    """(h, w, y, x) of the bounding box of mask > 0 over all batch entries."""
+    nonzero = (mask > 0).reshape(-1, *mask.shape[-2:]).any(0)
+    rows, cols = torch.where(nonzero.any(1))[0], torch.where(nonzero.any(0))[0]
+    if rows.numel() == 0:
+        return 0, 0, 0, 0
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    return y1 - y0 + 1, x1 - x0 + 1, y0, x0
+
+
+def _feather(weight: Tensor, area: tuple[int, int, int, int], full_h: int, full_w: int) -> Tensor:
+    """Ramp the weight linearly over the first pixels inside each area edge that is not the latent's edge."""
+    h, w, y, x = area
+    ramp = [(k + 1) / _AREA_FEATHER for k in range(_AREA_FEATHER)]
+    for k, r in enumerate(ramp):
+        if y != 0 and k < h:
+            weight[:, :, k] *= r
+        if y + h < full_h and k < h:
+            weight[:, :, h - 1 - k] *= r
+        if x != 0 and k < w:
+            weight[:, :, :, k] *= r
+        if x + w < full_w and k < w:
+            weight[:, :, :, w - 1 - k] *= r
+    return weight
+
+
+class _Job:
+    """One conditioning entry resolved for the current step: where it applies, with what weight."""
+
+    def __init__(self, slot: int, context: Tensor, area: tuple[int, int, int, int], weight: Tensor,
+                 kwargs: dict[str, Tensor]) -> None:
+        self.slot, self.context, self.area, self.weight, self.kwargs = slot, context, area, weight, kwargs
+        self.output: Tensor | None = None
+
+    def batch_key(self) -> tuple:
+        shapes = tuple(sorted((k, tuple(v.shape[1:])) for k, v in self.kwargs.items()))
+        return self.area[:2], self.context.shape[-1], shapes
+
+
+def _lcm_repeat(contexts: list[Tensor]) -> list[Tensor]:
+    """Repeat contexts along tokens to a common length; attention over k copies of a sequence equals attention
+    over the sequence (softmax weights split evenly between copies), so this is exact."""
+    lengths = [c.shape[1] for c in contexts]
+    target = math.lcm(*lengths)
+    return [c.repeat(1, target // c.shape[1], 1) for c in contexts]
+
+
+class CFGGuider:
+    """`guider(x, sigma) -> denoised` with classifier-free guidance; usable as a sampler's model.
+
+    `denoiser(x, sigma, context=..., **kwargs) -> D` is called once per step for all entries of both lists
+    whose inputs have equal shapes (all of them unless areas of different sizes are used). At cfg == 1 the
+    negative list is not evaluated.
+    """
+
+    def __init__(
+        self,
+        denoiser: Callable[..., Tensor],
+        model_sampling: ModelSampling,
+        positive: Conditioning,
+        negative: Conditioning,
+        cfg: float,
+        extra_cond: ExtraCond | None = None,
+    ) -> None:
+        if not positive:
+            raise ValueError("positive conditioning is empty")
+        self.denoiser = denoiser
+        self.model_sampling = model_sampling
+        self.positive, self.negative = positive, negative
+        self.cfg = float(cfg)
+        self.extra_cond = extra_cond
+
+    def _resolve(self, slot: int, entry: tuple[Tensor, dict[str, Any]], x: Tensor, sigma: float) -> _Job | None:
+        context, opts = entry
+        if context.ndim != 3:
+            raise ValueError(f"conditioning tensor must be [1, tokens, dim], got {tuple(context.shape)}")
+        if "start_percent" in opts and sigma > self.model_sampling.percent_to_sigma(opts["start_percent"]):
+            return None
+        if "end_percent" in opts and sigma < self.model_sampling.percent_to_sigma(opts["end_percent"]):
+            return None
+        batch, _, full_h, full_w = x.shape
+        area = tuple(int(v) for v in opts.get("area", (full_h, full_w, 0, 0)))
+        if len(area) != 4:
+            raise ValueError(f"conditioning area must be (h, w, y, x), got {opts['area']!r}")
+        mask = opts.get("mask")
+        if mask is not None:
+            mask = mask.reshape(-1, *mask.shape[-2:]).to(x.device, x.dtype)
+            if mask.shape[0] not in (1, batch):
+                raise ValueError(f"conditioning mask batch {mask.shape[0]} does not match latent batch {batch}")
+            if mask.shape[-2:] != (full_h, full_w):
+                mask = F.interpolate(mask[:, None], size=(full_h, full_w), mode="bilinear")[:, 0]
+            if opts.get("set_area_to_bounds", False):
+                area = _mask_bounds(mask)
+        h, w, y, x0 = area
+        h, w = min(h, full_h - y), min(w, full_w - x0)
+        area = (h, w, y, x0)
+        if h <= 0 or w <= 0:
+            return None
+        strength = float(opts.get("strength", 1.0))
+        if mask is not None:
+            region = mask[:, y : y + h, x0 : x0 + w] * float(opts.get("mask_strength", 1.0))
+            weight = (region[:, None] * strength).expand(batch, x.shape[1], h, w).clone()
+        else:
+            weight = x.new_full((batch, x.shape[1], h, w), strength)
+            if "area" in opts:
+                weight = _feather(weight, area, full_h, full_w)
+        kwargs = {}
+        if self.extra_cond is not None:
+            kwargs = {k: v.to(x.device) for k, v in self.extra_cond(opts, x[:, :, y : y + h, x0 : x0 + w]).items()}
+            for name, value in kwargs.items():
+                if value.shape[0] not in (1, batch):
+                    raise ValueError(f"extra_cond kwarg {name!r} has batch {value.shape[0]}, expected 1 or {batch}")
+        return _Job(slot, context.to(x.device, x.dtype), area, weight, kwargs)
+
+    def _run(self, jobs: list[_Job], x: Tensor, sigma: Tensor) -> None:
+        """Evaluate jobs of equal input shape in one batched call; store each output on its job."""
+        batch = x.shape[0]
+        xs = [x[:, :, j.area[2] : j.area[2] + j.area[0], j.area[3] : j.area[3] + j.area[1]] for j in jobs]
+        contexts = [c.expand(batch, -1, -1) for c in _lcm_repeat([j.context for j in jobs])]
+        kwargs = {name: torch.cat([j.kwargs[name].expand(batch, *j.kwargs[name].shape[1:]) for j in jobs])
+                  for name in jobs[0].kwargs}
+        out = self.denoiser(torch.cat(xs), sigma.repeat(len(jobs)), context=torch.cat(contexts), **kwargs)
+        for j, chunk in zip(jobs, out.chunk(len(jobs)), strict=True):
+            j.output = chunk
+
+    def __call__(self, x: Tensor, sigma: Tensor, **_: Any) -> Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+        level = float(sigma.max())
+        lists = [self.positive] if self.cfg == 1.0 or not self.negative else [self.positive, self.negative]
+        jobs = [j for slot, entries in enumerate(lists) for e in entries if (j := self._resolve(slot, e, x, level))]
+        groups: dict[tuple, list[_Job]] = {}
+        for j in jobs:
+            groups.setdefault(j.batch_key(), []).append(j)
+        for group in groups.values():
+            self._run(group, x, sigma)
+        sums = [torch.zeros_like(x) for _ in lists]
+        weights = [torch.full_like(x, _EMPTY_WEIGHT) for _ in lists]
+        for j in jobs:
+            h, w, y, x0 = j.area
+            sums[j.slot][:, :, y : y + h, x0 : x0 + w] += j.output * j.weight
+            weights[j.slot][:, :, y : y + h, x0 : x0 + w] += j.weight
+        cond = sums[0] / weights[0]
+        if len(lists) == 1:
+            return cond
+        uncond = sums[1] / weights[1]
+        return uncond + (cond - uncond) * self.cfg
