@@ -1,1 +1,28 @@
 """The built-in typed nodes, one module per family; thin declarations over `diffusion/`."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from graph.registry import NodeRegistry
+from nodes.environment import Environment
+
+log = logging.getLogger(__name__)
+
+# Modules of built-in nodes; each exposes NODE_CLASSES.
+BUILTIN_MODULES: tuple[str, ...] = ()
+
+
+def build_registry(env: Environment | None = None, plugins: bool = True) -> NodeRegistry:
+    """The built-in nodes, then plugins from entry points and from the data directory's custom_nodes/."""
+    registry = NodeRegistry()
+    for name in BUILTIN_MODULES:
+        module = importlib.import_module(name)
+        for cls in module.NODE_CLASSES:
+            registry.register(cls, builtin=True)
+    if plugins:
+        registry.discover_entry_points()
+        if env is not None:
+            registry.discover_folder(env.custom_nodes_dir)
+    return registry

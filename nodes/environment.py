@@ -1,0 +1,73 @@
+"""Where a running engine keeps its files: the data directory and the folders under it.
+
+`data/models/{checkpoints,vae,loras,embeddings,...}`, `data/input`, `data/output`, `data/temp` and
+`data/custom_nodes`. Nodes receive the environment explicitly (as the executor's `env`), never through
+global state. Every name that comes from a workflow is resolved with `safe_join`, so it cannot escape
+its folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODEL_FOLDERS = ("checkpoints", "vae", "loras", "embeddings", "text_encoders", "diffusion_models",
+                 "upscale_models", "vae_approx", "configs")
+
+
+class UnsafePathError(ValueError):
+    """A name from a request or a workflow that would leave its folder."""
+
+
+def safe_join(root: Path, *parts: str) -> Path:
+    """`root/parts...`, refusing absolute parts, `..`, and symlinks that resolve outside `root`."""
+    for part in parts:
+        if not isinstance(part, str) or "\0" in part:
+            raise UnsafePathError(f"invalid path component {part!r}")
+        if Path(part).is_absolute() or part.startswith(("/", "\\")) or ".." in Path(part.replace("\\", "/")).parts:
+            raise UnsafePathError(f"path {part!r} may not leave its folder")
+    root_resolved = root.resolve()
+    path = root_resolved.joinpath(*parts).resolve()
+    if path != root_resolved and root_resolved not in path.parents:
+        raise UnsafePathError(f"path {'/'.join(parts)!r} resolves outside {root}")
+    return path
+
+
+@dataclass
+class Environment:
+    data_dir: Path
+    output_dir_override: Path | None = None
+    extra_model_dirs: dict[str, list[Path]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def input_dir(self) -> Path:
+        return self.data_dir / "input"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.output_dir_override or self.data_dir / "output"
+
+    @property
+    def temp_dir(self) -> Path:
+        return self.data_dir / "temp"
+
+    @property
+    def custom_nodes_dir(self) -> Path:
+        return self.data_dir / "custom_nodes"
+
+    def model_dirs(self, kind: str) -> list[Path]:
+        """The folders searched for models of a kind: ours first, then configured extra folders."""
+        return [self.models_dir / kind, *self.extra_model_dirs.get(kind, [])]
+
+    def ensure_dirs(self) -> None:
+        for path in (self.input_dir, self.output_dir, self.temp_dir, self.custom_nodes_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        for kind in MODEL_FOLDERS:
+            (self.models_dir / kind).mkdir(parents=True, exist_ok=True)
