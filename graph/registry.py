@@ -69,8 +69,8 @@ class NodeRegistry:
         for name, cls in self._nodes.items():
             try:
                 info[name] = cls.info(env)
-            except Exception:
-                log.exception("node %s: could not render its declaration", name)
+            except Exception as exc:
+                log.error("node %s: could not render its declaration: %s: %s", name, type(exc).__name__, exc)
         return info
 
     # -- plugins -------------------------------------------------------------------------------------
