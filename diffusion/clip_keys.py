@@ -130,19 +130,38 @@ def text_encoder_state_dict(sd: Mapping[str, Tensor], prefix: str) -> dict[str, 
     return out
 
 
-def to_hf_checkpoint(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """Our layout → the HF checkpoint layout under `prefix` (e.g. `cond_stage_model.transformer.`)."""
-    return {prefix + key: value for key, value in sd.items()}
+def from_transformers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A transformers CLIP text model's `state_dict()` → our layout: the `text_model.` level added where
+    the model has none (CLIPTextModel in transformers 5), the derived `position_ids` buffer dropped."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith("embeddings.position_ids"):
+            continue
+        out[key if key.startswith(TEXT) or key == PROJECTION else TEXT + key] = value
+    return out
+
+
+def to_hf_checkpoint(
+    sd: Mapping[str, Tensor], prefix: str, *, with_position_ids: bool = False
+) -> dict[str, Tensor]:
+    """Our layout (or a transformers state dict) → the HF checkpoint layout under `prefix`
+    (e.g. `cond_stage_model.transformer.`). Older SD1 checkpoints also carry the `position_ids` buffer."""
+    out = {prefix + key: value for key, value in from_transformers(sd).items()}
+    if with_position_ids:
+        positions = out[prefix + TEXT + "embeddings.position_embedding.weight"].shape[0]
+        out[prefix + TEXT + "embeddings.position_ids"] = torch.arange(positions)[None]
+    return out
 
 
 def to_open_clip(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """Our layout → the OpenCLIP layout under `prefix` (e.g. `conditioner.embedders.1.model.`), with
-    q/k/v fused, the projection transposed, and the `logit_scale` real checkpoints carry."""
+    """Our layout (or a transformers state dict) → the OpenCLIP layout under `prefix` (e.g.
+    `conditioner.embedders.1.model.`), with q/k/v fused, the projection transposed, and the
+    `logit_scale` real checkpoints carry."""
     top = {ours: theirs for theirs, ours in OPEN_CLIP_TOP.items()}
     block = {ours: theirs for theirs, ours in OPEN_CLIP_BLOCK.items()}
     out: dict[str, Tensor] = {}
     fused: dict[str, dict[str, Tensor]] = {}
-    for key, value in sd.items():
+    for key, value in from_transformers(sd).items():
         if key in top:
             out[prefix + top[key]] = value
             continue

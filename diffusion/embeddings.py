@@ -68,8 +68,9 @@ def read_embedding_file(path: Path) -> object:
         raise EmbeddingError(f"embedding file {path} could not be read: {err}") from err
 
 
-def candidate_tensors(content: object) -> list[torch.Tensor]:
-    """Every tensor an embedding file may keep its vectors in, most specific layout first."""
+def candidate_tensors(content: object, key: str | None = None) -> list[torch.Tensor]:
+    """Every tensor an embedding file may keep its vectors in, most specific layout first; `key` (e.g.
+    "clip_g") is preferred when the file has one entry per text encoder."""
     if isinstance(content, torch.Tensor):
         return [content]
     if not isinstance(content, Mapping):
@@ -79,16 +80,19 @@ def candidate_tensors(content: object) -> list[torch.Tensor]:
     if "emb_params" in content:  # A1111 safetensors
         return [content["emb_params"]]
     if "clip_l" in content or "clip_g" in content:  # SDXL: one entry per text encoder
-        return [content[k] for k in ("clip_l", "clip_g") if k in content]
+        order = [key] if key in ("clip_l", "clip_g") else []
+        return [content[k] for k in (*order, "clip_l", "clip_g") if k in content]
     tensors = [t for t in content.values() if isinstance(t, torch.Tensor)]
     return tensors if len(tensors) == 1 else []  # diffusers: {"<token>": tensor}
 
 
-def embedding_vectors(content: object, width: int, source: str = "embedding") -> torch.Tensor | None:
+def embedding_vectors(
+    content: object, width: int, source: str = "embedding", key: str | None = None
+) -> torch.Tensor | None:
     """The [n, width] vectors for an encoder of this width, or None when the file has none that fit.
 
     Raises EmbeddingError when the content is in no known layout at all."""
-    tensors = candidate_tensors(content)
+    tensors = candidate_tensors(content, key)
     if not tensors:
         keys = list(content.keys()) if isinstance(content, Mapping) else type(content).__name__
         raise EmbeddingError(f"{source}: no embedding vectors found (keys: {keys})")
@@ -99,14 +103,16 @@ def embedding_vectors(content: object, width: int, source: str = "embedding") ->
     return None
 
 
-def load_embedding(name: str, directories: Sequence[str | os.PathLike], width: int) -> torch.Tensor | None:
-    """The vectors of embedding `name` for a `width`-wide encoder; None (with a warning) if there is no
-    such file or it has no vectors of that width."""
+def load_embedding(
+    name: str, directories: Sequence[str | os.PathLike], width: int, key: str | None = None
+) -> torch.Tensor | None:
+    """The vectors of embedding `name` for a `width`-wide encoder (`key`: its name in SDXL files, e.g.
+    "clip_l"); None (with a warning) if there is no such file or it has no vectors of that width."""
     path = resolve_embedding(name, directories)
     if path is None:
         log.warning("embedding %r not found in %s; ignoring it", name, [str(d) for d in directories])
         return None
-    vectors = embedding_vectors(read_embedding_file(path), width, source=str(path))
+    vectors = embedding_vectors(read_embedding_file(path), width, source=str(path), key=key)
     if vectors is None:
         log.warning("embedding %r (%s) has no vectors of width %d; ignoring it", name, path, width)
     return vectors

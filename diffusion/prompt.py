@@ -99,18 +99,21 @@ class PromptTokenizer:
         pad_id: int,
         embedding_width: int,
         embedding_dirs: Sequence[str | os.PathLike] = (),
+        embedding_key: str | None = None,
     ):
         self.tokenizer = tokenizer
         self.pad_id = pad_id
         self.embedding_width = embedding_width
         self.embedding_dirs = list(embedding_dirs)
+        self.embedding_key = embedding_key  # which entry of an SDXL embedding file ("clip_l"/"clip_g")
 
     def embedding(self, name: str) -> tuple[torch.Tensor | None, str]:
         """The embedding's vectors and any text left over: `embedding:name,` finds `name` and leaves `,`."""
-        vectors = load_embedding(name, self.embedding_dirs, self.embedding_width)
+        vectors = load_embedding(name, self.embedding_dirs, self.embedding_width, self.embedding_key)
         stripped = name.rstrip(",")
         if vectors is None and stripped != name and stripped:
-            return load_embedding(stripped, self.embedding_dirs, self.embedding_width), name[len(stripped) :]
+            vectors = load_embedding(stripped, self.embedding_dirs, self.embedding_width, self.embedding_key)
+            return vectors, name[len(stripped) :]
         return vectors, ""
 
     def word_groups(self, text: str) -> list[list[tuple[Slot, float]]]:

@@ -280,10 +280,12 @@ class TextEncoders:
 
     def tokenize(self, text: str) -> dict[str, list[Chunk]]:
         """Chunks per encoder: the pad token and the embedding width differ between encoders."""
-        return {
-            name: PromptTokenizer(self.tokenizer, enc.pad_id, enc.width, self.embedding_dirs)(text)
-            for name, enc in self.encoders.items()
-        }
+        chunks = {}
+        for name, enc in self.encoders.items():
+            key = f"clip_{name}"  # SDXL embedding files keep one entry per encoder under this name
+            prompt = PromptTokenizer(self.tokenizer, enc.pad_id, enc.width, self.embedding_dirs, key)
+            chunks[name] = prompt(text)
+        return chunks
 
     def encode(self, text: str, clip_skip: int | None = None) -> tuple[Tensor, Tensor]:
         """Prompt text → (cond [1, 77·k, dim], pooled [1, dim_pooled])."""

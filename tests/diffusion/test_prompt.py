@@ -135,6 +135,12 @@ def test_embedding_formats(embedding_dir, name, width, seed, rows):
     assert loaded is not None and torch.equal(loaded, expected[:rows])
 
 
+def test_sdxl_file_entry_chosen_by_encoder_name(embedding_dir):
+    save_file({"clip_l": vectors(1, 8, 10), "clip_g": vectors(2, 8, 11)}, embedding_dir / "same.safetensors")
+    assert torch.equal(load_embedding("same", [embedding_dir], 8, key="clip_g"), vectors(2, 8, 11))
+    assert torch.equal(load_embedding("same", [embedding_dir], 8, key="clip_l"), vectors(1, 8, 10))
+
+
 def test_embedding_of_wrong_width_is_skipped_with_warning(embedding_dir, caplog):
     with caplog.at_level(logging.WARNING):
         assert load_embedding("st", [embedding_dir], 12) is None

@@ -297,3 +297,28 @@ def test_missing_and_unexpected_keys_are_reported(clip_l, clip_g):
         TextEncoders.from_state_dict(sd, "sdxl_refiner")
     with pytest.raises(ValueError, match="unknown model family"):
         TextEncoders.from_state_dict(sd, "sd9")
+
+
+def test_inverse_conversions_accept_transformers_state_dicts(clip_l, clip_g):
+    prefix = "cond_stage_model.transformer."
+    written = to_hf_checkpoint(clip_l.state_dict(), prefix, with_position_ids=True)
+    position_ids = prefix + "text_model.embeddings.position_ids"
+    assert written.keys() == {prefix + k for k in ours(clip_l)} | {position_ids}
+    assert torch.equal(written[position_ids], torch.arange(77)[None])
+    loaded = TextEncoders.from_state_dict(written, "sd1", num_heads=HEADS)
+    out, _, _ = reference(clip_l, [chunk_ids([CAT], EOS)])
+    assert close(loaded.encode("cat")[0], out.last_hidden_state)
+    from_model = to_open_clip(clip_g.state_dict(), "m.")
+    assert all(torch.equal(v, from_model[k]) for k, v in to_open_clip(ours(clip_g), "m.").items())
+
+
+def test_sdxl_embedding_file_gives_each_encoder_its_entry(clip_l, clip_g, tmp_path):
+    l_row = clip_l.embeddings.token_embedding.weight[CAT].detach().clone()
+    g_row = clip_g.text_model.embeddings.token_embedding.weight[DOG].detach().clone()
+    save_file({"clip_l": l_row[None], "clip_g": g_row[None]}, tmp_path / "xl.safetensors")
+    encoders = TextEncoders.from_state_dict(
+        sdxl_checkpoint(clip_l, clip_g), "sdxl", num_heads=HEADS, embedding_dirs=[tmp_path]
+    )
+    cond, _ = encoders.encode("embedding:xl")
+    assert close(cond[..., :32], encoders.encode("cat")[0][..., :32], tol=1e-6)
+    assert close(cond[..., 32:], encoders.encode("dog")[0][..., 32:], tol=1e-6)
