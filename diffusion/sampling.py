@@ -12,10 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .model_sampling import ModelSampling
-from .noise import seeded_noise_sampler
+from .noise import BrownianNoiseSampler, seeded_noise_sampler
 from .samplers import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, get_sampler
 from .samplers_base import Callback
 from .schedules import DiscreteSchedule, calculate_sigmas
+
+# SDE samplers whose sub-steps query overlapping intervals; ComfyUI gives them Brownian-tree noise.
+BROWNIAN_NOISE_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"})
 
 
 def ksampler_sigmas(
@@ -121,8 +124,12 @@ def sample(
             out = model_fn(x * mask + known * keep, sigma, **kwargs)
             return out * mask + latent * keep
 
-    out = sampler(model, x, sigmas, extra_args=extra_args, callback=callback,
-                  noise_sampler=seeded_noise_sampler(x, seed), **(sampler_options or {}))
+    if sampler_name in BROWNIAN_NOISE_SAMPLERS:
+        noise_sampler = BrownianNoiseSampler(x, seed)
+    else:
+        noise_sampler = seeded_noise_sampler(x, seed)
+    out = sampler(model, x, sigmas, extra_args=extra_args, callback=callback, noise_sampler=noise_sampler,
+                  **(sampler_options or {}))
     out = model_sampling.inverse_noise_scaling(sigmas[-1], out)
     if mask is not None:
         out = out * mask + latent * (1 - mask)
