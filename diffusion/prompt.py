@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 
 import torch
 
-from .embeddings import load_embedding
+from .embeddings import load_embedding, resolve_embedding
 from .tokenizer import CLIPTokenizer
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,9 @@ Slot = int | torch.Tensor
 Chunk = list[tuple[Slot, float]]
 
 CHUNK_LENGTH = 77
-MAX_WORD_LENGTH = 8  # a word of this many tokens or more may be split across chunks
+MAX_WORD_LENGTH = 8  # a group of this many tokens or more may be split across chunks
 EMBEDDING_PREFIX = "embedding:"
+EMBEDDING_BOUNDARY = re.compile(r"[ \n]embedding:")
 # Escaped brackets are hidden behind control characters while the brackets are parsed.
 ESCAPES = {"\\(": "\0\2", "\\)": "\0\1"}
 
@@ -100,32 +102,50 @@ class PromptTokenizer:
         embedding_width: int,
         embedding_dirs: Sequence[str | os.PathLike] = (),
         embedding_key: str | None = None,
+        split_words: bool = False,
     ):
         self.tokenizer = tokenizer
         self.pad_id = pad_id
         self.embedding_width = embedding_width
         self.embedding_dirs = list(embedding_dirs)
         self.embedding_key = embedding_key  # which entry of an SDXL embedding file ("clip_l"/"clip_g")
+        self.split_words = split_words
 
     def embedding(self, name: str) -> tuple[torch.Tensor | None, str]:
         """The embedding's vectors and any text left over: `embedding:name,` finds `name` and leaves `,`."""
-        vectors = load_embedding(name, self.embedding_dirs, self.embedding_width, self.embedding_key)
         stripped = name.rstrip(",")
-        if vectors is None and stripped != name and stripped:
-            vectors = load_embedding(stripped, self.embedding_dirs, self.embedding_width, self.embedding_key)
-            return vectors, name[len(stripped) :]
-        return vectors, ""
+        dirs = self.embedding_dirs
+        for candidate in (name, stripped):
+            if candidate and resolve_embedding(candidate, dirs) is not None:
+                vectors = load_embedding(candidate, dirs, self.embedding_width, self.embedding_key)
+                return vectors, name[len(candidate) :]
+        log.warning("embedding %r not found in %s; ignoring it", name, [str(d) for d in dirs])
+        return None, name[len(stripped) :]
+
+    def pieces(self, fragment: str) -> list[str]:
+        """The units of one weighted fragment that keep their tokens together in a chunk.
+
+        As ComfyUI does today: the text between embeddings is one piece (an embedding starts at the
+        fragment's start or after a space or newline). With `split_words`, every space-separated word is a
+        piece, as older ComfyUI versions did."""
+        if self.split_words:
+            return [word for word in fragment.replace("\n", " ").split(" ") if word]
+        first, *rest = EMBEDDING_BOUNDARY.split(fragment)
+        return [piece for piece in [first, *(EMBEDDING_PREFIX + p for p in rest)] if piece]
 
     def word_groups(self, text: str) -> list[list[tuple[Slot, float]]]:
-        """One group of (slot, weight) per space-separated word; an embedding's vectors form one group."""
+        """Groups of (slot, weight): one per piece of text, one per embedding (its vectors)."""
         groups: list[list[tuple[Slot, float]]] = []
         for fragment, weight in parse_prompt_weights(text):
-            for word in fragment.replace("\n", " ").split(" "):
-                if word.startswith(EMBEDDING_PREFIX):
-                    vectors, word = self.embedding(word[len(EMBEDDING_PREFIX) :])
+            for piece in self.pieces(fragment):
+                text_part = piece
+                if piece.startswith(EMBEDDING_PREFIX):
+                    words = piece[len(EMBEDDING_PREFIX) :].split()
+                    vectors, leftover = self.embedding(words[0] if words else "")
                     if vectors is not None:
                         groups.append([(v, weight) for v in vectors])
-                ids = self.tokenizer.encode(word) if word else []
+                    text_part = " ".join([leftover, *words[1:]])
+                ids = self.tokenizer.encode(text_part)
                 if ids:
                     groups.append([(i, weight) for i in ids])
         return groups
@@ -135,9 +155,9 @@ class PromptTokenizer:
 
 
 def chunk_groups(groups: list[list[tuple[Slot, float]]], bos: int, eos: int, pad: int) -> list[Chunk]:
-    """Pack word groups into chunks of start + ≤75 slots + end, padded to 77.
+    """Pack groups (see PromptTokenizer.pieces) into chunks of start + ≤75 slots + end, padded to 77.
 
-    A word that does not fit in what is left of a chunk starts the next one, unless it has
+    A group that does not fit in what is left of a chunk starts the next one, unless it has
     MAX_WORD_LENGTH tokens or more: then it fills this chunk and continues in the next."""
     room = CHUNK_LENGTH - 2
     chunks: list[Chunk] = []

@@ -73,16 +73,32 @@ def test_empty_prompt_is_one_padded_chunk(tokenizer):
     assert [ids(c) for c in PromptTokenizer(tokenizer, 0, 8)("  ")] == [[BOS, EOS, *[0] * 75]]
 
 
-def test_word_moves_whole_to_next_chunk(tokenizer):
+def test_group_moves_whole_to_next_chunk(tokenizer):
+    # ComfyUI today: the text of one weighted fragment is one group; a short group moves whole
+    chunks = PromptTokenizer(tokenizer, 0, 8)(" ".join(["cat"] * 74) + " (xyzzyq:1.2) dog")
+    assert ids(chunks[0]) == [BOS, *[CAT] * 74, EOS, 0]
+    assert chunks[1][:6] == [(BOS, 1.0), *[(i, 1.2) for i in XYZZYQ], (DOG, 1.0), (EOS, 1.0)]
+    assert ids(chunks[1])[6:] == [0] * 71
+
+
+def test_long_fragment_is_split_at_the_chunk_end(tokenizer):
     chunks = PromptTokenizer(tokenizer, 0, 8)(" ".join(["cat"] * 74) + " xyzzyq dog")
+    assert ids(chunks[0]) == [BOS, *[CAT] * 74, XYZZYQ[0], EOS]
+    assert ids(chunks[1])[:5] == [BOS, *XYZZYQ[1:], DOG, EOS]
+
+
+def test_split_words_keeps_each_word_whole(tokenizer):
+    chunks = PromptTokenizer(tokenizer, 0, 8, split_words=True)(" ".join(["cat"] * 74) + " xyzzyq dog")
     assert ids(chunks[0]) == [BOS, *[CAT] * 74, EOS, 0]
     assert ids(chunks[1]) == [BOS, *XYZZYQ, DOG, EOS, *[0] * 71]
 
 
-def test_long_word_is_split(tokenizer):
+@pytest.mark.parametrize("split_words", [False, True])
+def test_long_word_is_split(tokenizer, split_words):
     long_ids = tokenizer.encode(LONG_WORD)
     assert len(long_ids) == 9
-    chunks = PromptTokenizer(tokenizer, 0, 8)(" ".join(["cat"] * 70) + " " + LONG_WORD)
+    prompt = PromptTokenizer(tokenizer, 0, 8, split_words=split_words)
+    chunks = prompt(" ".join(["cat"] * 70) + " (" + LONG_WORD + ")")
     assert ids(chunks[0]) == [BOS, *[CAT] * 70, *long_ids[:5], EOS]
     assert ids(chunks[1])[:6] == [BOS, *long_ids[5:], EOS]
 
@@ -164,6 +180,20 @@ def test_missing_embedding_warns_and_is_skipped(tokenizer, embedding_dir, caplog
         (chunk,) = prompt("cat embedding:nosuchthing dog")
     assert "nosuchthing" in caplog.text
     assert ids(chunk)[:4] == [BOS, CAT, DOG, EOS]
+    (chunk,) = prompt("cat embedding:nosuchthing, dog")
+    assert ids(chunk)[:5] == [BOS, CAT, COMMA, DOG, EOS]
+
+
+@pytest.mark.parametrize("split_words", [False, True])
+def test_embedding_in_running_text(tokenizer, embedding_dir, split_words, caplog):
+    prompt = PromptTokenizer(tokenizer, 0, 8, [embedding_dir], split_words=split_words)
+    with caplog.at_level(logging.WARNING):
+        (chunk,) = prompt("cat\nembedding:st dog,embedding:st")
+    assert not caplog.text
+    assert ids(chunk)[:1] == [BOS] and chunk[1][0] == CAT
+    assert all(torch.equal(chunk[2 + i][0], vectors(3, 8, 2)[i]) for i in range(3))
+    tail = [DOG, *tokenizer.encode(",embedding:st"), EOS]  # not at a word start: plain text
+    assert ids(chunk)[5 : 5 + len(tail)] == tail and ids(chunk)[5 + len(tail) :] == [0] * (72 - len(tail))
 
 
 def test_traversal_is_refused(tokenizer, embedding_dir, tmp_path):
