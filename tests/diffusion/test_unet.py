@@ -211,6 +211,20 @@ def test_meta_construction_then_assign_load() -> None:
         assert torch.equal(model.eval()(x, t, ctx, y), source(x, t, ctx, y))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_half_precision_forward(dtype: torch.dtype) -> None:
+    """Weights and inputs in half precision run (GroupNorm in float32 inside) and stay near fp32."""
+    cfg = TINY["sdxl"]
+    model = randomize_(UNetModel(cfg), 8).eval()
+    x, t, ctx = torch.randn(2, 4, 12, 12), torch.tensor([10.0, 900.0]), torch.randn(2, 5, 32)
+    y = sdxl_adm(torch.randn(2, POOLED), 512, 512, adm_in_channels=cfg.adm_in_channels)
+    reference = model(x, t, ctx, y)
+    out = model.to(dtype)(x.to(dtype), t, ctx.to(dtype), y.to(dtype))
+    assert out.dtype == dtype
+    assert relative_error(out.float(), reference) < 0.05
+
+
 def test_timestep_embedding_matches_diffusers() -> None:
     t = torch.tensor([0.0, 1.0, 250.5, 999.0])
     for dim in (320, 256, 7):

@@ -118,6 +118,18 @@ def test_accepts_linear_attention_weights_and_meta_assign() -> None:
     assert torch.equal(model.eval().decode(z), source.decode(z))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_half_precision_decode(dtype: torch.dtype) -> None:
+    vae = tiny_vae(3)
+    z = torch.randn(1, 4, 6, 6)
+    reference = vae.decode(z)
+    out = vae.to(dtype).decode(z.to(dtype))
+    assert out.dtype == dtype
+    assert relative_error(out.float(), reference) < 0.05
+    assert vae.decode_tiled(z.to(dtype), tile=4, overlap=2).dtype == dtype
+
+
 def test_rejects_wrong_shapes() -> None:
     vae = AutoencoderKL(TINY)
     with pytest.raises(ValueError, match=re.escape("image must be [B, 3, H, W]")):
