@@ -21,9 +21,11 @@ def tile_spans(size: int, tile: int, overlap: int, align: int = 1) -> list[tuple
         raise ValueError(f"tile size ({tile}) must be larger than the overlap ({overlap}), which must be >= 0")
     if size <= tile:
         return [(0, size)]
+    stride = (tile - overlap) // align * align
+    if stride <= 0:
+        raise ValueError(f"tile ({tile}) minus overlap ({overlap}) must be at least the alignment {align}")
     last = (size - tile) // align * align
-    starts = sorted({s // align * align for s in range(0, size - tile, tile - overlap)})
-    return [(s, s + tile) for s in starts if s < last] + [(last, size)]
+    return [(s, s + tile) for s in range(0, last, stride)] + [(last, size)]
 
 
 def _ramp(length: int, overlap: int, fade_in: bool, fade_out: bool, device: torch.device) -> Tensor:

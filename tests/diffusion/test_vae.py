@@ -138,9 +138,14 @@ def test_rejects_wrong_shapes() -> None:
         vae.decode(torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="larger than the overlap"):
         vae.decode_tiled(torch.zeros(1, 4, 8, 8), tile=8, overlap=8)
+    with pytest.raises(ValueError, match="at least the alignment"):
+        vae.encode_tiled(torch.zeros(1, 3, 64, 64), tile=36, overlap=34)  # stride 2 < downscale 4
 
 
-@pytest.mark.parametrize(("size", "tile", "overlap", "align"), [(100, 32, 8, 1), (203, 64, 16, 8), (30, 64, 8, 8)])
+@pytest.mark.parametrize(
+    ("size", "tile", "overlap", "align"),
+    [(100, 32, 8, 1), (203, 64, 16, 8), (30, 64, 8, 8), (1000, 100, 30, 8), (515, 512, 64, 8)],
+)
 def test_tile_spans_cover_with_overlap(size: int, tile: int, overlap: int, align: int) -> None:
     spans = tile_spans(size, tile, overlap, align)
     assert spans[0][0] == 0 and spans[-1][1] == size
