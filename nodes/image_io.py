@@ -1,0 +1,221 @@
+"""Loading and saving images: LoadImage, LoadImageMask, SaveImage, PreviewImage.
+
+SaveImage writes PNGs with the `prompt` and `workflow` text chunks exactly as ComfyUI does, so a saved
+image carries the workflow that made it; names come from `filename_prefix` (which may hold subfolders)
+plus a counter, and can never leave the output folder. LoadImage's fingerprint is the file's hash, so
+replacing the file re-runs the workflow from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import string
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from graph.node import Combo, Node, NodeOutput, Output, Socket, String
+from graph.types import IMAGE, MASK
+from nodes.environment import Environment, UnsafePathError, safe_join
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def list_input_images(env: Environment | None) -> list[str]:
+    if env is None or not env.input_dir.is_dir():
+        return []
+    return sorted(p.name for p in env.input_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def open_image(path: Path) -> Image.Image:
+    """PIL's open with errors that say which file and why (including decompression bombs)."""
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{path.name}: refused, the image is too large to decode safely ({exc})") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path.name}: not a readable image ({exc})") from None
+
+
+def _frame_rgb_and_alpha(frame: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    frame = ImageOps.exif_transpose(frame) or frame
+    if frame.mode == "I":
+        frame = frame.point(lambda value: value * (1 / 255))
+    if frame.mode == "P" and "transparency" in frame.info:
+        frame = frame.convert("RGBA")
+    alpha = np.asarray(frame.getchannel("A"), dtype=np.float32) / 255 if "A" in frame.getbands() else None
+    rgb = np.asarray(frame.convert("RGB"), dtype=np.float32) / 255
+    return rgb, alpha
+
+
+def load_image_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMAGE [B, H, W, 3] and MASK [B, H, W] (1 − alpha; 64×64 zeros without alpha). Frames of a
+    multi-frame file become the batch; frames of another size than the first are skipped."""
+    image = open_image(path)
+    images, masks = [], []
+    size = None
+    for frame in ImageSequence.Iterator(image):
+        rgb, alpha = _frame_rgb_and_alpha(frame)
+        if size is None:
+            size = rgb.shape[:2]
+        elif rgb.shape[:2] != size:
+            continue
+        images.append(torch.from_numpy(rgb.copy()))
+        masks.append(torch.from_numpy(1.0 - alpha) if alpha is not None else torch.zeros(64, 64))
+    if len({m.shape for m in masks}) > 1:  # some frames had alpha, some not
+        masks = [m if m.shape == size else torch.zeros(size) for m in masks]
+    return torch.stack(images), torch.stack(masks)
+
+
+def _input_path(env: Environment, name: str) -> Path:
+    try:
+        path = safe_join(env.input_dir, name)
+    except UnsafePathError as exc:
+        raise ValueError(f"image {name!r}: {exc}") from None
+    if not path.is_file():
+        raise ValueError(f"image {name!r} does not exist in the input folder")
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _InputImageNode(Node):
+    """Shared by the nodes that read a file from the input folder: its hash is the fingerprint."""
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any], env: Any) -> Any:
+        return file_sha256(_input_path(env, inputs["image"]))
+
+    @classmethod
+    def validate_inputs(cls, inputs: dict[str, Any], env: Any) -> str | None:
+        try:
+            _input_path(env, inputs["image"])
+        except ValueError as exc:
+            return f"Invalid image file: {exc}"
+        return None
+
+
+class LoadImage(_InputImageNode):
+    display_name = "Load Image"
+    category = "image"
+    hidden = ("context",)
+    inputs = [Combo("image", list_input_images, extra={"image_upload": True})]
+    outputs = [Output(IMAGE), Output(MASK)]
+
+    def execute(self, image, context):
+        return load_image_file(_input_path(context.env, image))
+
+
+class LoadImageMask(_InputImageNode):
+    display_name = "Load Image (as Mask)"
+    category = "mask"
+    hidden = ("context",)
+    inputs = [Combo("image", list_input_images, extra={"image_upload": True}),
+              Combo("channel", ["alpha", "red", "green", "blue"])]
+    outputs = [Output(MASK)]
+
+    def execute(self, image, channel, context):
+        frame = ImageOps.exif_transpose(open_image(_input_path(context.env, image)))
+        if channel == "alpha":
+            if "A" not in frame.getbands():
+                return (torch.zeros(1, 64, 64),)
+            alpha = np.asarray(frame.getchannel("A"), dtype=np.float32) / 255
+            return (torch.from_numpy(1.0 - alpha).unsqueeze(0),)
+        rgb = np.asarray(frame.convert("RGB"), dtype=np.float32) / 255
+        return (torch.from_numpy(rgb[..., "rgb".index(channel[0])].copy()).unsqueeze(0),)
+
+
+_COUNTER = re.compile(r"_(\d{5,})_\.png$")
+
+
+def next_counter(folder: Path, name: str) -> int:
+    """1 + the highest counter among `<name>_<NNNNN>_.png` files in the folder."""
+    if not folder.is_dir():
+        return 1
+    found = [int(m.group(1)) for p in folder.iterdir()
+             if p.name.startswith(name + "_") and (m := _COUNTER.search(p.name)) and p.name[:m.start()] == name]
+    return max(found, default=0) + 1
+
+
+def save_images(images: torch.Tensor, root: Path, filename_prefix: str, kind: str, metadata: PngInfo | None,
+                compress_level: int) -> list[dict[str, str]]:
+    """Write each image of the batch as `<prefix>_<counter>_.png` under root; returns ui entries."""
+    height, width = int(images.shape[1]), int(images.shape[2])
+    prefix = filename_prefix.replace("%width%", str(width)).replace("%height%", str(height))
+    subfolder, _, name = prefix.replace("\\", "/").rpartition("/")
+    if not name:
+        raise ValueError(f"filename_prefix {filename_prefix!r} has no file name part")
+    try:
+        folder = safe_join(root, subfolder) if subfolder else root.resolve()
+    except UnsafePathError:
+        raise ValueError(f"filename_prefix {filename_prefix!r} would write outside the {kind} folder") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    results = []
+    counter = next_counter(folder, name.replace("%batch_num%", "0"))
+    for index, image in enumerate(images):
+        array = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        file = f"{name.replace('%batch_num%', str(index))}_{counter:05}_.png"
+        Image.fromarray(array).save(folder / file, pnginfo=metadata, compress_level=compress_level)
+        results.append({"filename": file, "subfolder": subfolder, "type": kind})
+        counter += 1
+    return results
+
+
+def png_metadata(prompt: Any, extra_pnginfo: Any) -> PngInfo:
+    """`prompt` and one chunk per extra_pnginfo key (the canvas sends `workflow`), JSON-encoded."""
+    info = PngInfo()
+    if prompt is not None:
+        info.add_text("prompt", json.dumps(prompt))
+    if isinstance(extra_pnginfo, dict):
+        for key, value in extra_pnginfo.items():
+            info.add_text(key, json.dumps(value))
+    return info
+
+
+class SaveImage(Node):
+    display_name = "Save Image"
+    category = "image"
+    output_node = True
+    hidden = ("prompt", "extra_pnginfo", "context")
+    inputs = [Socket("images", IMAGE, tooltip="The images to save."),
+              String("filename_prefix", default="LatentLoom",
+                     tooltip="File name prefix; may contain subfolders and %width%, %height%, %batch_num%.")]
+    outputs = []
+
+    def execute(self, images, filename_prefix, prompt=None, extra_pnginfo=None, context=None):
+        saved = save_images(images, context.env.output_dir, filename_prefix, "output",
+                            png_metadata(prompt, extra_pnginfo), compress_level=4)
+        return NodeOutput(ui={"images": saved})
+
+
+class PreviewImage(Node):
+    display_name = "Preview Image"
+    category = "image"
+    output_node = True
+    hidden = ("prompt", "extra_pnginfo", "context")
+    inputs = [Socket("images", IMAGE)]
+    outputs = []
+
+    def execute(self, images, prompt=None, extra_pnginfo=None, context=None):
+        suffix = "".join(secrets.choice(string.ascii_lowercase) for _ in range(5))
+        saved = save_images(images, context.env.temp_dir, f"LatentLoom_temp_{suffix}", "temp",
+                            png_metadata(prompt, extra_pnginfo), compress_level=1)
+        return NodeOutput(ui={"images": saved})
+
+
+NODE_CLASSES = [LoadImage, LoadImageMask, SaveImage, PreviewImage]
