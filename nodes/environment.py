@@ -8,8 +8,12 @@ its folder.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import torch
 
 MODEL_FOLDERS = ("checkpoints", "vae", "loras", "embeddings", "text_encoders", "diffusion_models",
                  "upscale_models", "vae_approx", "configs")
@@ -38,6 +42,8 @@ class Environment:
     data_dir: Path
     output_dir_override: Path | None = None
     extra_model_dirs: dict[str, list[Path]] = field(default_factory=dict)
+    # Loaded models by (kind, path, options), shared by the loader nodes across prompts; /free empties it.
+    model_cache: dict[Any, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -71,3 +77,40 @@ class Environment:
             path.mkdir(parents=True, exist_ok=True)
         for kind in MODEL_FOLDERS:
             (self.models_dir / kind).mkdir(parents=True, exist_ok=True)
+
+    def unload_models(self) -> int:
+        """Forget every loaded model (they are freed once no cached node output holds them)."""
+        count = len(self.model_cache)
+        self.model_cache.clear()
+        return count
+
+    def device_stats(self) -> list[dict[str, Any]]:
+        """The compute devices in /system_stats' shape (bytes)."""
+        devices = []
+        if torch.cuda.is_available():
+            for index in range(torch.cuda.device_count()):
+                free, total = torch.cuda.mem_get_info(index)
+                devices.append({"name": torch.cuda.get_device_name(index), "type": "cuda", "index": index,
+                                "vram_total": total, "vram_free": free,
+                                "torch_vram_total": torch.cuda.memory_reserved(index),
+                                "torch_vram_free": torch.cuda.memory_reserved(index)
+                                - torch.cuda.memory_allocated(index)})
+        if not devices:
+            total, free = ram_bytes()
+            devices.append({"name": "cpu", "type": "cpu", "index": None, "vram_total": total, "vram_free": free,
+                            "torch_vram_total": 0, "torch_vram_free": 0})
+        return devices
+
+
+def ram_bytes() -> tuple[int, int]:
+    """(total, available) physical memory in bytes, from /proc/meminfo where present."""
+    try:
+        fields = {}
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                key, _, rest = line.partition(":")
+                fields[key] = int(rest.split()[0]) * 1024
+        return fields["MemTotal"], fields.get("MemAvailable", fields.get("MemFree", 0))
+    except (OSError, KeyError, ValueError):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total, total

@@ -34,3 +34,12 @@ def test_environment_folders(tmp_path):
     assert (tmp_path / "models" / "checkpoints").is_dir() and (tmp_path / "output").is_dir()
     assert env.model_dirs("checkpoints") == [tmp_path / "models" / "checkpoints", tmp_path / "a1111"]
     assert Environment(tmp_path, output_dir_override=tmp_path / "o").output_dir == tmp_path / "o"
+
+
+def test_unload_models_and_device_stats(tmp_path):
+    env = Environment(tmp_path)
+    env.model_cache["a"] = object()
+    assert env.unload_models() == 1 and not env.model_cache
+    stats = env.device_stats()
+    assert stats and {"name", "type", "index", "vram_total", "vram_free"} <= set(stats[0])
+    assert 0 < stats[0]["vram_free"] <= stats[0]["vram_total"]
