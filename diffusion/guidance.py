@@ -5,7 +5,8 @@ on (a region of) the batch; entries of one list are blended by weighted averagin
 strength (times its mask, or an 8-pixel ramp at an area's inner edges), so overlapping areas mix and
 uncovered pixels fall back to the other entries. Guidance: denoised = uncond + (cond - uncond) * cfg.
 
-Options understood: `area` (h, w, y, x) in latent pixels, `strength`, `mask` ([H, W] or [1, H, W], any
+Options understood: `area` (h, w, y, x) in latent pixels (or ("percentage", h, w, y, x) in fractions of the
+latent), `strength`, `mask` ([H, W] or [1, H, W], any
 resolution, resized bilinearly to the latent) with `mask_strength` and `set_area_to_bounds`, and
 `start_percent` / `end_percent` (active while the sampling progress is in that range). Other keys (e.g.
 `pooled_output`) are turned into network kwargs by the caller's `extra_cond(options, x) -> dict`.
@@ -111,7 +112,11 @@ class CFGGuider:
         if "end_percent" in opts and sigma < self.model_sampling.percent_to_sigma(opts["end_percent"]):
             return None
         batch, _, full_h, full_w = x.shape
-        area = tuple(int(v) for v in opts.get("area", (full_h, full_w, 0, 0)))
+        area = opts.get("area", (full_h, full_w, 0, 0))
+        if len(area) == 5 and area[0] == "percentage":  # fractions of the latent, from ConditioningSetAreaPercentage
+            _, ph, pw, py, px = area
+            area = (round(ph * full_h), round(pw * full_w), round(py * full_h), round(px * full_w))
+        area = tuple(int(v) for v in area)
         if len(area) != 4:
             raise ValueError(f"conditioning area must be (h, w, y, x), got {opts['area']!r}")
         mask = opts.get("mask")

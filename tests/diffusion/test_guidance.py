@@ -119,3 +119,11 @@ def test_bad_conditioning_is_named(ms):
         CFGGuider(FakeDenoiser(), ms, [], [], cfg=1.0)
     with pytest.raises(ValueError, match=r"\[1, tokens, dim\]"):
         CFGGuider(FakeDenoiser(), ms, [(torch.ones(77, 8), {})], [], cfg=1.0)(torch.zeros(1, 1, 4, 4), torch.ones(1))
+
+
+def test_percentage_area_scales_to_the_latent(ms):
+    net = FakeDenoiser()
+    positive = [(ctx(3.0), {"area": ("percentage", 0.5, 0.25, 0.5, 0.75)})]
+    out = CFGGuider(net, ms, positive, [], cfg=1.0)(torch.zeros(1, 1, 8, 16), torch.tensor([1.0]))
+    assert net.calls[0]["x"] == (1, 1, 4, 4)  # h 0.5·8, w 0.25·16, at y 4, x 12
+    assert out[0, 0, 7, 15].item() == pytest.approx(3.0) and out[0, 0, 0, 0].item() == 0.0
