@@ -1,0 +1,156 @@
+"""Building the UNet, VAE and text encoders of a single-file checkpoint without a second copy of the weights.
+
+Each module is constructed on the meta device (no memory) and then filled with `load_state_dict(...,
+assign=True)`, so its parameters *are* the tensors read from the file: lazy views into the memory map when
+the stored dtype is the wanted one, otherwise one freshly cast tensor at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, key_prefixes, read_metadata, read_state_dict, strip_prefix
+from .clip_keys import KeyLayoutError
+from .families import UNET_PREFIX, VAE_PREFIX, ModelFamily, config_metadata, detect_family
+from .text_encoders import FAMILIES as TEXT_FAMILIES
+from .text_encoders import TextEncoders
+from .unet import UNetModel
+from .vae import AutoencoderKL, VAEConfig
+
+log = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+VAE_MODULES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+@dataclass
+class LoadedCheckpoint:
+    family: ModelFamily
+    unet: UNetModel
+    vae: AutoencoderKL
+    text: TextEncoders
+    metadata: dict[str, str]
+
+
+def _cast(t: Tensor, dtype: torch.dtype | None, device: torch.device) -> Tensor:
+    """Only floating tensors change dtype; a tensor already right is returned as is (still a file view)."""
+    if dtype is None or not t.dtype.is_floating_point:
+        return t.to(device=device)
+    return t.to(device=device, dtype=dtype)
+
+
+def _stored_dtype(sd: Mapping[str, Tensor]) -> torch.dtype:
+    """The floating dtype holding most of the values (files sometimes keep a few tensors in fp32)."""
+    totals: dict[torch.dtype, int] = {}
+    for t in sd.values():
+        if t.dtype.is_floating_point:
+            totals[t.dtype] = totals.get(t.dtype, 0) + t.numel()
+    return max(totals, key=totals.__getitem__) if totals else torch.float32
+
+
+def vae_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16 VAEs overflow in the decoder's large activations: fp16 becomes fp32; bf16 and fp32 stay."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def fill_module(
+    module: nn.Module, sd: Mapping[str, Tensor], what: str, dtype: torch.dtype | None, device: torch.device
+) -> nn.Module:
+    """Load `sd` into a meta-built `module` by assignment, casting tensor by tensor, every key required."""
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{what} weights do not match the detected architecture: {len(missing)} missing "
+            f"{_sample(missing)}, {len(unexpected)} unexpected {_sample(unexpected)}"
+        )
+    cast = {key: _cast(value, dtype, device) for key, value in sd.items()}
+    try:
+        module.load_state_dict(cast, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{what} weights do not fit the detected architecture: {e}") from None
+    return module.eval().requires_grad_(False)
+
+
+def _sample(keys: list[str]) -> str:
+    return str(keys[:6]) + (" …" if len(keys) > 6 else "")
+
+
+def _text_keys(sd: Mapping[str, Tensor], family: str) -> dict[str, Tensor]:
+    prefixes = tuple(p for spec in TEXT_FAMILIES[family] for p in spec.prefixes)
+    return {k: v for k, v in sd.items() if k.startswith(prefixes)}
+
+
+def build_modules(
+    sd: Mapping[str, Tensor],
+    family: ModelFamily,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[UNetModel, AutoencoderKL, TextEncoders]:
+    """The three modules of a checkpoint state dict whose family is known."""
+    device = torch.device(device)
+    unet_sd = strip_prefix(sd, UNET_PREFIX)
+    dtype = dtype or _stored_dtype(unet_sd)
+    with torch.device("meta"):
+        unet, vae = UNetModel(family.unet), AutoencoderKL(family.vae)
+    fill_module(unet, unet_sd, "UNet", dtype, device)
+    fill_module(vae, strip_prefix(sd, VAE_PREFIX), "VAE", vae_dtype(dtype), device)
+    text_sd = {k: _cast(v, dtype, device) for k, v in _text_keys(sd, family.text_family).items()}
+    try:
+        text = TextEncoders.from_state_dict(text_sd, family.text_family, num_heads=family.clip_heads)
+    except (KeyLayoutError, KeyError, ValueError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise CheckpointError(f"text encoder of this {family.title} checkpoint cannot be built: {message}") from None
+    return unet, vae, text
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    prediction: str | None = None,
+) -> LoadedCheckpoint:
+    """UNet, VAE and text encoders of a single-file checkpoint (.safetensors, or a legacy pickle loaded
+    without running code). dtype None keeps the UNet's stored dtype; text encoders follow the UNet, the
+    VAE too except that fp16 becomes fp32. `prediction` forces "eps" or "v"."""
+    sd = read_state_dict(path)
+    metadata = read_metadata(path)
+    try:
+        family = detect_family(sd, metadata, prediction=prediction)
+    except CheckpointError as e:
+        raise type(e)(f"{path}: {e}") from None
+    unet, vae, text = build_modules(sd, family, dtype=dtype, device=device)
+    log.info("loaded %s as %s", path, family.title)
+    return LoadedCheckpoint(family, unet, vae, text, metadata)
+
+
+def load_vae(
+    path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> AutoencoderKL:
+    """A standalone VAE file, its keys bare (`encoder.*`, `decoder.*`, ...) or under `first_stage_model.`;
+    other entries (EMA or loss weights some files keep) are ignored. dtype None: stored dtype, fp16 → fp32."""
+    sd = read_state_dict(path)
+    prefixed = strip_prefix(sd, VAE_PREFIX)
+    vae_sd = {k: v for k, v in (prefixed or sd).items() if k.startswith(VAE_MODULES)}
+    if "encoder.conv_in.weight" not in vae_sd:
+        shown = dict(sorted(key_prefixes(sd).items(), key=lambda kv: -kv[1])[:8])
+        raise CheckpointError(
+            f"{path}: not a VAE: found {len(sd)} keys with prefixes {shown}; expected encoder.*/decoder.* "
+            f"(optionally under {VAE_PREFIX})"
+        )
+    groups = config_metadata(read_metadata(path)).get("vae", {}).get("norm_groups")
+    try:
+        config = VAEConfig.from_state_dict(vae_sd, norm_groups=groups)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not a KL VAE the loader knows: {e}") from None
+    with torch.device("meta"):
+        vae = AutoencoderKL(config)
+    return fill_module(vae, vae_sd, "VAE", vae_dtype(dtype or _stored_dtype(vae_sd)), torch.device(device))
