@@ -11,7 +11,9 @@ from nodes.environment import Environment
 log = logging.getLogger(__name__)
 
 # Modules of built-in nodes; each exposes NODE_CLASSES.
-BUILTIN_MODULES: tuple[str, ...] = ("nodes.image", "nodes.image_io", "nodes.mask", "nodes.utility")
+BUILTIN_MODULES: tuple[str, ...] = (
+    "nodes.conditioning", "nodes.image", "nodes.image_io", "nodes.latent", "nodes.mask", "nodes.utility",
+)
 
 
 def build_registry(env: Environment | None = None, plugins: bool = True) -> NodeRegistry:

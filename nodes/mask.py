@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from graph.node import Boolean, Combo, Float, Int, Node, Output, Socket
 from graph.types import IMAGE, MASK
-from nodes.tensor_ops import MAX_RESOLUTION, as_mask_batch
+from nodes.tensor_ops import MAX_RESOLUTION, as_mask_batch, edge_ramp
 
 CHANNELS = ["red", "green", "blue", "alpha"]
 
@@ -115,16 +115,8 @@ class FeatherMask(Node):
     outputs = [Output(MASK)]
 
     def execute(self, mask, left, top, right, bottom):
-        out = as_mask_batch(mask).clone()
-        h, w = out.shape[1:]
-        ys = torch.arange(h, dtype=out.dtype)
-        xs = torch.arange(w, dtype=out.dtype)
-
-        def ramp(distance: torch.Tensor, size: int) -> torch.Tensor:
-            return ((distance + 1) / size).clamp(max=1.0) if size > 0 else torch.ones_like(distance)
-
-        factor = (ramp(ys, top) * ramp(h - 1 - ys, bottom))[:, None] * (ramp(xs, left) * ramp(w - 1 - xs, right))
-        return (out * factor,)
+        out = as_mask_batch(mask)
+        return (out * edge_ramp(out.shape[1], out.shape[2], left, top, right, bottom).to(out),)
 
 
 class GrowMask(Node):

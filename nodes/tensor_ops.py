@@ -147,3 +147,16 @@ def blur(x: torch.Tensor, radius: int, sigma: float) -> torch.Tensor:
     weight = kernel.expand(channels, 1, -1, -1)
     padded = F.pad(x, (radius,) * 4, mode="reflect" if min(x.shape[-2:]) > radius else "replicate")
     return F.conv2d(padded, weight, groups=channels)
+
+
+def edge_ramp(height: int, width: int, left: int, top: int, right: int, bottom: int) -> torch.Tensor:
+    """[H, W] factors that rise linearly from 1/n to 1 over the first n pixels from each edge given a width n
+    (0 = no ramp at that edge); corners multiply."""
+
+    def ramp(size: int, n: int) -> torch.Tensor:
+        distance = torch.arange(size, dtype=torch.float32)
+        return ((distance + 1) / n).clamp(max=1.0) if n > 0 else torch.ones(size)
+
+    rows = ramp(height, top) * ramp(height, bottom).flip(0)
+    cols = ramp(width, left) * ramp(width, right).flip(0)
+    return rows[:, None] * cols[None, :]
