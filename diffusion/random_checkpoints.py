@@ -111,7 +111,7 @@ def checkpoint_spec(family: str, size: str = "tiny", *, inpaint: bool = False) -
     unet = _unet_config(family, size, text)
     vae = {
         "tiny": VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8),
-        "small": VAEConfig(ch=64),
+        "small": VAEConfig(ch=32),
         "real": VAEConfig(),
     }[size]
     if inpaint:  # latent + mask + masked-image latent
