@@ -50,7 +50,8 @@ PARTS = {
     ".diff": "diff",
 }
 PEFT_WRAPPER = "base_model.model."
-PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")  # old diffusers attention processors
+# Old diffusers attention processors: `attn1.processor.to_q_lora.up.weight` patches `attn1.to_q`.
+PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(up|down)\.weight$")
 
 
 def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -81,14 +82,14 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor]) -> d
 
 def _split(key: str) -> tuple[str, str] | None:
     """A file key → (layer name as spelled in the file, part), or None for a key of no known form."""
+    key = key.removeprefix(PEFT_WRAPPER)
+    match = PROCESSOR.search(key)
+    if match:
+        target = "to_out.0" if match.group(1) == "to_out" else match.group(1)
+        return f"{key[: match.start()]}.{target}", match.group(2)
     for suffix, part in PARTS.items():
         if key.endswith(suffix):
-            layer = key[: -len(suffix)].removeprefix(PEFT_WRAPPER)
-            match = PROCESSOR.search(layer)
-            if match:
-                target = "to_out.0" if match.group(1) == "to_out" else match.group(1)
-                layer = layer[: match.start()] + "." + target
-            return layer, part
+            return key[: -len(suffix)], part
     return None
 
 
@@ -184,25 +185,34 @@ def _text_models(text_encoders: object) -> dict[str, nn.Module]:
     return {name: getattr(enc, "model", enc) for name, enc in encoders.items()}
 
 
+def _text_modules(model: nn.Module) -> dict[str, str]:
+    """Module path in `model` → the path LoRA files spell, which is transformers 4's CLIPTextModel layout:
+    everything under `text_model.` except the projection. transformers 5's CLIPTextModel has no such level."""
+    nested = hasattr(model, "text_model")
+    return {
+        module: module if nested or module == "text_projection" else "text_model." + module
+        for module in sorted(_modules(n for n, _ in model.named_parameters()))
+    }
+
+
 def text_aliases(text_encoders: object) -> dict[str, tuple[str, str]]:
     """Every spelling a LoRA may use for a text-encoder layer → (encoder name, module path)."""
     models = _text_models(text_encoders)
     table: dict[str, tuple[str, str]] = {}
     for name, (kohya, diffusers) in _text_prefixes(list(models)).items():
-        for module in sorted(_modules(n for n, _ in models[name].named_parameters())):
-            for alias in (kohya + _underscored(module), diffusers + module):
+        for module, spelled in _text_modules(models[name]).items():
+            for alias in (kohya + _underscored(spelled), diffusers + spelled):
                 if table.setdefault(alias, (name, module)) != (name, module):
                     raise ValueError(f"LoRA name {alias!r} would mean two text-encoder layers")
     return table
 
 
 def kohya_text_names(text_encoders: object) -> dict[str, dict[str, str]]:
-    """Encoder name → {our module path → kohya name}."""
+    """Encoder name → {module path in that encoder's model → kohya name}."""
     models = _text_models(text_encoders)
     names = {}
     for name, (kohya, _) in _text_prefixes(list(models)).items():
-        modules = _modules(n for n, _ in models[name].named_parameters())
-        names[name] = {module: kohya + _underscored(module) for module in modules}
+        names[name] = {module: kohya + _underscored(spelled) for module, spelled in _text_modules(models[name]).items()}
     return names
 
 
@@ -239,7 +249,10 @@ def lora_patches_for_unet(
 def lora_patches_for_text(
     lora: Mapping[str, Tensor], text_encoders: object
 ) -> tuple[dict[str, dict[str, Patch]], list[str]]:
-    """({encoder name: {parameter name: patch}}, the file keys that name no text-encoder layer)."""
+    """({encoder name: {parameter name in that encoder's model: patch}}, the file keys that name no
+    text-encoder layer). Encoders are a `TextEncoders`, or a mapping of name → `ClipTextEncoder` or model; one
+    encoder takes `lora_te_` / `text_encoder.` keys, two take `lora_te1_`/`lora_te2_` and `text_encoder.` /
+    `text_encoder_2.` in their order (SDXL: CLIP-L, then bigG)."""
     found, unmatched = _match(lora, text_aliases(text_encoders))
     patches: dict[str, dict[str, Patch]] = {name: {} for name in _text_models(text_encoders)}
     for (encoder, module), by_param in found:

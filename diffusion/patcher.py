@@ -19,7 +19,7 @@ from torch import nn
 Tensor = torch.Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compare by identity
 class LoraDelta:
     """A low-rank update ΔW = (alpha / rank) · up @ down.
 
@@ -57,7 +57,7 @@ class LoraDelta:
         return self.scale * product.reshape(self.shape)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compare by identity
 class WeightDiff:
     """A full-size difference ΔW added to the weight (LyCORIS `diff`, or a merged model's difference)."""
 
