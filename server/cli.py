@@ -3,6 +3,7 @@
     latentloom run WORKFLOW.json [--set NODE_ID.INPUT=VALUE ...] [--output DIR]
     latentloom validate WORKFLOW.json
     latentloom nodes [--json]
+    latentloom serve [--host 127.0.0.1] [--port 8188] [--data-dir DIR] [--auth-token TOKEN] [--cache ...]
 
 Every user error (missing file, invalid JSON, unknown node, invalid value) ends in one clear line on
 stderr and a non-zero exit status, never a traceback.
@@ -11,9 +12,11 @@ stderr and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -214,10 +217,80 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("workflow")
     nodes = sub.add_parser("nodes", help="list the node types and their inputs")
     nodes.add_argument("--json", action="store_true", help="print /object_info's JSON")
+    add_serve_parser(sub)
     return parser
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes}
+def add_serve_parser(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="run the HTTP + WebSocket server (ComfyUI-compatible API)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    serve.add_argument("--port", type=int, default=8188, help="port (0: any free port; the line "
+                                                                "'listening on URL' says which)")
+    serve.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS, help="as the global --data-dir")
+    serve.add_argument("--auth-token", default=os.environ.get("LATENTLOOM_AUTH_TOKEN") or None,
+                       help="require 'Authorization: Bearer TOKEN' on every route but the canvas "
+                            "(default: $LATENTLOOM_AUTH_TOKEN)")
+    serve.add_argument("--cache", choices=("workflow", "lru", "none"), default="workflow",
+                       help="node output cache: keep what the current workflow uses (default), an LRU bounded "
+                            "by --cache-bytes, or nothing")
+    serve.add_argument("--cache-bytes", type=int, default=None, help="byte budget of --cache lru")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                       help="let web pages from ORIGIN (e.g. http://localhost:5173, or *) call the API; repeatable")
+    serve.add_argument("--webhook-host", action="append", default=None, metavar="HOST",
+                       help="hosts extra_data.webhook may call (default: loopback only); repeatable, * for any")
+    serve.add_argument("--max-upload-mb", type=float, default=100.0, help="request size limit (default 100)")
+    serve.add_argument("--max-image-pixels", type=int, default=64 << 20,
+                       help="refuse images announcing more pixels than this (default 64 Mi)")
+    serve.add_argument("--web-root", type=Path, default=None, help="folder of the canvas (default: web/)")
+    serve.add_argument("--workers", type=int, default=None, help="worker threads (default: one per device)")
+
+
+async def _serve(app: Any, host: str, port: int) -> None:
+    from aiohttp import web
+
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    address = runner.addresses[0]
+    shown = f"[{address[0]}]" if ":" in str(address[0]) else address[0]
+    print(f"listening on http://{shown}:{address[1]}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def cmd_serve(args: argparse.Namespace, env: Environment, registry: NodeRegistry) -> int:
+    from server.app import create_app
+    from server.state import LOOPBACK_NAMES, ServerConfig
+
+    config = ServerConfig(data_dir=env.data_dir, host=args.host, port=args.port, auth_token=args.auth_token,
+                          cache=args.cache, cache_bytes=args.cache_bytes, allow_origins=args.allow_origin,
+                          webhook_hosts=args.webhook_host or sorted(LOOPBACK_NAMES),
+                          max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+                          max_image_pixels=args.max_image_pixels, workers=args.workers)
+    if args.web_root is not None:
+        config.web_root = args.web_root
+    if args.host not in LOOPBACK_NAMES and not args.auth_token:
+        logging.getLogger("latentloom").warning("listening on %s without --auth-token: anyone who can reach "
+                                                "this address can run workflows", args.host)
+    try:
+        app = create_app(config, registry)
+    except OSError as exc:
+        raise CliError(f"cannot open the data directory {env.data_dir}: {exc}") from None
+    try:
+        asyncio.run(_serve(app, args.host, args.port))
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

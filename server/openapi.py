@@ -1,0 +1,134 @@
+"""`/openapi.json`: an OpenAPI 3.1 description of every route (each also served under `/api`).
+
+Written by hand, route by route; a test checks that it lists exactly the routes the application serves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+OBJ = {"type": "object"}
+ERROR = {"description": "error: {error: {type, message, details, extra_info}}",
+         "content": {"application/json": {"schema": OBJ}}}
+
+
+def _ok(description: str, schema: dict[str, Any] | None = None, media: str = "application/json") -> dict[str, Any]:
+    return {"description": description, "content": {media: {"schema": schema or OBJ}}}
+
+
+def _query(name: str, description: str, type_: str = "string") -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": {"type": type_}}
+
+
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _body(description: str) -> dict[str, Any]:
+    return {"required": True, "description": description, "content": {"application/json": {"schema": OBJ}}}
+
+
+UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {"type": "object", "properties": {
+    "image": {"type": "string", "format": "binary"}, "type": {"enum": ["input", "temp", "output"]},
+    "subfolder": {"type": "string"}, "overwrite": {"type": "string"},
+    "original_ref": {"type": "string", "description": "/upload/mask only: JSON {filename, subfolder, type}"}}}}}}
+
+OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("POST", "/prompt"): {
+        "summary": "Queue a prompt (API or UI format). Body: prompt, client_id, prompt_id, extra_data (webhook), "
+                   "front, number, partial_execution_targets.",
+        "parameters": [_query("wait", "seconds to wait for the result (202 on timeout)", "number")],
+        "requestBody": _body("{prompt, client_id?, prompt_id?, extra_data?, front?, number?, "
+                             "partial_execution_targets?}"),
+        "responses": {"200": _ok("{prompt_id, number, node_errors} (+ outputs, status with ?wait)"),
+                      "202": _ok("still running after ?wait: {prompt_id, number, node_errors}"),
+                      "400": ERROR}},
+    ("GET", "/prompt"): {"summary": "Queue size", "responses": {"200": _ok("{exec_info: {queue_remaining}}")}},
+    ("DELETE", "/prompt/{prompt_id}"): {
+        "summary": "Cancel one pending or running prompt", "parameters": [_path("prompt_id")],
+        "responses": {"200": _ok("{prompt_id, cancelled: pending|running}"), "404": ERROR}},
+    ("GET", "/queue"): {"summary": "Running and pending prompts",
+                        "responses": {"200": _ok("{queue_running: [item], queue_pending: [item]}")}},
+    ("POST", "/queue"): {"summary": "Clear the queue and/or delete pending prompts",
+                         "requestBody": _body("{clear?: bool, delete?: [prompt_id]}"),
+                         "responses": {"200": {"description": "done"}, "400": ERROR}},
+    ("GET", "/history"): {"summary": "History entries, oldest first",
+                          "parameters": [_query("max_items", "at most this many (the newest without offset)",
+                                                "integer"),
+                                         _query("offset", "skip this many of the oldest", "integer")],
+                          "responses": {"200": _ok("{prompt_id: entry}"), "400": ERROR}},
+    ("GET", "/history/{prompt_id}"): {"summary": "One history entry ({} while queued or unknown)",
+                                      "parameters": [_path("prompt_id")],
+                                      "responses": {"200": _ok("{prompt_id: entry}")}},
+    ("POST", "/history"): {"summary": "Clear history and/or delete entries (and their temp files)",
+                           "requestBody": _body("{clear?: bool, delete?: [prompt_id]}"),
+                           "responses": {"200": {"description": "done"}, "400": ERROR}},
+    ("POST", "/interrupt"): {"summary": "Interrupt the running prompt(s), or only prompt_id if it is running",
+                             "requestBody": {"required": False, "content": {"application/json": {"schema": OBJ}}},
+                             "responses": {"200": {"description": "done"}, "400": ERROR}},
+    ("POST", "/free"): {"summary": "Unload models / free cached outputs after the current prompt",
+                        "requestBody": _body("{unload_models?: bool, free_memory?: bool}"),
+                        "responses": {"200": {"description": "done"}}},
+    ("GET", "/view"): {
+        "summary": "A file from input/output/temp",
+        "parameters": [_query("filename", "file name (may end with ' [output]' etc.)"),
+                       _query("type", "input, output (default) or temp"), _query("subfolder", "subfolder"),
+                       _query("preview", "re-encode: 'webp;90', 'jpeg;90'"), _query("channel", "rgba, rgb or a"),
+                       _query("token", "auth token, for <img> tags")],
+        "responses": {"200": _ok("the file", {"type": "string", "format": "binary"}, "application/octet-stream"),
+                      "400": ERROR, "403": ERROR, "404": ERROR}},
+    ("POST", "/upload/image"): {"summary": "Upload an image", "requestBody": UPLOAD_BODY,
+                                "responses": {"200": _ok("{name, subfolder, type}"), "400": ERROR, "403": ERROR,
+                                              "413": ERROR}},
+    ("POST", "/upload/mask"): {"summary": "Upload a mask: its alpha replaces the original image's alpha",
+                               "requestBody": UPLOAD_BODY,
+                               "responses": {"200": _ok("{name, subfolder, type}"), "400": ERROR, "403": ERROR,
+                                             "404": ERROR, "413": ERROR}},
+    ("GET", "/workflows"): {"summary": "Saved workflow names", "responses": {"200": _ok("[name]", {"type": "array"})}},
+    ("GET", "/workflows/{name}"): {"summary": "A saved workflow", "parameters": [_path("name")],
+                                   "responses": {"200": _ok("the workflow JSON"), "400": ERROR, "404": ERROR}},
+    ("PUT", "/workflows/{name}"): {"summary": "Save a workflow", "parameters": [_path("name")],
+                                   "requestBody": _body("the workflow JSON (UI or API format)"),
+                                   "responses": {"200": _ok("{name}"), "400": ERROR}},
+    ("DELETE", "/workflows/{name}"): {"summary": "Delete a saved workflow", "parameters": [_path("name")],
+                                      "responses": {"200": _ok("{deleted}"), "400": ERROR, "404": ERROR}},
+    ("GET", "/object_info"): {"summary": "Every node type's declaration",
+                              "responses": {"200": _ok("{class: node_info}")}},
+    ("GET", "/object_info/{node_class}"): {"summary": "One node type's declaration ({} if unknown)",
+                                           "parameters": [_path("node_class")],
+                                           "responses": {"200": _ok("{class: node_info}")}},
+    ("GET", "/system_stats"): {"summary": "System and device information",
+                               "responses": {"200": _ok("{system, devices}")}},
+    ("GET", "/embeddings"): {"summary": "Embedding names", "responses": {"200": _ok("[name]", {"type": "array"})}},
+    ("GET", "/models"): {"summary": "Model folder names", "responses": {"200": _ok("[folder]", {"type": "array"})}},
+    ("GET", "/models/{folder}"): {"summary": "Model files in a folder", "parameters": [_path("folder")],
+                                  "responses": {"200": _ok("[file]", {"type": "array"}), "404": ERROR}},
+    ("GET", "/features"): {"summary": "Server feature flags",
+                           "responses": {"200": _ok("{supports_preview_metadata, max_upload_size}")}},
+    ("GET", "/openapi.json"): {"summary": "This document", "responses": {"200": _ok("OpenAPI 3.1")}},
+    ("GET", "/ws"): {"summary": "WebSocket of events ({type, data} text frames, binary previews)",
+                     "parameters": [_query("clientId", "resume this client's stream"),
+                                    _query("token", "auth token")],
+                     "responses": {"101": {"description": "switching protocols"}}},
+}
+
+
+def document() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for (method, path), operation in OPERATIONS.items():
+        paths.setdefault(path, {})[method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Latent Loom", "version": "0.1.0",
+                 "description": "ComfyUI-compatible API. Every path is also served under /api."},
+        "servers": [{"url": "/"}, {"url": "/api"}],
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{}, {"bearer": []}],
+        "paths": paths,
+    }
+
+
+async def handle(request: web.Request) -> web.Response:
+    return web.json_response(document())

@@ -1,0 +1,134 @@
+"""The server's configuration and the state its handlers share (store, hub, workers, prompt waiters)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from graph.cache import make_cache
+from graph.registry import NodeRegistry
+from nodes import build_registry
+from nodes.environment import Environment
+from server.store import Store
+from server.webhook import WebhookSender
+from server.websocket import Hub
+from server.worker import WorkerPool
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+@dataclass
+class ServerConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8188
+    auth_token: str | None = None
+    cache: str = "workflow"
+    cache_bytes: int | None = None
+    allow_origins: list[str] = field(default_factory=list)  # "*" allows any origin
+    webhook_hosts: list[str] = field(default_factory=lambda: sorted(LOOPBACK_NAMES))
+    max_upload_bytes: int = 100 << 20
+    max_image_pixels: int = 64 << 20
+    web_root: Path = ROOT / "web"
+    workers: int | None = None  # None: one per compute device
+
+
+class ServerState:
+    """What handlers share: configuration, environment, registry, store, hub, workers, prompt waiters."""
+
+    def __init__(self, config: ServerConfig, registry: NodeRegistry | None = None) -> None:
+        self.config = config
+        self.env = Environment(config.data_dir)
+        self.env.ensure_dirs()
+        self.workflows_dir.mkdir(parents=True, exist_ok=True)
+        self.registry = registry if registry is not None else build_registry(self.env)
+        self.store = Store(config.data_dir / "latentloom.sqlite3")
+        recovered = self.store.recover()
+        if recovered:
+            log.warning("%d prompt(s) were running when the server stopped; recorded as failed: %s",
+                        len(recovered), ", ".join(recovered))
+        self.features = {"supports_preview_metadata": True, "max_upload_size": config.max_upload_bytes}
+        self.waiters: dict[str, list[asyncio.Future]] = {}
+        self.hub = Hub(self.status, self.features, lambda cid: self.pool.running_node(cid))
+        devices = self.env.device_stats()
+        if config.workers:
+            devices = [devices[i % len(devices)] for i in range(config.workers)]
+        self.pool = WorkerPool(self.store, self.registry, self.env, self.hub,
+                               lambda: make_cache(config.cache, config.cache_bytes), devices, self._finished)
+        self.webhooks = WebhookSender(config.webhook_hosts)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def workflows_dir(self) -> Path:
+        return self.config.data_dir / "workflows"
+
+    def status(self) -> dict[str, Any]:
+        return self.pool.status()
+
+    def _finished(self, prompt_id: str, entry: dict[str, Any], extra_data: dict[str, Any]) -> None:
+        """Called from a worker thread once a prompt's history entry is committed."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._resolve, prompt_id, entry, extra_data)
+
+    def _resolve(self, prompt_id: str, entry: dict[str, Any], extra_data: dict[str, Any]) -> None:
+        for future in self.waiters.pop(prompt_id, []):
+            if not future.done():
+                future.set_result(entry)
+        url = extra_data.get("webhook")
+        if isinstance(url, str) and url:
+            self.webhooks.schedule(url, {prompt_id: entry})
+
+
+STATE = web.AppKey("state", ServerState)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(status: int, type_: str, message: str, **extra: Any) -> web.Response:
+    """An error body shaped like ComfyUI's `{"error": {type, message, details, extra_info}}`."""
+    return web.json_response({"error": {"type": type_, "message": message, "details": "", "extra_info": extra}},
+                             status=status)
+
+
+class ApiError(Exception):
+    """A client error, answered as `json_error(status, type, message)` by the error middleware."""
+
+    def __init__(self, status: int, type_: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.type, self.message, self.extra = status, type_, message, extra
+
+    def response(self) -> web.Response:
+        return json_error(self.status, self.type, self.message, **self.extra)
+
+
+async def read_json(request: web.Request, default: Any = None) -> Any:
+    """The request's JSON body (`default` when empty); malformed JSON is a 400 that says where."""
+    raw = await request.read()
+    if not raw.strip():
+        if default is not None:
+            return default
+        raise ApiError(400, "invalid_json", "the request body must be JSON")
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_json", "the request body is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"malformed JSON: line {exc.lineno} column {exc.colno}: {exc.msg}") \
+            from None
+
+
+async def read_json_object(request: web.Request, default: dict[str, Any] | None = None) -> dict[str, Any]:
+    body = await read_json(request, default)
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", "the request body must be a JSON object")
+    return body

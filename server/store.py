@@ -1,0 +1,240 @@
+"""The durable queue and history: one SQLite database (WAL) in the data directory.
+
+A prompt is in the `queue` table from the moment it is accepted until its history entry is written; the
+move from queue to history is one transaction, so a crash at any point leaves every accepted prompt either
+pending, running (turned into a failed history entry by `recover` on the next start) or in history.
+Queue order is ComfyUI's: ascending `number` (front-of-queue prompts get negative numbers), then arrival.
+History pages are read with LIMIT/OFFSET, so a page costs the page, not the whole history.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    prompt_id TEXT NOT NULL UNIQUE,
+    number REAL NOT NULL,
+    prompt TEXT NOT NULL,
+    extra_data TEXT NOT NULL,
+    outputs TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS queue_order ON queue (state, number, seq);
+CREATE TABLE IF NOT EXISTS history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    prompt_id TEXT NOT NULL UNIQUE,
+    entry TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+CRASH_REASON = "the server stopped while this prompt was running (process killed or crashed)"
+
+
+class DuplicatePromptId(ValueError):
+    """A client-chosen prompt_id that is already queued or in history."""
+
+
+@dataclass
+class QueueItem:
+    number: float
+    prompt_id: str
+    prompt: dict[str, Any]
+    extra_data: dict[str, Any]
+    outputs: list[str]
+
+    def wire(self) -> list[Any]:
+        """ComfyUI's queue item: `[number, prompt_id, prompt, extra_data, outputs_to_execute]`."""
+        return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def _item(row: sqlite3.Row) -> QueueItem:
+    return QueueItem(_number(row["number"]), row["prompt_id"], json.loads(row["prompt"]),
+                     json.loads(row["extra_data"]), json.loads(row["outputs"]))
+
+
+def history_entry(item: QueueItem, outputs: dict[str, Any], status_str: str, completed: bool,
+                  messages: list[list[Any]]) -> dict[str, Any]:
+    """A history entry in ComfyUI's shape."""
+    return {"prompt": item.wire(), "outputs": outputs,
+            "status": {"status_str": status_str, "completed": completed, "messages": messages},
+            "meta": {node: {"node_id": node, "display_node": node, "parent_node": None, "real_node_id": node}
+                     for node in outputs}}
+
+
+class Store:
+    """Thread-safe access to the queue and history (one connection, one lock: every statement is short)."""
+
+    def __init__(self, path: Path, durable: bool = True) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before the 200 goes out; NORMAL survives process crashes only.
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _tx(self, fn: Any) -> Any:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return result
+
+    # queue -----------------------------------------------------------------------------------------
+    def add(self, prompt_id: str, prompt: dict[str, Any], extra_data: dict[str, Any], outputs: list[str],
+            number: float | None = None, front: bool = False) -> QueueItem:
+        """Commit a prompt to the queue; `number` is an explicit priority, else the next counter value
+        (negated with `front`). Raises DuplicatePromptId."""
+        def add(db: sqlite3.Connection) -> QueueItem:
+            known = db.execute("SELECT 1 FROM queue WHERE prompt_id=? UNION ALL "
+                               "SELECT 1 FROM history WHERE prompt_id=?", (prompt_id, prompt_id)).fetchone()
+            if known:
+                raise DuplicatePromptId(f"prompt_id {prompt_id!r} was already submitted")
+            counter = db.execute("INSERT INTO counters VALUES ('number', 1) ON CONFLICT(name) "
+                                 "DO UPDATE SET value = value + 1 RETURNING value").fetchone()[0]
+            chosen = number if number is not None else (-counter if front else counter)
+            db.execute("INSERT INTO queue (prompt_id, number, prompt, extra_data, outputs, created) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (prompt_id, chosen, json.dumps(prompt), json.dumps(extra_data),
+                                                     json.dumps(outputs), time.time()))
+            return QueueItem(_number(chosen), prompt_id, prompt, extra_data, outputs)
+        return self._tx(add)
+
+    def claim_next(self) -> QueueItem | None:
+        """The first pending prompt, now marked running (atomically, so two workers never share one)."""
+        def claim(db: sqlite3.Connection) -> QueueItem | None:
+            row = db.execute("SELECT * FROM queue WHERE state='pending' ORDER BY number, seq LIMIT 1").fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE queue SET state='running' WHERE seq=?", (row["seq"],))
+            return _item(row)
+        return self._tx(claim)
+
+    def pending(self) -> list[QueueItem]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM queue WHERE state='pending' ORDER BY number, seq").fetchall()
+        return [_item(r) for r in rows]
+
+    def running(self) -> list[QueueItem]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM queue WHERE state='running' ORDER BY seq").fetchall()
+        return [_item(r) for r in rows]
+
+    def queue_remaining(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+
+    def state_of(self, prompt_id: str) -> str | None:
+        """'pending', 'running', 'done' or None (unknown)."""
+        with self._lock:
+            row = self._db.execute("SELECT state FROM queue WHERE prompt_id=?", (prompt_id,)).fetchone()
+            if row is not None:
+                return row[0]
+            done = self._db.execute("SELECT 1 FROM history WHERE prompt_id=?", (prompt_id,)).fetchone()
+        return "done" if done else None
+
+    def delete_pending(self, prompt_ids: list[str]) -> list[QueueItem]:
+        """Remove these prompts if still pending (running ones are left alone); returns the removed."""
+        def delete(db: sqlite3.Connection) -> list[QueueItem]:
+            removed = []
+            for pid in prompt_ids:
+                row = db.execute("DELETE FROM queue WHERE prompt_id=? AND state='pending' RETURNING *",
+                                 (pid,)).fetchone()
+                if row is not None:
+                    removed.append(_item(row))
+            return removed
+        return self._tx(delete)
+
+    def clear_pending(self) -> int:
+        return self._tx(lambda db: db.execute("DELETE FROM queue WHERE state='pending'").rowcount)
+
+    # history ---------------------------------------------------------------------------------------
+    def finish(self, prompt_id: str, entry: dict[str, Any]) -> None:
+        """Move a prompt from the queue to history, in one transaction."""
+        def finish(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM queue WHERE prompt_id=?", (prompt_id,))
+            db.execute("INSERT OR REPLACE INTO history (prompt_id, entry, created) VALUES (?, ?, ?)",
+                       (prompt_id, json.dumps(entry), time.time()))
+        self._tx(finish)
+
+    def cancel_pending(self, prompt_id: str, entry_for: Any) -> QueueItem | None:
+        """Remove a pending prompt and write `entry_for(item)` as its history entry, atomically."""
+        def cancel(db: sqlite3.Connection) -> QueueItem | None:
+            row = db.execute("DELETE FROM queue WHERE prompt_id=? AND state='pending' RETURNING *",
+                             (prompt_id,)).fetchone()
+            if row is None:
+                return None
+            item = _item(row)
+            db.execute("INSERT OR REPLACE INTO history (prompt_id, entry, created) VALUES (?, ?, ?)",
+                       (prompt_id, json.dumps(entry_for(item)), time.time()))
+            return item
+        return self._tx(cancel)
+
+    def history(self, max_items: int | None = None, offset: int | None = None) -> dict[str, Any]:
+        """Entries oldest first. Without offset, `max_items` gives the newest N; with offset, a window
+        that skips the first `offset` entries (ComfyUI's semantics)."""
+        with self._lock:
+            if offset is None and max_items is not None:
+                rows = self._db.execute("SELECT prompt_id, entry FROM history ORDER BY seq DESC LIMIT ?",
+                                        (max_items,)).fetchall()[::-1]
+            else:
+                rows = self._db.execute("SELECT prompt_id, entry FROM history ORDER BY seq LIMIT ? OFFSET ?",
+                                        (-1 if max_items is None else max_items, offset or 0)).fetchall()
+        return {r["prompt_id"]: json.loads(r["entry"]) for r in rows}
+
+    def history_entry(self, prompt_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT entry FROM history WHERE prompt_id=?", (prompt_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def delete_history(self, prompt_ids: list[str] | None) -> list[dict[str, Any]]:
+        """Delete these entries (all when None); returns the deleted entries."""
+        def delete(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            if prompt_ids is None:
+                rows = db.execute("DELETE FROM history RETURNING entry").fetchall()
+            else:
+                rows = [r for pid in prompt_ids
+                        if (r := db.execute("DELETE FROM history WHERE prompt_id=? RETURNING entry",
+                                            (pid,)).fetchone()) is not None]
+            return [json.loads(r[0]) for r in rows]
+        return self._tx(delete)
+
+    # restart ---------------------------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """After a restart: prompts left 'running' become failed history entries with the reason."""
+        def recover(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute("DELETE FROM queue WHERE state='running' RETURNING *").fetchall()
+            now = int(time.time() * 1000)
+            for row in rows:
+                item = _item(row)
+                message = {"prompt_id": item.prompt_id, "node_id": None, "node_type": None, "executed": [],
+                           "exception_message": CRASH_REASON, "exception_type": "ServerCrash", "traceback": [],
+                           "current_inputs": {}, "current_outputs": [], "timestamp": now}
+                entry = history_entry(item, {}, "error", False, [["execution_error", message]])
+                db.execute("INSERT OR REPLACE INTO history (prompt_id, entry, created) VALUES (?, ?, ?)",
+                           (item.prompt_id, json.dumps(entry), time.time()))
+            return [r["prompt_id"] for r in rows]
+        return self._tx(recover)
