@@ -20,6 +20,7 @@ from diffusion.lora import (
     unet_aliases,
 )
 from diffusion.patcher import LoraDelta, ModelPatcher, WeightDiff
+from diffusion.text_encoders import ClipTextEncoder
 from diffusion.unet import UNetConfig, UNetModel
 from tests.diffusion.random_weights import relative_error
 from tests.diffusion.tiny_models import TINY_SD1, TINY_SDXL, clip_ids, tiny_clip, tiny_unet, unet_inputs
@@ -344,9 +345,13 @@ def test_text_encoder_diffusers_spellings():
     assert list(patches["l"]) == ["encoder.layers.0.self_attn.q_proj.weight"]
     assert list(patches["g"]) == ["text_model.encoder.layers.1.mlp.fc1.weight"]
     assert torch.equal(patches["g"]["text_model.encoder.layers.1.mlp.fc1.weight"].up, up_g)
-    single, unmatched = lora_patches_for_text(lora, {"l": clip_l})  # SD1: text_encoder_2 means nothing
+    single, unmatched = lora_patches_for_text(lora, {"l": ClipTextEncoder(clip_l, pad_id=999)})  # SD1
     assert list(single["l"]) == ["encoder.layers.0.self_attn.q_proj.weight"]
-    assert len(unmatched) == 2
+    assert unmatched == sorted(k for k in lora if k.startswith("text_encoder_2."))
+    with pytest.raises(ValueError, match="one or two text encoders"):
+        lora_patches_for_text(lora, {"l": clip_l, "g": clip_g, "h": clip_l})
+    with pytest.raises(TypeError, match="text encoders"):
+        lora_patches_for_text(lora, [clip_l])
 
 
 def test_saved_lora_loads_back_onto_the_same_weights(sd1, tmp_path):
@@ -382,8 +387,11 @@ def test_saved_lora_loads_back_onto_the_same_weights(sd1, tmp_path):
         assert back.alpha == patch.alpha
         assert (back.mid is None and patch.mid is None) or torch.equal(back.mid, patch.mid)
     pt = tmp_path / "trained.pt"
-    torch.save(load_lora(path), pt)
+    torch.save({"state_dict": load_lora(path)}, pt)  # pickle-free .pt, one level down as some trainers write
     assert set(load_lora(pt)) == set(load_lora(path))
+    unet_only = lora_patches(load_lora(pt), unet_config=TINY_SD1, unet_param_names=params)
+    assert set(unet_only.unet) == set(found.unet)
+    assert unet_only.unmatched == sorted(k for k in load_lora(path) if k.startswith("lora_te_"))
     assert ModelPatcher(unet, "cpu").add_patches(found.unet) == set(found.unet)  # the shapes fit the model
     assert ModelPatcher(clip, "cpu").add_patches(found.text["l"]) == set(found.text["l"])
 
