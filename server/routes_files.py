@@ -57,7 +57,9 @@ def open_checked(data: bytes | Path, max_pixels: int) -> Image.Image:
     """Open an image, refusing non-images and headers announcing more than max_pixels, before decoding."""
     try:
         image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise ApiError(413, "image_too_large", "the image announces too many pixels to decode safely") from None
+    except (UnidentifiedImageError, OSError):
         raise ApiError(400, "invalid_image", "not a readable image") from None
     width, height = image.size
     if width * height > max_pixels:
