@@ -70,11 +70,20 @@ def fill_module(
             f"{what} weights do not match the detected architecture: {len(missing)} missing "
             f"{_sample(missing)}, {len(unexpected)} unexpected {_sample(unexpected)}"
         )
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    wrong = [
+        f"{k}: file {list(v.shape)}, model {list(shapes[k])}"
+        for k, v in sd.items()
+        if tuple(v.shape) != shapes[k] and (*v.shape, 1, 1) != shapes[k]  # linear-stored 1x1 convs load
+    ]
+    if wrong:
+        raise CheckpointError(f"{what} weights do not fit the detected architecture: {_sample(wrong)}")
     cast = {key: _cast(value, dtype, device) for key, value in sd.items()}
     try:
         module.load_state_dict(cast, strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{what} weights do not fit the detected architecture: {e}") from None
+        details = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise CheckpointError(f"{what} weights do not fit the detected architecture: {details}") from None
     return module.eval().requires_grad_(False)
 
 
@@ -98,8 +107,11 @@ def build_modules(
     device = torch.device(device)
     unet_sd = strip_prefix(sd, UNET_PREFIX)
     dtype = dtype or _stored_dtype(unet_sd)
-    with torch.device("meta"):
-        unet, vae = UNetModel(family.unet), AutoencoderKL(family.vae)
+    try:
+        with torch.device("meta"):
+            unet, vae = UNetModel(family.unet), AutoencoderKL(family.vae)
+    except ValueError as e:  # e.g. GroupNorm groups that do not divide a non-standard width
+        raise CheckpointError(f"the {family.title} modules cannot be built from the detected shapes: {e}") from None
     fill_module(unet, unet_sd, "UNet", dtype, device)
     fill_module(vae, strip_prefix(sd, VAE_PREFIX), "VAE", vae_dtype(dtype), device)
     text_sd = {k: _cast(v, dtype, device) for k, v in _text_keys(sd, family.text_family).items()}
@@ -125,9 +137,9 @@ def load_checkpoint(
     metadata = read_metadata(path)
     try:
         family = detect_family(sd, metadata, prediction=prediction)
+        unet, vae, text = build_modules(sd, family, dtype=dtype, device=device)
     except CheckpointError as e:
         raise type(e)(f"{path}: {e}") from None
-    unet, vae, text = build_modules(sd, family, dtype=dtype, device=device)
     log.info("loaded %s as %s", path, family.title)
     return LoadedCheckpoint(family, unet, vae, text, metadata)
 
@@ -151,6 +163,9 @@ def load_vae(
         config = VAEConfig.from_state_dict(vae_sd, norm_groups=groups)
     except ValueError as e:
         raise CheckpointError(f"{path}: not a KL VAE the loader knows: {e}") from None
-    with torch.device("meta"):
-        vae = AutoencoderKL(config)
+    try:
+        with torch.device("meta"):
+            vae = AutoencoderKL(config)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the VAE cannot be built from its shapes: {e}") from None
     return fill_module(vae, vae_sd, "VAE", vae_dtype(dtype or _stored_dtype(vae_sd)), torch.device(device))
