@@ -1,0 +1,85 @@
+"""The SQLite store (order, claims, history windows, recovery) and the OpenAPI document against the routes."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.app import create_app
+from server.openapi import OPERATIONS
+from server.state import STATE, ServerConfig
+from server.store import CRASH_REASON, DuplicatePromptId, Store, history_entry
+from tests.server.harness import make_data_dir
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "db.sqlite3")
+    yield s
+    s.close()
+
+
+def test_order_is_number_then_arrival_and_front_goes_first(store):
+    store.add("a", {}, {}, ["1"])
+    store.add("b", {}, {}, ["1"])
+    store.add("c", {}, {}, ["1"], front=True)
+    store.add("d", {}, {}, ["1"], number=1.5)
+    assert [i.prompt_id for i in store.pending()] == ["c", "a", "d", "b"]
+    assert [store.claim_next().prompt_id for _ in range(2)] == ["c", "a"]
+    assert sorted(i.prompt_id for i in store.running()) == ["a", "c"]
+    assert store.queue_remaining() == 4
+    assert store.state_of("c") == "running" and store.state_of("d") == "pending" and store.state_of("x") is None
+    with pytest.raises(DuplicatePromptId):
+        store.add("a", {}, {}, ["1"])
+
+
+def test_delete_only_touches_pending(store):
+    for pid in "abc":
+        store.add(pid, {}, {}, [])
+    store.claim_next()
+    assert [i.prompt_id for i in store.delete_pending(["a", "b", "zz"])] == ["b"]
+    assert store.clear_pending() == 1
+    assert [i.prompt_id for i in store.running()] == ["a"]
+
+
+def test_history_windows_follow_comfyui(store):
+    for n in range(5):
+        item = store.add(f"p{n}", {"n": n}, {}, [])
+        store.finish(item.prompt_id, history_entry(item, {}, "success", True, []))
+    assert list(store.history()) == ["p0", "p1", "p2", "p3", "p4"]
+    assert list(store.history(max_items=2)) == ["p3", "p4"]
+    assert list(store.history(max_items=2, offset=1)) == ["p1", "p2"]
+    assert list(store.history(offset=3)) == ["p3", "p4"]
+    assert store.history_entry("p2")["prompt"][2] == {"n": 2}
+    assert [e["prompt"][1] for e in store.delete_history(["p1", "nope"])] == ["p1"]
+    assert len(store.delete_history(None)) == 4 and store.history() == {}
+
+
+def test_recover_turns_running_into_failed_and_keeps_pending(tmp_path):
+    first = Store(tmp_path / "db.sqlite3")
+    for pid in "abc":
+        first.add(pid, {}, {"client_id": "x"}, [])
+    first.claim_next()
+    first.close()  # as good as a crash: the 'running' row is what a killed process leaves
+    second = Store(tmp_path / "db.sqlite3")
+    assert second.recover() == ["a"]
+    entry = second.history_entry("a")
+    assert entry["status"]["status_str"] == "error"
+    assert entry["status"]["messages"][0][1]["exception_message"] == CRASH_REASON
+    assert [i.prompt_id for i in second.pending()] == ["b", "c"]
+    assert second.recover() == []
+    second.close()
+
+
+def test_openapi_describes_exactly_the_routes(tmp_path):
+    app = create_app(ServerConfig(data_dir=make_data_dir(tmp_path / "data"), web_root=tmp_path / "none"))
+    served: set[tuple[str, str]] = set()
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("path") or info.get("formatter")
+        if route.method == "HEAD" or path is None or path == "/":
+            continue
+        served.add((route.method, path))
+    bare = {(m, p) for m, p in served if not p.startswith("/api/")}
+    assert bare == set(OPERATIONS)
+    assert {(m, "/api" + p) for m, p in bare} == served - bare
+    app[STATE].store.close()
