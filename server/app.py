@@ -142,6 +142,7 @@ async def _on_cleanup(app: web.Application) -> None:
     await asyncio.to_thread(state.pool.stop)
     await state.hub.close_all()
     await state.webhooks.close()
+    state.submit_pool.shutdown(wait=True)
     state.store.close()
 
 

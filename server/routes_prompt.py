@@ -109,7 +109,8 @@ async def post_prompt(request: web.Request) -> web.Response:
         future = asyncio.get_running_loop().create_future()
         state.waiters.setdefault(prompt_id, []).append(future)
     try:
-        accepted = await asyncio.to_thread(accept_prompt, state, body, prompt_id)
+        accepted = await asyncio.get_running_loop().run_in_executor(state.submit_pool, accept_prompt, state, body,
+                                                                    prompt_id)
     except BaseException:
         _drop_waiter(state, prompt_id, future)
         raise

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,8 @@ class ServerState:
                                lambda: make_cache(config.cache, config.cache_bytes), devices, self._finished)
         self.webhooks = WebhookSender(config.webhook_hosts)
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Submissions wait on the disk sync of a group commit: enough threads that many can share one.
+        self.submit_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="submit")
 
     @property
     def workflows_dir(self) -> Path:

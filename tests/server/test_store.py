@@ -83,3 +83,26 @@ def test_openapi_describes_exactly_the_routes(tmp_path):
     assert bare == set(OPERATIONS)
     assert {(m, "/api" + p) for m, p in bare} == served - bare
     app[STATE].store.close()
+
+
+def test_concurrent_adds_share_commits_and_keep_their_own_errors(store):
+    import threading
+
+    results, errors = {}, {}
+
+    def add(pid):
+        try:
+            results[pid] = store.add(pid, {"id": pid}, {}, [])
+        except DuplicatePromptId as exc:
+            errors[pid] = exc
+
+    store.add("dup", {}, {}, [])
+    threads = [threading.Thread(target=add, args=(f"p{i}" if i != 7 else "dup",)) for i in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert list(errors) == ["dup"] and len(results) == 39
+    assert len({item.number for item in results.values()}) == 39
+    assert {i.prompt_id for i in store.pending()} == {"dup", *results}
+    assert all(store.state_of(pid) == "pending" for pid in results)
