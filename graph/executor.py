@@ -48,8 +48,9 @@ class ExecutionContext:
     the environment (folders, model manager) and the prompt's extra data."""
 
     def __init__(self, prompt_id: str, node_id: str, env: Any, extra_data: dict[str, Any],
-                 events: EventSink, interrupt_flag: threading.Event) -> None:
+                 events: EventSink, interrupt_flag: threading.Event, previews: bool = False) -> None:
         self.prompt_id = prompt_id
+        self.previews = previews  # whether anyone shows preview images (so nodes can skip making them)
         self.node_id = node_id
         self.env = env
         self.extra_data = extra_data
@@ -94,8 +95,9 @@ def _has_own(cls: type[Node], name: str) -> bool:
 class Executor:
     """Runs prompts one at a time; `interrupt` may be called from any thread."""
 
-    def __init__(self, env: Any = None, cache: Cache | None = None) -> None:
+    def __init__(self, env: Any = None, cache: Cache | None = None, previews: bool = False) -> None:
         self.env = env
+        self.previews = previews
         self.cache = cache if cache is not None else WorkflowCache()
         self._running: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
@@ -280,7 +282,8 @@ class _Run:
                 self._block(node_id, sources)
                 return
         self.emit("executing", {"node": node_id, "display_node": node_id, "prompt_id": self.prompt_id})
-        context = ExecutionContext(self.prompt_id, node_id, self.ex.env, self.extra_data, self.emit, self.flag)
+        context = ExecutionContext(self.prompt_id, node_id, self.ex.env, self.extra_data, self.emit, self.flag,
+                                   self.ex.previews)
         hidden = {"prompt": self.prompt.api_prompt, "extra_pnginfo": self.extra_data.get("extra_pnginfo"),
                   "unique_id": node_id, "context": context}
         hidden = {name: hidden[name] for name in cls.hidden}

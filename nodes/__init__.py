@@ -12,7 +12,8 @@ log = logging.getLogger(__name__)
 
 # Modules of built-in nodes; each exposes NODE_CLASSES.
 BUILTIN_MODULES: tuple[str, ...] = (
-    "nodes.conditioning", "nodes.image", "nodes.image_io", "nodes.latent", "nodes.mask", "nodes.utility",
+    "nodes.loaders", "nodes.text", "nodes.conditioning", "nodes.latent", "nodes.vae", "nodes.sampling",
+    "nodes.sampling_custom", "nodes.image", "nodes.image_io", "nodes.mask", "nodes.utility",
 )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 MODEL_FOLDERS = ("checkpoints", "vae", "loras", "embeddings", "text_encoders", "diffusion_models",
                  "upscale_models", "vae_approx", "configs")
 
@@ -44,9 +45,45 @@ class Environment:
     extra_model_dirs: dict[str, list[Path]] = field(default_factory=dict)
     # Loaded models by (kind, path, options), shared by the loader nodes across prompts; /free empties it.
     model_cache: dict[Any, Any] = field(default_factory=dict)
+    device: str | None = None  # "cuda", "cuda:1", "mps", "cpu"; None picks the best available
+    low_memory: bool = False  # stream layers of models larger than the device's free memory
+    _manager: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+
+    def model_manager(self) -> Any:
+        """The `diffusion.memory.ModelManager` of this environment's compute device (made on first use)."""
+        if self._manager is None:
+            from diffusion.devices import pick_device
+            from diffusion.memory import ModelManager
+
+            device = pick_device(self.device)
+            self._manager = ModelManager(device, "cpu", low_memory=self.low_memory)
+        return self._manager
+
+    def list_models(self, kind: str) -> list[str]:
+        """Model files of a kind, as names relative to their folder (subfolders with "/"), read afresh
+        each time so that files added or removed show up at once."""
+        names: set[str] = set()
+        for folder in self.model_dirs(kind):
+            if not folder.is_dir():
+                continue
+            for path in folder.rglob("*"):
+                if path.suffix.lower() in MODEL_EXTENSIONS and path.is_file():
+                    names.add(path.relative_to(folder).as_posix())
+        return sorted(names)
+
+    def find_model(self, kind: str, name: str) -> Path:
+        """The file for a model name from a workflow; never outside the model folders."""
+        for folder in self.model_dirs(kind):
+            try:
+                path = safe_join(folder, name)
+            except UnsafePathError as exc:
+                raise ValueError(f"{kind} model {name!r}: {exc}") from None
+            if path.is_file():
+                return path
+        raise ValueError(f"{kind} model {name!r} not found in {', '.join(str(d) for d in self.model_dirs(kind))}")
 
     @property
     def models_dir(self) -> Path:
@@ -82,6 +119,8 @@ class Environment:
         """Forget every loaded model (they are freed once no cached node output holds them)."""
         count = len(self.model_cache)
         self.model_cache.clear()
+        if self._manager is not None:
+            self._manager.unload_all()
         return count
 
     def device_stats(self) -> list[dict[str, Any]]:

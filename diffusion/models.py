@@ -1,0 +1,257 @@
+"""The three objects a workflow passes around: the diffusion model (MODEL), the text encoders (CLIP) and
+the autoencoder (VAE), each a thin handle over shared modules plus its own options and weight patches.
+
+Cloning a handle is cheap: clones share the modules and differ in patches (LoRA) or options (clip skip),
+which is what lets a graph branch with and without a LoRA while the checkpoint is loaded once. A
+`ModelManager` puts the modules on the compute device, with the right patches, while they run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .families import ModelFamily
+from .guidance import CFGGuider, Conditioning
+from .loader import LoadedCheckpoint
+from .memory import ModelManager
+from .model_sampling import Denoiser, ModelSampling
+from .patcher import ModelPatcher
+from .preview import LatentRGBProjection, fit_latent_rgb_projection, latent_preview_image
+from .schedules import DiscreteSchedule
+from .text_encoders import TextEncoders
+from .unet import sdxl_adm, sdxl_refiner_adm
+from .vae import AutoencoderKL
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS = {"eps": "eps", "v": "v_prediction"}
+
+
+@dataclasses.dataclass
+class DiffusionModel:
+    """MODEL: the UNet with its noise schedule and prediction type."""
+
+    patcher: ModelPatcher
+    family: ModelFamily
+    model_sampling: ModelSampling
+    manager: ModelManager
+    dtype: torch.dtype
+    # Decodes raw latents to images; the preview projection is fitted to it once and shared by clones.
+    preview_decode: Callable[[Tensor], Tensor] | None = None
+    _preview: dict[str, LatentRGBProjection] = dataclasses.field(default_factory=dict, repr=False)
+
+    def clone(self) -> DiffusionModel:
+        return dataclasses.replace(self, patcher=self.patcher.clone())
+
+    @property
+    def latent_scale(self) -> float:
+        """LATENTs hold the VAE's raw latents (as in ComfyUI, so any VAE fits any model); the model samples
+        in its own scaled space: `latent * latent_scale`."""
+        return self.family.scaling_factor
+
+    @property
+    def device(self) -> torch.device:
+        return self.manager.device
+
+    def extra_cond(self, options: dict[str, Any], x: Tensor) -> dict[str, Tensor]:
+        """The SDXL `y` vector (pooled text embedding + size/crop/aesthetic embeddings) for one entry."""
+        adm = self.family.unet.adm_in_channels
+        if adm is None:
+            return {}
+        height, width = x.shape[-2] * 8, x.shape[-1] * 8
+        refiner = self.family.name == "sdxl_refiner"
+        pooled = options.get("pooled_output")
+        if pooled is None:
+            raise ValueError(f"{self.family.title} conditioning needs a pooled text embedding; encode the prompt "
+                             f"with this checkpoint's CLIP")
+        common = {"width": options.get("width", width), "height": options.get("height", height)}
+        if refiner:
+            y = sdxl_refiner_adm(pooled, common["width"], common["height"], options.get("aesthetic_score", 6.0),
+                                 crop_w=options.get("crop_w", 0), crop_h=options.get("crop_h", 0),
+                                 adm_in_channels=adm)
+        else:
+            y = sdxl_adm(pooled, common["width"], common["height"], options.get("crop_w", 0),
+                         options.get("crop_h", 0), options.get("target_width", common["width"]),
+                         options.get("target_height", common["height"]), adm_in_channels=adm)
+        return {"y": y}
+
+    def preview_image(self, x0: Tensor) -> Image.Image | None:
+        """A fast RGB preview of a denoised estimate in the model's (scaled) latent space."""
+        if self.preview_decode is None:
+            return None
+        if "projection" not in self._preview:
+            self._preview["projection"] = fit_latent_rgb_projection(self.preview_decode, x0.shape[1])
+        return latent_preview_image(x0[:1].float().cpu() / self.latent_scale, self._preview["projection"])
+
+    @contextlib.contextmanager
+    def denoiser(self, concat: Tensor | None = None) -> Iterator[Denoiser]:
+        """`D(x, sigma, context=..., y=...)` with the UNet on the compute device while the block runs.
+        `concat` ([1|B, C, h, w]) is appended to the input channels (inpainting models)."""
+        with self.manager.use([self.patcher]) as (unet,):
+            device, dtype = self.manager.device, self.dtype
+
+            def net(x_in: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+                if concat is not None:
+                    if concat.shape[-2:] != x_in.shape[-2:]:
+                        raise ValueError("area conditioning is not supported with inpainting models")
+                    x_in = torch.cat([x_in, concat.to(x_in).repeat(x_in.shape[0] // concat.shape[0], 1, 1, 1)], 1)
+                out = unet(x_in.to(device, dtype), t.to(device), context.to(device, dtype),
+                           None if y is None else y.to(device, dtype))
+                return out.float()
+
+            yield Denoiser(net, self.model_sampling)
+
+    def guider(self, denoiser: Denoiser, positive: Conditioning, negative: Conditioning, cfg: float) -> CFGGuider:
+        return CFGGuider(denoiser, self.model_sampling, positive, negative, cfg, extra_cond=self.extra_cond)
+
+    def inpaint_concat(self, latent: Tensor, noise_mask: Tensor | None, positive: Conditioning) -> Tensor | None:
+        """The extra input channels of an inpainting UNet: the mask and the masked image's latent (raw
+        latents in, scaled like the model's input), from InpaintModelConditioning's options when present,
+        else from the latent and its noise mask."""
+        if not self.family.inpaint:
+            return None
+        for _, options in positive:
+            if "concat_latent_image" in options:
+                image = options["concat_latent_image"]
+                mask = options.get("concat_mask", torch.ones_like(image[:, :1]))
+                break
+        else:
+            image = latent
+            mask = noise_mask if noise_mask is not None else torch.ones_like(latent[:, :1])
+        mask = torch.nn.functional.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]).float(),
+                                               size=latent.shape[-2:], mode="bilinear")
+        extra = self.family.unet.in_channels - latent.shape[1]
+        concat = torch.cat([mask, image.to(mask) * self.latent_scale], dim=1)
+        if concat.shape[1] != extra:
+            raise ValueError(f"inpainting UNet expects {extra} extra channels, got {concat.shape[1]}")
+        return concat
+
+
+@dataclasses.dataclass
+class ClipModel:
+    """CLIP: the family's text encoders, their LoRA patches and the clip skip."""
+
+    text: TextEncoders
+    patchers: dict[str, ModelPatcher]
+    manager: ModelManager
+
+    def clone(self) -> ClipModel:
+        return ClipModel(self.text.clone(), {k: p.clone() for k, p in self.patchers.items()}, self.manager)
+
+    def with_clip_skip(self, layer: int) -> ClipModel:
+        clone = self.clone()
+        clone.text.clip_skip = layer
+        return clone
+
+    def encode(self, text: str | dict[str, str]) -> tuple[Tensor, Tensor]:
+        """(cond [1, 77·k, dim], pooled [1, dim]) on the CPU, in fp32. `text` may give each encoder its own
+        prompt ({"g": ..., "l": ...} for SDXL); their chunk lists are padded to equal length."""
+        texts = text if isinstance(text, dict) else dict.fromkeys(self.text.encoders, text)
+        chunks = {name: self.text.tokenize(texts[name])[name] for name in self.text.encoders}
+        longest = max(len(c) for c in chunks.values())
+        for name, encoder in self.text.encoders.items():
+            chunks[name] = chunks[name] + [encoder.empty_chunk()] * (longest - len(chunks[name]))
+        with self.manager.use(list(self.patchers.values())), torch.no_grad():
+            cond, pooled = self.text.encode_chunks(chunks)
+        return cond.float().cpu(), pooled.float().cpu()
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+@dataclasses.dataclass
+class VAEModel:
+    """VAE: the KL autoencoder. Images are [B, H, W, 3] in 0..1; latents are the VAE's raw latents (the
+    diffusion model applies its own scaling factor)."""
+
+    patcher: ModelPatcher
+    manager: ModelManager
+    dtype: torch.dtype
+    downscale: int = 8
+    memory_per_pixel: int = 2400  # rough bytes of activations per output pixel when decoding, fp32
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.patcher.model
+
+    def _batches(self, count: int, pixels: int) -> int:
+        """How many images to run at once, from the device's free memory."""
+        free = self.manager.available()
+        per_image = pixels * self.memory_per_pixel * torch.finfo(self.dtype).bits // 32
+        return max(1, min(count, int(free // max(per_image, 1))))
+
+    def _run(self, fn: Callable[[Tensor], Tensor], tiled: Callable[[Tensor], Tensor], x: Tensor,
+             out_pixels: int) -> Tensor:
+        with self.manager.use([self.patcher]), torch.no_grad():
+            device = self.manager.device
+            step = self._batches(x.shape[0], out_pixels)
+            outputs = []
+            try:
+                for i in range(0, x.shape[0], step):
+                    outputs.append(fn(x[i:i + step].to(device, self.dtype)).float().cpu())
+            except (RuntimeError, torch.OutOfMemoryError) as exc:
+                if not _out_of_memory(exc):
+                    raise
+                log.warning("VAE ran out of memory; retrying tile by tile")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                outputs = [tiled(x[i:i + 1].to(device, self.dtype)).float().cpu() for i in range(x.shape[0])]
+            return torch.cat(outputs)
+
+    def decode(self, samples: Tensor) -> Tensor:
+        z = samples
+        pixels = z.shape[-1] * z.shape[-2] * self.downscale**2
+        images = self._run(self.vae.decode, self.vae.decode_tiled, z, pixels)
+        return ((images + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+    def decode_tiled(self, samples: Tensor, tile: int, overlap: int) -> Tensor:
+        """`tile` and `overlap` in pixels (as the ComfyUI node takes them)."""
+        z = samples
+        t, o = max(1, tile // self.downscale), overlap // self.downscale
+
+        def run(x: Tensor) -> Tensor:
+            return self.vae.decode_tiled(x, tile=t, overlap=o)
+
+        images = self._run(run, run, z, t * t * self.downscale**2)
+        return ((images + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+    def encode(self, images: Tensor) -> Tensor:
+        x = images[..., :3].movedim(-1, 1) * 2 - 1
+        return self._run(self.vae.encode, self.vae.encode_tiled, x, x.shape[-1] * x.shape[-2])
+
+    def encode_tiled(self, images: Tensor, tile: int, overlap: int) -> Tensor:
+        x = images[..., :3].movedim(-1, 1) * 2 - 1
+
+        def run(batch: Tensor) -> Tensor:
+            return self.vae.encode_tiled(batch, tile=tile, overlap=overlap)
+
+        return self._run(run, run, x, tile * tile)
+
+
+def model_sampling_for(family: ModelFamily) -> ModelSampling:
+    """SD's discrete schedule (scaled-linear betas 0.00085 → 0.012 over 1000 steps) and the prediction type."""
+    return ModelSampling(DiscreteSchedule.from_config(), PREDICTIONS[family.prediction])
+
+
+def wrap_checkpoint(loaded: LoadedCheckpoint, manager: ModelManager, name: str = "checkpoint",
+                    offload_device: torch.device | str = "cpu") -> tuple[DiffusionModel, ClipModel, VAEModel]:
+    """The MODEL, CLIP and VAE handles of a loaded checkpoint, managed by `manager`."""
+    device = manager.device
+    unet_dtype = next(loaded.unet.parameters()).dtype
+    vae_dtype = next(loaded.vae.parameters()).dtype
+    vae = VAEModel(ModelPatcher(loaded.vae, device, offload_device, name=f"{name} vae"), manager, vae_dtype,
+                   loaded.family.vae.downscale)
+    model = DiffusionModel(ModelPatcher(loaded.unet, device, offload_device, name=f"{name} unet"), loaded.family,
+                           model_sampling_for(loaded.family), manager, unet_dtype, preview_decode=vae.decode)
+    clip = ClipModel(loaded.text, {key: ModelPatcher(enc.model, device, offload_device, name=f"{name} clip_{key}")
+                                   for key, enc in loaded.text.encoders.items()}, manager)
+    return model, clip, vae
