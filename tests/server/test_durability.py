@@ -56,9 +56,9 @@ def test_kill_during_submissions_loses_no_accepted_prompt(start_server):
     for thread in threads:
         thread.join()
     restarted: ServerProcess = start_server(data_dir=server.data_dir)
-    known = set(restarted.json("GET", "/history")[1])
-    queue = restarted.json("GET", "/queue")[1]
-    known |= {item[1] for item in queue["queue_pending"] + queue["queue_running"]}
+    queue = restarted.json("GET", "/queue")[1]  # the queue first: a prompt only ever moves queue → history
+    known = {item[1] for item in queue["queue_pending"] + queue["queue_running"]}
+    known |= set(restarted.json("GET", "/history")[1])
     assert blocker in known
     assert set(accepted) <= known
     (restarted.data_dir / "signals" / gate).touch()
