@@ -147,14 +147,14 @@ def random_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator, std_ov
     """Noise scaled so activations stay near unit size: norm scales 1 ± 0.2, biases 0.1, matrices and
     convs 1/sqrt(fan-in). Output layers that training would start at zero are random too, so no
     output is trivially zero."""
-    noise = torch.randn(shape, generator=gen)
+    noise = torch.randn(shape, generator=gen)  # scaled in place: one temporary per tensor at most
     if std_override is not None:
-        return noise * std_override
+        return noise.mul_(std_override)
     if len(shape) == 1 and key.endswith("weight"):
-        return 1.0 + 0.2 * noise
+        return noise.mul_(0.2).add_(1.0)
     if len(shape) <= 1:
-        return 0.1 * noise
-    return noise / math.sqrt(math.prod(shape[1:]))
+        return noise.mul_(0.1)
+    return noise.div_(math.sqrt(math.prod(shape[1:])))
 
 
 def _write(path: str | os.PathLike, layout: dict[str, Tensor], dtype: torch.dtype, seed: int,
