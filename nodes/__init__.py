@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 # Modules of built-in nodes; each exposes NODE_CLASSES.
 BUILTIN_MODULES: tuple[str, ...] = (
     "nodes.loaders", "nodes.text", "nodes.conditioning", "nodes.latent", "nodes.vae", "nodes.sampling",
-    "nodes.sampling_custom", "nodes.image", "nodes.image_io", "nodes.mask", "nodes.utility",
+    "nodes.sampling_custom", "nodes.image", "nodes.image_io", "nodes.mask", "nodes.utility", "nodes.animation",
 )
 
 

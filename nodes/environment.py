@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from nodes.model_paths import bundled_models_dir
+
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 MODEL_FOLDERS = ("checkpoints", "vae", "loras", "embeddings", "text_encoders", "diffusion_models",
                  "upscale_models", "vae_approx", "configs")
@@ -106,8 +108,9 @@ class Environment:
         return self.data_dir / "custom_nodes"
 
     def model_dirs(self, kind: str) -> list[Path]:
-        """The folders searched for models of a kind: ours first, then configured extra folders."""
-        return [self.models_dir / kind, *self.extra_model_dirs.get(kind, [])]
+        """The folders searched for models of a kind: the data directory's, the configured extra folders,
+        then the repository's own (the demo model)."""
+        return [self.models_dir / kind, *self.extra_model_dirs.get(kind, []), bundled_models_dir() / kind]
 
     def ensure_dirs(self) -> None:
         for path in (self.input_dir, self.output_dir, self.temp_dir, self.custom_nodes_dir):

@@ -140,24 +140,19 @@ class LoadImageMask(_InputImageNode):
         return (torch.from_numpy(rgb[..., "rgb".index(channel[0])].copy()).unsqueeze(0),)
 
 
-_COUNTER = re.compile(r"_(\d{5,})_\.png$")
-
-
-def next_counter(folder: Path, name: str) -> int:
-    """1 + the highest counter among `<name>_<NNNNN>_.png` files in the folder."""
+def next_counter(folder: Path, name: str, extension: str = "png") -> int:
+    """1 + the highest counter among `<name>_<NNNNN>_.<extension>` files in the folder."""
     if not folder.is_dir():
         return 1
-    found = [int(m.group(1)) for p in folder.iterdir()
-             if p.name.startswith(name + "_") and (m := _COUNTER.search(p.name)) and p.name[:m.start()] == name]
+    pattern = re.compile(rf"^{re.escape(name)}_(\d{{5,}})_\.{re.escape(extension)}$")
+    found = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))]
     return max(found, default=0) + 1
 
 
-def save_images(images: torch.Tensor, root: Path, filename_prefix: str, kind: str, metadata: PngInfo | None,
-                compress_level: int) -> list[dict[str, str]]:
-    """Write each image of the batch as `<prefix>_<counter>_.png` under root; returns ui entries."""
-    height, width = int(images.shape[1]), int(images.shape[2])
-    prefix = filename_prefix.replace("%width%", str(width)).replace("%height%", str(height))
-    subfolder, _, name = prefix.replace("\\", "/").rpartition("/")
+def output_folder(root: Path, filename_prefix: str, kind: str) -> tuple[Path, str, str]:
+    """(folder, file name part, subfolder) for a `filename_prefix` that may hold subfolders; the folder is
+    created and can never be outside `root`."""
+    subfolder, _, name = filename_prefix.replace("\\", "/").rpartition("/")
     if not name:
         raise ValueError(f"filename_prefix {filename_prefix!r} has no file name part")
     try:
@@ -165,6 +160,15 @@ def save_images(images: torch.Tensor, root: Path, filename_prefix: str, kind: st
     except UnsafePathError:
         raise ValueError(f"filename_prefix {filename_prefix!r} would write outside the {kind} folder") from None
     folder.mkdir(parents=True, exist_ok=True)
+    return folder, name, subfolder
+
+
+def save_images(images: torch.Tensor, root: Path, filename_prefix: str, kind: str, metadata: PngInfo | None,
+                compress_level: int) -> list[dict[str, str]]:
+    """Write each image of the batch as `<prefix>_<counter>_.png` under root; returns ui entries."""
+    height, width = int(images.shape[1]), int(images.shape[2])
+    prefix = filename_prefix.replace("%width%", str(width)).replace("%height%", str(height))
+    folder, name, subfolder = output_folder(root, prefix, kind)
     results = []
     counter = next_counter(folder, name.replace("%batch_num%", "0"))
     for index, image in enumerate(images):

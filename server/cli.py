@@ -29,6 +29,7 @@ from graph.validation import Validation, validate_prompt
 from graph.workflow import WorkflowFormatError, is_ui_workflow
 from nodes import build_registry
 from nodes.environment import Environment
+from nodes.model_paths import ModelPathsError, read_extra_model_paths
 
 EXIT_INVALID = 1
 EXIT_USAGE = 2
@@ -206,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="models, input, output, temp and custom_nodes live here (default: ./data, "
                              "or $LATENTLOOM_DATA_DIR)")
+    parser.add_argument("--extra-model-paths", type=Path, default=None, metavar="FILE",
+                        help="YAML or TOML file of extra model folders (ComfyUI's extra_model_paths.yaml format); "
+                             "default: DATA_DIR/extra_model_paths.yaml when present")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a workflow (API or UI format) headless")
@@ -273,7 +277,8 @@ def cmd_serve(args: argparse.Namespace, env: Environment, registry: NodeRegistry
                           cache=args.cache, cache_bytes=args.cache_bytes, allow_origins=args.allow_origin,
                           webhook_hosts=args.webhook_host or sorted(LOOPBACK_NAMES),
                           max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
-                          max_image_pixels=args.max_image_pixels, workers=args.workers)
+                          max_image_pixels=args.max_image_pixels, workers=args.workers,
+                          extra_model_dirs=env.extra_model_dirs)
     if args.web_root is not None:
         config.web_root = args.web_root
     if args.host not in LOOPBACK_NAMES and not args.auth_token:
@@ -290,6 +295,21 @@ def cmd_serve(args: argparse.Namespace, env: Environment, registry: NodeRegistry
     return 0
 
 
+def make_environment(args: argparse.Namespace) -> Environment:
+    """The data directory plus extra model folders from --extra-model-paths, else from the data directory's
+    extra_model_paths.yaml (or .toml) when there is one."""
+    data_dir = args.data_dir or default_data_dir()
+    config = args.extra_model_paths
+    if config is None:
+        config = next((p for p in (data_dir / "extra_model_paths.yaml", data_dir / "extra_model_paths.toml")
+                       if p.is_file()), None)
+    try:
+        extra = read_extra_model_paths(config) if config is not None else {}
+    except ModelPathsError as exc:
+        raise CliError(str(exc)) from None
+    return Environment(data_dir, output_dir_override=getattr(args, "output", None), extra_model_dirs=extra)
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "serve": cmd_serve}
 
 
@@ -297,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    env = Environment(args.data_dir or default_data_dir(), output_dir_override=getattr(args, "output", None))
     try:
+        env = make_environment(args)
         registry = build_registry(env)
         return COMMANDS[args.command](args, env, registry)
     except CliError as exc:

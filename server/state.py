@@ -42,6 +42,7 @@ class ServerConfig:
     max_image_pixels: int = 64 << 20
     web_root: Path = ROOT / "web"
     workers: int | None = None  # None: one per compute device
+    extra_model_dirs: dict[str, list[Path]] = field(default_factory=dict)
 
 
 class ServerState:
@@ -49,7 +50,7 @@ class ServerState:
 
     def __init__(self, config: ServerConfig, registry: NodeRegistry | None = None) -> None:
         self.config = config
-        self.env = Environment(config.data_dir)
+        self.env = Environment(config.data_dir, extra_model_dirs=config.extra_model_dirs)
         self.env.ensure_dirs()
         self.workflows_dir.mkdir(parents=True, exist_ok=True)
         self.registry = registry if registry is not None else build_registry(self.env)

@@ -59,7 +59,8 @@ class WorkerPool:
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.cancelled: set[str] = set()
-        self.workers = [Worker(self, device, Executor(env=env, cache=make_cache())) for device in devices]
+        self.workers = [Worker(self, device, Executor(env=env, cache=make_cache(), previews=True))
+                        for device in devices]
 
     def start(self) -> None:
         for worker in self.workers:
