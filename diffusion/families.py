@@ -158,23 +158,25 @@ def _guess_from_unet(unet: UNetConfig, config: dict) -> str:
     return "sdxl_refiner" if unet.adm_in_channels == 2560 else "sdxl"
 
 
+def _has_text_encoders(sd: Mapping[str, Tensor], name: str) -> bool:
+    return all(_has_encoder(sd, spec.prefixes) for spec in TEXT_FAMILIES[name])
+
+
 def _family_name(sd: Mapping[str, Tensor], unet: UNetConfig, config: dict) -> str:
+    """An ADM input makes SDXL base or refiner, none SD1 or SD2; the text encoders present pick one."""
     candidates = ("sdxl", "sdxl_refiner") if unet.adm_in_channels is not None else ("sd1", "sd2")
-    complete = [n for n in candidates if all(_has_encoder(sd, s.prefixes) for s in TEXT_FAMILIES[n])]
+    complete = [name for name in candidates if _has_text_encoders(sd, name)]
     guess = _guess_from_unet(unet, config)
-    if not complete:
-        name = guess if guess in candidates else candidates[0]
-        missing = [s for s in TEXT_FAMILIES[name] if not _has_encoder(sd, s.prefixes)]
-        wanted = " and ".join(f"clip_{s.name} under {' or '.join(s.prefixes)}" for s in missing)
-        other = [n for n in FAMILY_NAMES if n not in candidates and all(
-            _has_encoder(sd, s.prefixes) for s in TEXT_FAMILIES[n])]
-        mismatch = f" (its text encoders are those of {TITLES[other[0]]})" if other else ""
-        raise FamilyError(
-            f"{TITLES[name]} checkpoint without its text encoder: found the UNet but not {wanted}{mismatch}"
-        )
-    name = guess if guess in complete else complete[0]
-    _check_context(sd, name, unet)
-    return name
+    if complete:
+        name = guess if guess in complete else complete[0]
+        _check_context(sd, name, unet)
+        return name
+    name = guess if guess in candidates else candidates[0]
+    missing = [spec for spec in TEXT_FAMILIES[name] if not _has_encoder(sd, spec.prefixes)]
+    wanted = " and ".join(f"clip_{spec.name} under {' or '.join(spec.prefixes)}" for spec in missing)
+    others = [other for other in FAMILY_NAMES if other not in candidates and _has_text_encoders(sd, other)]
+    mismatch = f" (its text encoders are those of {TITLES[others[0]]})" if others else ""
+    raise FamilyError(f"{TITLES[name]} checkpoint without its text encoder: found the UNet but not {wanted}{mismatch}")
 
 
 def _text_width(sd: Mapping[str, Tensor], prefixes: tuple[str, ...]) -> int | None:

@@ -171,3 +171,18 @@ def test_broken_unet_and_bad_metadata(files):
         detect_family(sd, {CONFIG_METADATA_KEY: "{oops"})
     meta = json.loads(read_metadata(path)[CONFIG_METADATA_KEY])
     assert meta["unet"] == {"num_heads": 2, "norm_groups": 8}
+
+
+def renamed(sd: dict, old: str, new: str) -> dict:
+    return {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in sd.items()}
+
+
+def test_alternative_text_encoder_prefixes(files):
+    """SD2 saved in the SGM layout keeps OpenCLIP under conditioner.embedders.0.model.; older SD1 files
+    have no text_model. level under cond_stage_model.transformer."""
+    path = files["sd2", False, "eps"]
+    sgm = renamed(read_state_dict(path), "cond_stage_model.model.", "conditioner.embedders.0.model.")
+    assert detect_family(sgm, read_metadata(path)).name == "sd2"
+    path = files["sd1", False, "eps"]
+    old = renamed(read_state_dict(path), "cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
+    assert detect_family(old, read_metadata(path)).name == "sd1"
