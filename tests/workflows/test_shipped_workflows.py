@@ -1,0 +1,103 @@
+"""Every shipped workflow runs end to end from the CLI on tiny random checkpoints of the right family."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion.lora import kohya_unet_names, save_lora
+from diffusion.patcher import LoraDelta
+from diffusion.random_checkpoints import write_random_checkpoint
+from graph.ui_format import ui_to_api
+from nodes import build_registry
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+
+# (expected output size (w, h), frames, --set overrides that keep the run small)
+EXPECTED = {
+    "txt2img": ((64, 64), 1, []),
+    "txt2img-sdxl": ((64, 64), 1, ["5.width=64", "5.height=64", "10.steps=4", "10.end_at_step=3", "11.steps=4",
+                                   "11.start_at_step=3"]),
+    "img2img": ((64, 64), 1, []),
+    "inpaint": ((64, 64), 1, []),
+    "outpaint": ((128, 64), 1, []),
+    "hires-fix": ((128, 128), 1, ["3.steps=6", "11.steps=6"]),
+    "lora": ((64, 64), 1, []),
+    "area-composition": ((128, 64), 1, []),
+    "animation": ((64, 64), 12, ["3.steps=6"]),
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    data = tmp_path_factory.mktemp("wf") / "data"
+    checkpoints = data / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    write_random_checkpoint(checkpoints / "latentloom-shapes.safetensors", "sd1", seed=1)
+    write_random_checkpoint(checkpoints / "sd_xl_base_1.0.safetensors", "sdxl", seed=2)
+    write_random_checkpoint(checkpoints / "sd_xl_refiner_1.0.safetensors", "sdxl_refiner", seed=3)
+    (data / "input").mkdir()
+    rgba = np.zeros((64, 64, 4), dtype=np.uint8)
+    rgba[..., :3] = 200
+    rgba[16:48, 16:48, 0] = 255
+    rgba[..., 3] = 255
+    rgba[40:, 40:, 3] = 0  # the transparent corner is the inpainting mask
+    Image.fromarray(rgba, "RGBA").save(data / "input" / "example.png")
+    from diffusion.loader import load_checkpoint
+
+    unet = load_checkpoint(checkpoints / "latentloom-shapes.safetensors").unet
+    params = dict(unet.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    layers = {}
+    for module, kohya in kohya_unet_names(unet.config, params).items():
+        weight = params[module + ".weight"]
+        if weight.ndim == 2 and len(layers) < 8:
+            layers[kohya] = LoraDelta(torch.randn(weight.shape[0], 2, generator=gen),
+                                      torch.randn(2, weight.shape[1], generator=gen))
+    (data / "models" / "loras").mkdir(parents=True)
+    save_lora(data / "models" / "loras" / "latentloom-shapes-new-colour.safetensors", layers)
+    return data
+
+
+def test_every_workflow_is_covered():
+    assert {p.stem for p in WORKFLOWS} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_describes_itself_and_converts(path):
+    workflow = json.loads(path.read_text())
+    assert workflow["version"] == 0.4 and workflow["extra"]["description"]
+    assert workflow["models"] and all({"name", "directory"} <= set(m) for m in workflow["models"])
+    api = ui_to_api(workflow, build_registry(plugins=False))
+    named = {entry["inputs"].get("ckpt_name") for entry in api.values()} - {None}
+    assert named <= {m["name"] for m in workflow["models"]}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_from_the_cli(path, data_dir, tmp_path):
+    size, frames, overrides = EXPECTED[path.stem]
+    output = tmp_path / "out"
+    args = [sys.executable, "-m", "server.cli", "--data-dir", str(data_dir), "run", str(path), "--output",
+            str(output)]
+    for item in overrides:
+        args += ["--set", item]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = [Path(line.split(": ", 1)[1]) for line in proc.stdout.splitlines() if ": " in line]
+    assert len(files) == 1 and files[0].is_file()
+    image = Image.open(files[0])
+    assert image.size == size and getattr(image, "n_frames", 1) == frames
+    expected_kind = "WEBP" if path.stem == "animation" else "PNG"
+    assert image.format == expected_kind
+    if expected_kind == "PNG":  # the saved file carries the workflow that made it
+        assert json.loads(image.text["workflow"]) == json.loads(path.read_text())
+    shutil.rmtree(output)
