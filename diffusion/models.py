@@ -183,11 +183,13 @@ class VAEModel:
     def vae(self) -> AutoencoderKL:
         return self.patcher.model
 
+    def image_bytes(self, pixels: int) -> int:
+        """Estimated activation memory to decode or encode one image of `pixels` output pixels."""
+        return max(1, pixels * self.memory_per_pixel * torch.finfo(self.dtype).bits // 32)
+
     def _batches(self, count: int, pixels: int) -> int:
         """How many images to run at once, from the device's free memory."""
-        free = self.manager.available()
-        per_image = pixels * self.memory_per_pixel * torch.finfo(self.dtype).bits // 32
-        return max(1, min(count, int(free // max(per_image, 1))))
+        return max(1, min(count, int(self.manager.available() // self.image_bytes(pixels))))
 
     def _run(self, fn: Callable[[Tensor], Tensor], tiled: Callable[[Tensor], Tensor], x: Tensor,
              out_pixels: int) -> Tensor:

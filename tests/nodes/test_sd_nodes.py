@@ -282,3 +282,65 @@ def test_missing_checkpoint_is_a_validation_error(engine):
     validation = validate_prompt(txt2img(ckpt="nope.safetensors"), engine.registry, engine.env)
     errors = validation.node_errors["4"]["errors"]
     assert errors[0]["type"] == "value_not_in_list" and "nope.safetensors" in errors[0]["details"]
+
+
+def test_basic_guider_and_disable_noise(engine):
+    prompt = txt2img(steps=3, cfg=1.0)
+    prompt.update({
+        "40": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "41": {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "normal", "steps": 3,
+                                                          "denoise": 1.0}},
+        "42": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}},
+        "43": {"class_type": "BasicGuider", "inputs": {"model": ["4", 0], "conditioning": ["6", 0]}},
+        "44": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["42", 0], "guider": ["43", 0],
+                                                                 "sampler": ["40", 0], "sigmas": ["41", 0],
+                                                                 "latent_image": ["5", 0]}},
+        "45": {"class_type": "DisableNoise", "inputs": {}},
+        "46": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["45", 0], "guider": ["43", 0],
+                                                                 "sampler": ["40", 0], "sigmas": ["41", 0],
+                                                                 "latent_image": ["5", 0]}},
+        "47": {"class_type": "LatentBatch", "inputs": {"samples1": ["44", 0], "samples2": ["46", 0]}},
+        "48": {"class_type": "VAEDecode", "inputs": {"samples": ["47", 0], "vae": ["4", 2]}},
+        "49": {"class_type": "PreviewImage", "inputs": {"images": ["48", 0]}},
+    })
+    # BasicGuider is cfg 1 on the positive prompt: the same as KSampler at cfg 1.0 with the same seed
+    torch.testing.assert_close(engine.outputs(prompt, "44")[0][0]["samples"], latent_of(engine, prompt))
+    silent = engine.outputs(prompt, "46")[0][0]["samples"]
+    noisy = engine.outputs(prompt, "44")[0][0]["samples"]
+    assert torch.isfinite(silent).all() and not torch.allclose(silent, noisy)  # no noise: a different start
+
+
+def test_vae_loader_standalone_file(engine):
+    from diffusion.random_checkpoints import write_random_vae
+
+    (engine.env.models_dir / "vae").mkdir(parents=True, exist_ok=True)
+    write_random_vae(engine.env.models_dir / "vae" / "bare.safetensors", prefix=False, seed=4)
+    prompt = txt2img()
+    prompt["13"] = {"class_type": "VAELoader", "inputs": {"vae_name": "bare.safetensors"}}
+    prompt["8"]["inputs"]["vae"] = ["13", 0]
+    with_own = engine.outputs(prompt, "8")[0][0]
+    assert with_own.shape == (1, 64, 64, 3)
+    assert not torch.allclose(with_own, engine.outputs(txt2img(), "8")[0][0])
+
+
+def test_vae_splits_batches_to_fit_and_falls_back_to_tiles(engine, monkeypatch):
+    _, _, vae = load_checkpoint_handles(engine.env, "sd1.safetensors")
+    latents = torch.randn(4, 4, 8, 8)
+    whole = vae.decode(latents)
+    calls = []
+    decode = vae.vae.decode
+    monkeypatch.setattr(vae.vae, "decode", lambda z: calls.append(z.shape[0]) or decode(z))
+    monkeypatch.setattr(vae.manager, "available", lambda: 2 * vae.image_bytes(64 * 64))
+    split = vae.decode(latents)
+    assert calls == [2, 2]  # room for two images at a time
+    torch.testing.assert_close(split, whole, atol=1e-2, rtol=0)
+
+    def out_of_memory(z):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(vae.vae, "decode", out_of_memory)
+    tiled = vae.decode(latents)
+    assert tiled.shape == whole.shape  # retried tile by tile
+    monkeypatch.setattr(vae.vae, "decode", lambda z: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not swallowed
+        vae.decode(latents)
