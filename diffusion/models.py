@@ -212,7 +212,12 @@ class VAEModel:
     def decode(self, samples: Tensor) -> Tensor:
         z = samples
         pixels = z.shape[-1] * z.shape[-2] * self.downscale**2
-        images = self._run(self.vae.decode, self.vae.decode_tiled, z, pixels)
+        tile = min(64, max(8, max(z.shape[-2:]) // 2))  # latent units; at most half the image per tile
+
+        def tiled(x: Tensor) -> Tensor:
+            return self.vae.decode_tiled(x, tile=tile, overlap=tile // 4)
+
+        images = self._run(self.vae.decode, tiled, z, pixels)
         return ((images + 1) / 2).clamp(0, 1).movedim(1, -1)
 
     def decode_tiled(self, samples: Tensor, tile: int, overlap: int) -> Tensor:
@@ -228,7 +233,12 @@ class VAEModel:
 
     def encode(self, images: Tensor) -> Tensor:
         x = images[..., :3].movedim(-1, 1) * 2 - 1
-        return self._run(self.vae.encode, self.vae.encode_tiled, x, x.shape[-1] * x.shape[-2])
+        tile = min(512, max(64, max(x.shape[-2:]) // 2))  # pixels; at most half the image per tile
+
+        def tiled(batch: Tensor) -> Tensor:
+            return self.vae.encode_tiled(batch, tile=tile, overlap=tile // 8)
+
+        return self._run(self.vae.encode, tiled, x, x.shape[-1] * x.shape[-2])
 
     def encode_tiled(self, images: Tensor, tile: int, overlap: int) -> Tensor:
         x = images[..., :3].movedim(-1, 1) * 2 - 1
