@@ -22,17 +22,18 @@ from nodes import build_registry
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 
-# (expected output size (w, h), frames, --set overrides that keep the run small)
+# (expected output size (w, h), frames, --set overrides that keep the run short: fewer steps, smaller SDXL)
+FEWER_STEPS = ["3.steps=6"]
 EXPECTED = {
-    "txt2img": ((64, 64), 1, []),
+    "txt2img": ((64, 64), 1, FEWER_STEPS),
     "txt2img-sdxl": ((64, 64), 1, ["5.width=64", "5.height=64", "10.steps=4", "10.end_at_step=3", "11.steps=4",
                                    "11.start_at_step=3"]),
-    "img2img": ((64, 64), 1, []),
-    "inpaint": ((64, 64), 1, []),
-    "outpaint": ((128, 64), 1, []),
+    "img2img": ((64, 64), 1, FEWER_STEPS),
+    "inpaint": ((64, 64), 1, FEWER_STEPS),
+    "outpaint": ((128, 64), 1, FEWER_STEPS),
     "hires-fix": ((128, 128), 1, ["3.steps=6", "11.steps=6"]),
-    "lora": ((64, 64), 1, []),
-    "area-composition": ((128, 64), 1, []),
+    "lora": ((64, 64), 1, FEWER_STEPS),
+    "area-composition": ((128, 64), 1, FEWER_STEPS),
     "animation": ((64, 64), 12, ["3.steps=6"]),
 }
 
