@@ -1,0 +1,210 @@
+"""Prompt adherence of the shipped shapes model, a random-weight floor, negative prompts, and a five-image LoRA.
+
+Images are made the way a user makes them: API-format workflows run by the engine with the default workflow's
+nodes and settings (CheckpointLoaderSimple, CLIPTextEncode, EmptyLatentImage 64x64, KSampler 20 steps
+cfg 5 euler/normal, VAEDecode, SaveImage), read back from the saved PNGs. A checker of the project's own
+(train/checker.py: colour by pixel statistics, shape by a small CNN trained on generator ground truth) judges
+each image against its caption's ground truth.
+
+Rows printed:
+- checker on real generator images (its own accuracy; the ceiling);
+- trained model on 200 captions of the held-out (shape, colour, background) combinations, and on 200 new
+  captions of combinations seen in training;
+- random-weight model of the same architecture (the floor), same 200 held-out captions;
+- negative prompt: how often "a large circle ..." comes out red with negative "" and with negative "red";
+- LoRA: TrainLoraFromImages on five orange shapes (a colour the base model never saw), then orange captions
+  before/after LoraLoader.
+
+    python bench/quality.py [--count 200] [--lora-steps 150] [--cfg 5.0] [--skip-floor] [--skip-lora]
+                            [--checkpoint models/checkpoints/latentloom-shapes.safetensors] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+from PIL import Image
+
+from graph.executor import Executor
+from graph.validation import validate_prompt
+from nodes import build_registry
+from nodes.environment import Environment
+from train import shapes
+from train.checker import Checker, ground_truth_accuracy
+from train.recipe import build_text_encoder, build_unet, build_vae, shapes_spec, write_checkpoint
+
+log = logging.getLogger("bench.quality")
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "latentloom-shapes.safetensors"
+FLOOR = "random-shapes.safetensors"
+
+
+class Runner:
+    """An engine over a scratch data directory that also sees the repository's and the floor's checkpoints."""
+
+    def __init__(self, data_dir: Path, checkpoint: Path, extra_checkpoints: Path):
+        self.model = checkpoint.name
+        self.env = Environment(data_dir, extra_model_dirs={"checkpoints": [checkpoint.parent, extra_checkpoints]})
+        self.env.ensure_dirs()
+        self.registry = build_registry(self.env, plugins=False)
+        self.executor = Executor(env=self.env)
+
+    def run(self, prompt: dict, prompt_id: str = "bench") -> dict:
+        validation = validate_prompt(prompt, self.registry, self.env)
+        if not validation.ok:
+            raise RuntimeError(f"invalid workflow: {validation.response()}")
+        result = self.executor.execute(validation.prompt, prompt_id, lambda event, data: None)
+        if result.status != "success":
+            raise RuntimeError(f"workflow failed: {result.error}")
+        return result.outputs
+
+    def txt2img(self, ckpt: str, positive: str, negative: str, seed: int, cfg: float,
+                lora: str | None = None) -> np.ndarray:
+        model, clip = ["4", 0], ["4", 1]
+        prompt = {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}
+        if lora is not None:
+            prompt["10"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": lora,
+                                                                   "strength_model": 1.0, "strength_clip": 1.0}}
+            model, clip = ["10", 0], ["10", 1]
+        prompt.update({
+            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": positive, "clip": clip}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": clip}},
+            "3": {"class_type": "KSampler", "inputs": {"model": model, "seed": seed, "steps": 20, "cfg": cfg,
+                                                       "sampler_name": "euler", "scheduler": "normal",
+                                                       "positive": ["6", 0], "negative": ["7", 0],
+                                                       "latent_image": ["5", 0], "denoise": 1.0}},
+            "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+            "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "bench"}},
+        })
+        saved = self.run(prompt)["9"]["images"][0]
+        path = self.env.output_dir / saved.get("subfolder", "") / saved["filename"]
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    def generate(self, ckpt: str, captions: list[str], cfg: float, negative: str = "", lora: str | None = None
+                 ) -> list[np.ndarray]:
+        return [self.txt2img(ckpt, c, negative, seed, cfg, lora) for seed, c in enumerate(captions)]
+
+    def train_lora(self, images: np.ndarray, captions: list[str], steps: int, name: str) -> str:
+        """TrainLoraFromImages in a workflow: five LoadImage nodes batched, then the training node."""
+        prompt = {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": self.model}}}
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(self.env.input_dir / f"lora-{i}.png")
+            prompt[f"20{i}"] = {"class_type": "LoadImage", "inputs": {"image": f"lora-{i}.png"}}
+        batch = ["200", 0]
+        for i in range(1, len(images)):
+            prompt[f"21{i}"] = {"class_type": "ImageBatch", "inputs": {"image1": batch, "image2": [f"20{i}", 0]}}
+            batch = [f"21{i}", 0]
+        prompt["30"] = {"class_type": "TrainLoraFromImages", "inputs": {
+            "model": ["4", 0], "clip": ["4", 1], "vae": ["4", 2], "images": batch, "captions": "\n".join(captions),
+            "steps": steps, "rank": 8, "learning_rate": 2e-3, "seed": 0, "lora_name": name}}
+        self.run(prompt)
+        return name
+
+
+def write_floor(path: Path) -> None:
+    """The same architecture at random weights (the UNet's output layer random too)."""
+    spec = shapes_spec()
+    unet = build_unet(spec, 123)
+    torch.nn.init.normal_(unet.out[-1].weight, std=0.02)
+    write_checkpoint(path, spec, unet, build_vae(spec, 124), build_text_encoder(spec, 125))
+
+
+def held_out(count: int, split: str, seed: int, colour: str | None = None) -> list[shapes.Sample]:
+    return [shapes.draw_sample(seed, split, i, colour) for i in range(count)]
+
+
+def report(label: str, scores: dict[str, float], seconds: float | None = None) -> None:
+    took = f"  ({seconds:.0f} s)" if seconds is not None else ""
+    log.info("%-58s colour %5.1f %%  shape %5.1f %%  both %5.1f %%%s", label, 100 * scores["colour"],
+             100 * scores["shape"], 100 * scores["both"], took)
+
+
+def adherence(runner: Runner, checker: Checker, ckpt: str, samples: list[shapes.Sample], cfg: float,
+              lora: str | None = None) -> tuple[dict[str, float], float]:
+    start = time.perf_counter()
+    images = runner.generate(ckpt, [s.caption for s in samples], cfg, lora=lora)
+    return checker.judge(images, samples), time.perf_counter() - start
+
+
+def negative_prompt_effect(runner: Runner, checker: Checker, cfg: float, count: int) -> None:
+    from train.checker import classify_colour
+
+    captions = [f"a large circle on a {bg} background" for bg in ("white", "black", "gray")] * (count // 3)
+    for negative in ("", "red"):
+        images = runner.generate(runner.model, captions, cfg, negative=negative)
+        red = sum(classify_colour(im) == "red" for im in images) / len(images)
+        log.info("negative %-6r: %5.1f %% of %d colour-free circle prompts come out red", negative, 100 * red,
+                 len(images))
+
+
+def lora_effect(runner: Runner, checker: Checker, cfg: float, count: int, steps: int) -> None:
+    train = [shapes.draw_sample(7, "train", i, shapes.NEW_COLOUR) for i in range(5)]
+    images = np.stack([shapes.render(s) for s in train])
+    start = time.perf_counter()
+    name = runner.train_lora(images, [s.caption for s in train], steps, "orange-bench.safetensors")
+    log.info("TrainLoraFromImages: %d steps on 5 images of a %s shape in %.0f s", steps, shapes.NEW_COLOUR,
+             time.perf_counter() - start)
+    samples = held_out(count, "train", 11, shapes.NEW_COLOUR)
+    before, t0 = adherence(runner, checker, runner.model, samples, cfg)
+    after, t1 = adherence(runner, checker, runner.model, samples, cfg, lora=name)
+    report(f"{shapes.NEW_COLOUR} captions, base model", before, t0)
+    report(f"{shapes.NEW_COLOUR} captions, base model + LoRA", after, t1)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("nodes", "graph", "diffusion"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--lora-steps", type=int, default=150)
+    parser.add_argument("--lora-count", type=int, default=60)
+    parser.add_argument("--skip-floor", action="store_true")
+    parser.add_argument("--skip-lora", action="store_true")
+    parser.add_argument("--skip-seen", action="store_true")
+    parser.add_argument("--checkpoint", type=Path, default=REPO / "models" / "checkpoints" / MODEL,
+                        help="the model to measure (default: the shipped one)")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.checkpoint.is_file():
+        raise SystemExit(f"{args.checkpoint} is missing: train it with python -m train.train_model")
+
+    start = time.perf_counter()
+    checker = Checker.train()
+    report("checker on real generator images (held-out combos)", ground_truth_accuracy(checker),
+           time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "ckpt").mkdir()
+        runner = Runner(tmp / "data", args.checkpoint.resolve(), tmp / "ckpt")
+        test = held_out(args.count, "test", 1)
+        report(f"trained, {args.count} held-out-combination captions (cfg {args.cfg})",
+               *adherence(runner, checker, runner.model, test, args.cfg))
+        if not args.skip_seen:
+            report(f"trained, {args.count} new captions of seen combinations",
+                   *adherence(runner, checker, runner.model, held_out(args.count, "train", 1), args.cfg))
+        if not args.skip_floor:
+            write_floor(tmp / "ckpt" / FLOOR)
+            report(f"random weights (floor), same {args.count} held-out captions",
+                   *adherence(runner, checker, FLOOR, test, args.cfg))
+        negative_prompt_effect(runner, checker, args.cfg, 60)
+        if not args.skip_lora:
+            lora_effect(runner, checker, args.cfg, args.lora_count, args.lora_steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Batches for the two training phases, each a pure function of (seed, step) so that a resumed run draws the
+same data as an uninterrupted one.
+
+Conditioning is computed by the project's own text path (`TextEncoders.encode`, the same call the
+CLIPTextEncode node makes) on the frozen encoder, and cached per caption string: the caption space is small.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import CLIPTextModel
+
+from diffusion.clip_keys import from_transformers, to_hf_checkpoint
+from diffusion.text_encoders import TextEncoders
+
+from . import shapes
+from .recipe import TEXT_PREFIX
+
+VAE_RANDOM_COLOUR_FRACTION = 0.5  # the VAE also sees arbitrary colours, so it is no judge of which are "known"
+FOREGROUND_WEIGHT = 5.0
+FULL_CAPTION_FRACTION = 0.6
+EMPTY_CAPTION_FRACTION = 0.1  # classifier-free guidance needs the unconditional prediction too
+
+
+def step_rng(seed: int, phase: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, phase, step])
+
+
+def to_tensor(images: np.ndarray) -> Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1] (the VAE's range)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _recoloured(rng: np.random.Generator, sample: shapes.Sample) -> tuple[np.ndarray, np.ndarray]:
+    """The sample drawn in an arbitrary shape colour on an arbitrary background (VAE data only)."""
+    fg, bg = rng.integers(0, 256, size=(2, 3))
+    while np.abs(fg - bg).sum() < 90:
+        fg = rng.integers(0, 256, size=3)
+    image = shapes.render(sample).astype(np.int32)
+    base = np.array(shapes.BACKGROUNDS[sample.background])
+    alpha = np.abs(image - base).sum(-1, keepdims=True) / max(np.abs(np.array(sample.rgb) - base).sum(), 1)
+    alpha = np.clip(alpha, 0.0, 1.0)
+    out = alpha * fg + (1 - alpha) * bg
+    return np.round(out).astype(np.uint8), alpha[..., 0]
+
+
+def vae_batch(seed: int, step: int, size: int) -> tuple[Tensor, Tensor]:
+    """Images [B, 3, 64, 64] in [-1, 1] and per-pixel loss weights [B, 1, 64, 64] (the shape counts more)."""
+    rng = step_rng(seed, 0, step)
+    images, weights = [], []
+    for index in rng.integers(0, 2**31, size=size):
+        sample = shapes.draw_sample(seed, "train", int(index))
+        if rng.random() < VAE_RANDOM_COLOUR_FRACTION:
+            image, alpha = _recoloured(rng, sample)
+        else:
+            image = shapes.render(sample)
+            base = np.array(shapes.BACKGROUNDS[sample.background])
+            alpha = (np.abs(image.astype(np.int32) - base).sum(-1) > 0).astype(np.float64)
+        images.append(image)
+        weights.append(1.0 + (FOREGROUND_WEIGHT - 1.0) * (alpha > 0))
+    w = torch.from_numpy(np.stack(weights)).float()[:, None]
+    return to_tensor(np.stack(images)), w
+
+
+class CaptionEncoder:
+    """Caption -> context [77, width] through the project's text-encoding path, cached."""
+
+    def __init__(self, text_model: CLIPTextModel, num_heads: int):
+        sd = to_hf_checkpoint(from_transformers(text_model.state_dict()), TEXT_PREFIX)
+        self.encoders = TextEncoders.from_state_dict(sd, "sd1", num_heads=num_heads)
+        self.cache: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, caption: str) -> Tensor:
+        if caption not in self.cache:
+            self.cache[caption] = self.encoders.encode(caption)[0][0].float()
+        return self.cache[caption]
+
+    def batch(self, captions: list[str]) -> Tensor:
+        return torch.stack([self(c) for c in captions])
+
+
+def training_caption(rng: np.random.Generator, sample: shapes.Sample) -> str:
+    """The full caption most of the time, else a partial one (never empty of both colour and shape), or ""."""
+    u = rng.random()
+    if u < EMPTY_CAPTION_FRACTION:
+        return ""
+    if u < EMPTY_CAPTION_FRACTION + FULL_CAPTION_FRACTION:
+        return sample.caption
+    keep = {part for part in ("size", "position", "background") if rng.random() < 0.5}
+    core = [("colour",), ("shape",), ("colour", "shape")][int(rng.integers(3))]
+    return sample.partial_caption(keep | set(core))
+
+
+def unet_batch(seed: int, step: int, size: int, count: int) -> tuple[np.ndarray, np.random.Generator]:
+    """Indices into the latent data set for one UNet step, and the step's generator (for the captions)."""
+    rng = step_rng(seed, 1, step)
+    return rng.integers(0, count, size=size), rng

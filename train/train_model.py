@@ -1,0 +1,259 @@
+"""Train the demo model ("latentloom-shapes") from procedurally drawn shapes, and write it as an SD1 file.
+
+Recipe (what `python -m train.train_model` does with its defaults; see train/README.md for timings):
+
+1. VAE (`--vae-steps`, batch 32, AdamW 2e-3 with warm-up and cosine decay, bf16 autocast): L1 + MSE with the
+   shape's pixels weighted 5x, plus 1e-6 KL; half the images are recoloured at random so the VAE reproduces
+   any flat colour, not just the palette.
+2. Latents: the posterior means of `--latents` training images; the VAE is then rescaled (exactly, see
+   `recipe.rescale_latents`) so that SD1's fixed factor 0.18215 brings them to unit standard deviation.
+3. UNet (`--unet-steps`, batch 64, AdamW 1e-3, warm-up then cosine, bf16 autocast, eager attention, EMA 0.998):
+   eps-prediction on SD's scaled-linear schedule with min-SNR-5 weighting, on captions from the frozen random
+   text encoder (10% empty for classifier-free guidance, 30% partial captions such as "a red shape").
+4. The EMA UNet, the VAE and the text encoder are written in fp16 through our own safetensors writer.
+
+Deterministic given `--seed` (and the thread count): every batch and noise draw is a function of (seed, step).
+`--resume` continues from the training-state file written every `--save-every` steps and when `--minutes` runs
+out, so a run cut short by the budget picks up where it stopped and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from diffusion.schedules import DiscreteSchedule
+
+from . import data, shapes
+from .recipe import (
+    SCALING_FACTOR,
+    SPECS,
+    ModelSpec,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    denoising_loss,
+    rescale_latents,
+    use_eager_attention,
+    write_checkpoint,
+)
+
+log = logging.getLogger("train")
+
+KL_WEIGHT = 1e-6
+EMA_DECAY = 0.998
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+class Trainer:
+    """Both phases, with their state (weights, optimisers, step) saved to and restored from one file."""
+
+    def __init__(self, args: argparse.Namespace, spec: ModelSpec):
+        self.args, self.spec = args, spec
+        self.text = build_text_encoder(spec, args.seed)
+        self.vae = build_vae(spec, args.seed + 1)
+        self.unet = build_unet(spec, args.seed + 2)
+        self.ema = build_unet(spec, args.seed + 2).requires_grad_(False)
+        self.ema.load_state_dict(self.unet.state_dict())
+        use_eager_attention(self.unet)
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+        self.unet_opt = torch.optim.AdamW(self.unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
+        self.phase, self.step = "vae", 0
+        self.alphas_cumprod = DiscreteSchedule.from_config().alphas_cumprod.float()
+        self.started = time.monotonic()
+        self.steps_this_run = 0
+
+    # ---- state -----------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"phase": self.phase, "step": self.step, "seed": self.args.seed, "text": self.text.state_dict(),
+                "vae": self.vae.state_dict(), "vae_opt": self.vae_opt.state_dict(),
+                "unet": self.unet.state_dict(), "unet_opt": self.unet_opt.state_dict(), "ema": self.ema.state_dict()}
+
+    def save_state(self) -> None:
+        path = Path(self.args.state)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)  # never leave a half-written state behind
+        log.info("saved training state (%s step %d) to %s", self.phase, self.step, path)
+
+    def load_state(self) -> None:
+        state = torch.load(self.args.state, weights_only=True)
+        if state["seed"] != self.args.seed:
+            raise SystemExit(f"{self.args.state} was trained with --seed {state['seed']}, not {self.args.seed}")
+        self.text.load_state_dict(state["text"])
+        self.vae.load_state_dict(state["vae"])
+        self.vae_opt.load_state_dict(state["vae_opt"])
+        self.unet.load_state_dict(state["unet"])
+        self.unet_opt.load_state_dict(state["unet_opt"])
+        self.ema.load_state_dict(state["ema"])
+        self.phase, self.step = state["phase"], state["step"]
+        log.info("resumed from %s at %s step %d", self.args.state, self.phase, self.step)
+
+    def out_of_time(self) -> bool:
+        a = self.args
+        if a.stop_after and self.steps_this_run >= a.stop_after:
+            return True
+        return a.minutes > 0 and time.monotonic() - self.started > 60 * a.minutes
+
+    def autocast(self):
+        return torch.autocast("cpu", torch.bfloat16, enabled=self.args.bf16)
+
+    # ---- phase 1: VAE ----------------------------------------------------------------------------
+    def vae_step(self) -> float:
+        a = self.args
+        for group in self.vae_opt.param_groups:
+            group["lr"] = lr_at(self.step, a.vae_steps, a.vae_lr, min(100, a.vae_steps // 10 + 1))
+        images, weights = data.vae_batch(a.seed, self.step, a.vae_batch)
+        gen = torch.Generator().manual_seed(a.seed * 1_000_003 + self.step)
+        with self.autocast():
+            mean, logvar = self.vae.encode_moments(images)
+            z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen)
+            recon = self.vae.decode(z).float()
+        err = recon - images
+        loss = (weights * (err.abs() + err.square())).mean()
+        kl = 0.5 * (mean.float().square() + logvar.float().exp() - 1.0 - logvar.float()).sum(dim=(1, 2, 3)).mean()
+        (loss + KL_WEIGHT * kl).backward()
+        self.vae_opt.step()
+        self.vae_opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    # ---- phase 2: latents ------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_dataset(self, limit: int | None = None) -> tuple[torch.Tensor, list[shapes.Sample]]:
+        """Scaled latents [N, 4, 8, 8] of the UNet's training images, and their ground truth."""
+        a = self.args
+        count = min(a.latents, limit or a.latents)
+        latents, samples = [], []
+        for start in range(0, count, 256):
+            images, batch_samples = shapes.batch(a.seed, "train", range(start, min(start + 256, count)))
+            with self.autocast():
+                latents.append(self.vae.encode(data.to_tensor(images)).float())
+            samples += batch_samples
+        return torch.cat(latents) * SCALING_FACTOR, samples
+
+    def fit_latent_scale(self) -> None:
+        """Rescale the VAE so that latents * 0.18215 have unit std (done once, at the phase change)."""
+        latents, _ = self.encode_dataset(limit=2048)
+        factor = 1.0 / float(latents.std())
+        rescale_latents(self.vae, factor)
+        log.info("latent std before rescaling %.4f; VAE latents scaled by %.3f", 1.0 / factor, factor)
+
+    # ---- phase 3: UNet ---------------------------------------------------------------------------
+    def unet_step(self, latents: torch.Tensor, samples: list[shapes.Sample], captions: data.CaptionEncoder) -> float:
+        a = self.args
+        for group in self.unet_opt.param_groups:
+            group["lr"] = lr_at(self.step, a.unet_steps, a.unet_lr, min(200, a.unet_steps // 10 + 1))
+        indices, rng = data.unet_batch(a.seed, self.step, a.unet_batch, len(samples))
+        context = captions.batch([data.training_caption(rng, samples[i]) for i in indices])
+        gen = torch.Generator().manual_seed(a.seed * 1_000_003 + 7 + self.step)
+        with self.autocast():
+            loss = denoising_loss(self.unet, latents[torch.from_numpy(indices)], context, self.alphas_cumprod, gen)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        self.unet_opt.step()
+        self.unet_opt.zero_grad(set_to_none=True)
+        decay = min(EMA_DECAY, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.unet.parameters(), strict=True):
+                e.lerp_(p, 1.0 - decay)
+        return float(loss.detach())
+
+    # ---- driver ----------------------------------------------------------------------------------
+    def run_phase(self, total: int, step_fn) -> bool:
+        """Steps until `total`; False when the time budget ran out first (state saved for --resume)."""
+        a, losses, tick = self.args, [], time.monotonic()
+        while self.step < total:
+            losses.append(step_fn())
+            self.step += 1
+            self.steps_this_run += 1
+            if self.step % a.log_every == 0 or self.step == total:
+                rate = (time.monotonic() - tick) / len(losses)
+                log.info("%s step %d/%d loss %.4f (%.2f s/step)", self.phase, self.step, total,
+                         sum(losses) / len(losses), rate)
+                losses, tick = [], time.monotonic()
+            if self.step % a.save_every == 0:
+                self.save_state()
+            if self.out_of_time() and self.step < total:
+                self.save_state()
+                log.warning("budget (%s minutes, %s steps) spent at %s step %d; rerun with --resume", a.minutes,
+                            a.stop_after or "any", self.phase, self.step)
+                return False
+        return True
+
+    def train(self) -> bool:
+        a = self.args
+        if self.phase == "vae":
+            self.vae.train()
+            if not self.run_phase(a.vae_steps, self.vae_step):
+                return False
+            self.vae.eval()
+            self.fit_latent_scale()
+            self.phase, self.step = "unet", 0
+            self.save_state()
+        self.vae.eval().requires_grad_(False)
+        if self.phase == "unet":
+            latents, samples = self.encode_dataset()
+            captions = data.CaptionEncoder(self.text, self.spec.text.num_heads)
+            self.unet.train()
+            if not self.run_phase(a.unet_steps, lambda: self.unet_step(latents, samples, captions)):
+                return False
+            self.phase = "done"
+            self.save_state()
+        write_checkpoint(a.out, self.spec, self.ema, self.vae, self.text,
+                         extra_metadata={"latentloom.training": f"train.train_model seed={a.seed} "
+                                         f"vae_steps={a.vae_steps} unet_steps={a.unet_steps}"})
+        log.info("wrote %s (%.1f MB)", a.out, os.path.getsize(a.out) / 2**20)
+        return True
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="models/checkpoints/latentloom-shapes.safetensors")
+    p.add_argument("--state", default="train-state.pt", help="training-state file (written, and read by --resume)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spec", choices=sorted(SPECS), default="shapes")
+    p.add_argument("--vae-steps", type=int, default=2400)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--latents", type=int, default=32768, help="training images encoded for the UNet")
+    p.add_argument("--unet-steps", type=int, default=2600)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--unet-lr", type=float, default=1e-3)
+    p.add_argument("--minutes", type=float, default=0.0, help="stop (state saved) after this long; 0: no limit")
+    p.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after this many steps; 0: no limit")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=50)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    trainer = Trainer(args, SPECS[args.spec]())
+    if args.resume:
+        if not Path(args.state).exists():
+            raise SystemExit(f"--resume: no training state at {args.state}")
+        trainer.load_state()
+    return 0 if trainer.train() else 3
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
