@@ -18,7 +18,7 @@ from aiohttp import web
 
 from graph.registry import NodeRegistry
 from server import openapi, routes_files, routes_info, routes_prompt
-from server.state import LOOPBACK_NAMES, STATE, ApiError, Handler, ServerConfig, ServerState, json_error
+from server.state import LOOPBACK_NAMES, ROOT, STATE, ApiError, Handler, ServerConfig, ServerState, json_error
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def origin_middleware(config: ServerConfig) -> Any:
     return check_origin
 
 
-STATIC_ROUTE_NAMES = frozenset({"canvas-index", "canvas-static"})
+STATIC_ROUTE_NAMES = frozenset({"canvas-index", "canvas-static", "canvas-templates"})
 
 
 def auth_middleware(token: str) -> Any:
@@ -163,6 +163,10 @@ def create_app(config: ServerConfig, registry: NodeRegistry | None = None) -> we
         for prefix in ("", "/api"):
             app.router.add_route(method, prefix + path, handler)
     app.router.add_get("/", canvas_index, name="canvas-index")
+    # The shipped workflows (the canvas opens templates/txt2img.json on first visit), read-only.
+    if (ROOT / "workflows").is_dir():
+        app.router.add_static("/templates", ROOT / "workflows", name="canvas-templates")
+    # web/ holds the canvas and, in web/node_modules, the graph library npm installed (`npm ci --prefix web`).
     if config.web_root.is_dir():
         app.router.add_static("/", config.web_root, name="canvas-static")
     app.on_startup.append(_on_startup)

@@ -1,0 +1,277 @@
+"""The web canvas in headless Chromium against a real server on a tiny random checkpoint: building the default
+graph from the palette by dragging connections, queueing and seeing the image, refused connections, server errors
+on their node, saved workflows, dropped PNGs and API JSON, cancelling, and a server with an auth token.
+Each test leaves a screenshot in test-artifacts/web/."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from diffusion.random_checkpoints import write_random_checkpoint
+from tests.server.harness import ServerProcess
+from tests.web.browser import ARTIFACTS, CHROMIUM, LAUNCH_ARGS, ROOT, connect, drag, input_link_origin, missing_reason
+
+REASON = missing_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"browser tests need the canvas' tools: {REASON}")
+TOKEN = "canvas-test-token"
+CHECKPOINT = "latentloom-shapes.safetensors"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("canvas") / "data"
+    (data / "models" / "checkpoints").mkdir(parents=True)
+    write_random_checkpoint(data / "models" / "checkpoints" / CHECKPOINT, "sd1")
+    return data
+
+
+@pytest.fixture(scope="module")
+def server(data_dir):
+    process = ServerProcess(data_dir).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, server, request):
+    """A fresh browser context (empty session and local storage) on the canvas; a screenshot when done."""
+    context = browser.new_context(viewport={"width": 1800, "height": 1000})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server.url + "/")
+    page.wait_for_function("document.body.dataset.ready === 'true'", timeout=30_000)
+    yield page
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"))
+    context.close()
+    assert not errors, errors
+
+
+def node_ids(page) -> dict[str, list[int]]:
+    ids: dict[str, list[int]] = {}
+    for node_id, node_type in page.evaluate("loom.graph._nodes.map(n => [n.id, n.type])"):
+        ids.setdefault(node_type, []).append(node_id)
+    return ids
+
+
+def wait_idle(server, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, queue = server.json("GET", "/queue")
+        if not queue["queue_running"] and not queue["queue_pending"]:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the server's queue did not empty")
+
+
+def test_opens_with_the_default_workflow(page):
+    ids = node_ids(page)
+    assert set(ids) == {"CheckpointLoaderSimple", "EmptyLatentImage", "CLIPTextEncode", "KSampler", "VAEDecode",
+                        "SaveImage"}
+    shipped = json.loads((ROOT / "workflows" / "txt2img.json").read_text())
+    assert page.evaluate("loom.graph.links.size ?? Object.keys(loom.graph.links).length") == len(shipped["links"])
+    assert page.evaluate("loom.apiPrompt()['6'].inputs.text") == "a large red circle on a white background"
+
+
+def test_build_default_graph_from_palette_queue_and_see_image(page, server):
+    page.click("#new")
+    assert page.evaluate("loom.graph._nodes.length") == 0
+    search = page.locator(".palette-search")
+    for query, node_type in [("checkpoint", "CheckpointLoaderSimple"), ("empty latent", "EmptyLatentImage"),
+                             ("clip text", "CLIPTextEncode"), ("clip text", "CLIPTextEncode"),
+                             ("ksampler", "KSampler"), ("vae decode", "VAEDecode"), ("save image", "SaveImage")]:
+        search.fill(query)
+        page.click(f'.palette-item[data-type="{node_type}"]')
+    ids = node_ids(page)
+    ckpt, latent, sampler = ids["CheckpointLoaderSimple"][0], ids["EmptyLatentImage"][0], ids["KSampler"][0]
+    positive, negative = ids["CLIPTextEncode"]
+    decode, save = ids["VAEDecode"][0], ids["SaveImage"][0]
+    for origin, origin_slot, target, target_slot in [(ckpt, 1, positive, 0), (ckpt, 1, negative, 0),
+                                                     (ckpt, 0, sampler, 0), (positive, 0, sampler, 1),
+                                                     (negative, 0, sampler, 2), (latent, 0, sampler, 3),
+                                                     (sampler, 0, decode, 0), (ckpt, 2, decode, 1),
+                                                     (decode, 0, save, 0)]:
+        connect(page, origin, origin_slot, target, target_slot)
+        assert input_link_origin(page, target, target_slot) == [origin, origin_slot]
+    # the prompt is typed into the multiline widget's editor
+    widget_y = page.evaluate(f"loom.graph.getNodeById({positive}).widgets[0].last_y")
+    x, y = page.evaluate(f"loom.slotPosition({positive}, true, 0)")
+    page.mouse.click(x + 60, y + widget_y + 10)
+    page.locator("#text-editor").fill("a red circle")
+    page.locator(".palette-search").focus()
+    for name, value in [("width", 64), ("height", 64)]:
+        page.evaluate(f"loom.setWidget({latent}, '{name}', {value})")
+    page.evaluate(f"loom.setWidget({sampler}, 'steps', 3)")
+    page.evaluate(f"loom.setWidget({sampler}, 'seed', 7)")
+    api = page.evaluate("loom.apiPrompt()")
+    assert api[str(positive)]["inputs"] == {"text": "a red circle", "clip": [str(ckpt), 1]}
+    assert api[str(sampler)]["inputs"]["latent_image"] == [str(latent), 0]
+
+    page.click("#queue-button")
+    thumb = page.locator(".history-entry.status-success img.thumb").first
+    thumb.wait_for(timeout=90_000)
+    page.wait_for_function(f"loom.nodeImages['{save}']?.[0]?.naturalWidth === 64", timeout=20_000)
+    assert page.evaluate("document.querySelector('.history-entry img.thumb').naturalWidth") == 64
+    assert page.evaluate("document.getElementById('overall-progress').value") == 1
+    assert page.evaluate("document.getElementById('live-preview').src").startswith("blob:")  # live previews came
+    # seed control after generate: the new node's control is "randomize", so the seed moved on after queueing
+    assert page.evaluate(f"loom.graph.getNodeById({sampler}).widgets.find(w => w.name === 'seed').value") != 7
+    _, history = server.json("GET", "/history")
+    (entry,) = [e for e in history.values() if e["prompt"][2].get(str(positive), {}).get("inputs", {}).get("text")
+                == "a red circle"]
+    assert entry["status"]["status_str"] == "success"
+    page.evaluate("loom.fitView()")
+    page.wait_for_timeout(200)
+    (ROOT / "docs").mkdir(exist_ok=True)
+    page.screenshot(path=str(ROOT / "docs" / "canvas.png"))
+
+
+def test_incompatible_connection_refused_and_undo_redo(page):
+    before = input_link_origin(page, 8, 1)
+    assert before == [4, 2]
+    connect(page, 4, 1, 8, 1)  # CLIP output onto VAEDecode's vae input
+    assert input_link_origin(page, 8, 1) == [4, 2]
+    connect(page, 7, 0, 3, 1)  # a compatible one replaces the positive conditioning
+    assert input_link_origin(page, 3, 1) == [7, 0]
+    page.click("#undo")
+    assert input_link_origin(page, 3, 1) == [6, 0]
+    page.click("#redo")
+    assert input_link_origin(page, 3, 1) == [7, 0]
+    # delete a node with the keyboard, then undo it
+    page.mouse.click(*page.evaluate("loom.titlePosition(8)"))
+    page.keyboard.press("Delete")
+    assert page.evaluate("loom.graph.getNodeById(8) == null")
+    page.keyboard.press("Control+z")
+    assert input_link_origin(page, 8, 1) == [4, 2]
+    # copy and paste a node; move it by its title
+    count = page.evaluate("loom.graph._nodes.length")
+    page.mouse.click(*page.evaluate("loom.titlePosition(7)"))
+    page.keyboard.press("Control+c")
+    page.mouse.move(*page.evaluate("loom.titlePosition(5)"))
+    page.keyboard.press("Control+v")
+    assert page.evaluate("loom.graph._nodes.length") == count + 1
+    before = page.evaluate("[...loom.graph.getNodeById(9).pos]")
+    start = page.evaluate("loom.titlePosition(9)")
+    drag(page, start, [start[0] + 40, start[1] + 120])
+    after = page.evaluate("[...loom.graph.getNodeById(9).pos]")
+    assert after[1] > before[1] + 50
+
+
+def test_bad_value_shows_the_servers_error_on_its_node(page):
+    page.evaluate("loom.setWidget(4, 'ckpt_name', 'missing-model.safetensors')")
+    page.click("#queue-button")
+    error = page.locator('#errors .error-node[data-node="4"][data-input="ckpt_name"]')
+    error.wait_for(timeout=20_000)
+    assert "missing-model.safetensors" in error.inner_text()
+    assert page.evaluate("loom.errors['4'][0].input") == "ckpt_name"
+    assert "missing-model.safetensors" in page.evaluate("loom.errors['4'][0].message")
+
+
+def test_save_to_server_folder_and_reopen(page, data_dir):
+    page.evaluate("loom.setWidget(6, 'text', 'saved text')")
+    page.click('[data-panel-tab="workflows"]')
+    page.once("dialog", lambda dialog: dialog.accept("mine"))
+    page.click('[data-panel="workflows"] .save-as')
+    page.locator('.workflow-list li[data-name="mine.json"]').wait_for(timeout=10_000)
+    saved = json.loads((data_dir / "workflows" / "mine.json").read_text())
+    assert next(n for n in saved["nodes"] if n["id"] == 6)["widgets_values"] == ["saved text"]
+    page.click("#load-default")
+    page.wait_for_function("loom.apiPrompt()['6'].inputs.text !== 'saved text'", timeout=10_000)
+    page.click('.workflow-list li[data-name="mine.json"] .open')
+    page.wait_for_function("loom.apiPrompt()['6'].inputs.text === 'saved text'", timeout=10_000)
+    assert page.inner_text("#workflow-name") == "mine.json"
+
+
+def drop_file(page, name: str, mime: str, data: bytes, at: list[float]) -> None:
+    page.evaluate("""([name, mime, b64, x, y]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, { type: mime }));
+        const area = document.getElementById('canvas-area');
+        area.dispatchEvent(new DragEvent('drop', { dataTransfer: transfer, clientX: x, clientY: y, bubbles: true,
+                                                   cancelable: true }));
+    }""", [name, mime, base64.b64encode(data).decode(), at[0], at[1]])
+
+
+def test_drop_png_and_api_json_restore_their_workflow(page, server):
+    workflow = json.loads((ROOT / "workflows" / "txt2img.json").read_text())
+    next(n for n in workflow["nodes"] if n["id"] == 6)["widgets_values"] = ["from the png"]
+    next(n for n in workflow["nodes"] if n["id"] == 3)["widgets_values"][2] = 1
+    prompt = page.evaluate("(w) => window.loom && import('/js/convert.js').then(m => m.uiToApi(w, loom.objectInfo))",
+                           workflow)
+    status, body = server.json("POST", "/prompt", {"prompt": prompt, "extra_data": {"extra_pnginfo":
+                                                                                    {"workflow": workflow}}})
+    assert status == 200, body
+    wait_idle(server)
+    _, history = server.json("GET", f"/history/{body['prompt_id']}")
+    image = history[body["prompt_id"]]["outputs"]["9"]["images"][0]
+    png = (server.data_dir / "output" / image["subfolder"] / image["filename"]).read_bytes()
+    box = page.locator("#canvas-area").bounding_box()
+    empty_spot = [box["x"] + box["width"] - 30, box["y"] + box["height"] - 150]
+    drop_file(page, image["filename"], "image/png", png, empty_spot)
+    page.wait_for_function("loom.apiPrompt()['6']?.inputs.text === 'from the png'", timeout=10_000)
+    # API format: laid out on the canvas, links and values restored
+    api = dict(prompt)
+    api["6"] = {**api["6"], "inputs": {**api["6"]["inputs"], "text": "from api json"}}
+    drop_file(page, "api.json", "application/json", json.dumps(api).encode(), empty_spot)
+    page.wait_for_function("loom.apiPrompt()['6']?.inputs.text === 'from api json'", timeout=10_000)
+    assert page.evaluate("loom.apiPrompt()") == api | {"6": {**api["6"], "_meta": api["6"]["_meta"]}}
+
+
+def test_cancel_a_running_prompt(page, server):
+    page.evaluate("loom.setWidget(3, 'steps', 400)")
+    page.click("#queue-button")
+    page.click('[data-panel-tab="queue"]')
+    cancel = page.locator(".queue-list li.running .cancel")
+    cancel.wait_for(timeout=30_000)
+    page.wait_for_function("loom.run.node === '3' || loom.run.node === 3", timeout=60_000)
+    cancel.click()
+    page.locator(".toast", has_text="interrupted").wait_for(timeout=30_000)
+    wait_idle(server)
+    _, history = server.json("GET", "/history")
+    last = list(history.values())[-1]
+    assert last["status"]["status_str"] == "error"
+    assert any(kind == "execution_interrupted" for kind, _ in last["status"]["messages"])
+
+
+def test_server_with_auth_token_asks_once_per_session(browser, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    protected = ServerProcess(data, "--auth-token", TOKEN).start()
+    try:
+        context = browser.new_context(viewport={"width": 1400, "height": 900})
+        page = context.new_page()
+        page.goto(protected.url + "/")
+        page.locator("#token-dialog").wait_for(state="visible", timeout=20_000)
+        page.fill("#token-input", "wrong")
+        page.click("#token-ok")
+        page.wait_for_function("document.getElementById('token-reason').textContent.includes('refused')")
+        page.fill("#token-input", TOKEN)
+        page.click("#token-ok")
+        page.wait_for_function("document.body.dataset.ready === 'true'", timeout=30_000)
+        assert page.evaluate("Object.keys(loom.objectInfo).length") > 10
+        page.reload()  # the token is kept for the session: no second question
+        page.wait_for_function("document.body.dataset.ready === 'true'", timeout=30_000)
+        assert not page.locator("#token-dialog").is_visible()
+        page.wait_for_function("loom.api.socket.readyState === 1", timeout=10_000)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "test_server_with_auth_token.png"))
+        context.close()
+    finally:
+        protected.stop()
