@@ -6,11 +6,13 @@ Each test leaves a screenshot in test-artifacts/web/."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from diffusion.random_checkpoints import write_random_checkpoint
 from tests.server.harness import ServerProcess
@@ -142,35 +144,43 @@ def test_build_default_graph_from_palette_queue_and_see_image(page, server):
     page.screenshot(path=str(ROOT / "docs" / "canvas.png"))
 
 
+def link_is(node: int, slot: int, origin: list[int]) -> str:
+    return (f"(() => {{ const i = loom.graph.getNodeById({node})?.inputs[{slot}]; const l = i?.link == null ? null "
+            f": loom.graph.links.get(i.link); return !!l && l.origin_id === {origin[0]} && "
+            f"l.origin_slot === {origin[1]}; }})()")
+
+
 def test_incompatible_connection_refused_and_undo_redo(page):
-    before = input_link_origin(page, 8, 1)
-    assert before == [4, 2]
+    assert input_link_origin(page, 8, 1) == [4, 2]
     connect(page, 4, 1, 8, 1)  # CLIP output onto VAEDecode's vae input
     assert input_link_origin(page, 8, 1) == [4, 2]
     connect(page, 7, 0, 3, 1)  # a compatible one replaces the positive conditioning
-    assert input_link_origin(page, 3, 1) == [7, 0]
+    page.wait_for_function(link_is(3, 1, [7, 0]), timeout=5_000)
     page.click("#undo")
-    assert input_link_origin(page, 3, 1) == [6, 0]
+    page.wait_for_function(link_is(3, 1, [6, 0]), timeout=5_000)
     page.click("#redo")
-    assert input_link_origin(page, 3, 1) == [7, 0]
+    page.wait_for_function(link_is(3, 1, [7, 0]), timeout=5_000)
     # delete a node with the keyboard, then undo it
     page.mouse.click(*page.evaluate("loom.titlePosition(8)"))
+    page.wait_for_function("[...loom.canvas.selectedItems].some(i => i.id === 8)", timeout=5_000)
+    page.focus("#graph")
     page.keyboard.press("Delete")
-    assert page.evaluate("loom.graph.getNodeById(8) == null")
+    page.wait_for_function("loom.graph.getNodeById(8) == null", timeout=5_000)
     page.keyboard.press("Control+z")
-    assert input_link_origin(page, 8, 1) == [4, 2]
-    # copy and paste a node; move it by its title
+    page.wait_for_function(link_is(8, 1, [4, 2]), timeout=5_000)
+    # copy and paste a node; move one by its title
     count = page.evaluate("loom.graph._nodes.length")
     page.mouse.click(*page.evaluate("loom.titlePosition(7)"))
+    page.wait_for_function("[...loom.canvas.selectedItems].some(i => i.id === 7)", timeout=5_000)
+    page.focus("#graph")
     page.keyboard.press("Control+c")
     page.mouse.move(*page.evaluate("loom.titlePosition(5)"))
     page.keyboard.press("Control+v")
-    assert page.evaluate("loom.graph._nodes.length") == count + 1
-    before = page.evaluate("[...loom.graph.getNodeById(9).pos]")
+    page.wait_for_function(f"loom.graph._nodes.length === {count + 1}", timeout=5_000)
+    before = page.evaluate("loom.graph.getNodeById(9).pos[1]")
     start = page.evaluate("loom.titlePosition(9)")
     drag(page, start, [start[0] + 40, start[1] + 120])
-    after = page.evaluate("[...loom.graph.getNodeById(9).pos]")
-    assert after[1] > before[1] + 50
+    page.wait_for_function(f"loom.graph.getNodeById(9).pos[1] > {before + 50}", timeout=5_000)
 
 
 def test_bad_value_shows_the_servers_error_on_its_node(page):
@@ -275,3 +285,28 @@ def test_server_with_auth_token_asks_once_per_session(browser, tmp_path):
         context.close()
     finally:
         protected.stop()
+
+
+def test_widget_to_input_and_back_and_image_dropped_on_load_image(page, data_dir):
+    page.evaluate("(() => { const n = loom.graph.getNodeById(3); "
+                  "loom.widgetToInput(n, n.widgets.find(w => w.name === 'steps')); })()")
+    steps_slot = page.evaluate("loom.graph.getNodeById(3).inputs.findIndex(i => i.name === 'steps')")
+    page.locator(".palette-search").fill("PrimitiveInt")
+    page.click('.palette-item[data-type="PrimitiveInt"]')
+    primitive = node_ids(page)["PrimitiveInt"][0]
+    page.evaluate(f"loom.setWidget({primitive}, 'value', 5)")
+    connect(page, primitive, 0, 3, steps_slot)
+    api = page.evaluate("loom.apiPrompt()")
+    assert api["3"]["inputs"]["steps"] == [str(primitive), 0] and api[str(primitive)]["inputs"] == {"value": 5}
+    page.evaluate(f"loom.inputToWidget(loom.graph.getNodeById(3), {steps_slot})")
+    assert page.evaluate("loom.apiPrompt()['3'].inputs.steps") == 20
+    # an image dropped onto a LoadImage node is uploaded and selected
+    page.evaluate("fetch('/templates/img2img.json').then(r => r.json()).then(w => loom.loadWorkflow(w))")
+    page.wait_for_function("loom.graph._nodes.some(n => n.type === 'LoadImage')", timeout=10_000)
+    load_image = node_ids(page)["LoadImage"][0]
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, format="PNG")
+    x, y = page.evaluate(f"loom.titlePosition({load_image})")
+    drop_file(page, "dropped.png", "image/png", buffer.getvalue(), [x, y + 40])
+    page.wait_for_function(f"loom.apiPrompt()['{load_image}'].inputs.image === 'dropped.png'", timeout=10_000)
+    assert (data_dir / "input" / "dropped.png").read_bytes() == buffer.getvalue()
