@@ -4,6 +4,7 @@
     latentloom validate WORKFLOW.json
     latentloom nodes [--json]
     latentloom serve [--host 127.0.0.1] [--port 8188] [--data-dir DIR] [--auth-token TOKEN] [--cache ...]
+                     [--workers N|ray|ray://HOST:PORT]
 
 Every user error (missing file, invalid JSON, unknown node, invalid value) ends in one clear line on
 stderr and a non-zero exit status, never a traceback.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -246,7 +248,23 @@ def add_serve_parser(sub: Any) -> None:
     serve.add_argument("--max-image-pixels", type=int, default=64 << 20,
                        help="refuse images announcing more pixels than this (default 64 Mi)")
     serve.add_argument("--web-root", type=Path, default=None, help="folder of the canvas (default: web/)")
-    serve.add_argument("--workers", type=int, default=None, help="worker threads (default: one per device)")
+    serve.add_argument("--workers", type=workers_option, default=None, metavar="N|ray|ray://HOST:PORT",
+                       help="N worker threads (default: one per device), or run prompts on Ray actors, one per GPU "
+                            "(per CPU where there is none): 'ray' starts a local Ray or joins $RAY_ADDRESS, "
+                            "ray://HOST:PORT connects to a cluster (pip install 'latentloom[ray]')")
+
+
+def workers_option(value: str) -> int | str:
+    """`--workers`: a count of threads, `ray`, or `ray://HOST:PORT`."""
+    if value == "ray" or (value.startswith("ray://") and len(value) > len("ray://")):
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, 'ray' or 'ray://HOST:PORT', got {value!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"the number of workers must be at least 1, got {count}")
+    return count
 
 
 async def _serve(app: Any, host: str, port: int) -> None:
@@ -273,6 +291,8 @@ def cmd_serve(args: argparse.Namespace, env: Environment, registry: NodeRegistry
     from server.app import create_app
     from server.state import LOOPBACK_NAMES, ServerConfig
 
+    if isinstance(args.workers, str) and importlib.util.find_spec("ray") is None:
+        raise CliError(f"--workers {args.workers} needs Ray: pip install 'latentloom[ray]'")
     config = ServerConfig(data_dir=env.data_dir, host=args.host, port=args.port, auth_token=args.auth_token,
                           cache=args.cache, cache_bytes=args.cache_bytes, allow_origins=args.allow_origin,
                           webhook_hosts=args.webhook_host or sorted(LOOPBACK_NAMES),

@@ -38,6 +38,7 @@ def system_stats_data(state: ServerState) -> dict:
                    "python_version": sys.version, "pytorch_version": torch.__version__,
                    "embedded_python": False, "argv": sys.argv, "platform": platform.platform()},
         "devices": state.env.device_stats(),
+        **({"workers": state.pool.worker_stats()} if hasattr(state.pool, "worker_stats") else {}),
     }
 
 

@@ -41,7 +41,7 @@ class ServerConfig:
     max_upload_bytes: int = 100 << 20
     max_image_pixels: int = 64 << 20
     web_root: Path = ROOT / "web"
-    workers: int | None = None  # None: one per compute device
+    workers: int | str | None = None  # None: one per compute device; "ray" or "ray://HOST:PORT": Ray actors
     extra_model_dirs: dict[str, list[Path]] = field(default_factory=dict)
 
 
@@ -54,7 +54,10 @@ class ServerState:
         self.env.ensure_dirs()
         self.workflows_dir.mkdir(parents=True, exist_ok=True)
         self.registry = registry if registry is not None else build_registry(self.env)
-        self.store = Store(config.data_dir / "latentloom.sqlite3")
+        cluster = None
+        if isinstance(config.workers, str):  # prompts run on Ray actors; Ray is imported only then
+            from server import ray_workers as cluster
+        self.store = (cluster.ClusterStore if cluster else Store)(config.data_dir / "latentloom.sqlite3")
         recovered = self.store.recover()
         if recovered:
             log.warning("%d prompt(s) were running when the server stopped; recorded as failed: %s",
@@ -62,11 +65,16 @@ class ServerState:
         self.features = {"supports_preview_metadata": True, "max_upload_size": config.max_upload_bytes}
         self.waiters: dict[str, list[asyncio.Future]] = {}
         self.hub = Hub(self.status, self.features, lambda cid: self.pool.running_node(cid))
-        devices = self.env.device_stats()
-        if config.workers:
-            devices = [devices[i % len(devices)] for i in range(config.workers)]
-        self.pool = WorkerPool(self.store, self.registry, self.env, self.hub,
-                               lambda: make_cache(config.cache, config.cache_bytes), devices, self._finished)
+        if cluster:
+            self.pool: WorkerPool | cluster.RayWorkerPool = cluster.RayWorkerPool(
+                self.store, self.env, self.hub, self._finished, cache=config.cache, cache_bytes=config.cache_bytes,
+                address=None if config.workers == "ray" else config.workers)
+        else:
+            devices = self.env.device_stats()
+            if config.workers:
+                devices = [devices[i % len(devices)] for i in range(int(config.workers))]
+            self.pool = WorkerPool(self.store, self.registry, self.env, self.hub,
+                                   lambda: make_cache(config.cache, config.cache_bytes), devices, self._finished)
         self.webhooks = WebhookSender(config.webhook_hosts)
         self.loop: asyncio.AbstractEventLoop | None = None
         # Submissions wait on the disk sync of a group commit: enough threads that many can share one.

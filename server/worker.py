@@ -47,6 +47,14 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def route_event(hub: Hub, message: str | Preview, event: str, client_id: str | None) -> None:
+    """To the submitting client; without one, everyone gets what is not OWNER_ONLY."""
+    if client_id:
+        hub.publish_threadsafe(message, client_id)
+    elif event not in OWNER_ONLY:
+        hub.publish_threadsafe(message, None)
+
+
 class WorkerPool:
     """The workers and what requests ask of them: wake, cancel, interrupt, free."""
 
@@ -97,9 +105,9 @@ class WorkerPool:
 
     def cancel(self, prompt_id: str) -> str | None:
         """Cancel a pending ('pending') or running ('running') prompt; None if it is neither."""
-        item = self.store.cancel_pending(prompt_id, _cancelled_entry)
+        item = self.store.cancel_pending(prompt_id, cancelled_entry)
         if item is not None:
-            entry = _cancelled_entry(item)
+            entry = cancelled_entry(item)
             self.announce_end(item, entry)
             return "pending"
         with self.lock:
@@ -129,7 +137,7 @@ class WorkerPool:
             log.exception("prompt %s: finish callback failed", item.prompt_id)
 
 
-def _cancelled_entry(item: QueueItem) -> dict[str, Any]:
+def cancelled_entry(item: QueueItem) -> dict[str, Any]:
     message = {"prompt_id": item.prompt_id, "node_id": None, "node_type": None, "executed": [],
                "timestamp": _now_ms(), "reason": "cancelled before it started"}
     return history_entry(item, {}, "error", False, [["execution_interrupted", message]])
@@ -239,7 +247,4 @@ class Worker(threading.Thread):
         self._send_raw(text_message(event, data), event, client_id)
 
     def _send_raw(self, message: str | Preview, event: str, client_id: str | None) -> None:
-        if client_id:
-            self.pool.hub.publish_threadsafe(message, client_id)
-        elif event not in OWNER_ONLY:
-            self.pool.hub.publish_threadsafe(message, None)
+        route_event(self.pool.hub, message, event, client_id)

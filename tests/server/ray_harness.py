@@ -1,0 +1,99 @@
+"""A local Ray for the cluster tests and bench/scale.py, started and stopped by them, and a server joining it.
+
+The Ray head runs in a helper process (`ray.init(num_cpus=N)`) whose environment keeps Ray's temp folder,
+HOME and TMPDIR inside the caller's folder and turns Ray's auth and usage reporting off; the caller's own
+process never imports Ray. The helper kills actors on request and shuts Ray down when its stdin closes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from tests.server.harness import ROOT, ServerProcess
+
+HEAD_SCRIPT = r"""
+import sys
+import ray
+ray.init(num_cpus=int(sys.argv[2]), _temp_dir=sys.argv[1], include_dashboard=False, object_store_memory=128 << 20)
+print("address", ray.get_runtime_context().gcs_address, flush=True)
+for line in sys.stdin:
+    command, _, name = line.strip().partition(" ")
+    if command == "kill":
+        try:
+            ray.kill(ray.get_actor(name, namespace="latentloom"), no_restart=True)
+            print("killed", flush=True)
+        except Exception as exc:
+            print("error", type(exc).__name__, exc, flush=True)
+ray.shutdown()
+"""
+
+
+def ray_environment(folder: Path) -> dict[str, str]:
+    """Variables for Ray's processes (and the server's): everything they write stays under folder."""
+    for name in ("home", "tmp"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    return dict(os.environ, RAY_AUTH_MODE="disabled", HOME=str(folder / "home"), TMPDIR=str(folder / "tmp"),
+                PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+
+
+class RayHead:
+    """A local Ray with `cpus` CPUs in a helper process; `kill(actor_name)`; `stop()` shuts Ray down."""
+
+    def __init__(self, folder: Path, env: dict[str, str], cpus: int = 2) -> None:
+        with open(folder / "head.log", "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, str(folder / "r"), str(cpus)], env=env,
+                                         cwd=folder, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                         text=True)
+        timer = threading.Timer(120, self.proc.kill)
+        timer.start()
+        line = self.proc.stdout.readline()
+        timer.cancel()
+        if not line.startswith("address "):
+            raise RuntimeError(f"Ray did not start:\n{(folder / 'head.log').read_text(errors='replace')}")
+        self.address = line.split()[1]
+
+    def kill(self, actor_name: str) -> None:
+        self.proc.stdin.write(f"kill {actor_name}\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline().strip()
+        if answer != "killed":
+            raise RuntimeError(f"could not kill {actor_name}: {answer}")
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class RayServer(ServerProcess):
+    """The harness's server process with an environment of its own (RAY_ADDRESS and the rest)."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str], *args: str) -> None:
+        super().__init__(data_dir, *args)
+        self.env = env
+
+    def start(self, timeout: float = 120.0) -> RayServer:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--data-dir", str(self.data_dir),
+                                          "serve", "--port", "0", *self.args], cwd=ROOT, stdout=subprocess.PIPE,
+                                         stderr=log, env=self.env)
+        timer = threading.Timer(timeout, self.proc.kill)
+        timer.start()
+        try:
+            for raw in self.proc.stdout:
+                line = raw.decode().strip()
+                if line.startswith("listening on "):
+                    self.url = line.removeprefix("listening on ")
+                    break
+        finally:
+            timer.cancel()
+        if not self.url:
+            raise RuntimeError(f"the server did not start:\n{self.log()}")
+        return self
