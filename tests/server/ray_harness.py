@@ -55,6 +55,14 @@ class RayHead:
         if not line.startswith("address "):
             raise RuntimeError(f"Ray did not start:\n{(folder / 'head.log').read_text(errors='replace')}")
         self.address = line.split()[1]
+        self.env = env
+
+    def add_node(self, folder: Path, cpus: int = 1) -> subprocess.Popen:
+        """Another Ray node on this machine (`ray start --block`) joining this one; `terminate()` makes it leave."""
+        with open(folder / "node.log", "ab") as log:
+            return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", f"--address={self.address}",
+                                     f"--num-cpus={cpus}", "--block", "--disable-usage-stats"], env=self.env,
+                                    cwd=folder, stdout=log, stderr=log)
 
     def kill(self, actor_name: str) -> None:
         self.proc.stdin.write(f"kill {actor_name}\n")

@@ -180,6 +180,25 @@ def test_cancel_and_interrupt_reach_the_worker(cluster):
     assert [m[0] for m in entry["status"]["messages"]][-1] == "execution_interrupted"
 
 
+def test_nodes_joining_and_leaving_are_picked_up(cluster, tmp_path):
+    head, server = cluster
+    before = {w["id"] for w in wait_workers(server, 2)}
+    node = head.add_node(tmp_path, cpus=1)
+    try:
+        joined = {w["id"] for w in wait_workers(server, 3, timeout=120)} - before
+        assert len(joined) == 1  # the new node's CPU became a worker
+    finally:
+        node.terminate()
+        node.wait(90)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready = {w["id"] for w in workers(server) if w["state"] in ("idle", "running")}
+        if ready == before:
+            break
+        time.sleep(0.2)
+    assert ready == before, workers(server)  # its worker is gone, the others stay
+
+
 def test_worker_killed_mid_prompt_is_replaced_and_the_prompt_retried(cluster):
     head, server = cluster
     wait_workers(server, 2)
