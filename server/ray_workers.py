@@ -16,7 +16,6 @@ failed with the reason. A prompt is in SQLite from acceptance to its history ent
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -24,13 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayError
 
 from nodes.environment import Environment
+from server.cluster_store import ClusterStore
 from server.ray_actor import PromptWorker, new_worker_id
 from server.ray_outputs import OutputLanding
-from server.scheduling import Job, Scheduler, WorkerView, prompt_checkpoints
-from server.store import QueueItem, Store, _item, history_entry
+from server.scheduling import Job, Scheduler, WorkerView, prompt_checkpoints, worker_target
+from server.store import QueueItem, history_entry
 from server.websocket import JPEG, Hub, Preview, text_message
 from server.worker import FinishedCallback, cancelled_entry, route_event
 
@@ -41,53 +41,11 @@ ACTOR_PREFIX = "latentloom-worker-"
 RETRIES = 1  # runs of a prompt after the first, when its worker died under it
 POLL_S = 0.5
 START_TIMEOUT_S = 30.0  # a worker not placed by then (no resources any more) is given up
+WORKER_LOST = (RayActorError, NodeDiedError, ObjectLostError)
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-class ClusterStore(Store):
-    """The store, plus what a scheduler that may pick any pending prompt needs."""
-
-    def pending_ids(self, limit: int) -> list[str]:
-        """The first `limit` pending prompts, in queue order."""
-        with self._lock:
-            rows = self._db.execute("SELECT prompt_id FROM queue WHERE state='pending' ORDER BY number, seq "
-                                    "LIMIT ?", (limit,)).fetchall()
-        return [r[0] for r in rows]
-
-    def prompts(self, prompt_ids: list[str]) -> dict[str, Any]:
-        marks = ",".join("?" * len(prompt_ids))
-        with self._lock:
-            rows = self._db.execute(f"SELECT prompt_id, prompt FROM queue WHERE prompt_id IN ({marks})",
-                                    prompt_ids).fetchall()
-        return {r[0]: json.loads(r[1]) for r in rows}
-
-    def claim(self, prompt_id: str) -> QueueItem | None:
-        """This prompt, now marked running, if it is still pending."""
-        def claim(db: Any) -> QueueItem | None:
-            row = db.execute("UPDATE queue SET state='running' WHERE prompt_id=? AND state='pending' RETURNING *",
-                             (prompt_id,)).fetchone()
-            return _item(row) if row is not None else None
-        return self._tx(claim)
-
-    def requeue(self, prompt_id: str) -> bool:
-        """A running prompt back to pending, at its old place in the queue."""
-        return self._tx(lambda db: db.execute("UPDATE queue SET state='pending' WHERE prompt_id=? AND "
-                                              "state='running'", (prompt_id,)).rowcount) > 0
-
-
-def worker_target(resources: dict[str, float], cpus_per_worker: int = 1,
-                  max_workers: int | None = None) -> tuple[int, dict[str, Any]]:
-    """How many workers the cluster's resources hold, and each one's Ray resource request: one per GPU
-    (each with a CPU), or, on a cluster without GPUs, one per `cpus_per_worker` CPUs."""
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
-    if gpus:
-        count, options = min(gpus, cpus), {"num_gpus": 1, "num_cpus": 1}
-    else:
-        count, options = cpus // max(1, cpus_per_worker), {"num_cpus": max(1, cpus_per_worker)}
-    return (count if max_workers is None else min(count, max_workers)), options
 
 
 @dataclass
@@ -186,6 +144,8 @@ class RayWorkerPool:
     def cancel(self, prompt_id: str) -> str | None:
         item = self.store.cancel_pending(prompt_id, cancelled_entry)
         if item is not None:
+            with self.lock:
+                self.attempts.pop(prompt_id, None)
             self.announce_end(item, cancelled_entry(item))
             return "pending"
         with self.lock:
@@ -349,34 +309,45 @@ class RayWorkerPool:
     # one prompt on one worker -------------------------------------------------------------------------
     def _run(self, worker: RemoteWorker, item: QueueItem) -> None:
         try:
-            summary = self._follow(worker, item)
-        except RayActorError as exc:
-            self._drop(worker, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            self._lost(worker, item, exc)
-            return
-        except Exception as exc:
-            log.exception("prompt %s on worker %s failed outside any node", item.prompt_id, worker.worker_id)
-            summary = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+            try:
+                summary = self._follow(worker, item)
+            except WORKER_LOST as exc:
+                self._drop(worker, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                self._lost(worker, item, exc)
+                return
+            except Exception as exc:
+                log.exception("prompt %s on worker %s failed outside any node", item.prompt_id, worker.worker_id)
+                summary = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+            with self.lock:
+                worker.stats = summary.get("stats") or worker.stats
+                worker.expected = set()
+            self._finish(worker, item, self._entry(worker, item, summary))
         finally:
             self.runners.discard(threading.current_thread())
-        with self.lock:
-            worker.stats = summary.get("stats") or worker.stats
-            worker.expected = set()
-        self._finish(worker, item, self._entry(worker, item, summary))
 
     def _follow(self, worker: RemoteWorker, item: QueueItem) -> dict[str, Any]:
         """Start the prompt and relay its events until its summary comes."""
         client_id = item.extra_data.get("client_id") or None
-        worker.actor.run_prompt.remote(item.prompt_id, item.prompt, item.extra_data, item.outputs)
+        run = worker.actor.run_prompt.remote(item.prompt_id, item.prompt, item.extra_data, item.outputs)
+        ended = False
         while True:
-            for prompt_id, message in ray.get(worker.actor.take_events.remote(POLL_S)):
+            batch = ray.get(worker.actor.take_events.remote(POLL_S))
+            for prompt_id, message in batch:
                 if prompt_id != item.prompt_id:
                     log.warning("worker %s sent an event of prompt %s while running %s", worker.worker_id,
                                 prompt_id, item.prompt_id)
                 elif message[0] == "result":
                     return message[1]
                 else:
-                    self._relay(worker, item, client_id, message)
+                    try:
+                        self._relay(worker, item, client_id, message)
+                    except Exception:  # one event lost, not the prompt: the worker goes on with it
+                        log.exception("prompt %s: an event of worker %s could not be relayed", item.prompt_id,
+                                      worker.worker_id)
+            if ended:  # the call returned and its outbox is drained: there will be no summary
+                ray.get(run)  # raises what ended it
+                return {"status": "failed", "reason": "the worker ended the prompt without a result"}
+            ended = not batch and bool(ray.wait([run], timeout=0)[0])
 
     def _relay(self, worker: RemoteWorker, item: QueueItem, client_id: str | None,
                message: tuple[Any, ...]) -> None:

@@ -9,6 +9,7 @@ going to the idle worker that holds most of its checkpoints, then has the most f
 fewest models. No worker stays idle while a prompt waits. A prompt passed over `max_skips` times (because
 workers kept taking younger prompts for their own checkpoints) goes first in the next round, so none
 starves. Looking only at a window of the queue bounds both a decision's cost and how far the order bends.
+`worker_target` says how many workers a cluster's resources hold.
 """
 
 from __future__ import annotations
@@ -120,3 +121,15 @@ def prompt_checkpoints(prompt: Any) -> frozenset[str]:
             if isinstance(inputs, dict):
                 names.update(v for k in CHECKPOINT_INPUTS if isinstance(v := inputs.get(k), str))
     return frozenset(names)
+
+
+def worker_target(resources: dict[str, float], cpus_per_worker: int = 1,
+                  max_workers: int | None = None) -> tuple[int, dict[str, Any]]:
+    """How many workers the cluster's resources hold, and each one's Ray resource request: one per GPU
+    (each with a CPU), or, on a cluster without GPUs, one per `cpus_per_worker` CPUs."""
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    if gpus:
+        count, options = min(gpus, cpus), {"num_gpus": 1, "num_cpus": 1}
+    else:
+        count, options = cpus // max(1, cpus_per_worker), {"num_cpus": max(1, cpus_per_worker)}
+    return (count if max_workers is None else min(count, max_workers)), options

@@ -9,6 +9,8 @@ import sys
 import pytest
 
 from server.cli import build_parser, workers_option
+from server.cluster_store import ClusterStore
+from server.scheduling import worker_target
 from tests.server.harness import ROOT
 
 
@@ -49,18 +51,16 @@ def test_ray_is_imported_only_with_workers_ray(tmp_path):
 
 
 def test_worker_count_follows_the_cluster_resources():
-    ray_workers = pytest.importorskip("server.ray_workers")
-    assert ray_workers.worker_target({"CPU": 2.0}) == (2, {"num_cpus": 1})
-    assert ray_workers.worker_target({"CPU": 16.0}, cpus_per_worker=4) == (4, {"num_cpus": 4})
-    assert ray_workers.worker_target({"CPU": 64.0, "GPU": 8.0}) == (8, {"num_gpus": 1, "num_cpus": 1})
-    assert ray_workers.worker_target({"CPU": 64.0, "GPU": 8.0}, max_workers=3)[0] == 3
-    assert ray_workers.worker_target({"CPU": 1.0, "GPU": 4.0})[0] == 1  # a GPU worker needs a CPU too
-    assert ray_workers.worker_target({})[0] == 0  # a node that left takes its slots with it
+    assert worker_target({"CPU": 2.0}) == (2, {"num_cpus": 1})
+    assert worker_target({"CPU": 16.0}, cpus_per_worker=4) == (4, {"num_cpus": 4})
+    assert worker_target({"CPU": 64.0, "GPU": 8.0}) == (8, {"num_gpus": 1, "num_cpus": 1})
+    assert worker_target({"CPU": 64.0, "GPU": 8.0}, max_workers=3)[0] == 3
+    assert worker_target({"CPU": 1.0, "GPU": 4.0})[0] == 1  # a GPU worker needs a CPU too
+    assert worker_target({})[0] == 0  # a node that left takes its slots with it
 
 
 def test_cluster_store_claims_any_pending_prompt_and_requeues_in_place(tmp_path):
-    ray_workers = pytest.importorskip("server.ray_workers")
-    store = ray_workers.ClusterStore(tmp_path / "q.sqlite3", durable=False)
+    store = ClusterStore(tmp_path / "q.sqlite3", durable=False)
     for name in ("a", "b", "c"):
         store.add(name, {"1": {"class_type": "X", "inputs": {"ckpt_name": name}}}, {}, ["1"])
     store.add("front", {}, {}, [], front=True)
