@@ -7,11 +7,13 @@ process never imports Ray. The helper kills actors on request and shuts Ray down
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from tests.server.harness import ROOT, ServerProcess
 
@@ -58,10 +60,12 @@ class RayHead:
         self.env = env
 
     def add_node(self, folder: Path, cpus: int = 1) -> subprocess.Popen:
-        """Another Ray node on this machine (`ray start --block`) joining this one; `terminate()` makes it leave."""
+        """Another Ray node on this machine (`ray start --block`) joining this one; `terminate()` makes it leave
+        (after a drain of at most a second: it would wait 30 s for the worker actor on it)."""
         with open(folder / "node.log", "ab") as log:
             return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", f"--address={self.address}",
-                                     f"--num-cpus={cpus}", "--block", "--disable-usage-stats"], env=self.env,
+                                     f"--num-cpus={cpus}", "--block", "--disable-usage-stats"],
+                                    env=dict(self.env, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="1"),
                                     cwd=folder, stdout=log, stderr=log)
 
     def kill(self, actor_name: str) -> None:
@@ -105,3 +109,39 @@ class RayServer(ServerProcess):
         if not self.url:
             raise RuntimeError(f"the server did not start:\n{self.log()}")
         return self
+
+
+SINGLE_PROCESS_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+from graph.executor import Executor
+from graph.validation import validate_prompt
+from nodes import build_registry
+from nodes.environment import Environment
+model_dir, prompts_file, folder = map(Path, sys.argv[1:4])
+env = Environment(folder, extra_model_dirs={"checkpoints": [model_dir]})
+env.ensure_dirs()
+registry = build_registry(env, plugins=False)
+executor = Executor(env=env)
+files = []
+for index, prompt in enumerate(json.loads(prompts_file.read_text())):
+    result = executor.execute(validate_prompt(prompt, registry, env).prompt, f"single{index}")
+    if result.status != "success":
+        sys.exit(f"prompt {index}: {result.error}")
+    files.append([str(env.output_dir / item["subfolder"] / item["filename"])
+                  for ui in result.outputs.values() for item in ui.get("images", [])])
+print(json.dumps(files))
+"""
+
+
+def single_process_outputs(model_dir: Path, prompts: list[dict[str, Any]], folder: Path) -> list[list[Path]]:
+    """Run the prompts one after another in one plain process (one Executor, one torch thread, as each CPU
+    worker has) and return each prompt's image files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prompts.json").write_text(json.dumps(prompts))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", SINGLE_PROCESS_SCRIPT, str(model_dir), str(folder / "prompts.json"),
+                             str(folder / "data")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"the single-process run failed:\n{result.stderr[-3000:]}")
+    return [[Path(p) for p in files] for files in json.loads(result.stdout.strip().splitlines()[-1])]

@@ -3,7 +3,8 @@
 The Ray head runs in a helper process (`tests/server/ray_harness.py`: `ray.init(num_cpus=2)`, auth off, its
 temp folder, HOME and TMPDIR inside the test's temporary folder) so that nothing of Ray enters the test
 process; the helper also kills actors on request, and stops Ray when the module ends. The server is a real
-process that joins that Ray.
+process that joins that Ray. Single-process results come from one plain process with one torch thread, as
+each CPU worker has (`single_process_outputs`).
 """
 
 from __future__ import annotations
@@ -23,13 +24,9 @@ pytest.importorskip("ray")
 import aiohttp
 
 from diffusion.random_checkpoints import write_random_checkpoint
-from graph.executor import Executor
-from graph.validation import validate_prompt
-from nodes import build_registry
-from nodes.environment import Environment
 from tests.nodes.test_sd_nodes import txt2img
 from tests.server.harness import make_data_dir
-from tests.server.ray_harness import RayHead, RayServer, ray_environment
+from tests.server.ray_harness import RayHead, RayServer, ray_environment, single_process_outputs
 from tests.server.test_api_flow import blocker_prompt, release, submit, wait_history
 
 
@@ -78,21 +75,6 @@ def worker_running(server, prompt_id, other_than=None, timeout=120.0):
                 return w["id"]
         time.sleep(0.05)
     raise AssertionError(f"prompt {prompt_id} is not running on a worker: {workers(server)}")
-
-
-def reference_images(model_dir, prompts, folder):
-    """The same prompts in this process, one Executor: the single-process result of each."""
-    env = Environment(folder, extra_model_dirs={"checkpoints": [model_dir]})
-    env.ensure_dirs()
-    registry = build_registry(env, plugins=False)
-    executor = Executor(env=env)
-    images = []
-    for index, prompt in enumerate(prompts):
-        result = executor.execute(validate_prompt(prompt, registry, env).prompt, f"ref{index}")
-        assert result.status == "success", result.error
-        saved = result.outputs["9"]["images"][0]
-        images.append(Image.open(env.output_dir / saved["filename"]))
-    return images
 
 
 async def follow(session, url, client_id, prompt_ids, timeout=300.0):
@@ -144,7 +126,7 @@ def test_twenty_prompts_on_two_workers_match_single_process_runs(cluster, tmp_pa
         assert len(frames) == 2 * len(mine)  # a latent preview per sampler step
         Image.open(io.BytesIO(frames[0][8:])).verify()
 
-    reference = reference_images(server.data_dir / "models" / "checkpoints", prompts, tmp_path / "ref")
+    reference = single_process_outputs(server.data_dir / "models" / "checkpoints", prompts, tmp_path / "single")
     files = set()
     for i, pid in enumerate(ids):
         entry = wait_history(server, pid)
@@ -152,7 +134,7 @@ def test_twenty_prompts_on_two_workers_match_single_process_runs(cluster, tmp_pa
         saved = entry["outputs"]["9"]["images"][0]
         files.add(saved["filename"])
         image = Image.open(server.data_dir / "output" / saved["subfolder"] / saved["filename"])
-        assert np.array_equal(np.asarray(image), np.asarray(reference[i])), f"prompt {i} differs"
+        assert np.array_equal(np.asarray(image), np.asarray(Image.open(reference[i][0]))), f"prompt {i} differs"
         assert json.loads(image.text["prompt"]) == prompts[i]
     assert len(files) == 20  # every image landed under its own name in the server's output folder
 
