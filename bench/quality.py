@@ -3,8 +3,9 @@
 Images are made the way a user makes them: API-format workflows run by the engine with the default workflow's
 nodes and settings (CheckpointLoaderSimple, CLIPTextEncode, EmptyLatentImage 64x64, KSampler 20 steps
 cfg 5 euler/normal, VAEDecode, SaveImage), read back from the saved PNGs. A checker of the project's own
-(train/checker.py: colour by pixel statistics, shape by a small CNN trained on generator ground truth) judges
-each image against its caption's ground truth.
+(train/checker.py: colour by pixel statistics, shape by a small CNN trained on generator ground truth, half
+of it passed through the measured model's own VAE so that the CNN knows how that VAE draws each shape)
+judges each image against its caption's ground truth.
 
 Rows printed:
 - checker on real generator images (its own accuracy; the ceiling);
@@ -15,7 +16,7 @@ Rows printed:
 - LoRA: TrainLoraFromImages on five orange shapes (a colour the base model never saw), then orange captions
   before/after LoraLoader.
 
-    python bench/quality.py [--count 200] [--lora-steps 150] [--cfg 5.0] [--skip-floor] [--skip-lora]
+    python bench/quality.py [--count 200] [--lora-steps 200] [--cfg 5.0] [--skip-floor] [--skip-lora]
                             [--checkpoint models/checkpoints/latentloom-shapes.safetensors] [--threads 1]
 """
 
@@ -26,6 +27,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -137,6 +139,25 @@ def adherence(runner: Runner, checker: Checker, ckpt: str, samples: list[shapes.
     return checker.judge(images, samples), time.perf_counter() - start
 
 
+def vae_round_trip(runner: Runner) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 images -> the model's VAE reconstructions (through the VAE handle the VAE nodes use)."""
+    from nodes.loaders import load_checkpoint_handles
+
+    _, _, vae = load_checkpoint_handles(runner.env, runner.model)
+
+    def round_trip(images: np.ndarray) -> np.ndarray:
+        decoded = vae.decode(vae.encode(torch.from_numpy(images).float() / 255.0))
+        return (decoded * 255.0).round().clamp(0, 255).byte().numpy()
+
+    return round_trip
+
+
+def vae_ceiling(checker: Checker, round_trip: Callable[[np.ndarray], np.ndarray], samples: list[shapes.Sample]
+                ) -> dict[str, float]:
+    """The checker on the model's own VAE reconstructions of real images: what a perfect UNet could reach."""
+    return checker.judge(list(round_trip(np.stack([shapes.render(s) for s in samples]))), samples)
+
+
 def negative_prompt_effect(runner: Runner, checker: Checker, cfg: float, count: int) -> None:
     from train.checker import classify_colour
 
@@ -169,7 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--cfg", type=float, default=5.0)
-    parser.add_argument("--lora-steps", type=int, default=150)
+    parser.add_argument("--lora-steps", type=int, default=200)
     parser.add_argument("--lora-count", type=int, default=60)
     parser.add_argument("--skip-floor", action="store_true")
     parser.add_argument("--skip-lora", action="store_true")
@@ -183,15 +204,17 @@ def main() -> None:
     if not args.checkpoint.is_file():
         raise SystemExit(f"{args.checkpoint} is missing: train it with python -m train.train_model")
 
-    start = time.perf_counter()
-    checker = Checker.train()
-    report("checker on real generator images (held-out combos)", ground_truth_accuracy(checker),
-           time.perf_counter() - start)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "ckpt").mkdir()
         runner = Runner(tmp / "data", args.checkpoint.resolve(), tmp / "ckpt")
+        round_trip = vae_round_trip(runner)
+        start = time.perf_counter()
+        checker = Checker.train(reconstruct=round_trip)
+        report("checker on real generator images (held-out combos)", ground_truth_accuracy(checker),
+               time.perf_counter() - start)
         test = held_out(args.count, "test", 1)
+        report("ceiling: checker on this model's VAE reconstructions", vae_ceiling(checker, round_trip, test))
         report(f"trained, {args.count} held-out-combination captions (cfg {args.cfg})",
                *adherence(runner, checker, runner.model, test, args.cfg))
         if not args.skip_seen:

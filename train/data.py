@@ -20,6 +20,7 @@ from .recipe import TEXT_PREFIX
 
 VAE_RANDOM_COLOUR_FRACTION = 0.5  # the VAE also sees arbitrary colours, so it is no judge of which are "known"
 FOREGROUND_WEIGHT = 5.0
+DECODER_RANDOM_COLOUR_FRACTION = 0.25
 FULL_CAPTION_FRACTION = 0.6
 EMPTY_CAPTION_FRACTION = 0.1  # classifier-free guidance needs the unconditional prediction too
 
@@ -46,13 +47,15 @@ def _recoloured(rng: np.random.Generator, sample: shapes.Sample) -> tuple[np.nda
     return np.round(out).astype(np.uint8), alpha[..., 0]
 
 
-def vae_batch(seed: int, step: int, size: int) -> tuple[Tensor, Tensor]:
-    """Images [B, 3, 64, 64] in [-1, 1] and per-pixel loss weights [B, 1, 64, 64] (the shape counts more)."""
-    rng = step_rng(seed, 0, step)
+def vae_batch(seed: int, step: int, size: int, phase: int = 0, random_colours: float = VAE_RANDOM_COLOUR_FRACTION
+              ) -> tuple[Tensor, Tensor]:
+    """Images [B, 3, 64, 64] in [-1, 1] and per-pixel loss weights [B, 1, 64, 64] (the shape counts more);
+    a fraction `random_colours` of them recoloured at random."""
+    rng = step_rng(seed, phase, step)
     images, weights = [], []
     for index in rng.integers(0, 2**31, size=size):
         sample = shapes.draw_sample(seed, "train", int(index))
-        if rng.random() < VAE_RANDOM_COLOUR_FRACTION:
+        if rng.random() < random_colours:
             image, alpha = _recoloured(rng, sample)
         else:
             image = shapes.render(sample)

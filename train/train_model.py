@@ -2,7 +2,7 @@
 
 Recipe (what `python -m train.train_model` does with its defaults; see train/README.md for timings):
 
-1. VAE (`--vae-steps`, batch 32, AdamW 2e-3 with warm-up and cosine decay, bf16 autocast): L1 + MSE with the
+1. VAE (`--vae-steps`, batch 16, AdamW 2e-3 with warm-up and cosine decay, bf16 autocast): L1 + MSE with the
    shape's pixels weighted 5x, plus 1e-6 KL; half the images are recoloured at random so the VAE reproduces
    any flat colour, not just the palette.
 2. Latents: the posterior means of `--latents` training images; the VAE is then rescaled (exactly, see
@@ -10,7 +10,10 @@ Recipe (what `python -m train.train_model` does with its defaults; see train/REA
 3. UNet (`--unet-steps`, batch 64, AdamW 1e-3, warm-up then cosine, bf16 autocast, eager attention, EMA 0.998):
    eps-prediction on SD's scaled-linear schedule with min-SNR-5 weighting, on captions from the frozen random
    text encoder (10% empty for classifier-free guidance, 30% partial captions such as "a red shape").
-4. The EMA UNet, the VAE and the text encoder are written in fp16 through our own safetensors writer.
+4. Decoder polish (`--decoder-steps`, batch as the VAE's, AdamW 1e-3, cosine): the decoder alone learns to
+   decode the posterior means (the latents the UNet produces) without the sampling noise of phase 1; the
+   encoder, and so the latent space the UNet learnt, are unchanged. 25% of its images are recoloured.
+5. The EMA UNet, the VAE and the text encoder are written in fp16 through our own safetensors writer.
 
 Deterministic given `--seed` (and the thread count): every batch and noise draw is a function of (seed, step).
 `--resume` continues from the training-state file written every `--save-every` steps and when `--minutes` runs
@@ -71,6 +74,8 @@ class Trainer:
         use_eager_attention(self.unet)
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
         self.unet_opt = torch.optim.AdamW(self.unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
+        decoder = [*self.vae.decoder.parameters(), *self.vae.post_quant_conv.parameters()]
+        self.decoder_opt = torch.optim.AdamW(decoder, lr=args.decoder_lr, weight_decay=0.0)
         self.phase, self.step = "vae", 0
         self.alphas_cumprod = DiscreteSchedule.from_config().alphas_cumprod.float()
         self.started = time.monotonic()
@@ -80,7 +85,8 @@ class Trainer:
     def state(self) -> dict:
         return {"phase": self.phase, "step": self.step, "seed": self.args.seed, "text": self.text.state_dict(),
                 "vae": self.vae.state_dict(), "vae_opt": self.vae_opt.state_dict(),
-                "unet": self.unet.state_dict(), "unet_opt": self.unet_opt.state_dict(), "ema": self.ema.state_dict()}
+                "unet": self.unet.state_dict(), "unet_opt": self.unet_opt.state_dict(), "ema": self.ema.state_dict(),
+                "decoder_opt": self.decoder_opt.state_dict()}
 
     def save_state(self) -> None:
         path = Path(self.args.state)
@@ -99,6 +105,8 @@ class Trainer:
         self.unet.load_state_dict(state["unet"])
         self.unet_opt.load_state_dict(state["unet_opt"])
         self.ema.load_state_dict(state["ema"])
+        if "decoder_opt" in state:  # states written before the decoder phase existed have none
+            self.decoder_opt.load_state_dict(state["decoder_opt"])
         self.phase, self.step = state["phase"], state["step"]
         log.info("resumed from %s at %s step %d", self.args.state, self.phase, self.step)
 
@@ -128,6 +136,25 @@ class Trainer:
         (loss + KL_WEIGHT * kl).backward()
         self.vae_opt.step()
         self.vae_opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def decoder_step(self) -> float:
+        """Decoder only, from the posterior means the UNet was trained to produce (the encoder, and so the
+        latent space, stay as they are): removes the sampling noise the joint phase decoded through."""
+        a = self.args
+        for group in self.decoder_opt.param_groups:
+            group["lr"] = lr_at(self.step, a.decoder_steps, a.decoder_lr, min(50, a.decoder_steps // 10 + 1))
+        images, weights = data.vae_batch(a.seed, self.step, a.vae_batch, phase=2,
+                                         random_colours=data.DECODER_RANDOM_COLOUR_FRACTION)
+        with self.autocast():
+            with torch.no_grad():
+                mean = self.vae.encode(images)
+            recon = self.vae.decode(mean).float()
+        err = recon - images
+        loss = (weights * (err.abs() + err.square())).mean()
+        loss.backward()
+        self.decoder_opt.step()
+        self.decoder_opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     # ---- phase 2: latents ------------------------------------------------------------------------
@@ -210,6 +237,14 @@ class Trainer:
             self.unet.train()
             if not self.run_phase(a.unet_steps, lambda: self.unet_step(latents, samples, captions)):
                 return False
+            self.phase, self.step = "decoder", 0
+            self.save_state()
+        if self.phase == "decoder":
+            self.vae.decoder.train().requires_grad_(True)
+            self.vae.post_quant_conv.requires_grad_(True)
+            if not self.run_phase(a.decoder_steps, self.decoder_step):
+                return False
+            self.vae.eval().requires_grad_(False)
             self.phase = "done"
             self.save_state()
         write_checkpoint(a.out, self.spec, self.ema, self.vae, self.text,
@@ -230,9 +265,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--latents", type=int, default=32768, help="training images encoded for the UNet")
-    p.add_argument("--unet-steps", type=int, default=2600)
+    p.add_argument("--unet-steps", type=int, default=1800)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=1e-3)
+    p.add_argument("--decoder-steps", type=int, default=400)
+    p.add_argument("--decoder-lr", type=float, default=1e-3)
     p.add_argument("--minutes", type=float, default=0.0, help="stop (state saved) after this long; 0: no limit")
     p.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after this many steps; 0: no limit")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")

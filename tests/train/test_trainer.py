@@ -22,7 +22,7 @@ from train.recipe import (
 from train.train_model import lr_at, main
 
 TINY = ["--spec", "tiny", "--vae-steps", "4", "--vae-batch", "4", "--latents", "32", "--unet-steps", "5",
-        "--unet-batch", "4", "--log-every", "2", "--save-every", "3"]
+        "--decoder-steps", "3", "--unet-batch", "4", "--log-every", "2", "--save-every", "3"]
 
 
 def train(tmp_path, name, *extra):
@@ -53,7 +53,7 @@ def test_writes_an_sd1_file_the_loader_reads(uninterrupted):
     assert abs(float(table.std()) - 0.1) < 0.005
 
 
-@pytest.mark.parametrize("first_run_steps", [2, 7])  # stop inside the VAE phase / inside the UNet phase
+@pytest.mark.parametrize("first_run_steps", [2, 7, 10])  # stop inside the VAE / the UNet / the decoder phase
 def test_resume_gives_the_same_weights(tmp_path, uninterrupted, first_run_steps):
     out, code = train(tmp_path, "cut", "--stop-after", str(first_run_steps))
     assert code == 3 and not out.exists() and (tmp_path / "cut.pt").exists()
@@ -68,6 +68,16 @@ def test_resume_refuses_other_seed_and_missing_state(tmp_path):
         train(tmp_path, "a", "--resume", "--seed", "5")
     with pytest.raises(SystemExit, match="no training state"):
         train(tmp_path, "missing", "--resume")
+
+
+def test_decoder_phase_changes_only_the_decoder(tmp_path):
+    out, code = train(tmp_path, "nodec", "--decoder-steps", "0")
+    assert code == 0
+    polished = read_state_dict(train(tmp_path, "dec")[0])
+    plain = read_state_dict(out)
+    changed = {k for k in plain if not torch.equal(plain[k], polished[k])}
+    assert changed and all(k.startswith(("first_stage_model.decoder.", "first_stage_model.post_quant_conv."))
+                           for k in changed)
 
 
 def test_rescaled_vae_reconstructs_the_same_with_scaled_latents():
