@@ -310,6 +310,8 @@ def cmd_serve(args: argparse.Namespace, env: Environment, registry: NodeRegistry
         raise CliError(f"cannot open the data directory {env.data_dir}: {exc}") from None
     try:
         asyncio.run(_serve(app, args.host, args.port))
+    except ConnectionError as exc:  # --workers ray: the cluster cannot be reached
+        raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     return 0

@@ -44,6 +44,10 @@ START_TIMEOUT_S = 30.0  # a worker not placed by then (no resources any more) is
 WORKER_LOST = (RayActorError, NodeDiedError, ObjectLostError)
 
 
+class ClusterUnreachable(ConnectionError):
+    """Ray could not be started or joined."""
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -98,6 +102,9 @@ class RayWorkerPool:
 
     # the thread pool's interface -------------------------------------------------------------------
     def start(self) -> None:
+        """Connect (in the calling thread, the main one: Ray's signal handlers go in before the server's own,
+        which replace them, so SIGTERM still stops the server gracefully), then dispatch."""
+        self._connect()
         self.dispatcher.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -110,8 +117,12 @@ class RayWorkerPool:
         with self.lock:
             workers = list(self.workers.values())
         if ray.is_initialized():
+            try:  # scratch folders removed, all workers at once
+                ray.wait([w.actor.shutdown.remote() for w in workers], num_returns=len(workers), timeout=5)
+            except Exception as exc:
+                log.debug("workers' shutdown: %s", exc)
             for worker in workers:
-                self._kill(worker, graceful=True)
+                self._kill(worker)
             if self.owns_ray:
                 ray.shutdown()
 
@@ -188,13 +199,6 @@ class RayWorkerPool:
 
     # the dispatcher ----------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                self._connect()
-                break
-            except Exception as exc:
-                log.error("cannot connect to Ray (%s): %s; trying again in 5 s", self.address or "local", exc)
-                self.stopping.wait(5.0)
         next_reconcile = 0.0
         while not self.stopping.is_set():
             self.work.clear()
@@ -210,7 +214,10 @@ class RayWorkerPool:
     def _connect(self) -> None:
         if ray.is_initialized():
             return
-        ray.init(address=self.address, namespace=NAMESPACE, log_to_driver=True)
+        try:
+            ray.init(address=self.address, namespace=NAMESPACE, log_to_driver=True)
+        except Exception as exc:
+            raise ClusterUnreachable(f"cannot connect to Ray ({self.address or 'local'}): {exc}") from exc
         self.owns_ray = True
         log.info("connected to Ray: %s", ray.cluster_resources())
 
@@ -421,13 +428,11 @@ class RayWorkerPool:
             worker.state = "dead"
             self.workers.pop(worker.worker_id, None)
         self.landing.forget_worker(worker.worker_id)
-        self._kill(worker, graceful=False)
+        self._kill(worker)
         self.wake()
 
-    def _kill(self, worker: RemoteWorker, graceful: bool) -> None:
+    def _kill(self, worker: RemoteWorker) -> None:
         try:
-            if graceful:
-                ray.get(worker.actor.shutdown.remote(), timeout=5)
             ray.kill(worker.actor, no_restart=True)
         except Exception as exc:  # already gone
             log.debug("worker %s: %s", worker.worker_id, exc)
