@@ -249,7 +249,8 @@ class Trainer:
             self.save_state()
         write_checkpoint(a.out, self.spec, self.ema, self.vae, self.text,
                          extra_metadata={"latentloom.training": f"train.train_model seed={a.seed} "
-                                         f"vae_steps={a.vae_steps} unet_steps={a.unet_steps}"})
+                                         f"vae_steps={a.vae_steps} unet_steps={a.unet_steps} "
+                                         f"decoder_steps={a.decoder_steps}"})
         log.info("wrote %s (%.1f MB)", a.out, os.path.getsize(a.out) / 2**20)
         return True
 
