@@ -16,8 +16,14 @@ Rows printed:
 - LoRA: TrainLoraFromImages on five orange shapes (a colour the base model never saw), then orange captions
   before/after LoraLoader.
 
-    python bench/quality.py [--count 200] [--lora-steps 200] [--cfg 5.0] [--skip-floor] [--skip-lora]
-                            [--checkpoint models/checkpoints/latentloom-shapes.safetensors] [--threads 1]
+    python bench/quality.py [--count 200] [--cfg 5.0] [--skip-seen] [--skip-floor] [--skip-lora] [--only-lora]
+                            [--lora-steps 300] [--lora-lr 5e-3] [--lora-count 60] [--threads 1]
+                            [--checkpoint models/checkpoints/latentloom-shapes.safetensors]
+
+Measured (shared 2-core CPU, one thread, seed 0 model): checker 100 % / 100 % on real images; ceiling (VAE
+reconstructions) colour 99.5 %, shape 82.5 %; held-out combinations colour 99.0 %, shape 77.0 %; seen
+combinations colour 99.5 %, shape 57.5 %; random-weight floor colour 35.5 %, shape 27.0 %; red outputs for
+colour-free prompts 15 % -> 0 % with negative "red"; LoRA (300 steps, 120 s) orange 3.3 % -> 66.7 %.
 """
 
 from __future__ import annotations
@@ -97,7 +103,7 @@ class Runner:
                  ) -> list[np.ndarray]:
         return [self.txt2img(ckpt, c, negative, seed, cfg, lora) for seed, c in enumerate(captions)]
 
-    def train_lora(self, images: np.ndarray, captions: list[str], steps: int, name: str) -> str:
+    def train_lora(self, images: np.ndarray, captions: list[str], steps: int, lr: float, name: str) -> str:
         """TrainLoraFromImages in a workflow: five LoadImage nodes batched, then the training node."""
         prompt = {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": self.model}}}
         for i, image in enumerate(images):
@@ -109,7 +115,7 @@ class Runner:
             batch = [f"21{i}", 0]
         prompt["30"] = {"class_type": "TrainLoraFromImages", "inputs": {
             "model": ["4", 0], "clip": ["4", 1], "vae": ["4", 2], "images": batch, "captions": "\n".join(captions),
-            "steps": steps, "rank": 8, "learning_rate": 2e-3, "seed": 0, "lora_name": name}}
+            "steps": steps, "rank": 8, "learning_rate": lr, "seed": 0, "lora_name": name}}
         self.run(prompt)
         return name
 
@@ -169,13 +175,13 @@ def negative_prompt_effect(runner: Runner, checker: Checker, cfg: float, count: 
                  len(images))
 
 
-def lora_effect(runner: Runner, checker: Checker, cfg: float, count: int, steps: int) -> None:
+def lora_effect(runner: Runner, checker: Checker, cfg: float, count: int, steps: int, lr: float) -> None:
     train = [shapes.draw_sample(7, "train", i, shapes.NEW_COLOUR) for i in range(5)]
     images = np.stack([shapes.render(s) for s in train])
     start = time.perf_counter()
-    name = runner.train_lora(images, [s.caption for s in train], steps, "orange-bench.safetensors")
-    log.info("TrainLoraFromImages: %d steps on 5 images of a %s shape in %.0f s", steps, shapes.NEW_COLOUR,
-             time.perf_counter() - start)
+    name = runner.train_lora(images, [s.caption for s in train], steps, lr, "orange-bench.safetensors")
+    log.info("TrainLoraFromImages: %d steps (rank 8, lr %g) on 5 images in the unseen colour %s: %.0f s", steps, lr,
+             shapes.NEW_COLOUR, time.perf_counter() - start)
     samples = held_out(count, "train", 11, shapes.NEW_COLOUR)
     before, t0 = adherence(runner, checker, runner.model, samples, cfg)
     after, t1 = adherence(runner, checker, runner.model, samples, cfg, lora=name)
@@ -190,8 +196,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--cfg", type=float, default=5.0)
-    parser.add_argument("--lora-steps", type=int, default=200)
+    parser.add_argument("--lora-steps", type=int, default=300)
     parser.add_argument("--lora-count", type=int, default=60)
+    parser.add_argument("--lora-lr", type=float, default=5e-3)
+    parser.add_argument("--only-lora", action="store_true", help="skip everything but the LoRA rows")
     parser.add_argument("--skip-floor", action="store_true")
     parser.add_argument("--skip-lora", action="store_true")
     parser.add_argument("--skip-seen", action="store_true")
@@ -213,6 +221,9 @@ def main() -> None:
         checker = Checker.train(reconstruct=round_trip)
         report("checker on real generator images (held-out combos)", ground_truth_accuracy(checker),
                time.perf_counter() - start)
+        if args.only_lora:
+            lora_effect(runner, checker, args.cfg, args.lora_count, args.lora_steps, args.lora_lr)
+            return
         test = held_out(args.count, "test", 1)
         report("ceiling: checker on this model's VAE reconstructions", vae_ceiling(checker, round_trip, test))
         report(f"trained, {args.count} held-out-combination captions (cfg {args.cfg})",
@@ -226,7 +237,7 @@ def main() -> None:
                    *adherence(runner, checker, FLOOR, test, args.cfg))
         negative_prompt_effect(runner, checker, args.cfg, 60)
         if not args.skip_lora:
-            lora_effect(runner, checker, args.cfg, args.lora_count, args.lora_steps)
+            lora_effect(runner, checker, args.cfg, args.lora_count, args.lora_steps, args.lora_lr)
 
 
 if __name__ == "__main__":

@@ -159,9 +159,10 @@ class TrainLoraFromImages(Node):
     inputs: list[Input] = [
         Socket("model", MODEL), Socket("clip", CLIP), Socket("vae", VAE), Socket("images", IMAGE),
         String("captions", multiline=True, tooltip="One caption per image, one per line, in the images' order."),
-        Int("steps", default=200, min=1, max=100000, tooltip="Optimiser steps."),
+        Int("steps", default=300, min=1, max=100000, tooltip="Optimiser steps."),
         Int("rank", default=8, min=1, max=256, tooltip="Rank of each low-rank update."),
-        Float("learning_rate", default=1e-3, min=1e-7, max=1.0, step=1e-5, round=1e-7),
+        Float("learning_rate", default=5e-3, min=1e-7, max=1.0, step=1e-5, round=1e-7,
+              tooltip="AdamW learning rate; 5e-3 with 300 steps suits the small shapes model."),
         Int("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF),
         String("lora_name", default="my-lora.safetensors", tooltip="File name under models/loras."),
     ]
