@@ -32,7 +32,7 @@ from server.ray_outputs import OutputLanding
 from server.scheduling import Job, Scheduler, WorkerView, prompt_checkpoints, worker_target
 from server.store import QueueItem, history_entry
 from server.websocket import JPEG, Hub, Preview, text_message
-from server.worker import FinishedCallback, cancelled_entry, route_event
+from server.worker import FinishedCallback, QueueStatus, cancelled_entry, route_event
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class RemoteWorker:
         return WorkerView(self.worker_id, loaded, self.state != "idle", int(self.stats.get("memory_free") or 0))
 
 
-class RayWorkerPool:
+class RayWorkerPool(QueueStatus):
     """The thread pool's interface (start, stop, wake, cancel, interrupt, free, status) over Ray actors."""
 
     def __init__(self, store: ClusterStore, env: Environment, hub: Hub, on_finished: FinishedCallback, *,
@@ -125,15 +125,6 @@ class RayWorkerPool:
                 self._kill(worker)
             if self.owns_ray:
                 ray.shutdown()
-
-    def wake(self) -> None:
-        self.work.set()
-
-    def status(self) -> dict[str, Any]:
-        return {"status": {"exec_info": {"queue_remaining": self.store.queue_remaining()}}}
-
-    def publish_status(self) -> None:
-        self.hub.publish_threadsafe(text_message("status", self.status()), None)
 
     def running_node(self, client_id: str) -> tuple[str, str | None] | None:
         with self.lock:

@@ -55,7 +55,25 @@ def route_event(hub: Hub, message: str | Preview, event: str, client_id: str | N
         hub.publish_threadsafe(message, None)
 
 
-class WorkerPool:
+class QueueStatus:
+    """What every worker pool (threads here, Ray actors in ray_workers) answers about the queue; a pool has
+    `work` (an Event its dispatcher waits on), `store` and `hub`."""
+
+    work: threading.Event
+    store: Store
+    hub: Hub
+
+    def wake(self) -> None:
+        self.work.set()
+
+    def status(self) -> dict[str, Any]:
+        return {"status": {"exec_info": {"queue_remaining": self.store.queue_remaining()}}}
+
+    def publish_status(self) -> None:
+        self.hub.publish_threadsafe(text_message("status", self.status()), None)
+
+
+class WorkerPool(QueueStatus):
     """The workers and what requests ask of them: wake, cancel, interrupt, free."""
 
     def __init__(self, store: Store, registry: NodeRegistry, env: Environment, hub: Hub,
@@ -81,15 +99,6 @@ class WorkerPool:
             worker.executor.interrupt(None)
         for worker in self.workers:
             worker.join(timeout)
-
-    def wake(self) -> None:
-        self.work.set()
-
-    def status(self) -> dict[str, Any]:
-        return {"status": {"exec_info": {"queue_remaining": self.store.queue_remaining()}}}
-
-    def publish_status(self) -> None:
-        self.hub.publish_threadsafe(text_message("status", self.status()), None)
 
     def running_node(self, client_id: str) -> tuple[str, str | None] | None:
         """(prompt_id, node now executing) of a running prompt submitted by this client."""
