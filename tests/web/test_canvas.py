@@ -223,15 +223,19 @@ def test_save_to_server_folder_and_reopen(page, data_dir):
     assert page.inner_text("#workflow-name") == "mine.json"
 
 
-def drop_file(page, name: str, mime: str, data: bytes, at: list[float]) -> None:
-    page.evaluate("""([name, mime, b64, x, y]) => {
+def drop_file(page, name: str, mime: str, data: bytes, at: list[float] | int, workflow: dict | None = None) -> None:
+    """Drop a file on the canvas at page coordinates `at`, or 40 px below the title of node `at`. With `workflow`,
+    that workflow is opened in the same task, just before the drop: no frame has been drawn in between."""
+    page.evaluate("""([name, mime, b64, at, workflow]) => {
+        if (workflow) loom.loadWorkflow(workflow);
+        const [x, y] = Array.isArray(at) ? at : loom.titlePosition(at).map((v, i) => v + 40 * i);
         const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
         const transfer = new DataTransfer();
         transfer.items.add(new File([bytes], name, { type: mime }));
         const area = document.getElementById('canvas-area');
         area.dispatchEvent(new DragEvent('drop', { dataTransfer: transfer, clientX: x, clientY: y, bubbles: true,
                                                    cancelable: true }));
-    }""", [name, mime, base64.b64encode(data).decode(), at[0], at[1]])
+    }""", [name, mime, base64.b64encode(data).decode(), at, workflow])
 
 
 def test_drop_png_and_api_json_restore_their_workflow(page, server):
@@ -316,12 +320,12 @@ def test_widget_to_input_and_back_and_image_dropped_on_load_image(page, data_dir
     page.evaluate(f"loom.inputToWidget(loom.graph.getNodeById(3), {steps_slot})")
     assert page.evaluate("loom.apiPrompt()['3'].inputs.steps") == 20
     # an image dropped onto a LoadImage node is uploaded and selected
-    page.evaluate("fetch('/templates/img2img.json').then(r => r.json()).then(w => loom.loadWorkflow(w))")
-    page.wait_for_function("loom.graph._nodes.some(n => n.type === 'LoadImage')", timeout=10_000)
-    load_image = node_ids(page)["LoadImage"][0]
+    # an image dropped onto a LoadImage node is uploaded and selected, even before a frame of the freshly opened
+    # workflow has been drawn (litegraph's own hit boxes would still be empty then)
+    workflow = json.loads((ROOT / "workflows" / "img2img.json").read_text())
+    load_image = next(n["id"] for n in workflow["nodes"] if n["type"] == "LoadImage")
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, format="PNG")
-    x, y = page.evaluate(f"loom.titlePosition({load_image})")
-    drop_file(page, "dropped.png", "image/png", buffer.getvalue(), [x, y + 40])
+    drop_file(page, "dropped.png", "image/png", buffer.getvalue(), load_image, workflow=workflow)
     page.wait_for_function(f"loom.apiPrompt()['{load_image}'].inputs.image === 'dropped.png'", timeout=10_000)
     assert (data_dir / "input" / "dropped.png").read_bytes() == buffer.getvalue()

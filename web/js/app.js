@@ -277,11 +277,21 @@ class App {
 
   /** A file dropped on the canvas: an image onto a LoadImage-like node is uploaded, anything else is opened. */
   async dropFile(file, event) {
-    const [x, y] = this.canvas.convertEventToCanvasOffset(event);
-    const node = this.graph.getNodeOnPos(x, y);
+    const node = this.nodeAt(this.canvas.convertEventToCanvasOffset(event));
     const upload = node && this.uploadWidget(node);
     if (upload && file.type.startsWith("image/")) return this.uploadTo(node, upload, file);
     return this.openFile(file);
+  }
+
+  /**
+   * The top-most node whose box (title bar included) holds the graph point. Computed from pos and size rather than
+   * litegraph's getNodeOnPos, whose hit boxes are only refreshed when a frame is drawn: a drop right after a
+   * workflow is opened would otherwise miss every node.
+   */
+  nodeAt([x, y]) {
+    const title = LiteGraph.NODE_TITLE_HEIGHT;
+    return this.graph._nodes.findLast((n) => x >= n.pos[0] && x <= n.pos[0] + n.size[0] &&
+      y >= n.pos[1] - title && y <= n.pos[1] + n.size[1]) ?? null;
   }
 
   uploadWidget(node) {
