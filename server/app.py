@@ -143,6 +143,7 @@ async def _on_cleanup(app: web.Application) -> None:
     await state.hub.close_all()
     await state.webhooks.close()
     state.submit_pool.shutdown(wait=True)
+    state.writer.close()
     state.store.close()
 
 

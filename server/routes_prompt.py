@@ -1,7 +1,7 @@
 """Prompt, queue, history, interrupt, free and cancel routes, with ComfyUI's request and response shapes.
 
-Validation runs before the 200, and the 200 goes out only after the prompt is committed to SQLite. Store
-calls run in a thread so that a disk sync never stalls the event loop.
+Validation runs before the 200 (in a thread: a big workflow takes milliseconds), and the 200 goes out only after
+the prompt is committed to SQLite by the submission writer's thread, so a disk sync never stalls the event loop.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from graph.validation import validate_prompt
 from graph.workflow import WorkflowFormatError, is_ui_workflow
 from nodes.environment import UnsafePathError, safe_join
 from server.state import STATE, ApiError, ServerState, read_json_object
-from server.store import DuplicatePromptId, QueueItem
+from server.store import AddRequest, DuplicatePromptId
 from server.webhook import WebhookRefused, check_webhook_url
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,10 @@ def _number(body: dict[str, Any]) -> float | None:
     return float(value)
 
 
-def accept_prompt(state: ServerState, body: dict[str, Any], prompt_id: str) -> tuple[QueueItem, dict[str, Any]] \
+def check_prompt(state: ServerState, body: dict[str, Any], prompt_id: str) -> tuple[AddRequest, dict[str, Any]] \
         | web.Response:
-    """Convert, validate and commit a submitted prompt (runs in a thread). Returns the queue item and the
-    node errors of dropped outputs, or the 400 response."""
+    """Convert and validate a submitted prompt (runs in a thread). Returns the row to commit and the node
+    errors of dropped outputs, or the 400 response."""
     if body.get("prompt") is None:
         return _prompt_error("no_prompt", "No prompt provided", "No prompt provided")
     prompt = body["prompt"]
@@ -76,12 +76,9 @@ def accept_prompt(state: ServerState, body: dict[str, Any], prompt_id: str) -> t
             check_webhook_url(extra_data["webhook"], state.config.webhook_hosts)
         except WebhookRefused as exc:
             raise ApiError(400, "webhook_refused", str(exc)) from None
-    try:
-        item = state.store.add(prompt_id, prompt, extra_data, list(validation.prompt.outputs),
-                               number=_number(body), front=bool(body.get("front")))
-    except DuplicatePromptId as exc:
-        raise ApiError(400, "duplicate_prompt_id", str(exc)) from None
-    return item, validation.node_errors
+    request = AddRequest(prompt_id, prompt, extra_data, list(validation.prompt.outputs), number=_number(body),
+                         front=bool(body.get("front")))
+    return request, validation.node_errors
 
 
 def _wait_seconds(request: web.Request) -> float | None:
@@ -109,15 +106,19 @@ async def post_prompt(request: web.Request) -> web.Response:
         future = asyncio.get_running_loop().create_future()
         state.waiters.setdefault(prompt_id, []).append(future)
     try:
-        accepted = await asyncio.get_running_loop().run_in_executor(state.submit_pool, accept_prompt, state, body,
-                                                                    prompt_id)
+        checked = await asyncio.get_running_loop().run_in_executor(state.submit_pool, check_prompt, state, body,
+                                                                   prompt_id)
+        if isinstance(checked, web.Response):
+            _drop_waiter(state, prompt_id, future)
+            return checked
+        request, node_errors = checked
+        item = await state.writer.add(request)
+    except DuplicatePromptId as exc:
+        _drop_waiter(state, prompt_id, future)
+        raise ApiError(400, "duplicate_prompt_id", str(exc)) from None
     except BaseException:
         _drop_waiter(state, prompt_id, future)
         raise
-    if isinstance(accepted, web.Response):
-        _drop_waiter(state, prompt_id, future)
-        return accepted
-    item, node_errors = accepted
     state.pool.wake()
     state.hub.broadcast_status()
     reply: dict[str, Any] = {"prompt_id": item.prompt_id, "number": item.number, "node_errors": node_errors}

@@ -18,6 +18,7 @@ from graph.registry import NodeRegistry
 from nodes import build_registry
 from nodes.environment import Environment
 from server.store import Store
+from server.submissions import SubmissionWriter
 from server.webhook import WebhookSender
 from server.websocket import Hub
 from server.worker import WorkerPool
@@ -77,8 +78,10 @@ class ServerState:
                                    lambda: make_cache(config.cache, config.cache_bytes), devices, self._finished)
         self.webhooks = WebhookSender(config.webhook_hosts)
         self.loop: asyncio.AbstractEventLoop | None = None
-        # Submissions wait on the disk sync of a group commit: enough threads that many can share one.
-        self.submit_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="submit")
+        # Validation is Python holding the GIL: two threads keep the event loop free without trading time slices
+        # among dozens. The commit is the writer's (server/submissions.py).
+        self.submit_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="submit")
+        self.writer = SubmissionWriter(self.store)
 
     @property
     def workflows_dir(self) -> Path:

@@ -36,6 +36,12 @@ CREATE TABLE IF NOT EXISTS history (
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+-- the queue's length, kept by triggers so that reading it costs one row, however long the queue
+INSERT OR REPLACE INTO counters VALUES ('queued', (SELECT COUNT(*) FROM queue));
+CREATE TRIGGER IF NOT EXISTS queue_insert AFTER INSERT ON queue
+    BEGIN UPDATE counters SET value = value + 1 WHERE name = 'queued'; END;
+CREATE TRIGGER IF NOT EXISTS queue_delete AFTER DELETE ON queue
+    BEGIN UPDATE counters SET value = value - 1 WHERE name = 'queued'; END;
 """
 
 CRASH_REASON = "the server stopped while this prompt was running (process killed or crashed)"
@@ -59,7 +65,9 @@ class QueueItem:
 
 
 @dataclass
-class _AddRequest:
+class AddRequest:
+    """One prompt to commit to the queue; `item` or `error` is set once its batch is written."""
+
     prompt_id: str
     prompt: dict[str, Any]
     extra_data: dict[str, Any]
@@ -69,6 +77,12 @@ class _AddRequest:
     item: QueueItem | None = None
     error: Exception | None = None
     done: bool = False
+
+    def result(self) -> QueueItem:
+        if self.error is not None:
+            raise self.error
+        assert self.item is not None
+        return self.item
 
 
 def _number(value: float) -> int | float:
@@ -104,11 +118,15 @@ class Store:
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
         self._adds_lock = threading.Lock()
-        self._adds: list[_AddRequest] = []
+        self._adds: list[AddRequest] = []
+        self._queue_length = self._count_queue()
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def _count_queue(self) -> int:
+        return self._db.execute("SELECT value FROM counters WHERE name = 'queued'").fetchone()[0]
 
     def _tx(self, fn: Any) -> Any:
         with self._lock:
@@ -116,10 +134,12 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(self._db)
+                length = self._count_queue()
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            self._queue_length = length
             return result
 
     # queue -----------------------------------------------------------------------------------------
@@ -129,8 +149,9 @@ class Store:
         (negated with `front`). Raises DuplicatePromptId.
 
         Group commit: concurrent callers queue their rows; whichever gets the lock first writes every queued
-        row in one transaction (one disk sync), so N simultaneous submissions cost one sync, not N."""
-        request = _AddRequest(prompt_id, prompt, extra_data, outputs, number, front)
+        row in one transaction (one disk sync), so N simultaneous submissions cost one sync, not N. (The server
+        hands its submissions to one `SubmissionWriter` thread instead, which batches the same way.)"""
+        request = AddRequest(prompt_id, prompt, extra_data, outputs, number, front)
         with self._adds_lock:
             self._adds.append(request)
         with self._lock:
@@ -138,12 +159,14 @@ class Store:
                 with self._adds_lock:
                     batch, self._adds = self._adds, []
                 self._commit_adds(batch)
-        if request.error is not None:
-            raise request.error
-        assert request.item is not None
-        return request.item
+        return request.result()
 
-    def _commit_adds(self, batch: list[_AddRequest]) -> None:
+    def commit(self, batch: list[AddRequest]) -> None:
+        """Write these requests in one transaction; each gets its `item` or its `error`."""
+        with self._lock:
+            self._commit_adds(batch)
+
+    def _commit_adds(self, batch: list[AddRequest]) -> None:
         """Write a batch of queued rows in one transaction (the caller holds the lock)."""
         db = self._db
         try:
@@ -164,7 +187,9 @@ class Store:
                             json.dumps(request.outputs), time.time()))
                 request.item = QueueItem(_number(chosen), request.prompt_id, request.prompt, request.extra_data,
                                          request.outputs)
+            length = self._count_queue()
             db.execute("COMMIT")
+            self._queue_length = length
         except BaseException as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
@@ -197,8 +222,9 @@ class Store:
         return [_item(r) for r in rows]
 
     def queue_remaining(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+        """Prompts pending or running, as of the last commit. Read without the lock: the status broadcast on
+        the event loop must never wait behind a submission's disk sync."""
+        return self._queue_length
 
     def state_of(self, prompt_id: str) -> str | None:
         """'pending', 'running', 'done' or None (unknown)."""

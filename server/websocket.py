@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import struct
+import threading
 import time
 import uuid
 from collections import deque
@@ -74,6 +75,11 @@ class Hub:
         self._server_flags = server_flags
         self._running_node = running_node
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Messages from other threads wait here; one loop callback delivers all that arrived since the last, so a
+        # burst of events costs one wake-up of the loop, not one per event.
+        self._inbox: list[tuple[str | Preview, str | None]] = []
+        self._inbox_lock = threading.Lock()
+        self._delivery_scheduled = False
 
     # publishing ------------------------------------------------------------------------------------
     def publish_threadsafe(self, message: str | Preview, to: str | None) -> None:
@@ -81,8 +87,20 @@ class Hub:
         loop = self.loop
         if loop is None or loop.is_closed():
             return
+        with self._inbox_lock:
+            self._inbox.append((message, to))
+            if self._delivery_scheduled:
+                return
+            self._delivery_scheduled = True
         with contextlib.suppress(RuntimeError):  # the loop closed in between (shutdown)
-            loop.call_soon_threadsafe(self.publish, message, to)
+            loop.call_soon_threadsafe(self._deliver_inbox)
+
+    def _deliver_inbox(self) -> None:
+        with self._inbox_lock:
+            messages, self._inbox = self._inbox, []
+            self._delivery_scheduled = False
+        for message, to in messages:
+            self.publish(message, to)
 
     def publish(self, message: str | Preview, to: str | None) -> None:
         if to is None:

@@ -59,3 +59,33 @@ def test_200_prompts_from_20_clients(start_server):
     history = server.json("GET", "/history")[1]
     assert all_ids <= set(history)
     assert all(history[pid]["status"]["status_str"] == "success" for pid in all_ids)
+
+
+def test_events_from_threads_arrive_in_order_with_one_wake_up_per_burst():
+    import threading
+
+    from server.websocket import Hub
+
+    async def scenario() -> tuple[list[str], int]:
+        hub = Hub(lambda: {}, {}, lambda cid: None)
+        hub.loop = asyncio.get_running_loop()
+        delivered: list[str] = []
+        wake_ups = 0
+        deliver = hub._deliver_inbox
+
+        def counting() -> None:
+            nonlocal wake_ups
+            wake_ups += 1
+            deliver()
+
+        hub._deliver_inbox = counting
+        hub.publish = lambda message, to: delivered.append(message)
+        burst = threading.Thread(target=lambda: [hub.publish_threadsafe(f"m{i}", "c") for i in range(500)])
+        burst.start()
+        burst.join()  # the loop is not running callbacks meanwhile: the whole burst waits for one delivery
+        await asyncio.sleep(0.05)
+        return delivered, wake_ups
+
+    delivered, wake_ups = asyncio.run(scenario())
+    assert delivered == [f"m{i}" for i in range(500)]
+    assert wake_ups == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from server.app import create_app
@@ -106,3 +108,53 @@ def test_concurrent_adds_share_commits_and_keep_their_own_errors(store):
     assert len({item.number for item in results.values()}) == 39
     assert {i.prompt_id for i in store.pending()} == {"dup", *results}
     assert all(store.state_of(pid) == "pending" for pid in results)
+
+
+def test_queue_remaining_follows_every_change(store):
+    def count() -> int:
+        return store._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+
+    for pid in "abcde":
+        store.add(pid, {}, {}, [])
+        assert store.queue_remaining() == count()
+    steps = [store.claim_next, lambda: store.finish("a", {}), lambda: store.delete_pending(["c"]),
+             lambda: store.cancel_pending("d", lambda item: {}), store.claim_next, store.recover, store.clear_pending]
+    for step in steps:
+        step()
+        assert store.queue_remaining() == count()
+    assert count() == 0
+    store.add("f", {}, {}, [])
+    reopened = Store(Path(store._db.execute("PRAGMA database_list").fetchone()[2]))
+    assert reopened.queue_remaining() == 1
+    reopened.close()
+
+
+def test_submission_writer_batches_waiting_requests_and_keeps_their_errors(store):
+    import asyncio
+
+    from server.store import AddRequest
+    from server.submissions import SubmissionWriter
+
+    batches: list[int] = []
+    commit = store.commit
+    store.commit = lambda batch: (batches.append(len(batch)), commit(batch))
+    writer = SubmissionWriter(store)
+    store.add("dup", {}, {}, [])
+
+    async def submit_all() -> list:
+        requests = [AddRequest(f"p{i}" if i != 7 else "dup", {"i": i}, {}, [], None, False) for i in range(40)]
+        with store._lock:  # the writer's first commit waits here while the other 39 queue up behind it
+            tasks = [asyncio.create_task(writer.add(request)) for request in requests]
+            await asyncio.sleep(0.2)
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        results = asyncio.run(submit_all())
+    finally:
+        writer.close()
+    assert isinstance(results[7], DuplicatePromptId)
+    items = [r for i, r in enumerate(results) if i != 7]
+    assert [item.prompt_id for item in items] == [f"p{i}" for i in range(40) if i != 7]
+    assert len({item.number for item in items}) == 39
+    assert sum(batches) == 40 and len(batches) <= 2, batches  # at most the first alone, then all behind it
+    assert store.queue_remaining() == 40
