@@ -26,8 +26,15 @@ def missing_reason() -> str | None:
     return None
 
 
+def next_frame(page) -> None:
+    """Wait until the canvas has drawn a frame. litegraph refreshes its nodes' hit boxes only when it draws,
+    so a pointer gesture on a node added or moved since the last frame would miss it."""
+    page.evaluate("new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))")
+
+
 def drag(page, start: list[float], end: list[float]) -> None:
     """A mouse drag in small steps, as a person would do it (litegraph tracks pointer moves)."""
+    next_frame(page)
     page.mouse.move(*start)
     page.mouse.down()
     for i in range(1, 9):

@@ -17,7 +17,17 @@ from PIL import Image
 
 from diffusion.random_checkpoints import write_random_checkpoint
 from tests.server.harness import ServerProcess
-from tests.web.browser import ARTIFACTS, CHROMIUM, LAUNCH_ARGS, ROOT, connect, drag, input_link_origin, missing_reason
+from tests.web.browser import (
+    ARTIFACTS,
+    CHROMIUM,
+    LAUNCH_ARGS,
+    ROOT,
+    connect,
+    drag,
+    input_link_origin,
+    missing_reason,
+    next_frame,
+)
 
 REASON = missing_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"browser tests need the canvas' tools: {REASON}")
@@ -115,6 +125,7 @@ def test_build_default_graph_from_palette_queue_and_see_image(page, server):
     # the prompt is typed into the multiline widget's editor
     widget_y = page.evaluate(f"loom.graph.getNodeById({positive}).widgets[0].last_y")
     x, y = page.evaluate(f"loom.slotPosition({positive}, true, 0)")
+    next_frame(page)
     page.mouse.click(x + 60, y + widget_y + 10)
     page.locator("#text-editor").fill("a red circle")
     page.locator(".palette-search").focus()
@@ -152,6 +163,7 @@ def select_by_click(page, node: int, attempts: int = 3) -> None:
 
     selected = f"[...loom.canvas.selectedItems].some(i => i.id === {node})"
     for _ in range(attempts):
+        next_frame(page)
         page.mouse.click(*page.evaluate(f"loom.titlePosition({node})"))
         try:
             page.wait_for_function(selected, timeout=3_000)
