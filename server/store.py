@@ -76,7 +76,6 @@ class AddRequest:
     front: bool
     item: QueueItem | None = None
     error: Exception | None = None
-    done: bool = False
 
     def result(self) -> QueueItem:
         if self.error is not None:
@@ -117,8 +116,6 @@ class Store:
         self._submit_sync = "FULL" if durable else "NORMAL"
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
-        self._adds_lock = threading.Lock()
-        self._adds: list[AddRequest] = []
         self._queue_length = self._count_queue()
 
     def close(self) -> None:
@@ -146,28 +143,18 @@ class Store:
     def add(self, prompt_id: str, prompt: dict[str, Any], extra_data: dict[str, Any], outputs: list[str],
             number: float | None = None, front: bool = False) -> QueueItem:
         """Commit a prompt to the queue; `number` is an explicit priority, else the next counter value
-        (negated with `front`). Raises DuplicatePromptId.
-
-        Group commit: concurrent callers queue their rows; whichever gets the lock first writes every queued
-        row in one transaction (one disk sync), so N simultaneous submissions cost one sync, not N. (The server
-        hands its submissions to one `SubmissionWriter` thread instead, which batches the same way.)"""
+        (negated with `front`). Raises DuplicatePromptId. (The server's submissions go through a
+        `SubmissionWriter`, which commits many in one transaction.)"""
         request = AddRequest(prompt_id, prompt, extra_data, outputs, number, front)
-        with self._adds_lock:
-            self._adds.append(request)
-        with self._lock:
-            if not request.done:
-                with self._adds_lock:
-                    batch, self._adds = self._adds, []
-                self._commit_adds(batch)
+        self.commit([request])
         return request.result()
 
     def commit(self, batch: list[AddRequest]) -> None:
-        """Write these requests in one transaction; each gets its `item` or its `error`."""
+        """Write these requests in one transaction (one disk sync); each gets its `item` or its `error`."""
         with self._lock:
-            self._commit_adds(batch)
+            self._write(batch)
 
-    def _commit_adds(self, batch: list[AddRequest]) -> None:
-        """Write a batch of queued rows in one transaction (the caller holds the lock)."""
+    def _write(self, batch: list[AddRequest]) -> None:
         db = self._db
         try:
             db.execute(f"PRAGMA synchronous={self._submit_sync}")
@@ -197,9 +184,6 @@ class Store:
                 request.item, request.error = None, exc if isinstance(exc, Exception) else RuntimeError(str(exc))
             if not isinstance(exc, Exception):
                 raise
-        finally:
-            for request in batch:
-                request.done = True
 
     def claim_next(self) -> QueueItem | None:
         """The first pending prompt, now marked running (atomically, so two workers never share one)."""

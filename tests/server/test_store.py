@@ -87,7 +87,7 @@ def test_openapi_describes_exactly_the_routes(tmp_path):
     app[STATE].store.close()
 
 
-def test_concurrent_adds_share_commits_and_keep_their_own_errors(store):
+def test_concurrent_adds_keep_their_own_numbers_and_errors(store):
     import threading
 
     results, errors = {}, {}
@@ -135,11 +135,11 @@ def test_submission_writer_batches_waiting_requests_and_keeps_their_errors(store
     from server.store import AddRequest
     from server.submissions import SubmissionWriter
 
+    store.add("dup", {}, {}, [])
     batches: list[int] = []
     commit = store.commit
     store.commit = lambda batch: (batches.append(len(batch)), commit(batch))
     writer = SubmissionWriter(store)
-    store.add("dup", {}, {}, [])
 
     async def submit_all() -> list:
         requests = [AddRequest(f"p{i}" if i != 7 else "dup", {"i": i}, {}, [], None, False) for i in range(40)]
