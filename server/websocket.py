@@ -2,10 +2,10 @@
 
 Each client id owns an outbox (a bounded deque) drained by one sender task per connected socket, so a
 slow socket delays only itself: publishing is an append, on the event loop; worker threads hand their events
-over in bursts (one `call_soon_threadsafe` per burst). While a client is disconnected its outbox keeps filling (up to its bound);
-reconnecting with the same `clientId` resumes from there, so no event of its prompts is missed in a short
-disconnect. Events for a client id that has not connected yet are kept the same way (a script may submit
-first and connect second).
+over in bursts (one `call_soon_threadsafe` per burst). While a client is disconnected its outbox keeps
+filling (up to its bound); reconnecting with the same `clientId` resumes from there, so no event of its
+prompts is missed in a short disconnect. Events for a client id that has not connected yet are kept the
+same way (a script may submit first and connect second).
 """
 
 from __future__ import annotations
