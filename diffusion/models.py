@@ -44,8 +44,8 @@ class DiffusionModel:
     model_sampling: ModelSampling
     manager: ModelManager
     dtype: torch.dtype
-    # Decodes raw latents to images; the preview projection is fitted to it once and shared by clones.
-    preview_decode: Callable[[Tensor], Tensor] | None = None
+    # Encodes images to raw latents; the preview projection is fitted to it once and shared by clones.
+    preview_encode: Callable[[Tensor], Tensor] | None = None
     _preview: dict[str, LatentRGBProjection] = dataclasses.field(default_factory=dict, repr=False)
 
     def clone(self) -> DiffusionModel:
@@ -85,10 +85,10 @@ class DiffusionModel:
 
     def preview_image(self, x0: Tensor) -> Image.Image | None:
         """A fast RGB preview of a denoised estimate in the model's (scaled) latent space."""
-        if self.preview_decode is None:
+        if self.preview_encode is None:
             return None
         if "projection" not in self._preview:
-            self._preview["projection"] = fit_latent_rgb_projection(self.preview_decode, x0.shape[1])
+            self._preview["projection"] = fit_latent_rgb_projection(self.preview_encode)
         return latent_preview_image(x0[:1].float().cpu() / self.latent_scale, self._preview["projection"])
 
     @contextlib.contextmanager
@@ -263,7 +263,7 @@ def wrap_checkpoint(loaded: LoadedCheckpoint, manager: ModelManager, name: str =
     vae = VAEModel(ModelPatcher(loaded.vae, device, offload_device, name=f"{name} vae"), manager, vae_dtype,
                    loaded.family.vae.downscale)
     model = DiffusionModel(ModelPatcher(loaded.unet, device, offload_device, name=f"{name} unet"), loaded.family,
-                           model_sampling_for(loaded.family), manager, unet_dtype, preview_decode=vae.decode)
+                           model_sampling_for(loaded.family), manager, unet_dtype, preview_encode=vae.encode)
     clip = ClipModel(loaded.text, {key: ModelPatcher(enc.model, device, offload_device, name=f"{name} clip_{key}")
                                    for key, enc in loaded.text.encoders.items()}, manager)
     return model, clip, vae

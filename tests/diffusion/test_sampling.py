@@ -178,17 +178,19 @@ def test_model_sampling_eps_and_v(ms):
         ModelSampling(ms.schedule, "x0")
 
 
-def test_preview_projection_recovers_a_linear_decoder():
-    weight = torch.tensor([[0.3, -0.1, 0.2], [0.1, 0.4, -0.2], [-0.2, 0.1, 0.3], [0.05, 0.0, 0.1]])
-    bias = torch.tensor([0.5, 0.45, 0.4])
+def test_preview_projection_inverts_a_linear_encoder():
+    mix = torch.tensor([[0.9, -0.3, 0.2, 0.5], [0.1, 0.8, -0.4, 0.2], [-0.3, 0.2, 0.7, 0.4]])  # rgb -> 4 channels
+    offset = torch.tensor([0.1, -0.2, 0.05, 0.3])
 
-    def decode(latent):  # 8x upsampling "VAE", BHWC in 0..1 as IMAGE
-        rgb = torch.einsum("bchw,cr->bhwr", latent, weight) + bias
-        return rgb.repeat_interleave(8, dim=1).repeat_interleave(8, dim=2)
+    def encode(images):  # BHWC in 0..1 -> an 8x smaller latent, linear in the pooled colour
+        pooled = torch.nn.functional.avg_pool2d(images.movedim(-1, 1), 8)
+        return torch.einsum("bchw,cl->blhw", pooled, mix) + offset[:, None, None]
 
-    proj = fit_latent_rgb_projection(decode, 4)
-    torch.testing.assert_close(proj.weight, weight, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(proj.bias, bias, rtol=1e-4, atol=1e-4)
+    proj = fit_latent_rgb_projection(encode)
+    colours = torch.rand(5, 16, 16, 3)
+    latents = encode(colours.repeat_interleave(8, dim=1).repeat_interleave(8, dim=2))
+    recovered = torch.stack([proj(latent) for latent in latents])
+    torch.testing.assert_close(recovered, colours, rtol=1e-4, atol=1e-4)
     image = latent_preview_image(torch.randn(1, 4, 96, 80), proj, max_size=64)
     assert image.mode == "RGB" and max(image.size) == 64
     jpeg = encode_preview_jpeg(image)
