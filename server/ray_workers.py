@@ -165,17 +165,6 @@ class RayWorkerPool(QueueStatus):
         for worker in workers:
             worker.actor.free.remote(unload_models, free_memory)
 
-    def announce_end(self, item: QueueItem, entry: dict[str, Any]) -> None:
-        client_id = item.extra_data.get("client_id")
-        if client_id:
-            self.hub.publish_threadsafe(text_message("executing", {"node": None, "display_node": None,
-                                                                   "prompt_id": item.prompt_id}), client_id)
-        self.publish_status()
-        try:
-            self.on_finished(item.prompt_id, entry, item.extra_data)
-        except Exception:
-            log.exception("prompt %s: finish callback failed", item.prompt_id)
-
     def worker_stats(self) -> list[dict[str, Any]]:
         """Each worker as /system_stats shows it: where it runs, what it holds, what it runs."""
         with self.lock:

@@ -56,12 +56,13 @@ def route_event(hub: Hub, message: str | Preview, event: str, client_id: str | N
 
 
 class QueueStatus:
-    """What every worker pool (threads here, Ray actors in ray_workers) answers about the queue; a pool has
-    `work` (an Event its dispatcher waits on), `store` and `hub`."""
+    """What every worker pool (threads here, Ray actors in ray_workers) answers about the queue and does when
+    a prompt ends; a pool has `work` (an Event its dispatcher waits on), `store`, `hub` and `on_finished`."""
 
     work: threading.Event
     store: Store
     hub: Hub
+    on_finished: FinishedCallback
 
     def wake(self) -> None:
         self.work.set()
@@ -71,6 +72,18 @@ class QueueStatus:
 
     def publish_status(self) -> None:
         self.hub.publish_threadsafe(text_message("status", self.status()), None)
+
+    def announce_end(self, item: QueueItem, entry: dict[str, Any]) -> None:
+        """After the history entry is committed: `executing null`, the queue status, waiters/webhooks."""
+        client_id = item.extra_data.get("client_id")
+        if client_id:
+            self.hub.publish_threadsafe(text_message("executing", {"node": None, "display_node": None,
+                                                                   "prompt_id": item.prompt_id}), client_id)
+        self.publish_status()
+        try:
+            self.on_finished(item.prompt_id, entry, item.extra_data)
+        except Exception:
+            log.exception("prompt %s: finish callback failed", item.prompt_id)
 
 
 class WorkerPool(QueueStatus):
@@ -132,18 +145,6 @@ class WorkerPool(QueueStatus):
         for worker in self.workers:
             worker.free_request(unload_models, free_memory)
         self.wake()
-
-    def announce_end(self, item: QueueItem, entry: dict[str, Any]) -> None:
-        """After the history entry is committed: `executing null`, the queue status, waiters/webhooks."""
-        client_id = item.extra_data.get("client_id")
-        if client_id:
-            self.hub.publish_threadsafe(text_message("executing", {"node": None, "display_node": None,
-                                                                   "prompt_id": item.prompt_id}), client_id)
-        self.publish_status()
-        try:
-            self.on_finished(item.prompt_id, entry, item.extra_data)
-        except Exception:
-            log.exception("prompt %s: finish callback failed", item.prompt_id)
 
 
 def cancelled_entry(item: QueueItem) -> dict[str, Any]:
