@@ -27,19 +27,19 @@ def make_data_dir(path: Path) -> Path:
 class ServerProcess:
     """`latentloom serve --port 0` in a subprocess; `url` once it listens."""
 
-    def __init__(self, data_dir: Path, *args: str) -> None:
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.args = list(args)
+        self.env = env if env is not None else dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
-        log = self.log_path.open("ab")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--data-dir", str(self.data_dir), "serve",
-                                      "--port", "0", *self.args], cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
-                                     env=env)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--data-dir", str(self.data_dir),
+                                          "serve", "--port", "0", *self.args], cwd=ROOT, stdout=subprocess.PIPE,
+                                         stderr=log, env=self.env)
         timer = threading.Timer(timeout, self.proc.kill)
         timer.start()
         try:

@@ -88,26 +88,10 @@ class RayServer(ServerProcess):
     """The harness's server process with an environment of its own (RAY_ADDRESS and the rest)."""
 
     def __init__(self, data_dir: Path, env: dict[str, str], *args: str) -> None:
-        super().__init__(data_dir, *args)
-        self.env = env
+        super().__init__(data_dir, *args, env=env)
 
     def start(self, timeout: float = 120.0) -> RayServer:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--data-dir", str(self.data_dir),
-                                          "serve", "--port", "0", *self.args], cwd=ROOT, stdout=subprocess.PIPE,
-                                         stderr=log, env=self.env)
-        timer = threading.Timer(timeout, self.proc.kill)
-        timer.start()
-        try:
-            for raw in self.proc.stdout:
-                line = raw.decode().strip()
-                if line.startswith("listening on "):
-                    self.url = line.removeprefix("listening on ")
-                    break
-        finally:
-            timer.cancel()
-        if not self.url:
-            raise RuntimeError(f"the server did not start:\n{self.log()}")
+        super().start(timeout)
         return self
 
 

@@ -81,7 +81,9 @@ def event_names(entry):
 
 
 async def collect(ws, until_prompt, timeout=30.0):
-    """Text events and binary frames until `executing` with node null for until_prompt."""
+    """Text events and binary frames until `executing` with node null for until_prompt (a prompt id, or a
+    collection of them: until every one has ended)."""
+    open_ids = {until_prompt} if isinstance(until_prompt, str) else set(until_prompt)
     events, frames = [], []
     async with asyncio.timeout(timeout):
         async for msg in ws:
@@ -91,8 +93,10 @@ async def collect(ws, until_prompt, timeout=30.0):
             event = json.loads(msg.data)
             events.append(event)
             data = event["data"]
-            if event["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == until_prompt:
-                break
+            if event["type"] == "executing" and data.get("node") is None:
+                open_ids.discard(data.get("prompt_id"))
+                if not open_ids:
+                    break
     return events, frames
 
 

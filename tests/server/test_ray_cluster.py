@@ -27,7 +27,7 @@ from diffusion.random_checkpoints import write_random_checkpoint
 from tests.nodes.test_sd_nodes import txt2img
 from tests.server.harness import make_data_dir
 from tests.server.ray_harness import RayHead, RayServer, ray_environment, single_process_outputs
-from tests.server.test_api_flow import blocker_prompt, release, submit, wait_history
+from tests.server.test_api_flow import blocker_prompt, collect, release, submit, wait_history
 
 
 @pytest.fixture(scope="module")
@@ -79,21 +79,8 @@ def worker_running(server, prompt_id, other_than=None, timeout=120.0):
 
 async def follow(session, url, client_id, prompt_ids, timeout=300.0):
     """Every text event and binary frame this client receives until all its prompts ended."""
-    events, frames, open_ids = [], [], set(prompt_ids)
     async with session.ws_connect(f"{url}/ws?clientId={client_id}") as ws:
-        async with asyncio.timeout(timeout):
-            async for msg in ws:
-                if msg.type == aiohttp.WSMsgType.BINARY:
-                    frames.append(msg.data)
-                    continue
-                event = json.loads(msg.data)
-                events.append(event)
-                data = event["data"]
-                if event["type"] == "executing" and data.get("node") is None:
-                    open_ids.discard(data.get("prompt_id"))
-                    if not open_ids:
-                        break
-    return events, frames
+        return await collect(ws, prompt_ids, timeout)
 
 
 def test_twenty_prompts_on_two_workers_match_single_process_runs(cluster, tmp_path):
