@@ -73,7 +73,10 @@ def _cast(value: Any, spec: Input) -> Any:
         return int(value) if isinstance(value, str) and value.strip().lstrip("+-").isdigit() else int(number)
     if t == FLOAT:
         if isinstance(value, int | float | str) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError(f"{value!r} is not a finite number")
+            return number
         raise TypeError(f"{value!r} is not a number")
     if t == BOOLEAN:
         if isinstance(value, bool):

@@ -33,7 +33,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400 or exc.content_type == "application/json":
             raise
         kind = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "bad_request")
-        response = json_error(exc.status, kind, exc.reason if exc.text is None else exc.text.strip())
+        message = exc.reason if exc.text is None else exc.text.strip()
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            message = f"{request.method} is not allowed on {request.path}; allowed: {', '.join(sorted(exc.allowed_methods))}"
+        response = json_error(exc.status, kind, message)
         for name in ("Allow",):
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
@@ -47,7 +50,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def _is_loopback(host: str) -> bool:
     host = host.strip("[]").lower()
-    if host in LOOPBACK_NAMES:
+    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -64,24 +67,40 @@ def _host_port(value: str, default_port: int | None) -> tuple[str, int | None]:
 
 
 def origin_middleware(config: ServerConfig) -> Any:
-    """Refuse cross-origin requests to a loopback server (CSRF from any web page), unless allowed."""
+    """Refuse what a web page of another site could make a browser send.
+
+    Whether the server is private is decided by the address it is bound to, never by the request's own
+    `Host` header (which the page's DNS controls). A loopback server answers only requests whose `Host` is one
+    of its names (`localhost`, a loopback address, or `--allow-host`): a page that rebinds its own domain to
+    127.0.0.1 still sends its domain as `Host` and is refused (DNS rebinding). Cross-origin requests are
+    refused unless `--allow-origin` permits them, on a loopback server and on any server without a token
+    (a bearer token cannot be sent cross-origin without a preflight we do not grant).
+    """
     allowed = set(config.allow_origins)
+    allowed_hosts = {name.lower() for name in config.allow_hosts}
+    loopback = _is_loopback(config.host)
+    check_cross_origin = loopback or not config.auth_token
 
     @web.middleware
     async def check_origin(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        host_name, host_port = _host_port(host or "", None)
+        if loopback and host is not None and not _is_loopback(host_name) and host_name not in allowed_hosts:
+            return json_error(403, "forbidden_host",
+                              f"Host {host!r} is not a name of this server, which listens on {config.host} only "
+                              "(requests through other names are refused: DNS rebinding); use "
+                              f"http://{config.host}:{host_port or config.port}/ or start it with --allow-host NAME")
         origin = request.headers.get("Origin")
         permitted = False
         if origin:
             permitted = "*" in allowed or origin in allowed
-            host = request.headers.get("Host", "")
-            host_name, host_port = _host_port(host, None)
             origin_parts = urlsplit(origin)
             try:
                 origin_port = origin_parts.port or {"http": 80, "https": 443}.get(origin_parts.scheme)
             except ValueError:
                 origin_port = None
             same = (origin_parts.hostname or "").lower() == host_name and (host_port or 80) == origin_port
-            if not same and not permitted and _is_loopback(host_name or config.host):
+            if not same and not permitted and check_cross_origin:
                 return json_error(403, "forbidden_origin", f"cross-origin request from {origin} refused")
         if request.method == "OPTIONS" and origin:
             response: web.StreamResponse = web.Response()
@@ -119,6 +138,35 @@ def auth_middleware(token: str) -> Any:
     return check_token
 
 
+async def _api_methods(request: web.Request) -> set[str]:
+    """The methods the API routes (not the canvas' static files) serve at this request's path."""
+    methods: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.name not in STATIC_ROUTE_NAMES:
+            methods |= (await resource.resolve(request))[1]
+    return methods
+
+
+@web.middleware
+async def api_method_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A method an API path does not serve is a 405 whose `Allow` lists only the API's methods.
+
+    The canvas' static route matches every path for GET and HEAD, so without this `GET /interrupt` would be
+    a 404 from the static folder and `PUT /interrupt`'s `Allow` would list GET and HEAD.
+    """
+    route = request.match_info.route
+    static = route.resource is not None and route.resource.name == "canvas-static"
+    if static or isinstance(request.match_info.http_exception, web.HTTPMethodNotAllowed):
+        methods = await _api_methods(request)
+        if methods and request.method not in methods:
+            raise web.HTTPMethodNotAllowed(request.method, sorted(methods))
+    return await handler(request)
+
+
+async def _no_sniffing(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["X-Content-Type-Options"] = "nosniff"
+
+
 async def canvas_index(request: web.Request) -> web.StreamResponse:
     index = request.app[STATE].config.web_root / "index.html"
     if not index.is_file():
@@ -154,7 +202,7 @@ def api_routes() -> list[tuple[str, str, Handler]]:
 
 def create_app(config: ServerConfig, registry: NodeRegistry | None = None) -> web.Application:
     """The application, its state built (database opened, crashed prompts recovered); workers start with it."""
-    middlewares: list[Any] = [error_middleware, origin_middleware(config)]
+    middlewares: list[Any] = [error_middleware, origin_middleware(config), api_method_middleware]
     if config.auth_token:
         middlewares.append(auth_middleware(config.auth_token))
     # Room for the multipart envelope around an upload of the maximum size.
@@ -163,6 +211,8 @@ def create_app(config: ServerConfig, registry: NodeRegistry | None = None) -> we
     for method, path, handler in api_routes():
         for prefix in ("", "/api"):
             app.router.add_route(method, prefix + path, handler)
+            if method == "GET" and path != "/ws":  # HEAD is GET without the body (aiohttp leaves it out)
+                app.router.add_route("HEAD", prefix + path, handler)
     app.router.add_get("/", canvas_index, name="canvas-index")
     # The shipped workflows (the canvas opens templates/txt2img.json on first visit), read-only.
     if (ROOT / "workflows").is_dir():
@@ -170,6 +220,7 @@ def create_app(config: ServerConfig, registry: NodeRegistry | None = None) -> we
     # web/ holds the canvas and, in web/node_modules, the graph library npm installed (`npm ci --prefix web`).
     if config.web_root.is_dir():
         app.router.add_static("/", config.web_root, name="canvas-static")
+    app.on_response_prepare.append(_no_sniffing)
     app.on_startup.append(_on_startup)
     app.on_cleanup.append(_on_cleanup)
     return app

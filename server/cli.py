@@ -243,6 +243,9 @@ def add_serve_parser(sub: Any) -> None:
     serve.add_argument("--cache-bytes", type=int, default=None, help="byte budget of --cache lru")
     serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                        help="let web pages from ORIGIN (e.g. http://localhost:5173, or *) call the API; repeatable")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="another name of a loopback-bound server that requests may use as Host (e.g. a "
+                            "hosts-file alias); repeatable. Others are refused (DNS rebinding)")
     serve.add_argument("--webhook-host", action="append", default=None, metavar="HOST",
                        help="hosts extra_data.webhook may call (default: loopback only); repeatable, * for any")
     serve.add_argument("--max-upload-mb", type=float, default=100.0, help="request size limit (default 100)")
@@ -301,6 +304,7 @@ def cmd_serve(args: argparse.Namespace, env: Environment, registry: NodeRegistry
         raise CliError(f"--workers {args.workers} needs Ray: pip install 'latentloom[ray]'")
     config = ServerConfig(data_dir=env.data_dir, host=args.host, port=args.port, auth_token=args.auth_token,
                           cache=args.cache, cache_bytes=args.cache_bytes, allow_origins=args.allow_origin,
+                          allow_hosts=args.allow_host,
                           webhook_hosts=args.webhook_host or sorted(LOOPBACK_NAMES),
                           max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                           max_image_pixels=args.max_image_pixels, workers=args.workers,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sqlite3
 import uuid
 from typing import Any
 
@@ -18,14 +19,17 @@ from graph.ui_format import ui_to_api
 from graph.validation import validate_prompt
 from graph.workflow import WorkflowFormatError, is_ui_workflow
 from nodes.environment import UnsafePathError, safe_join
+from server.json_values import dumps
 from server.state import STATE, ApiError, ServerState, read_json_object
-from server.store import AddRequest, DuplicatePromptId
+from server.store import AddRequest, DuplicatePromptId, QueueItem
 from server.webhook import WebhookRefused, check_webhook_url
 
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 3600.0
 MAX_PROMPT_ID = 200
+MAX_NUMBER = 1e15  # queue positions are stored as REAL: beyond 2**53 neighbouring integers would compare equal
+MAX_QUERY_INT = 2**63 - 1  # SQLite's integers are 64-bit
 
 
 def _prompt_error(type_: str, message: str, details: str = "") -> web.Response:
@@ -37,8 +41,8 @@ def _number(body: dict[str, Any]) -> float | None:
     value = body.get("number")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ApiError(400, "invalid_number", "'number' must be a finite number")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= MAX_NUMBER:
+        raise ApiError(400, "invalid_number", f"'number' must be a number between -{MAX_NUMBER:g} and {MAX_NUMBER:g}")
     return float(value)
 
 
@@ -65,7 +69,7 @@ def check_prompt(state: ServerState, body: dict[str, Any], prompt_id: str) -> tu
         raise ApiError(400, "invalid_targets", "'partial_execution_targets' must be a list of node ids")
     validation = validate_prompt(prompt, state.registry, state.env, targets)
     if not validation.ok:
-        return web.json_response(validation.response(), status=400)
+        return web.json_response(validation.response(), status=400, dumps=dumps)
     client_id = body.get("client_id")
     if client_id is not None:
         if not isinstance(client_id, str):
@@ -112,10 +116,7 @@ async def post_prompt(request: web.Request) -> web.Response:
             _drop_waiter(state, prompt_id, future)
             return checked
         request, node_errors = checked
-        item = await state.writer.add(request)
-    except DuplicatePromptId as exc:
-        _drop_waiter(state, prompt_id, future)
-        raise ApiError(400, "duplicate_prompt_id", str(exc)) from None
+        item = await _commit(state, request)
     except BaseException:
         _drop_waiter(state, prompt_id, future)
         raise
@@ -129,7 +130,18 @@ async def post_prompt(request: web.Request) -> web.Response:
     except TimeoutError:
         _drop_waiter(state, prompt_id, future)
         return web.json_response(reply, status=202)
-    return web.json_response(dict(reply, outputs=entry["outputs"], status=entry["status"]))
+    return web.json_response(dict(reply, outputs=entry["outputs"], status=entry["status"]), dumps=dumps)
+
+
+async def _commit(state: ServerState, request: AddRequest) -> QueueItem:
+    """The writer's commit of this request; an error it got is this request's alone (see Store._write)."""
+    try:
+        return await state.writer.add(request)
+    except DuplicatePromptId as exc:
+        raise ApiError(400, "duplicate_prompt_id", str(exc)) from None
+    except (sqlite3.Error, ValueError, TypeError) as exc:  # the database refused this request's data
+        log.warning("prompt %r could not be stored: %s", request.prompt_id, exc)
+        raise ApiError(400, "invalid_prompt", f"the prompt could not be stored: {exc}") from None
 
 
 def _drop_waiter(state: ServerState, prompt_id: str, future: asyncio.Future | None) -> None:
@@ -162,7 +174,7 @@ async def get_queue(request: web.Request) -> web.Response:
     store = request.app[STATE].store
     running, pending = await asyncio.to_thread(lambda: (store.running(), store.pending()))
     return web.json_response({"queue_running": [i.wire() for i in running],
-                              "queue_pending": [i.wire() for i in pending]})
+                              "queue_pending": [i.wire() for i in pending]}, dumps=dumps)
 
 
 def _id_list(body: dict[str, Any], key: str) -> list[str] | None:
@@ -201,20 +213,20 @@ def _query_int(request: web.Request, name: str) -> int | None:
         if name == "offset":  # ComfyUI's clients send -1 for "no offset"
             return None
         raise ApiError(400, "invalid_query", f"'{name}' must not be negative")
-    return value
+    return min(value, MAX_QUERY_INT)  # more than there can be: everything, or nothing past the end
 
 
 async def get_history(request: web.Request) -> web.Response:
     state = request.app[STATE]
     max_items, offset = _query_int(request, "max_items"), _query_int(request, "offset")
-    return web.json_response(await asyncio.to_thread(state.store.history, max_items, offset))
+    return web.json_response(await asyncio.to_thread(state.store.history, max_items, offset), dumps=dumps)
 
 
 async def get_history_entry(request: web.Request) -> web.Response:
     state = request.app[STATE]
     prompt_id = request.match_info["prompt_id"]
     entry = await asyncio.to_thread(state.store.history_entry, prompt_id)
-    return web.json_response({prompt_id: entry} if entry is not None else {})
+    return web.json_response({prompt_id: entry} if entry is not None else {}, dumps=dumps)
 
 
 def delete_temp_files(state: ServerState, entries: list[dict[str, Any]]) -> int:
@@ -265,7 +277,7 @@ async def post_interrupt(request: web.Request) -> web.Response:
 
 async def post_free(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    body = await read_json_object(request, default={})
+    body = await read_json_object(request)  # {} frees nothing: the body says what to free
     state.pool.request_free(bool(body.get("unload_models")), bool(body.get("free_memory")))
     return web.Response(status=200)
 

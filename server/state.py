@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ from graph.cache import make_cache
 from graph.registry import NodeRegistry
 from nodes import build_registry
 from nodes.environment import Environment
+from server.json_values import JsonValueError, parse_json
 from server.store import Store
 from server.submissions import SubmissionWriter
 from server.webhook import WebhookSender
@@ -38,6 +38,7 @@ class ServerConfig:
     cache: str = "workflow"
     cache_bytes: int | None = None
     allow_origins: list[str] = field(default_factory=list)  # "*" allows any origin
+    allow_hosts: list[str] = field(default_factory=list)  # Host names a loopback server answers besides its own
     webhook_hosts: list[str] = field(default_factory=lambda: sorted(LOOPBACK_NAMES))
     max_upload_bytes: int = 100 << 20
     max_image_pixels: int = 64 << 20
@@ -127,19 +128,17 @@ class ApiError(Exception):
 
 
 async def read_json(request: web.Request, default: Any = None) -> Any:
-    """The request's JSON body (`default` when empty); malformed JSON is a 400 that says where."""
+    """The request's JSON body (`default` when empty); malformed or refused JSON (see json_values) is a 400 that
+    says where."""
     raw = await request.read()
     if not raw.strip():
         if default is not None:
             return default
         raise ApiError(400, "invalid_json", "the request body must be JSON")
     try:
-        return json.loads(raw)
-    except UnicodeDecodeError:
-        raise ApiError(400, "invalid_json", "the request body is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_json", f"malformed JSON: line {exc.lineno} column {exc.colno}: {exc.msg}") \
-            from None
+        return parse_json(raw)
+    except JsonValueError as exc:
+        raise ApiError(400, "invalid_json", str(exc)) from None
 
 
 async def read_json_object(request: web.Request, default: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.json_values import dumps
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queue (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -155,25 +157,20 @@ class Store:
             self._write(batch)
 
     def _write(self, batch: list[AddRequest]) -> None:
+        """One transaction for the batch; each request inside its own savepoint, so that a request the
+        database refuses fails alone and every other request of the batch is still committed."""
         db = self._db
         try:
             db.execute(f"PRAGMA synchronous={self._submit_sync}")
             db.execute("BEGIN IMMEDIATE")
             for request in batch:
-                known = db.execute("SELECT 1 FROM queue WHERE prompt_id=? UNION ALL SELECT 1 FROM history "
-                                   "WHERE prompt_id=?", (request.prompt_id, request.prompt_id)).fetchone()
-                if known:
-                    request.error = DuplicatePromptId(f"prompt_id {request.prompt_id!r} was already submitted")
-                    continue
-                counter = db.execute("INSERT INTO counters VALUES ('number', 1) ON CONFLICT(name) "
-                                     "DO UPDATE SET value = value + 1 RETURNING value").fetchone()[0]
-                chosen = request.number if request.number is not None else (-counter if request.front else counter)
-                db.execute("INSERT INTO queue (prompt_id, number, prompt, extra_data, outputs, created) "
-                           "VALUES (?, ?, ?, ?, ?, ?)",
-                           (request.prompt_id, chosen, json.dumps(request.prompt), json.dumps(request.extra_data),
-                            json.dumps(request.outputs), time.time()))
-                request.item = QueueItem(_number(chosen), request.prompt_id, request.prompt, request.extra_data,
-                                         request.outputs)
+                db.execute("SAVEPOINT request")
+                try:
+                    self._insert(db, request)
+                except (sqlite3.Error, ValueError, TypeError) as exc:  # this request's data, not the database's
+                    db.execute("ROLLBACK TO request")
+                    request.item, request.error = None, exc
+                db.execute("RELEASE request")
             length = self._count_queue()
             db.execute("COMMIT")
             self._queue_length = length
@@ -184,6 +181,23 @@ class Store:
                 request.item, request.error = None, exc if isinstance(exc, Exception) else RuntimeError(str(exc))
             if not isinstance(exc, Exception):
                 raise
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, request: AddRequest) -> None:
+        known = db.execute("SELECT 1 FROM queue WHERE prompt_id=? UNION ALL SELECT 1 FROM history "
+                           "WHERE prompt_id=?", (request.prompt_id, request.prompt_id)).fetchone()
+        if known:
+            request.error = DuplicatePromptId(f"prompt_id {request.prompt_id!r} was already submitted")
+            return
+        counter = db.execute("INSERT INTO counters VALUES ('number', 1) ON CONFLICT(name) "
+                             "DO UPDATE SET value = value + 1 RETURNING value").fetchone()[0]
+        chosen = request.number if request.number is not None else (-counter if request.front else counter)
+        db.execute("INSERT INTO queue (prompt_id, number, prompt, extra_data, outputs, created) "
+                   "VALUES (?, ?, ?, ?, ?, ?)",
+                   (request.prompt_id, chosen, dumps(request.prompt), dumps(request.extra_data),
+                    dumps(request.outputs), time.time()))
+        request.item = QueueItem(_number(chosen), request.prompt_id, request.prompt, request.extra_data,
+                                 request.outputs)
 
     def claim_next(self) -> QueueItem | None:
         """The first pending prompt, now marked running (atomically, so two workers never share one)."""
@@ -240,7 +254,7 @@ class Store:
         def finish(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM queue WHERE prompt_id=?", (prompt_id,))
             db.execute("INSERT OR REPLACE INTO history (prompt_id, entry, created) VALUES (?, ?, ?)",
-                       (prompt_id, json.dumps(entry), time.time()))
+                       (prompt_id, dumps(entry), time.time()))
         self._tx(finish)
 
     def cancel_pending(self, prompt_id: str, entry_for: Any) -> QueueItem | None:
@@ -252,7 +266,7 @@ class Store:
                 return None
             item = _item(row)
             db.execute("INSERT OR REPLACE INTO history (prompt_id, entry, created) VALUES (?, ?, ?)",
-                       (prompt_id, json.dumps(entry_for(item)), time.time()))
+                       (prompt_id, dumps(entry_for(item)), time.time()))
             return item
         return self._tx(cancel)
 
@@ -298,6 +312,6 @@ class Store:
                            "current_inputs": {}, "current_outputs": [], "timestamp": now}
                 entry = history_entry(item, {}, "error", False, [["execution_error", message]])
                 db.execute("INSERT OR REPLACE INTO history (prompt_id, entry, created) VALUES (?, ?, ?)",
-                           (item.prompt_id, json.dumps(entry), time.time()))
+                           (item.prompt_id, dumps(entry), time.time()))
             return [r["prompt_id"] for r in rows]
         return self._tx(recover)

@@ -25,6 +25,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from server.json_values import dumps
+
 log = logging.getLogger(__name__)
 
 PREVIEW_IMAGE, PREVIEW_IMAGE_WITH_METADATA = 1, 4
@@ -62,7 +64,7 @@ class Client:
 
 
 def text_message(event: str, data: dict[str, Any]) -> str:
-    return json.dumps({"type": event, "data": data}, default=str)
+    return dumps({"type": event, "data": data}, default=str)
 
 
 class Hub:
@@ -180,7 +182,7 @@ class Hub:
                 first = False
                 try:
                     data = json.loads(msg.data)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
                 if isinstance(data, dict) and data.get("type") == "feature_flags":
                     flags = data.get("data") if isinstance(data.get("data"), dict) else {}

@@ -6,13 +6,14 @@ rest of the flow (events, history, /view) stays the same.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 from PIL import Image
 
 from graph.node import Float, Int, Node, Output, Socket, String
-from graph.types import IMAGE, INT
+from graph.types import FLOAT, IMAGE, INT
 from tests.graph.testnodes import NODE_CLASSES as BASE
 
 
@@ -66,4 +67,18 @@ class WaitForFile(Node):
         return (x,)
 
 
-NODE_CLASSES = [*BASE, MakeImage, PreviewSteps, WaitForFile]
+class Power(Node):
+    """base ** exponent as a float: 10.0 ** 400 is inf, a non-finite value a real node can produce."""
+
+    category = "test"
+    inputs = [Float("base", default=10.0, min=-1e6, max=1e6), Float("exponent", default=2.0, min=-1e6, max=1e6)]
+    outputs = [Output(FLOAT)]
+
+    def execute(self, base, exponent):
+        try:
+            return (float(base) ** float(exponent),)
+        except OverflowError:
+            return (math.inf,)
+
+
+NODE_CLASSES = [*BASE, MakeImage, PreviewSteps, WaitForFile, Power]
