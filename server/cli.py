@@ -274,6 +274,8 @@ def workers_option(value: str) -> int | str:
 async def _serve(app: Any, host: str, port: int) -> None:
     from aiohttp import web
 
+    from server.state import STATE
+
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -284,6 +286,7 @@ async def _serve(app: Any, host: str, port: int) -> None:
     gc.collect()
     gc.freeze()
     address = runner.addresses[0]
+    app[STATE].config.port = int(address[1])  # --port 0: the port bound (the webhook rules refuse it)
     shown = f"[{address[0]}]" if ":" in str(address[0]) else address[0]
     print(f"listening on http://{shown}:{address[1]}", flush=True)
     stop = asyncio.Event()
@@ -305,7 +308,7 @@ def cmd_serve(args: argparse.Namespace, env: Environment, registry: NodeRegistry
     config = ServerConfig(data_dir=env.data_dir, host=args.host, port=args.port, auth_token=args.auth_token,
                           cache=args.cache, cache_bytes=args.cache_bytes, allow_origins=args.allow_origin,
                           allow_hosts=args.allow_host,
-                          webhook_hosts=args.webhook_host or sorted(LOOPBACK_NAMES),
+                          webhook_hosts=args.webhook_host,
                           max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                           max_image_pixels=args.max_image_pixels, workers=args.workers,
                           extra_model_dirs=env.extra_model_dirs)

@@ -77,7 +77,7 @@ def check_prompt(state: ServerState, body: dict[str, Any], prompt_id: str) -> tu
         extra_data["client_id"] = client_id
     if "webhook" in extra_data:
         try:
-            check_webhook_url(extra_data["webhook"], state.config.webhook_hosts)
+            check_webhook_url(extra_data["webhook"], state.config.webhook_hosts, state.config.host, state.config.port)
         except WebhookRefused as exc:
             raise ApiError(400, "webhook_refused", str(exc)) from None
     request = AddRequest(prompt_id, prompt, extra_data, list(validation.prompt.outputs), number=_number(body),

@@ -39,7 +39,7 @@ class ServerConfig:
     cache_bytes: int | None = None
     allow_origins: list[str] = field(default_factory=list)  # "*" allows any origin
     allow_hosts: list[str] = field(default_factory=list)  # Host names a loopback server answers besides its own
-    webhook_hosts: list[str] = field(default_factory=lambda: sorted(LOOPBACK_NAMES))
+    webhook_hosts: list[str] | None = None  # None: loopback names, not named explicitly (see server/webhook.py)
     max_upload_bytes: int = 100 << 20
     max_image_pixels: int = 64 << 20
     web_root: Path = ROOT / "web"
@@ -77,7 +77,7 @@ class ServerState:
                 devices = [devices[i % len(devices)] for i in range(int(config.workers))]
             self.pool = WorkerPool(self.store, self.registry, self.env, self.hub,
                                    lambda: make_cache(config.cache, config.cache_bytes), devices, self._finished)
-        self.webhooks = WebhookSender(config.webhook_hosts)
+        self.webhooks = WebhookSender(config)
         self.loop: asyncio.AbstractEventLoop | None = None
         # Validation is Python holding the GIL: two threads keep the event loop free without trading time slices
         # among dozens. The commit is the writer's (server/submissions.py).
