@@ -21,6 +21,7 @@ from PIL import Image
 
 from graph.node import Boolean, Combo, Float, Int, Node, NodeOutput, Output, Socket, String
 from graph.types import CLIP, CONDITIONING, IMAGE, LATENT
+from nodes.environment import embedding_file_names
 from nodes.image_io import next_counter, output_folder, png_metadata
 
 KEYFRAME = re.compile(r"^\s*(\d+)\s*:\s*(.*?)\s*$")
@@ -75,7 +76,8 @@ class PromptSchedule(Node):
 
     def execute(self, clip, schedule, frames, curve):
         keyframes = parse_schedule(schedule)
-        encoded = [clip.encode(prompt) for _, prompt in keyframes]
+        with embedding_file_names(clip):
+            encoded = [clip.encode(prompt) for _, prompt in keyframes]
         conds = _match_tokens([cond for cond, _ in encoded])
         pooled = [p for _, p in encoded]
         rows, pooled_rows = [], []

@@ -8,7 +8,11 @@ its folder.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,8 @@ from typing import Any
 import torch
 
 from nodes.model_paths import bundled_models_dir
+
+log = logging.getLogger(__name__)
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 MODEL_FOLDERS = ("checkpoints", "vae", "loras", "embeddings", "text_encoders", "diffusion_models",
@@ -26,18 +32,135 @@ class UnsafePathError(ValueError):
     """A name from a request or a workflow that would leave its folder."""
 
 
-def safe_join(root: Path, *parts: str) -> Path:
-    """`root/parts...`, refusing absolute parts, `..`, and symlinks that resolve outside `root`."""
+def check_name_parts(*parts: str) -> None:
+    """Refuse names that leave their folder as written: absolute, `..`, NUL (symlinks are safe_join's)."""
     for part in parts:
         if not isinstance(part, str) or "\0" in part:
             raise UnsafePathError(f"invalid path component {part!r}")
         if Path(part).is_absolute() or part.startswith(("/", "\\")) or ".." in Path(part.replace("\\", "/")).parts:
             raise UnsafePathError(f"path {part!r} may not leave its folder")
+
+
+def is_inside(path: str | Path, root_real: str) -> bool:
+    """Whether `path`, every symlink resolved, is `root_real` (a realpath) or lies under it."""
+    real = os.path.realpath(path)
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def safe_join(root: Path, *parts: str) -> Path:
+    """`root/parts...`, refusing absolute parts, `..`, and symlinks that resolve outside `root`. Messages name
+    the parts, never the folder's absolute path."""
+    check_name_parts(*parts)
     root_resolved = root.resolve()
     path = root_resolved.joinpath(*parts).resolve()
     if path != root_resolved and root_resolved not in path.parents:
-        raise UnsafePathError(f"path {'/'.join(parts)!r} resolves outside {root}")
+        raise UnsafePathError(f"path {'/'.join(parts)!r} resolves outside its folder")
     return path
+
+
+def list_files(root: Path, extensions: Iterable[str], recursive: bool = True) -> list[str]:
+    """Names of the files under `root` with one of the extensions, relative to it with "/", sorted. An entry that
+    resolves outside `root` (a symlink to /etc/passwd or ~/.ssh, a linked folder elsewhere) is neither listed nor
+    entered; symlinks that stay inside are followed, except into a folder they are already in (a cycle)."""
+    suffixes = {e.lower() for e in extensions}
+    root_real = os.path.realpath(root)
+    if not os.path.isdir(root_real):
+        return []
+    names: list[str] = []
+    pending: list[tuple[str, str, frozenset[str]]] = [(str(root), "", frozenset({root_real}))]
+    while pending:
+        folder, prefix, chain = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_symlink() and not is_inside(entry.path, root_real):
+                    log.debug("not listed: %s%s leads outside its folder", prefix, entry.name)
+                    continue
+                if entry.is_dir():
+                    real = os.path.realpath(entry.path)
+                    if recursive and real not in chain:
+                        pending.append((entry.path, f"{prefix}{entry.name}/", chain | {real}))
+                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in suffixes:
+                    names.append(prefix + entry.name)
+            except OSError:
+                continue
+    return sorted(names)
+
+
+# How messages name a folder: (absolute path, prefix for paths under it, the folder's own name), longest first.
+FolderNames = Sequence[tuple[str, str, str]]
+
+
+def folder_names(labels: Iterable[tuple[str | Path, str]]) -> list[tuple[str, str, str]]:
+    """FolderNames for (folder, label) pairs: `folder/x` becomes `label/x` (just `x` for an empty label), both as
+    given (made absolute) and with symlinks resolved."""
+    names: dict[str, tuple[str, str]] = {}
+    for folder, label in labels:
+        for form in (os.path.abspath(folder), os.path.realpath(folder)):
+            if len(form.rstrip(os.sep)) > 1:
+                names.setdefault(form.rstrip(os.sep), (f"{label}/" if label else "", label or "<data directory>"))
+    return [(folder, prefix, bare) for folder, (prefix, bare) in sorted(names.items(), key=lambda kv: -len(kv[0]))]
+
+
+def name_paths(text: str, names: FolderNames) -> str:
+    """`text` with every absolute path under the named folders replaced by its public name."""
+    for folder, prefix, bare in names:
+        pattern = re.escape(folder) + r"(?:[/\\]|(?![\w.\-]))"
+        text = re.sub(pattern, lambda m, p=prefix, b=bare: p if m.group().endswith(("/", "\\")) else b, text)
+    return text
+
+
+def _chain_texts(exc: BaseException) -> Iterator[str]:
+    """The messages and notes that a traceback of `exc` shows: its own and those of its causes and contexts."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield str(current)
+        yield from (str(note) for note in getattr(current, "__notes__", ()))
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+
+
+def renamed_error(exc: BaseException, names: FolderNames) -> BaseException:
+    """`exc` itself when neither it nor its chain names a path under the folders; else an exception of the same
+    type (ValueError if that cannot be made from a message) whose message and notes name the files publicly,
+    its chain dropped (the original goes to the debug log)."""
+    if not any(name_paths(text, names) != text for text in _chain_texts(exc)):
+        return exc
+    message = name_paths(str(exc), names)
+    try:
+        renamed = type(exc)(message)
+    except Exception:
+        renamed = ValueError(message)
+    if str(renamed) != message:
+        renamed = ValueError(message)
+    for note in getattr(exc, "__notes__", ()):
+        renamed.add_note(name_paths(str(note), names))
+    log.debug("error renamed for users: %s", message, exc_info=exc)
+    return renamed
+
+
+@contextmanager
+def naming_files(names: FolderNames) -> Iterator[None]:
+    """Errors raised inside name files relative to the folders (see renamed_error), never by absolute path."""
+    try:
+        yield
+    except Exception as exc:
+        renamed = renamed_error(exc, names)
+        if renamed is exc:
+            raise
+        raise renamed from None
+
+
+
+def embedding_file_names(clip: Any) -> Any:
+    """A context in which errors name a CLIP handle's embedding files inside their folder (`embeddings/x.pt`),
+    never by absolute path (text encoding reads them)."""
+    dirs = getattr(getattr(clip, "text", None), "embedding_dirs", None) or ()
+    return naming_files(folder_names((folder, "embeddings") for folder in dirs))
 
 
 @dataclass
@@ -66,26 +189,57 @@ class Environment:
 
     def list_models(self, kind: str) -> list[str]:
         """Model files of a kind, as names relative to their folder (subfolders with "/"), read afresh
-        each time so that files added or removed show up at once."""
+        each time so that files added or removed show up at once; never a symlink leading out of its folder."""
         names: set[str] = set()
         for folder in self.model_dirs(kind):
-            if not folder.is_dir():
-                continue
-            for path in folder.rglob("*"):
-                if path.suffix.lower() in MODEL_EXTENSIONS and path.is_file():
-                    names.add(path.relative_to(folder).as_posix())
+            names.update(list_files(folder, MODEL_EXTENSIONS))
         return sorted(names)
 
+    def list_input_files(self, extensions: Iterable[str]) -> list[str]:
+        """Files of the input folder (not its subfolders) with one of the extensions; never a symlink leading out."""
+        return list_files(self.input_dir, extensions, recursive=False)
+
     def find_model(self, kind: str, name: str) -> Path:
-        """The file for a model name from a workflow; never outside the model folders."""
+        """The file for a model name from a workflow, from the first folder that has it; never outside the
+        model folders (a symlink there that leads out is skipped). Errors name folders publicly."""
+        try:
+            check_name_parts(name)
+        except UnsafePathError as exc:
+            raise ValueError(f"{kind} model {name!r}: {exc}") from None
+        refused: UnsafePathError | None = None
         for folder in self.model_dirs(kind):
             try:
                 path = safe_join(folder, name)
             except UnsafePathError as exc:
-                raise ValueError(f"{kind} model {name!r}: {exc}") from None
+                refused = exc
+                continue
             if path.is_file():
                 return path
-        raise ValueError(f"{kind} model {name!r} not found in {', '.join(str(d) for d in self.model_dirs(kind))}")
+        if refused is not None:
+            raise ValueError(f"{kind} model {name!r}: {refused}")
+        shown = ", ".join(self.public_name(d) for d in self.model_dirs(kind))
+        raise ValueError(f"{kind} model {name!r} not found in {shown}")
+
+    def folder_names(self) -> list[tuple[str, str, str]]:
+        """How messages name this environment's folders: the data directory's files relative to it
+        (`models/checkpoints/x.safetensors`, `input/a.png`), extra model folders by kind and folder name
+        (`<extra checkpoints: Stable-diffusion>/x.safetensors`), the repository's models as `<bundled models>`."""
+        labels: list[tuple[str | Path, str]] = [(self.data_dir, ""), (bundled_models_dir(), "<bundled models>")]
+        if self.output_dir_override is not None:
+            labels.append((self.output_dir_override, "output"))
+        for kind, folders in self.extra_model_dirs.items():
+            labels += [(folder, f"<extra {kind}: {Path(folder).name}>") for folder in folders]
+        return folder_names(labels)
+
+    def public_name(self, path: str | Path) -> str:
+        """A path as messages may show it (see folder_names); a path outside every folder by its name only."""
+        text = os.path.abspath(path)
+        named = name_paths(text, self.folder_names())
+        return Path(text).name if named == text else named
+
+    def naming_files(self) -> Any:
+        """A context in which errors name this environment's files publicly (see naming_files)."""
+        return naming_files(self.folder_names())
 
     @property
     def models_dir(self) -> Path:

@@ -29,9 +29,8 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 
 
 def list_input_images(env: Environment | None) -> list[str]:
-    if env is None or not env.input_dir.is_dir():
-        return []
-    return sorted(p.name for p in env.input_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The input folder's images, never a symlink that leads out of it (see Environment.list_input_files)."""
+    return env.list_input_files(IMAGE_EXTENSIONS) if env is not None else []
 
 
 def open_image(path: Path) -> Image.Image:

@@ -61,7 +61,8 @@ def load_checkpoint_handles(env: Environment, name: str) -> tuple[DiffusionModel
     key = ("checkpoint", *_file_key(path))
     if key not in env.model_cache:
         manager = env.model_manager()
-        loaded = load_checkpoint(path, dtype=pick_dtype(manager.device))
+        with env.naming_files():  # diffusion's errors name the file by its absolute path
+            loaded = load_checkpoint(path, dtype=pick_dtype(manager.device))
         loaded.text.embedding_dirs = [str(d) for d in env.model_dirs("embeddings")]
         env.model_cache[key] = wrap_checkpoint(loaded, manager, name=Path(name).stem)
     return env.model_cache[key]
@@ -95,7 +96,8 @@ class VAELoader(_ModelFileNode):
         key = ("vae", *_file_key(path))
         if key not in env.model_cache:
             manager = env.model_manager()
-            vae = load_vae(path, dtype=pick_dtype(manager.device, for_vae=True))
+            with env.naming_files():
+                vae = load_vae(path, dtype=pick_dtype(manager.device, for_vae=True))
             dtype = next(vae.parameters()).dtype
             patcher = ModelPatcher(vae, manager.device, "cpu", name=Path(vae_name).stem)
             env.model_cache[key] = VAEModel(patcher, manager, dtype, vae.config.downscale)
@@ -106,7 +108,8 @@ def _lora(env: Environment, name: str) -> tuple[str, dict[str, torch.Tensor]]:
     path = env.find_model("loras", name)
     key = ("lora", *_file_key(path))
     if key not in env.model_cache:
-        env.model_cache[key] = load_lora(path)
+        with env.naming_files():
+            env.model_cache[key] = load_lora(path)
     return Path(name).stem, env.model_cache[key]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from graph.node import Float, Int, Node, Output, Socket, String
 from graph.types import CLIP, CONDITIONING
+from nodes.environment import embedding_file_names
 from nodes.tensor_ops import MAX_RESOLUTION
 
 
@@ -11,6 +12,11 @@ def _clip_or_error(clip, node: str):
     if clip is None:
         raise ValueError(f"{node}: the clip input is empty; connect the CLIP output of a checkpoint loader")
     return clip
+
+
+def _encode(clip, text):
+    with embedding_file_names(clip):
+        return clip.encode(text)
 
 
 def _prompt(name: str = "text") -> String:
@@ -26,7 +32,7 @@ class CLIPTextEncode(Node):
     outputs = [Output(CONDITIONING, tooltip="The encoded prompt.")]
 
     def execute(self, text, clip):
-        cond, pooled = _clip_or_error(clip, "CLIPTextEncode").encode(text)
+        cond, pooled = _encode(_clip_or_error(clip, "CLIPTextEncode"), text)
         return ([(cond, {"pooled_output": pooled})],)
 
 
@@ -45,7 +51,7 @@ class CLIPTextEncodeSDXL(Node):
         clip = _clip_or_error(clip, "CLIPTextEncodeSDXL")
         if set(clip.text.encoders) != {"g", "l"}:
             raise ValueError("CLIPTextEncodeSDXL needs an SDXL base checkpoint's CLIP (CLIP-L and bigG)")
-        cond, pooled = clip.encode({"g": text_g, "l": text_l})
+        cond, pooled = _encode(clip, {"g": text_g, "l": text_l})
         return ([(cond, {"pooled_output": pooled, "width": width, "height": height, "crop_w": crop_w,
                          "crop_h": crop_h, "target_width": target_width, "target_height": target_height})],)
 
@@ -58,7 +64,7 @@ class CLIPTextEncodeSDXLRefiner(Node):
     outputs = [Output(CONDITIONING)]
 
     def execute(self, ascore, width, height, text, clip):
-        cond, pooled = _clip_or_error(clip, "CLIPTextEncodeSDXLRefiner").encode(text)
+        cond, pooled = _encode(_clip_or_error(clip, "CLIPTextEncodeSDXLRefiner"), text)
         return ([(cond, {"pooled_output": pooled, "aesthetic_score": ascore, "width": width,
                          "height": height})],)
 

@@ -24,7 +24,7 @@ from diffusion.models import ClipModel, DiffusionModel, VAEModel
 from diffusion.patcher import LoraDelta
 from graph.node import Float, Input, Int, Node, Output, Socket, String
 from graph.types import CLIP, IMAGE, MODEL, STRING, VAE
-from nodes.environment import safe_join
+from nodes.environment import embedding_file_names, safe_join
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ def encode_inputs(model: DiffusionModel, clip: ClipModel, vae: VAEModel, images:
                   ) -> tuple[Tensor, Tensor, list[dict[str, Tensor]]]:
     """Scaled latents [B, C, h, w], text contexts [B, T, D] and per-image extra conditioning (SDXL's y)."""
     latents = vae.encode(images).float() * model.latent_scale
-    encoded = [clip.encode(c) for c in captions]
+    with embedding_file_names(clip):
+        encoded = [clip.encode(c) for c in captions]
     tokens = max(cond.shape[1] for cond, _ in encoded)
     contexts = torch.cat([F.pad(cond, (0, 0, 0, tokens - cond.shape[1])) for cond, _ in encoded])
     extras = [model.extra_cond({"pooled_output": pooled}, latents[i:i + 1]) for i, (_, pooled) in enumerate(encoded)]

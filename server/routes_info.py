@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from aiohttp import web
 
-from nodes.environment import MODEL_FOLDERS, ram_bytes
+from nodes.environment import MODEL_FOLDERS, list_files, ram_bytes
 from server.state import STATE, ApiError, ServerState
 
 # The version of ComfyUI whose wire contract this server follows (clients read it from /system_stats).
@@ -50,11 +50,7 @@ def model_files(state: ServerState, kind: str) -> list[str]:
     """Relative paths of the model files of a kind, in every folder searched for it (sorted, unique)."""
     names: set[str] = set()
     for folder in state.env.model_dirs(kind):
-        if not folder.is_dir():
-            continue
-        for path in folder.rglob("*"):
-            if path.is_file() and path.suffix.lower() in MODEL_EXTENSIONS:
-                names.add(path.relative_to(folder).as_posix())
+        names.update(list_files(folder, MODEL_EXTENSIONS))  # never a symlink leading out of the folder
     return sorted(names)
 
 
