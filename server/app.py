@@ -35,7 +35,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         kind = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "bad_request")
         message = exc.reason if exc.text is None else exc.text.strip()
         if isinstance(exc, web.HTTPMethodNotAllowed):
-            message = f"{request.method} is not allowed on {request.path}; allowed: {', '.join(sorted(exc.allowed_methods))}"
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            message = f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
         response = json_error(exc.status, kind, message)
         for name in ("Allow",):
             if name in exc.headers:

@@ -10,25 +10,58 @@ from typing import Any
 from aiohttp import web
 
 OBJ = {"type": "object"}
+STRING = {"type": "string"}
+STRINGS = {"type": "array", "items": STRING}
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {
+    "error": {"type": "object", "required": ["type", "message", "details", "extra_info"], "properties": {
+        "type": STRING, "message": STRING, "details": STRING, "extra_info": OBJ}},
+    "node_errors": {"type": "object", "description": "validation errors per node id"}}}
 ERROR = {"description": "error: {error: {type, message, details, extra_info}}",
-         "content": {"application/json": {"schema": OBJ}}}
+         "content": {"application/json": {"schema": ERROR_SCHEMA}}}
 
 
 def _ok(description: str, schema: dict[str, Any] | None = None, media: str = "application/json") -> dict[str, Any]:
     return {"description": description, "content": {media: {"schema": schema or OBJ}}}
 
 
-def _query(name: str, description: str, type_: str = "string") -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "description": description, "schema": {"type": type_}}
+def _query(name: str, description: str, type_: str = "string", **schema: Any) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": {"type": type_, **schema}}
 
 
-def _path(name: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+def _path(name: str, **schema: Any) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", **schema}}
 
 
-def _body(description: str) -> dict[str, Any]:
-    return {"required": True, "description": description, "content": {"application/json": {"schema": OBJ}}}
+def _body(description: str, schema: dict[str, Any] | None = None, required: bool = True) -> dict[str, Any]:
+    return {"required": required, "description": description,
+            "content": {"application/json": {"schema": schema or OBJ}}}
 
+
+def _object(required: list[str] | None = None, **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "required": required or [], "properties": properties}
+
+
+def _nullable(type_: str, **schema: Any) -> dict[str, Any]:
+    """An optional field: null means the same as leaving it out (as ComfyUI's clients assume)."""
+    return {"type": [type_, "null"], **schema}
+
+
+ERRORS = {"400": ERROR, "403": ERROR, "405": ERROR}
+DONE = {"description": "done"}
+PROMPT_BODY = _object(
+    ["prompt"], prompt={"type": "object", "description": "API-format graph {node_id: {class_type, inputs}} or a "
+                                                         "UI-format workflow"},
+    client_id=_nullable("string"), prompt_id=_nullable("string", maxLength=200), extra_data=_nullable("object"),
+    front=_nullable("boolean"), number=_nullable("number", minimum=-1e15, maximum=1e15),
+    partial_execution_targets=_nullable("array", items={"type": ["string", "integer"]}))
+PROMPT_REPLY = _object(["prompt_id", "number", "node_errors"], prompt_id=STRING, number={"type": "number"},
+                       node_errors=OBJ, outputs=OBJ, status=OBJ)
+QUEUE_ITEM = {"type": "array", "description": "[number, prompt_id, prompt, extra_data, outputs]",
+              "minItems": 5, "maxItems": 5}
+HISTORY_ENTRY = _object(["prompt", "outputs", "status"], prompt={"type": "array"}, outputs=OBJ, status=OBJ, meta=OBJ)
+HISTORY = {"type": "object", "additionalProperties": HISTORY_ENTRY}
+CHANGE_BODY = _object(clear=_nullable("boolean"), delete=_nullable("array", items=STRING))
 
 UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {"type": "object", "properties": {
     "image": {"type": "string", "format": "binary"}, "type": {"enum": ["input", "temp", "output"]},
@@ -39,38 +72,50 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/prompt"): {
         "summary": "Queue a prompt (API or UI format). Body: prompt, client_id, prompt_id, extra_data (webhook), "
                    "front, number, partial_execution_targets.",
-        "parameters": [_query("wait", "seconds to wait for the result (202 on timeout)", "number")],
+        "parameters": [_query("wait", "seconds to wait for the result (202 on timeout)", "number", minimum=0)],
         "requestBody": _body("{prompt, client_id?, prompt_id?, extra_data?, front?, number?, "
-                             "partial_execution_targets?}"),
-        "responses": {"200": _ok("{prompt_id, number, node_errors} (+ outputs, status with ?wait)"),
-                      "202": _ok("still running after ?wait: {prompt_id, number, node_errors}"),
-                      "400": ERROR}},
-    ("GET", "/prompt"): {"summary": "Queue size", "responses": {"200": _ok("{exec_info: {queue_remaining}}")}},
+                             "partial_execution_targets?}; strings must be valid Unicode, numbers finite",
+                             PROMPT_BODY),
+        "responses": {"200": _ok("{prompt_id, number, node_errors} (+ outputs, status with ?wait)", PROMPT_REPLY),
+                      "202": _ok("still running after ?wait: {prompt_id, number, node_errors}", PROMPT_REPLY),
+                      **ERRORS}},
+    ("GET", "/prompt"): {"summary": "Queue size", "responses": {
+        "200": _ok("{exec_info: {queue_remaining}}", _object(
+            ["exec_info"], exec_info=_object(["queue_remaining"], queue_remaining={"type": "integer"})))}},
     ("DELETE", "/prompt/{prompt_id}"): {
         "summary": "Cancel one pending or running prompt", "parameters": [_path("prompt_id")],
-        "responses": {"200": _ok("{prompt_id, cancelled: pending|running}"), "404": ERROR}},
+        "responses": {"200": _ok("{prompt_id, cancelled: pending|running}",
+                                 _object(["prompt_id", "cancelled"], prompt_id=STRING,
+                                         cancelled={"enum": ["pending", "running"]})),
+                      "404": ERROR, **ERRORS}},
     ("GET", "/queue"): {"summary": "Running and pending prompts",
-                        "responses": {"200": _ok("{queue_running: [item], queue_pending: [item]}")}},
+                        "responses": {"200": _ok("{queue_running: [item], queue_pending: [item]}",
+                                                 _object(["queue_running", "queue_pending"],
+                                                         queue_running={"type": "array", "items": QUEUE_ITEM},
+                                                         queue_pending={"type": "array", "items": QUEUE_ITEM}))}},
     ("POST", "/queue"): {"summary": "Clear the queue and/or delete pending prompts",
-                         "requestBody": _body("{clear?: bool, delete?: [prompt_id]}"),
-                         "responses": {"200": {"description": "done"}, "400": ERROR}},
+                         "requestBody": _body("{clear?: bool, delete?: [prompt_id]}", CHANGE_BODY),
+                         "responses": {"200": DONE, **ERRORS}},
     ("GET", "/history"): {"summary": "History entries, oldest first",
                           "parameters": [_query("max_items", "at most this many (the newest without offset)",
-                                                "integer"),
-                                         _query("offset", "skip this many of the oldest", "integer")],
-                          "responses": {"200": _ok("{prompt_id: entry}"), "400": ERROR}},
+                                                "integer", minimum=0),
+                                         _query("offset", "skip this many of the oldest (negative: none)", "integer")],
+                          "responses": {"200": _ok("{prompt_id: entry}", HISTORY), **ERRORS}},
     ("GET", "/history/{prompt_id}"): {"summary": "One history entry ({} while queued or unknown)",
                                       "parameters": [_path("prompt_id")],
-                                      "responses": {"200": _ok("{prompt_id: entry}")}},
+                                      "responses": {"200": _ok("{prompt_id: entry}", HISTORY), **ERRORS}},
     ("POST", "/history"): {"summary": "Clear history and/or delete entries (and their temp files)",
-                           "requestBody": _body("{clear?: bool, delete?: [prompt_id]}"),
-                           "responses": {"200": {"description": "done"}, "400": ERROR}},
+                           "requestBody": _body("{clear?: bool, delete?: [prompt_id]}", CHANGE_BODY),
+                           "responses": {"200": DONE, **ERRORS}},
     ("POST", "/interrupt"): {"summary": "Interrupt the running prompt(s), or only prompt_id if it is running",
-                             "requestBody": {"required": False, "content": {"application/json": {"schema": OBJ}}},
-                             "responses": {"200": {"description": "done"}, "400": ERROR}},
+                             "requestBody": _body("{prompt_id?} or nothing", _object(prompt_id=_nullable("string")),
+                                                  False),
+                             "responses": {"200": DONE, **ERRORS}},
     ("POST", "/free"): {"summary": "Unload models / free cached outputs after the current prompt",
-                        "requestBody": _body("{unload_models?: bool, free_memory?: bool}"),
-                        "responses": {"200": {"description": "done"}}},
+                        "requestBody": _body("{unload_models?: bool, free_memory?: bool}",
+                                             _object(unload_models=_nullable("boolean"),
+                                                     free_memory=_nullable("boolean"))),
+                        "responses": {"200": DONE, **ERRORS}},
     ("GET", "/view"): {
         "summary": "A file from input/output/temp",
         "parameters": [_query("filename", "file name (may end with ' [output]' etc.)"),
@@ -100,18 +145,22 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                                            "parameters": [_path("node_class")],
                                            "responses": {"200": _ok("{class: node_info}")}},
     ("GET", "/system_stats"): {"summary": "System and device information",
-                               "responses": {"200": _ok("{system, devices}")}},
-    ("GET", "/embeddings"): {"summary": "Embedding names", "responses": {"200": _ok("[name]", {"type": "array"})}},
-    ("GET", "/models"): {"summary": "Model folder names", "responses": {"200": _ok("[folder]", {"type": "array"})}},
+                               "responses": {"200": _ok("{system, devices}", _object(
+                                   ["system", "devices"], system=OBJ, devices={"type": "array"}))}},
+    ("GET", "/embeddings"): {"summary": "Embedding names", "responses": {"200": _ok("[name]", STRINGS)}},
+    ("GET", "/models"): {"summary": "Model folder names", "responses": {"200": _ok("[folder]", STRINGS)}},
     ("GET", "/models/{folder}"): {"summary": "Model files in a folder", "parameters": [_path("folder")],
-                                  "responses": {"200": _ok("[file]", {"type": "array"}), "404": ERROR}},
+                                  "responses": {"200": _ok("[file]", STRINGS), "404": ERROR}},
     ("GET", "/features"): {"summary": "Server feature flags",
-                           "responses": {"200": _ok("{supports_preview_metadata, max_upload_size}")}},
+                           "responses": {"200": _ok("{supports_preview_metadata, max_upload_size}", _object(
+                               ["supports_preview_metadata", "max_upload_size"],
+                               supports_preview_metadata={"type": "boolean"}, max_upload_size={"type": "integer"}))}},
     ("GET", "/openapi.json"): {"summary": "This document", "responses": {"200": _ok("OpenAPI 3.1")}},
     ("GET", "/ws"): {"summary": "WebSocket of events ({type, data} text frames, binary previews)",
                      "parameters": [_query("clientId", "resume this client's stream"),
                                     _query("token", "auth token")],
-                     "responses": {"101": {"description": "switching protocols"}}},
+                     "responses": {"101": {"description": "switching protocols"},
+                                   "400": ERROR}},
 }
 
 

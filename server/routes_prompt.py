@@ -57,6 +57,8 @@ def check_prompt(state: ServerState, body: dict[str, Any], prompt_id: str) -> tu
     if not isinstance(extra_data, dict):
         raise ApiError(400, "invalid_extra_data", "'extra_data' must be a JSON object")
     extra_data = dict(extra_data)
+    if body.get("front") is not None and not isinstance(body["front"], bool):
+        raise ApiError(400, "invalid_request", "'front' must be true or false")
     if is_ui_workflow(prompt):
         pnginfo = extra_data.get("extra_pnginfo") if isinstance(extra_data.get("extra_pnginfo"), dict) else {}
         extra_data["extra_pnginfo"] = {"workflow": prompt, **pnginfo}
@@ -177,6 +179,13 @@ async def get_queue(request: web.Request) -> web.Response:
                               "queue_pending": [i.wire() for i in pending]}, dumps=dumps)
 
 
+def _flag(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, "invalid_request", f"'{key}' must be true or false")
+    return bool(value)
+
+
 def _id_list(body: dict[str, Any], key: str) -> list[str] | None:
     value = body.get(key)
     if value is None:
@@ -189,10 +198,10 @@ def _id_list(body: dict[str, Any], key: str) -> list[str] | None:
 async def post_queue(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json_object(request)
-    delete = _id_list(body, "delete")
+    clear, delete = _flag(body, "clear"), _id_list(body, "delete")
 
     def change() -> None:
-        if body.get("clear"):
+        if clear:
             state.store.clear_pending()
         if delete:
             state.store.delete_pending(delete)
@@ -203,7 +212,7 @@ async def post_queue(request: web.Request) -> web.Response:
 
 def _query_int(request: web.Request, name: str) -> int | None:
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return None
     try:
         value = int(raw)
@@ -251,11 +260,11 @@ def delete_temp_files(state: ServerState, entries: list[dict[str, Any]]) -> int:
 async def post_history(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json_object(request)
-    delete = _id_list(body, "delete")
+    clear, delete = _flag(body, "clear"), _id_list(body, "delete")
 
     def change() -> None:
         deleted = []
-        if body.get("clear"):
+        if clear:
             deleted += state.store.delete_history(None)
         if delete:
             deleted += state.store.delete_history(delete)
@@ -278,7 +287,7 @@ async def post_interrupt(request: web.Request) -> web.Response:
 async def post_free(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json_object(request)  # {} frees nothing: the body says what to free
-    state.pool.request_free(bool(body.get("unload_models")), bool(body.get("free_memory")))
+    state.pool.request_free(_flag(body, "unload_models"), _flag(body, "free_memory"))
     return web.Response(status=200)
 
 
