@@ -143,6 +143,12 @@ def renamed_error(exc: BaseException, names: FolderNames) -> BaseException:
     return renamed
 
 
+def message_naming(exc: BaseException, folder: str | Path, label: str) -> str:
+    """str(exc) naming the files in `folder` as `label/name` (just `name` for an empty label), never by absolute
+    path: PIL and the OS put the paths they were given in their messages."""
+    return name_paths(str(exc), folder_names([(folder, label)]))
+
+
 @contextmanager
 def naming_files(names: FolderNames) -> Iterator[None]:
     """Errors raised inside name files relative to the folders (see renamed_error), never by absolute path."""

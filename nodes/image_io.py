@@ -23,7 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from graph.node import Combo, Node, NodeOutput, Output, Socket, String
 from graph.types import IMAGE, MASK
-from nodes.environment import Environment, UnsafePathError, safe_join
+from nodes.environment import Environment, UnsafePathError, message_naming, safe_join
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -42,7 +42,7 @@ def open_image(path: Path) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ValueError(f"{path.name}: refused, the image is too large to decode safely ({exc})") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{path.name}: not a readable image ({exc})") from None
+        raise ValueError(f"{path.name}: not a readable image ({message_naming(exc, path.parent, '')})") from None
 
 
 def _frame_rgb_and_alpha(frame: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:

@@ -10,8 +10,8 @@ import pytest
 from server.webhook import WebhookRefused, WebhookSender, _CheckedResolver, check_webhook_url, is_loopback_host
 from tests.server.test_api_flow import sum_prompt
 
-NAMES = {"localhost": ["127.0.0.1", "::1"], "hook.test": ["127.0.0.1"], "mapped.test": ["::ffff:127.0.0.1"], "any.test": ["0.0.0.0"],
-         "far.test": ["203.0.113.7"], "split.test": ["203.0.113.7", "127.0.0.1"]}
+NAMES = {"localhost": ["127.0.0.1", "::1"], "hook.test": ["127.0.0.1"], "mapped.test": ["::ffff:127.0.0.1"],
+         "any.test": ["0.0.0.0"], "far.test": ["203.0.113.7"], "split.test": ["203.0.113.7", "127.0.0.1"]}
 
 
 def fake_resolve(host: str, port: int) -> list[str]:
