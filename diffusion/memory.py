@@ -6,11 +6,16 @@ a node runs them. They stay there after the node ("smart memory") until another 
 the least recently used ones go back. A model larger than the free memory can still run in low-memory mode:
 as many of its layers as fit stay on the device and each of the others is copied there just for its own
 forward.
+
+Several worker threads share one manager. Its bookkeeping is under one lock, and a module that a caller of
+`use` runs is held for it (sharing.py): another caller that wants a different patch set of the same module
+waits until the block ends, so a running prompt's weights never change under it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,6 +26,7 @@ from torch import nn
 
 from .devices import free_memory
 from .patcher import ModelPatcher
+from .sharing import ModuleGates
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,7 @@ class LayerStreamer:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._resting: dict[nn.Module, list[tuple[str, Tensor]]] = {}
         self._depth: dict[nn.Module, int] = {}
+        self._lock = threading.Lock()  # threads holding the same patch set run the module at the same time
         self.resident_nbytes = 0
         for module in model.modules():
             own = _own_tensors(module)
@@ -82,23 +89,25 @@ class LayerStreamer:
 
     @torch.no_grad()
     def _bring(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        depth = self._depth.get(module, 0)
-        self._depth[module] = depth + 1
-        if depth == 0:  # a copy even when the devices are the same, so the resting weights stay untouched
-            own = _own_tensors(module)
-            self._resting[module] = [(n, t.data) for n, t in own]
-            for name, t in own:
-                _set_tensor(module, name, t.data.to(self.device, copy=True))
+        with self._lock:
+            depth = self._depth.get(module, 0)
+            self._depth[module] = depth + 1
+            if depth == 0:  # a copy even when the devices are the same, so the resting weights stay untouched
+                own = _own_tensors(module)
+                self._resting[module] = [(n, t.data) for n, t in own]
+                for name, t in own:
+                    _set_tensor(module, name, t.data.to(self.device, copy=True))
         args = tuple(_to_device(a, self.device) for a in args)
         kwargs = {k: _to_device(v, self.device) for k, v in kwargs.items()}
         return args, kwargs
 
     def _drop(self, module: nn.Module, args: tuple, output: object) -> None:
-        depth = self._depth.get(module, 1) - 1
-        self._depth[module] = depth
-        if depth == 0 and module in self._resting:
-            for name, resting in self._resting.pop(module):
-                _set_tensor(module, name, resting)
+        with self._lock:
+            depth = self._depth.get(module, 1) - 1
+            self._depth[module] = depth
+            if depth == 0 and module in self._resting:
+                for name, resting in self._resting.pop(module):
+                    _set_tensor(module, name, resting)
 
     def remove(self, offload_device: torch.device) -> None:
         """Take the hooks off and put the resident layers back on `offload_device`."""
@@ -142,9 +151,12 @@ class ModelManager:
         self.memory_probe = memory_probe
         self.reserve_bytes = reserve_bytes
         self._loaded: OrderedDict[int, LoadedModel] = OrderedDict()  # least recently used first
+        self._lock = threading.RLock()  # the bookkeeping above and the moves and patches it records
+        self.gates = ModuleGates()  # who runs which module with which patch set now
 
     def loaded_nbytes(self) -> int:
-        return sum(entry.nbytes for entry in self._loaded.values())
+        with self._lock:
+            return sum(entry.nbytes for entry in self._loaded.values())
 
     def available(self) -> int:
         """Bytes the compute device can still take for models."""
@@ -160,30 +172,46 @@ class ModelManager:
 
     def loaded(self) -> list[tuple[str, int]]:
         """(name, bytes on the compute device) of the loaded models, least recently used first."""
-        return [(entry.patcher.name, entry.nbytes) for entry in self._loaded.values()]
+        with self._lock:
+            return [(entry.patcher.name, entry.nbytes) for entry in self._loaded.values()]
 
     def is_loaded(self, patcher: ModelPatcher) -> bool:
-        entry = self._loaded.get(id(patcher.model))
-        return entry is not None and entry.patcher.patch_token is patcher.patch_token
+        with self._lock:
+            entry = self._loaded.get(id(patcher.model))
+            return entry is not None and entry.patcher.patch_token is patcher.patch_token
 
     @contextmanager
-    def use(self, patchers: Sequence[ModelPatcher], extra_memory: int = 0) -> Iterator[list[nn.Module]]:
-        """Load `patchers` (see `load`) and keep them from being evicted until the block ends; they stay
-        loaded afterwards until something else needs the room."""
-        modules = self.load(patchers, extra_memory)
-        entries = [self._loaded[id(p.model)] for p in patchers]
-        for entry in entries:
-            entry.in_use += 1
-        try:
-            yield modules
-        finally:
-            for entry in entries:
-                entry.in_use -= 1
+    def use(self, patchers: Sequence[ModelPatcher], extra_memory: int = 0, *,
+            exclusive: bool = False) -> Iterator[list[nn.Module]]:
+        """Load `patchers` (see `load`) and keep them, with their patches, until the block ends: neither
+        evicted nor re-patched for another caller, who waits (sharing.py). Callers with the same patch set
+        share the modules; `exclusive` keeps them from everyone else too (for a caller that changes the
+        module beyond its weights: hooks, flags). They stay loaded afterwards until something else needs
+        the room."""
+        self._check_distinct(patchers)
+        with self.gates.hold(patchers, exclusive=exclusive):
+            with self._lock:
+                modules = self._load(patchers, extra_memory)
+                entries = [self._loaded[id(p.model)] for p in patchers]
+                for entry in entries:
+                    entry.in_use += 1
+            try:
+                yield modules
+            finally:
+                with self._lock:
+                    for entry in entries:
+                        entry.in_use -= 1
 
     def load(self, patchers: Sequence[ModelPatcher], extra_memory: int = 0) -> list[nn.Module]:
         """Put each patcher's module on the compute device with its patches applied, evicting the least
-        recently used other models while (free memory − extra_memory) is short of what they need."""
+        recently used other models while (free memory − extra_memory) is short of what they need. Waits
+        while another caller uses one of them with another patch set; once it returns, nothing keeps them
+        as they are: run them inside `use`."""
         self._check_distinct(patchers)
+        with self.gates.hold(patchers), self._lock:
+            return self._load(patchers, extra_memory)
+
+    def _load(self, patchers: Sequence[ModelPatcher], extra_memory: int) -> list[nn.Module]:
         missing = [p for p in patchers if id(p.model) not in self._loaded]
         for p in patchers:
             entry = self._loaded.get(id(p.model))
@@ -246,12 +274,20 @@ class ModelManager:
         entry.patcher.unpatch()
 
     def unload(self, patcher: ModelPatcher) -> None:
-        """Send a model back to the offload device with its original weights (a no-op when not loaded)."""
-        if id(patcher.model) in self._loaded:
-            self._unload(id(patcher.model))
+        """Send a model back to the offload device with its original weights (a no-op when not loaded);
+        waits until nobody else runs it."""
+        with self.gates.hold([patcher], exclusive=True), self._lock:
+            if id(patcher.model) in self._loaded:
+                self._unload(id(patcher.model))
 
     def unload_all(self) -> None:
-        for key in list(self._loaded):
-            self._unload(key)
+        """Unload every model that no `use` block runs now; those that one does stay (another worker's
+        running prompt) and go back when a later load needs their room."""
+        with self._lock:
+            for key, entry in list(self._loaded.items()):
+                if entry.in_use:
+                    log.info("%s is in use; it stays on %s", entry.patcher.name, self.device)
+                else:
+                    self._unload(key)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
