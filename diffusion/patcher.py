@@ -4,7 +4,8 @@ A `ModelPatcher` is what a MODEL or CLIP socket carries: the module plus the pat
 added to it. Loading a LoRA clones the patcher (the clone shares the module and copies the patch list), so a
 graph can hold the same checkpoint with and without several LoRAs while keeping one copy of the weights. The
 shared module carries at most one patch set at a time: patching it for one clone first restores the
-original weights that another clone's patches replaced.
+original weights that another clone's patches replaced. Nothing here is locked: `ModelManager` patches a
+module only while no other caller runs it with another patch set (sharing.py).
 """
 
 from __future__ import annotations
