@@ -7,10 +7,15 @@ their last element) unless it declares `input_is_list`, and outputs declared `is
 
 Events go to a callback `events(event_type, data)` with ComfyUI's event names and payloads. A prompt is
 interrupted by id, at the next node or the next progress tick of a long node.
+
+A node that runs out of memory fails its prompt alone, with a message that names the node and says how to
+make it fit; the executor then drops what the failed node held and releases memory (see
+`_release_after_out_of_memory`) so that the next prompt starts from a clean device.
 """
 
 from __future__ import annotations
 
+import gc
 import heapq
 import logging
 import threading
@@ -23,6 +28,7 @@ from typing import Any
 import networkx as nx
 
 from graph.cache import Cache, CachedResult, WorkflowCache, node_cache_key
+from graph.memory_estimate import is_out_of_memory, out_of_memory_message
 from graph.node import Node, NodeOutput
 from graph.validation import ValidatedPrompt
 
@@ -95,10 +101,14 @@ def _has_own(cls: type[Node], name: str) -> bool:
 class Executor:
     """Runs prompts one at a time; `interrupt` may be called from any thread."""
 
-    def __init__(self, env: Any = None, cache: Cache | None = None, previews: bool = False) -> None:
+    def __init__(self, env: Any = None, cache: Cache | None = None, previews: bool = False,
+                 release_memory: Callable[[], Any] | None = None) -> None:
+        """`release_memory` is called after a node ran out of memory; without it the environment's own
+        `unload_models` is, when it has one (what POST /free {"unload_models": true} does)."""
         self.env = env
         self.previews = previews
         self.cache = cache if cache is not None else WorkflowCache()
+        self.release_memory = release_memory
         self._running: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
@@ -212,10 +222,30 @@ class _Run:
         except Exception as exc:
             self.result.status = "error"
             self.result.error = self._error_data(current, exc)
+            out_of_memory = current is not None and is_out_of_memory(exc)
+            if out_of_memory:
+                self.result.error["exception_message"] = out_of_memory_message(prompt.classes[current], current, exc)
+                log.warning("prompt %s: %s", self.prompt_id, self.result.error["exception_message"])
+                traceback.clear_frames(exc.__traceback__)  # the failed node's locals hold what filled memory
+            del exc
             self.emit("execution_error", self.result.error, record=True)
+            if out_of_memory:
+                self._release_after_out_of_memory()
             return self.result
         self.emit("execution_success", {"prompt_id": self.prompt_id, "timestamp": _now_ms()}, record=True)
         return self.result
+
+    def _release_after_out_of_memory(self) -> None:
+        """Free what the failed node left behind (reference cycles through its frames are collected here, not
+        whenever the collector next runs), then let the environment unload models from the device. Outputs
+        of the nodes that succeeded stay cached: a retry with a smaller setting resumes from them."""
+        gc.collect()
+        release = self.ex.release_memory or getattr(self.ex.env, "unload_models", None)
+        if callable(release):
+            try:
+                release()
+            except Exception:
+                log.exception("releasing memory after an out-of-memory error failed")
 
     def _distances(self, topo: list[str]) -> None:
         """Hops from each node to the nearest output it feeds (outputs are 0)."""

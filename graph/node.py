@@ -20,9 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from graph.types import BOOLEAN, COMBO, FLOAT, INT, STRING, WIDGET_TYPES
+
+if TYPE_CHECKING:
+    from graph.memory_estimate import EstimateContext, MemoryEstimate
 
 # Hidden inputs a node may ask for by name; the executor fills them in.
 HIDDEN_INPUTS = {
@@ -163,6 +166,8 @@ class Node:
     deprecated: ClassVar[bool] = False
     experimental: ClassVar[bool] = False
     python_module: ClassVar[str] = ""
+    # How to make this node need less memory; said when a prompt is refused for memory or runs out of it.
+    memory_advice: ClassVar[str] = "use a smaller batch or a smaller size"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -192,6 +197,16 @@ class Node:
     def validate_inputs(cls, inputs: dict[str, Any], env: Any) -> str | None:
         """The node's own check of its literal inputs (linked ones are absent). A string is the reason
         it failed; None means valid."""
+        return None
+
+    @classmethod
+    def estimate_memory(cls, inputs: dict[str, Any], shapes: dict[str, Any],
+                        context: EstimateContext) -> MemoryEstimate | None:
+        """The memory one run of this node needs, before anything runs (see graph.memory_estimate).
+
+        `inputs` are the node's literal inputs; `shapes` maps each linked input to the shape its source
+        declared (None where unknown). Return None when the node cannot tell: it then adds nothing and its
+        outputs' shapes are unknown downstream. Must be cheap and must not allocate what it estimates."""
         return None
 
     def check_lazy_status(self, inputs: dict[str, Any]) -> list[str]:

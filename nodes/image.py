@@ -6,11 +6,15 @@ Names, inputs, defaults and ranges are ComfyUI's, so existing workflows run unch
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from graph.memory_estimate import MemoryEstimate
 from graph.node import Boolean, Combo, Float, Int, Node, Output, Socket
 from graph.types import IMAGE, INT, MASK
+from nodes.estimates import describe_image, host_op, image_spec, mask_spec, resized, tensor_of
 from nodes.tensor_ops import MAX_RESOLUTION, UPSCALE_METHODS, blur, composite, resize, to_bchw, to_bhwc
 
 CROP_METHODS = ["disabled", "center"]
@@ -20,12 +24,36 @@ def _size(name: str, default: int = 512, minimum: int = 0, step: int = 1) -> Int
     return Int(name, default=default, min=minimum, max=MAX_RESOLUTION, step=step)
 
 
+def _image_op(image: Any, height: int | None = None, width: int | None = None, batch: int | None = None,
+              copies: float = 1.0) -> MemoryEstimate | None:
+    """An op making a new IMAGE shaped like `image` with the given dimensions changed, while `copies`
+    temporaries of the result's size live (a resize's contiguous input, the result before a clamp)."""
+    spec = tensor_of(image, 4)
+    if spec is None:
+        return None
+    b, h, w, c = spec.shape
+    out = image_spec(batch or b, height or h, width or w, c)
+    return host_op((out,), copies, describe_image(out))
+
+
+def _scaled(image: Any, size: Callable[[int, int], tuple[int, int]]) -> MemoryEstimate | None:
+    spec = tensor_of(image, 4)
+    if spec is None:
+        return None
+    h, w = size(spec.shape[1], spec.shape[2])
+    return _image_op(image, h, w, copies=2.0)  # the resize's result, then the clamped one; and the input's copy
+
+
 class ImageScale(Node):
     display_name = "Upscale Image"
     category = "image/upscaling"
     inputs = [Socket("image", IMAGE), Combo("upscale_method", UPSCALE_METHODS), _size("width"), _size("height"),
               Combo("crop", CROP_METHODS)]
     outputs = [Output(IMAGE)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return _scaled(shapes.get("image"), lambda h, w: resized(h, w, inputs["width"], inputs["height"]))
 
     def execute(self, image, upscale_method, width, height, crop):
         return (to_bhwc(resize(to_bchw(image), width, height, upscale_method, crop)).clamp(0, 1),)
@@ -38,6 +66,11 @@ class ImageScaleBy(Node):
               Float("scale_by", default=1.0, min=0.01, max=8.0, step=0.01)]
     outputs = [Output(IMAGE)]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        scale = inputs["scale_by"]
+        return _scaled(shapes.get("image"), lambda h, w: (max(1, round(h * scale)), max(1, round(w * scale))))
+
     def execute(self, image, upscale_method, scale_by):
         height, width = (max(1, round(s * scale_by)) for s in image.shape[1:3])
         return (to_bhwc(resize(to_bchw(image), width, height, upscale_method)).clamp(0, 1),)
@@ -49,6 +82,14 @@ class ImageScaleToTotalPixels(Node):
     inputs = [Socket("image", IMAGE), Combo("upscale_method", UPSCALE_METHODS),
               Float("megapixels", default=1.0, min=0.01, max=16.0, step=0.01)]
     outputs = [Output(IMAGE)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        def size(h: int, w: int) -> tuple[int, int]:
+            scale = math.sqrt(inputs["megapixels"] * 1024 * 1024 / (h * w))
+            return max(1, round(h * scale)), max(1, round(w * scale))
+
+        return _scaled(shapes.get("image"), size)
 
     def execute(self, image, upscale_method, megapixels):
         h, w = image.shape[1:3]
@@ -64,6 +105,16 @@ class ImageCrop(Node):
               _size("x", default=0), _size("y", default=0)]
     outputs = [Output(IMAGE)]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        spec = tensor_of(shapes.get("image"), 4)
+        if spec is None:
+            return None
+        h, w = spec.shape[1:3]
+        x, y = min(inputs["x"], w - 1), min(inputs["y"], h - 1)
+        out = image_spec(spec.shape[0], min(inputs["height"], h - y), min(inputs["width"], w - x), spec.shape[3])
+        return MemoryEstimate(outputs=(out,), kept_bytes=0, what=describe_image(out))  # a view of the input
+
     def execute(self, image, width, height, x, y):
         h, w = image.shape[1:3]
         x, y = min(x, w - 1), min(y, h - 1)
@@ -76,6 +127,10 @@ class ImageInvert(Node):
     inputs = [Socket("image", IMAGE)]
     outputs = [Output(IMAGE)]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return _image_op(shapes.get("image"), copies=0.0)
+
     def execute(self, image):
         return (1.0 - image,)
 
@@ -85,6 +140,13 @@ class ImageBatch(Node):
     category = "image"
     inputs = [Socket("image1", IMAGE), Socket("image2", IMAGE)]
     outputs = [Output(IMAGE)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        first, second = tensor_of(shapes.get("image1"), 4), tensor_of(shapes.get("image2"), 4)
+        if first is None or second is None:
+            return None
+        return _image_op(first, batch=first.shape[0] + second.shape[0], copies=0.5)
 
     def execute(self, image1, image2):
         if image2.shape[1:3] != image1.shape[1:3]:
@@ -99,6 +161,11 @@ class EmptyImage(Node):
               Int("color", default=0, min=0, max=0xFFFFFF, step=1, extra={"display": "color"})]
     outputs = [Output(IMAGE)]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        out = image_spec(inputs["batch_size"], inputs["height"], inputs["width"])
+        return MemoryEstimate(outputs=(out,), what=describe_image(out))
+
     def execute(self, width, height, batch_size, color):
         rgb = torch.tensor([(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF], dtype=torch.float32) / 255
         return (rgb.expand(batch_size, height, width, 3).clone(),)
@@ -112,6 +179,17 @@ class ImagePadForOutpaint(Node):
                                                                                      "bottom")),
               Int("feathering", default=40, min=0, max=MAX_RESOLUTION)]
     outputs = [Output(IMAGE), Output(MASK)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        spec = tensor_of(shapes.get("image"), 4)
+        if spec is None:
+            return None
+        b, h, w, c = spec.shape
+        height, width = h + inputs["top"] + inputs["bottom"], w + inputs["left"] + inputs["right"]
+        out = image_spec(b, height, width, c)
+        return host_op((out, mask_spec(1, height, width)), 0.0, describe_image(out),
+                       extra=6 * h * w * 4)  # the feathering's distance maps
 
     def execute(self, image, left, top, right, bottom, feathering):
         b, h, w, c = image.shape
@@ -136,6 +214,10 @@ class ImageCompositeMasked(Node):
     inputs = [Socket("destination", IMAGE), Socket("source", IMAGE), _size("x", default=0), _size("y", default=0),
               Boolean("resize_source", default=False), Socket("mask", MASK, optional=True)]
     outputs = [Output(IMAGE)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return _image_op(shapes.get("destination"), copies=2.0)
 
     def execute(self, destination, source, x, y, resize_source, mask=None):
         out = composite(to_bchw(destination), to_bchw(source), x, y, mask, 1, resize_source)
@@ -169,6 +251,10 @@ class ImageBlend(Node):
               Float("blend_factor", default=0.5, min=0.0, max=1.0, step=0.01), Combo("blend_mode", BLEND_MODES)]
     outputs = [Output(IMAGE)]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return _image_op(shapes.get("image1"), copies=4.0)  # the blend, its weighting, the sum, the clamp
+
     def execute(self, image1, image2, blend_factor, blend_mode):
         if image2.shape[1:3] != image1.shape[1:3]:
             image2 = to_bhwc(resize(to_bchw(image2), image1.shape[2], image1.shape[1], "bicubic", "center"))
@@ -183,6 +269,10 @@ class ImageBlur(Node):
               Float("sigma", default=1.0, min=0.1, max=10.0, step=0.1)]
     outputs = [Output(IMAGE)]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return _image_op(shapes.get("image"), copies=2.0)  # the padded input and the first pass
+
     def execute(self, image, blur_radius, sigma):
         return (to_bhwc(blur(to_bchw(image), blur_radius, sigma)),)
 
@@ -194,6 +284,10 @@ class ImageSharpen(Node):
               Float("sigma", default=1.0, min=0.1, max=10.0, step=0.01),
               Float("alpha", default=1.0, min=0.0, max=5.0, step=0.01)]
     outputs = [Output(IMAGE)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return _image_op(shapes.get("image"), copies=5.0)  # the blur's, the detail, its scaling, the sum
 
     def execute(self, image, sharpen_radius, sigma, alpha):
         x = to_bchw(image)

@@ -116,6 +116,18 @@ class LoadImage(_InputImageNode):
     inputs = [Combo("image", list_input_images, extra={"image_upload": True})]
     outputs = [Output(IMAGE), Output(MASK)]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        """From the file's header, read without decoding (nodes.estimates)."""
+        from nodes.estimates import image_file_estimate  # here, to keep this node's imports as they are
+
+        if context.env is None:
+            return None
+        try:
+            return image_file_estimate(_input_path(context.env, inputs["image"]))
+        except ValueError:
+            return None
+
     def execute(self, image, context):
         return load_image_file(_input_path(context.env, image))
 

@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
+from graph.memory_estimate import MemoryEstimate, TensorSpec
 from graph.node import Boolean, Combo, Float, Int, Node, Output, Socket
 from graph.types import LATENT, MASK
+from nodes.estimates import describe_latent, host_op, latent_shape, resized, samples_of, tensor_of
 from nodes.tensor_ops import LATENT_UPSCALE_METHODS, MAX_RESOLUTION, as_mask_batch, composite, edge_ramp, resize
 
 LATENT_CHANNELS = 4
@@ -26,12 +28,30 @@ def batch_indices(latent: dict[str, Any]) -> list[int]:
     return list(latent.get("batch_index", range(latent["samples"].shape[0])))
 
 
+def _like(latent: Any, batch: int | None = None, height: int | None = None, width: int | None = None,
+          copies: float = 0.0, keep_mask: bool = True) -> MemoryEstimate | None:
+    """The estimate of a latent op whose output is a new `samples` tensor shaped like the input's, with the
+    given dimensions changed; the noise mask, when kept, is the input's (not new memory)."""
+    samples = samples_of(latent)
+    if samples is None:
+        return None
+    b, _, h, w = samples.shape
+    mask = latent.get("noise_mask") if keep_mask else None
+    out = latent_shape(batch or b, height or h, width or w, mask)
+    return host_op((out,), copies, describe_latent(out["samples"]), kept=out["samples"].nbytes)
+
+
 class EmptyLatentImage(Node):
     display_name = "Empty Latent Image"
     category = "latent"
     description = "A batch of empty latents to start text-to-image sampling from."
     inputs = [_size("width", 512, 16), _size("height", 512, 16), Int("batch_size", default=1, min=1, max=4096)]
     outputs = [Output(LATENT)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        out = latent_shape(inputs["batch_size"], inputs["height"] // 8, inputs["width"] // 8)
+        return MemoryEstimate(outputs=(out,), what=describe_latent(out["samples"]))
 
     def execute(self, width, height, batch_size):
         return ({"samples": torch.zeros(batch_size, LATENT_CHANNELS, height // 8, width // 8)},)
@@ -43,6 +63,14 @@ class LatentUpscale(Node):
     inputs = [Socket("samples", LATENT), Combo("upscale_method", LATENT_UPSCALE_METHODS), _size("width", 512),
               _size("height", 512), Combo("crop", ["disabled", "center"])]
     outputs = [Output(LATENT)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        spec = samples_of(shapes.get("samples"))
+        if spec is None or (inputs["width"] == 0 and inputs["height"] == 0):
+            return _like(shapes.get("samples"), keep_mask=False)
+        h, w = resized(spec.shape[2], spec.shape[3], inputs["width"] // 8, inputs["height"] // 8)
+        return _like(shapes.get("samples"), height=h, width=w, copies=1.0, keep_mask=False)
 
     def execute(self, samples, upscale_method, width, height, crop):
         out = dict(samples)
@@ -58,6 +86,15 @@ class LatentUpscaleBy(Node):
               Float("scale_by", default=1.5, min=0.01, max=8.0, step=0.01)]
     outputs = [Output(LATENT)]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        spec = samples_of(shapes.get("samples"))
+        if spec is None:
+            return None
+        scale = inputs["scale_by"]
+        h, w = max(1, round(spec.shape[2] * scale)), max(1, round(spec.shape[3] * scale))
+        return _like(shapes.get("samples"), height=h, width=w, copies=1.0, keep_mask=False)
+
     def execute(self, samples, upscale_method, scale_by):
         h, w = samples["samples"].shape[-2:]
         out = dict(samples)
@@ -72,6 +109,10 @@ class LatentComposite(Node):
     inputs = [Socket("samples_to", LATENT), Socket("samples_from", LATENT), _size("x", 0), _size("y", 0),
               _size("feather", 0)]
     outputs = [Output(LATENT)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return _like(shapes.get("samples_to"), copies=1.0)
 
     def execute(self, samples_to, samples_from, x, y, feather):
         source = samples_from["samples"]
@@ -93,6 +134,10 @@ class LatentCompositeMasked(Node):
               Boolean("resize_source", default=False), Socket("mask", MASK, optional=True)]
     outputs = [Output(LATENT)]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return _like(shapes.get("destination"), copies=2.0)
+
     def execute(self, destination, source, x, y, resize_source, mask=None):
         out = dict(destination)
         out["samples"] = composite(destination["samples"], source["samples"], x, y, mask, 8, resize_source)
@@ -104,6 +149,10 @@ class LatentBlend(Node):
     inputs = [Socket("samples1", LATENT), Socket("samples2", LATENT),
               Float("blend_factor", default=0.5, min=0.0, max=1.0, step=0.01)]
     outputs = [Output(LATENT)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return _like(shapes.get("samples1"), copies=2.0)
 
     def execute(self, samples1, samples2, blend_factor):
         a, b = samples1["samples"], samples2["samples"]
@@ -120,6 +169,14 @@ class LatentFromBatch(Node):
               Int("length", default=1, min=1, max=64)]
     outputs = [Output(LATENT)]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        spec = samples_of(shapes.get("samples"))
+        if spec is None:
+            return None
+        start = min(inputs["batch_index"], spec.shape[0] - 1)
+        return _like(shapes.get("samples"), batch=min(spec.shape[0], start + inputs["length"]) - start)
+
     def execute(self, samples, batch_index, length):
         x = samples["samples"]
         start = min(batch_index, x.shape[0] - 1)
@@ -135,6 +192,11 @@ class RepeatLatentBatch(Node):
     category = "latent/batch"
     inputs = [Socket("samples", LATENT), Int("amount", default=1, min=1, max=64)]
     outputs = [Output(LATENT)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        spec = samples_of(shapes.get("samples"))
+        return None if spec is None else _like(shapes.get("samples"), batch=spec.shape[0] * inputs["amount"])
 
     def execute(self, samples, amount):
         x = samples["samples"]
@@ -153,6 +215,13 @@ class LatentBatch(Node):
     inputs = [Socket("samples1", LATENT), Socket("samples2", LATENT)]
     outputs = [Output(LATENT)]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        first, second = samples_of(shapes.get("samples1")), samples_of(shapes.get("samples2"))
+        if first is None or second is None:
+            return None
+        return _like(shapes.get("samples1"), batch=first.shape[0] + second.shape[0], copies=0.5, keep_mask=False)
+
     def execute(self, samples1, samples2):
         a, b = samples1["samples"], samples2["samples"]
         if b.shape[-2:] != a.shape[-2:]:
@@ -170,6 +239,10 @@ class LatentInterpolate(Node):
     inputs = [Socket("samples1", LATENT), Socket("samples2", LATENT),
               Float("ratio", default=1.0, min=0.0, max=1.0, step=0.01)]
     outputs = [Output(LATENT)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return _like(shapes.get("samples1"), copies=5.0)  # directions, their mix and the norms
 
     def execute(self, samples1, samples2, ratio):
         out = dict(samples1)
@@ -195,6 +268,17 @@ class SetLatentNoiseMask(Node):
     description = "Only the masked (1) region is repainted by the sampler; the rest stays as it is."
     inputs = [Socket("samples", LATENT), Socket("mask", MASK)]
     outputs = [Output(LATENT)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        samples, mask = samples_of(shapes.get("samples")), tensor_of(shapes.get("mask"), 3)
+        if samples is None:
+            return None
+        if mask is None:
+            return MemoryEstimate(outputs=({"samples": samples},), what=describe_latent(samples))
+        noise_mask = TensorSpec((mask.shape[0], 1, *mask.shape[1:]), mask.itemsize)
+        return MemoryEstimate(outputs=({"samples": samples, "noise_mask": noise_mask},), kept_bytes=noise_mask.nbytes,
+                              what=describe_latent(samples))
 
     def execute(self, samples, mask):
         out = dict(samples)

@@ -20,6 +20,7 @@ from diffusion.sampling import ksampler_sigmas, prepare_mask, sample, slice_sigm
 from diffusion.schedules import SCHEDULER_NAMES
 from graph.node import Combo, Float, Int, Node, Output, Socket
 from graph.types import CONDITIONING, LATENT, MODEL
+from nodes.estimates import sampler_estimate
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -44,6 +45,15 @@ def sampler_input() -> Combo:
 
 def scheduler_input() -> Combo:
     return Combo("scheduler", SCHEDULER_NAMES, default=SCHEDULER_NAMES[0])
+
+
+SAMPLER_ADVICE = ("use a smaller size (sample small, then upscale the latent and sample again with a lower denoise) "
+                  "or a smaller batch")
+
+
+def cfg_batch(cfg: float) -> int:
+    """UNet batch entries per latent: cond and uncond run together unless cfg is 1 (diffusion.guidance)."""
+    return 1 if cfg == 1.0 else 2
 
 
 def make_noise(latent: dict[str, Any], seed: int) -> torch.Tensor:
@@ -95,6 +105,11 @@ class KSampler(Node):
               Float("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                     tooltip="How much of the latent to replace: 1.0 for text-to-image, less for image-to-image.")]
     outputs = [Output(LATENT)]
+    memory_advice = SAMPLER_ADVICE
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return sampler_estimate(shapes.get("latent_image"), shapes.get("model"), context, cfg_batch(inputs["cfg"]))
 
     def execute(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                 context=None):
@@ -115,6 +130,11 @@ class KSamplerAdvanced(Node):
               Int("start_at_step", default=0, min=0, max=10000), Int("end_at_step", default=10000, min=0, max=10000),
               Combo("return_with_leftover_noise", ["disable", "enable"])]
     outputs = [Output(LATENT)]
+    memory_advice = SAMPLER_ADVICE
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return sampler_estimate(shapes.get("latent_image"), shapes.get("model"), context, cfg_batch(inputs["cfg"]))
 
     def execute(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
                 latent_image, start_at_step, end_at_step, return_with_leftover_noise, context=None):

@@ -12,9 +12,20 @@ from diffusion.guidance import Conditioning
 from diffusion.models import DiffusionModel
 from diffusion.sampling import ksampler_sigmas
 from diffusion.schedules import exponential_sigmas, karras_sigmas
+from graph.memory_estimate import MemoryEstimate
 from graph.node import Boolean, Float, Int, Node, Output, Socket
 from graph.types import CONDITIONING, GUIDER, LATENT, MODEL, NOISE, SAMPLER, SIGMAS
-from nodes.sampling import cfg_input, make_noise, run_sampler, sampler_input, scheduler_input, seed_input
+from nodes.estimates import sampler_estimate
+from nodes.sampling import (
+    SAMPLER_ADVICE,
+    cfg_batch,
+    cfg_input,
+    make_noise,
+    run_sampler,
+    sampler_input,
+    scheduler_input,
+    seed_input,
+)
 
 
 @dataclass(frozen=True)
@@ -138,6 +149,11 @@ class CFGGuider(Node):
               cfg_input()]
     outputs = [Output(GUIDER)]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        """Not memory of its own: its shape tells the sampler how many UNet batch entries a latent takes."""
+        return MemoryEstimate(outputs=({"batch_factor": cfg_batch(inputs["cfg"]), "model": shapes.get("model")},))
+
     def execute(self, model, positive, negative, cfg):
         return (Guider(model, positive, negative, cfg),)
 
@@ -146,6 +162,10 @@ class BasicGuider(Node):
     category = "sampling/custom_sampling/guiders"
     inputs = [Socket("model", MODEL), Socket("conditioning", CONDITIONING)]
     outputs = [Output(GUIDER)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return MemoryEstimate(outputs=({"batch_factor": 1, "model": shapes.get("model")},))
 
     def execute(self, model, conditioning):
         return (Guider(model, conditioning, [], 1.0),)
@@ -161,6 +181,12 @@ class SamplerCustom(Node):
               Socket("positive", CONDITIONING), Socket("negative", CONDITIONING), Socket("sampler", SAMPLER),
               Socket("sigmas", SIGMAS), Socket("latent_image", LATENT)]
     outputs = _LATENT_OUTPUTS
+    memory_advice = SAMPLER_ADVICE
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return sampler_estimate(shapes.get("latent_image"), shapes.get("model"), context, cfg_batch(inputs["cfg"]),
+                                outputs=2)
 
     def execute(self, model, add_noise, noise_seed, cfg, positive, negative, sampler, sigmas, latent_image,
                 context=None):
@@ -174,6 +200,14 @@ class SamplerCustomAdvanced(Node):
     inputs = [Socket("noise", NOISE), Socket("guider", GUIDER), Socket("sampler", SAMPLER),
               Socket("sigmas", SIGMAS), Socket("latent_image", LATENT)]
     outputs = _LATENT_OUTPUTS
+    memory_advice = SAMPLER_ADVICE
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        """An unknown guider counts one UNet batch entry per latent: the least any guider runs."""
+        guider = shapes.get("guider") if isinstance(shapes.get("guider"), dict) else {}
+        return sampler_estimate(shapes.get("latent_image"), guider.get("model"), context,
+                                guider.get("batch_factor", 1), outputs=2)
 
     def execute(self, noise, guider, sampler, sigmas, latent_image, context=None):
         return guider.sample(context, noise, sampler, sigmas, latent_image)

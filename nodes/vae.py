@@ -3,12 +3,19 @@ preparing an inpainting latent."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from graph.node import Boolean, Int, Node, Output, Socket
 from graph.types import CONDITIONING, IMAGE, LATENT, MASK, VAE
+from nodes.estimates import vae_decode_estimate, vae_encode_estimate
 from nodes.tensor_ops import as_mask_batch
+
+DECODE_ADVICE = "use VAE Decode (Tiled) instead, a smaller batch or a smaller image"
+ENCODE_ADVICE = "use VAE Encode (Tiled) instead, a smaller batch or a smaller image"
+TILED_ADVICE = "use a smaller tile_size, a smaller batch or a smaller image"
 
 
 def crop_to_multiple(pixels: torch.Tensor, multiple: int = 8) -> torch.Tensor:
@@ -38,6 +45,11 @@ class VAEDecode(Node):
     category = "latent"
     inputs = [Socket("samples", LATENT), Socket("vae", VAE)]
     outputs = [Output(IMAGE)]
+    memory_advice = DECODE_ADVICE
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return vae_decode_estimate(shapes.get("samples"), shapes.get("vae"), context)
 
     def execute(self, samples, vae):
         return (vae.decode(samples["samples"]),)
@@ -48,6 +60,11 @@ class VAEEncode(Node):
     category = "latent"
     inputs = [Socket("pixels", IMAGE), Socket("vae", VAE)]
     outputs = [Output(LATENT)]
+    memory_advice = ENCODE_ADVICE
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return vae_encode_estimate(shapes.get("pixels"), shapes.get("vae"), context)
 
     def execute(self, pixels, vae):
         return ({"samples": vae.encode(crop_to_multiple(pixels, vae.downscale))},)
@@ -66,6 +83,12 @@ class VAEDecodeTiled(Node):
     category = "_for_testing"
     inputs = [Socket("samples", LATENT), Socket("vae", VAE), *_tile_inputs(32)]
     outputs = [Output(IMAGE)]
+    memory_advice = TILED_ADVICE
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return vae_decode_estimate(shapes.get("samples"), shapes.get("vae"), context,
+                                   tile=max(1, inputs["tile_size"] // 8))
 
     def execute(self, samples, vae, tile_size, overlap, temporal_size=64, temporal_overlap=8):
         return (vae.decode_tiled(samples["samples"], tile_size, min(overlap, tile_size // 4)),)
@@ -76,6 +99,11 @@ class VAEEncodeTiled(Node):
     category = "_for_testing"
     inputs = [Socket("pixels", IMAGE), Socket("vae", VAE), *_tile_inputs(64)]
     outputs = [Output(LATENT)]
+    memory_advice = TILED_ADVICE
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return vae_encode_estimate(shapes.get("pixels"), shapes.get("vae"), context, tile=inputs["tile_size"])
 
     def execute(self, pixels, vae, tile_size, overlap, temporal_size=64, temporal_overlap=8):
         pixels = crop_to_multiple(pixels, vae.downscale)
@@ -89,6 +117,12 @@ class VAEEncodeForInpaint(Node):
     inputs = [Socket("pixels", IMAGE), Socket("vae", VAE), Socket("mask", MASK),
               Int("grow_mask_by", default=6, min=0, max=64)]
     outputs = [Output(LATENT)]
+    memory_advice = ENCODE_ADVICE.replace("VAE Encode (Tiled) instead, ", "")
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):  # plus the grey-out's three copies of the image
+        return vae_encode_estimate(shapes.get("pixels"), shapes.get("vae"), context, host_copies=5.0,
+                                   noise_mask=True)
 
     def execute(self, pixels, vae, mask, grow_mask_by):
         pixels = crop_to_multiple(pixels, vae.downscale)
@@ -107,6 +141,20 @@ class InpaintModelConditioning(Node):
     inputs = [Socket("positive", CONDITIONING), Socket("negative", CONDITIONING), Socket("vae", VAE),
               Socket("pixels", IMAGE), Socket("mask", MASK), Boolean("noise_mask", default=True)]
     outputs = [Output(CONDITIONING, "positive"), Output(CONDITIONING, "negative"), Output(LATENT, "latent")]
+    memory_advice = "use a smaller batch or a smaller image"
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        """Two encodes, one after the other: the peak is one encode's, the result two latents and a mask."""
+        one = vae_encode_estimate(shapes.get("pixels"), shapes.get("vae"), context, host_copies=5.0,
+                                  noise_mask=inputs.get("noise_mask", True))
+        if one is None:
+            return None
+        latent = one.outputs[0]
+        batch, _, h, w = latent["samples"].shape
+        mask_bytes = batch * h * w * 64 * 4  # [B, 1, H, W] float32, in the conditioning and the latent alike
+        return dataclasses.replace(one, outputs=(None, None, latent),
+                                   kept_bytes=2 * latent["samples"].nbytes + mask_bytes)
 
     def execute(self, positive, negative, vae, pixels, mask, noise_mask):
         pixels = crop_to_multiple(pixels, vae.downscale)

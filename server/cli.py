@@ -33,6 +33,7 @@ from graph.workflow import WorkflowFormatError, is_ui_workflow
 from nodes import build_registry
 from nodes.environment import Environment
 from nodes.model_paths import ModelPathsError, read_extra_model_paths
+from server.admission import add_memory_option, cli_refusal
 
 EXIT_INVALID = 1
 EXIT_USAGE = 2
@@ -159,6 +160,9 @@ def cmd_run(args: argparse.Namespace, env: Environment, registry: NodeRegistry) 
         for line in describe_errors(validation):
             print(f"invalid: {line}", file=sys.stderr)
         return EXIT_INVALID
+    if refused := cli_refusal(validation.prompt, env, args.max_prompt_memory):
+        print("\n".join(f"invalid: {line}" for line in refused), file=sys.stderr)
+        return EXIT_INVALID
     for line in describe_errors(validation):
         print(f"skipped output: {line}", file=sys.stderr)
     env.ensure_dirs()
@@ -180,6 +184,9 @@ def cmd_validate(args: argparse.Namespace, env: Environment, registry: NodeRegis
     for line in describe_errors(validation):
         print(line, file=sys.stderr if not validation.ok else sys.stdout)
     if not validation.ok:
+        return EXIT_INVALID
+    if refused := cli_refusal(validation.prompt, env, args.max_prompt_memory):
+        print("\n".join(refused), file=sys.stderr)
         return EXIT_INVALID
     print(f"valid: {len(validation.prompt.nodes)} nodes to run, outputs {', '.join(validation.prompt.outputs)}")
     return 0
@@ -220,8 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
                      help="override an input (VALUE as JSON, else a string); repeatable")
     run.add_argument("--output", type=Path, help="write outputs here instead of DATA_DIR/output")
+    add_memory_option(run)
     validate = sub.add_parser("validate", help="check a workflow and print its errors")
     validate.add_argument("workflow")
+    add_memory_option(validate)
     nodes = sub.add_parser("nodes", help="list the node types and their inputs")
     nodes.add_argument("--json", action="store_true", help="print /object_info's JSON")
     add_serve_parser(sub)
@@ -256,6 +265,7 @@ def add_serve_parser(sub: Any) -> None:
                        help="N worker threads (default: one per device), or run prompts on Ray actors, one per GPU "
                             "(per CPU where there is none): 'ray' starts a local Ray or joins $RAY_ADDRESS, "
                             "ray://HOST:PORT connects to a cluster (pip install 'latentloom[ray]')")
+    add_memory_option(serve)
 
 
 def workers_option(value: str) -> int | str:
@@ -311,7 +321,7 @@ def cmd_serve(args: argparse.Namespace, env: Environment, registry: NodeRegistry
                           webhook_hosts=args.webhook_host,
                           max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                           max_image_pixels=args.max_image_pixels, workers=args.workers,
-                          extra_model_dirs=env.extra_model_dirs)
+                          extra_model_dirs=env.extra_model_dirs, max_prompt_memory=args.max_prompt_memory)
     if args.web_root is not None:
         config.web_root = args.web_root
     if args.host not in LOOPBACK_NAMES and not args.auth_token:

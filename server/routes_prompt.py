@@ -72,6 +72,10 @@ def check_prompt(state: ServerState, body: dict[str, Any], prompt_id: str) -> tu
     validation = validate_prompt(prompt, state.registry, state.env, targets)
     if not validation.ok:
         return web.json_response(validation.response(), status=400, dumps=dumps)
+    from server.admission import refuse  # memory admission control: a prompt over the device's budget is a 400
+
+    if (refused := refuse(state, validation)) is not None:
+        return refused
     client_id = body.get("client_id")
     if client_id is not None:
         if not isinstance(client_id, str):

@@ -45,6 +45,8 @@ class ServerConfig:
     web_root: Path = ROOT / "web"
     workers: int | str | None = None  # None: one per compute device; "ray" or "ray://HOST:PORT": Ray actors
     extra_model_dirs: dict[str, list[Path]] = field(default_factory=dict)
+    # --max-prompt-memory as written ("4GB", "512MB", "0.5", "off"); None: 75% of the device (server/admission.py)
+    max_prompt_memory: str | None = None
 
 
 class ServerState:
