@@ -29,7 +29,6 @@ import shutil
 import socket
 import tempfile
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from graph.executor import Executor
 from graph.validation import validate_prompt
 from nodes import build_registry
 from nodes.environment import Environment
-from server.worker import encode_preview
+from server.prompt_run import encode_preview, interrupt_if_asked, validation_error
 
 log = logging.getLogger(__name__)
 
@@ -176,20 +175,13 @@ class PromptWorker:
              outputs: list[str]) -> dict[str, Any]:
         validation = validate_prompt(prompt, self.registry, self.env, targets=outputs or None)
         if not validation.ok:
-            error = validation.error or {}
-            message = {"prompt_id": prompt_id, "node_id": None, "node_type": None, "executed": [],
-                       "exception_message": f"{error.get('message')}: {error.get('details')}",
-                       "exception_type": "ValidationError", "traceback": [], "current_inputs": {},
-                       "current_outputs": [], "timestamp": int(time.time() * 1000)}
+            message = validation_error(prompt_id, validation.error)
             self.outbox.put((prompt_id, ("event", "execution_error", message, [])))
             return {"status": "error", "outputs": {}, "messages": [["execution_error", message]]}
 
         def sink(event: str, data: dict[str, Any]) -> None:
-            if event == "execution_start":  # the executor's flag exists now: an earlier request is applied
-                with self.lock:
-                    asked = prompt_id in self.interrupts
-                if asked:
-                    self.executor.interrupt(prompt_id)
+            if event == "execution_start":
+                interrupt_if_asked(self.lock, self.interrupts, prompt_id, self.executor.interrupt)
             self.outbox.put((prompt_id, self._message(event, data)))
 
         result = self.executor.execute(validation.prompt, prompt_id, sink, extra_data)

@@ -27,12 +27,20 @@ from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayErr
 
 from nodes.environment import Environment
 from server.cluster_store import ClusterStore
+from server.prompt_run import (
+    FinishedCallback,
+    PromptPool,
+    execution_error,
+    interrupt_if_asked,
+    now_ms,
+    publish_preview,
+    route_event,
+)
 from server.ray_actor import PromptWorker, new_worker_id
 from server.ray_outputs import OutputLanding
 from server.scheduling import Job, Scheduler, WorkerView, prompt_checkpoints, worker_target
 from server.store import QueueItem, history_entry
-from server.websocket import JPEG, Hub, Preview, text_message
-from server.worker import FinishedCallback, QueueStatus, cancelled_entry, route_event
+from server.websocket import Hub, text_message
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +54,6 @@ WORKER_LOST = (RayActorError, NodeDiedError, ObjectLostError)
 
 class ClusterUnreachable(ConnectionError):
     """Ray could not be started or joined."""
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass
@@ -71,7 +75,7 @@ class RemoteWorker:
         return WorkerView(self.worker_id, loaded, self.state != "idle", int(self.stats.get("memory_free") or 0))
 
 
-class RayWorkerPool(QueueStatus):
+class RayWorkerPool(PromptPool):
     """The thread pool's interface (start, stop, wake, cancel, interrupt, free, status) over Ray actors."""
 
     def __init__(self, store: ClusterStore, env: Environment, hub: Hub, on_finished: FinishedCallback, *,
@@ -126,13 +130,11 @@ class RayWorkerPool(QueueStatus):
             if self.owns_ray:
                 ray.shutdown()
 
-    def running_node(self, client_id: str) -> tuple[str, str | None] | None:
-        with self.lock:
-            for worker in self.workers.values():
-                item = worker.item
-                if item is not None and item.extra_data.get("client_id") == client_id:
-                    return item.prompt_id, worker.current_node
-        return None
+    def running(self) -> list[tuple[QueueItem, str | None]]:
+        return [(w.item, w.current_node) for w in self.workers.values() if w.item is not None]
+
+    def forget(self, prompt_id: str) -> None:
+        self.attempts.pop(prompt_id, None)
 
     def interrupt(self, prompt_id: str | None) -> bool:
         """Interrupt this running prompt (every running prompt when None) on the worker running it."""
@@ -142,22 +144,6 @@ class RayWorkerPool(QueueStatus):
         for worker in targets:
             worker.actor.interrupt.remote(prompt_id)
         return bool(targets)
-
-    def cancel(self, prompt_id: str) -> str | None:
-        item = self.store.cancel_pending(prompt_id, cancelled_entry)
-        if item is not None:
-            with self.lock:
-                self.attempts.pop(prompt_id, None)
-            self.announce_end(item, cancelled_entry(item))
-            return "pending"
-        with self.lock:
-            running = any(w.item is not None and w.item.prompt_id == prompt_id for w in self.workers.values())
-            if running:
-                self.cancelled.add(prompt_id)
-        if not running:
-            return None
-        self.interrupt(prompt_id)
-        return "running"
 
     def request_free(self, unload_models: bool, free_memory: bool) -> None:
         with self.lock:
@@ -340,16 +326,11 @@ class RayWorkerPool(QueueStatus):
                message: tuple[Any, ...]) -> None:
         if message[0] == "preview":
             _, node, jpeg = message
-            meta = {"node_id": node, "prompt_id": item.prompt_id, "display_node_id": node, "parent_node_id": None,
-                    "real_node_id": node}
-            route_event(self.hub, Preview(jpeg, JPEG, meta), "preview", client_id)
+            publish_preview(self.hub, jpeg, item.prompt_id, node, client_id)
             return
         _, event, data, files = message
         if event == "execution_start":
-            with self.lock:
-                cancelled = item.prompt_id in self.cancelled
-            if cancelled:
-                worker.actor.interrupt.remote(item.prompt_id)
+            interrupt_if_asked(self.lock, self.cancelled, item.prompt_id, worker.actor.interrupt.remote)
         elif event == "executing":
             worker.current_node = data.get("node")
         elif event == "executed":
@@ -360,8 +341,8 @@ class RayWorkerPool(QueueStatus):
     def _entry(self, worker: RemoteWorker, item: QueueItem, summary: dict[str, Any]) -> dict[str, Any]:
         retries = [["execution_retried", death] for death in self.attempts.get(item.prompt_id, [])]
         if summary.get("status") == "failed":
-            return history_entry(item, {}, "error", False, [*retries, ["execution_error", _failure(
-                item, summary.get("reason", "the worker failed"), "WorkerError")]])
+            return history_entry(item, {}, "error", False, [*retries, ["execution_error", execution_error(
+                item.prompt_id, summary.get("reason", "the worker failed"), "WorkerError")]])
         outputs = self.landing.rename_outputs(worker.worker_id, summary.get("outputs") or {})
         success = summary.get("status") == "success"
         return history_entry(item, outputs, "success" if success else "error", success,
@@ -371,7 +352,7 @@ class RayWorkerPool(QueueStatus):
         """The worker died under this prompt: back to the queue once, else recorded as failed."""
         death = {"prompt_id": item.prompt_id, "worker_id": worker.worker_id, "host": worker.stats.get("host"),
                  "reason": f"worker {worker.worker_id} died while running this prompt ({type(exc).__name__})",
-                 "timestamp": _now_ms()}
+                 "timestamp": now_ms()}
         with self.lock:
             deaths = self.attempts.setdefault(item.prompt_id, [])
             deaths.append(death)
@@ -385,21 +366,17 @@ class RayWorkerPool(QueueStatus):
             return
         reason = "; ".join(d["reason"] for d in deaths) + (" (cancelled)" if cancelled else
                                                             f"; given up after {len(deaths)} runs")
-        entry = history_entry(item, {}, "error", False, [["execution_error", _failure(item, reason, "WorkerDied")]])
+        entry = history_entry(item, {}, "error", False,
+                              [["execution_error", execution_error(item.prompt_id, reason, "WorkerDied")]])
         self._finish(worker, item, entry)
 
     def _finish(self, worker: RemoteWorker, item: QueueItem, entry: dict[str, Any]) -> None:
-        try:
-            self.store.finish(item.prompt_id, entry)
-        except Exception:
-            log.exception("prompt %s: the history entry could not be written", item.prompt_id)
-        with self.lock:
+        def release() -> None:
             worker.item, worker.current_node = None, None
             if worker.state == "running":
                 worker.state = "idle"
-            self.cancelled.discard(item.prompt_id)
-            self.attempts.pop(item.prompt_id, None)
-        self.announce_end(item, entry)
+
+        self.finish(item, entry, release)
         self.wake()
 
     def _drop(self, worker: RemoteWorker, reason: str) -> None:
@@ -416,9 +393,3 @@ class RayWorkerPool(QueueStatus):
             ray.kill(worker.actor, no_restart=True)
         except Exception as exc:  # already gone
             log.debug("worker %s: %s", worker.worker_id, exc)
-
-
-def _failure(item: QueueItem, reason: str, kind: str) -> dict[str, Any]:
-    return {"prompt_id": item.prompt_id, "node_id": None, "node_type": None, "executed": [],
-            "exception_message": reason, "exception_type": kind, "traceback": [], "current_inputs": {},
-            "current_outputs": [], "timestamp": _now_ms()}
