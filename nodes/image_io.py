@@ -13,6 +13,7 @@ import json
 import re
 import secrets
 import string
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 from graph.node import Combo, Node, NodeOutput, Output, Socket, String
 from graph.types import IMAGE, MASK
 from nodes.environment import Environment, UnsafePathError, message_naming, safe_join
+from nodes.image_limits import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS, ImageLimitError, check_frames, human, limits_of
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -33,16 +35,28 @@ def list_input_images(env: Environment | None) -> list[str]:
     return env.list_input_files(IMAGE_EXTENSIONS) if env is not None else []
 
 
-def open_image(path: Path) -> Image.Image:
-    """PIL's open with errors that say which file and why (including decompression bombs)."""
+def open_image(path: Path, name: str, max_pixels: int, max_frames: int) -> Image.Image:
+    """PIL's open with errors that say which file and why, refusing before any decoding a file whose frames
+    together hold more than `max_pixels` pixels, or that has more than `max_frames` frames."""
     try:
         image = Image.open(path)
-        image.load()
-        return image
     except Image.DecompressionBombError as exc:
         raise ValueError(f"{path.name}: refused, the image is too large to decode safely ({exc})") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{path.name}: not a readable image ({message_naming(exc, path.parent, '')})") from None
+    try:
+        check_frames(image, path, name, max_pixels, max_frames)
+        image.load()
+    except ImageLimitError:
+        image.close()
+        raise
+    except Image.DecompressionBombError as exc:
+        image.close()
+        raise ValueError(f"{path.name}: refused, the image is too large to decode safely ({exc})") from None
+    except (OSError, ValueError, SyntaxError, IndexError, struct.error) as exc:
+        image.close()
+        raise ValueError(f"{path.name}: not a readable image ({message_naming(exc, path.parent, '')})") from None
+    return image
 
 
 def _frame_rgb_and_alpha(frame: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
@@ -56,13 +70,31 @@ def _frame_rgb_and_alpha(frame: Image.Image) -> tuple[np.ndarray, np.ndarray | N
     return rgb, alpha
 
 
-def load_image_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def load_image_file(path: Path, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    max_frames: int = DEFAULT_MAX_FRAMES) -> tuple[torch.Tensor, torch.Tensor]:
     """IMAGE [B, H, W, 3] and MASK [B, H, W] (1 − alpha; 64×64 zeros without alpha). Frames of a
-    multi-frame file become the batch; frames of another size than the first are skipped."""
-    image = open_image(path)
+    multi-frame file become the batch; frames of another size than the first are skipped.
+
+    The frames are counted against the limits before decoding (`open_image`), and again while decoding, by
+    the sizes Pillow decodes them to: a file whose frames turn out larger than its headers said stops there."""
+    image = open_image(path, name, max_pixels, max_frames)
     images, masks = [], []
     size = None
-    for frame in ImageSequence.Iterator(image):
+    first = None
+    decoded = 0
+    for index, frame in enumerate(ImageSequence.Iterator(image)):
+        decoded += frame.size[0] * frame.size[1]
+        if index >= max_frames:
+            raise ImageLimitError(f"image {name!r} has more than {max_frames} frames, over the limit of "
+                                  f"{max_frames} frames", "frames")
+        if decoded > max_pixels:
+            raise ImageLimitError(f"image {name!r} decodes to {human(decoded)} pixels by its frame {index + 1} "
+                                  f"({frame.size[0]}x{frame.size[1]}), over the limit of {max_pixels} pixels "
+                                  f"({human(max_pixels)})", "pixels")
+        if first is None:
+            first = frame.size
+        elif frame.size != first:  # skipped before it is decoded
+            continue
         rgb, alpha = _frame_rgb_and_alpha(frame)
         if size is None:
             size = rgb.shape[:2]
@@ -93,8 +125,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def open_input_image(env: Environment, name: str) -> Image.Image:
+    """The input folder's image `name`, opened and checked against the environment's limits (not decoded)."""
+    return open_image(_input_path(env, name), name, *limits_of(env))
+
+
 class _InputImageNode(Node):
-    """Shared by the nodes that read a file from the input folder: its hash is the fingerprint."""
+    """Shared by the nodes that read a file from the input folder: its hash is the fingerprint.
+
+    Validation opens the file's headers, so that a file over the pixel or frame limits (or no image at all) is
+    refused with the prompt, naming the node and the file, before anything runs or is decoded."""
 
     @classmethod
     def fingerprint(cls, inputs: dict[str, Any], env: Any) -> Any:
@@ -103,9 +143,16 @@ class _InputImageNode(Node):
     @classmethod
     def validate_inputs(cls, inputs: dict[str, Any], env: Any) -> str | None:
         try:
-            _input_path(env, inputs["image"])
-        except ValueError as exc:
+            path = _input_path(env, inputs["image"])
+            with Image.open(path) as image:
+                check_frames(image, path, inputs["image"], *limits_of(env))
+        except ImageLimitError as exc:
             return f"Invalid image file: {exc}"
+        except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            return (f"Invalid image file: {inputs['image']!r} is not a readable image "
+                    f"({message_naming(exc, env.input_dir, 'input')})")
+        except (OSError, ValueError, SyntaxError, IndexError, struct.error) as exc:
+            return f"Invalid image file: {message_naming(exc, env.input_dir, 'input')}"
         return None
 
 
@@ -129,7 +176,7 @@ class LoadImage(_InputImageNode):
             return None
 
     def execute(self, image, context):
-        return load_image_file(_input_path(context.env, image))
+        return load_image_file(_input_path(context.env, image), image, *limits_of(context.env))
 
 
 class LoadImageMask(_InputImageNode):
@@ -141,7 +188,7 @@ class LoadImageMask(_InputImageNode):
     outputs = [Output(MASK)]
 
     def execute(self, image, channel, context):
-        frame = ImageOps.exif_transpose(open_image(_input_path(context.env, image)))
+        frame = ImageOps.exif_transpose(open_input_image(context.env, image))
         if channel == "alpha":
             if "A" not in frame.getbands():
                 return (torch.zeros(1, 64, 64),)
