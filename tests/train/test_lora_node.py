@@ -97,6 +97,8 @@ def test_loss_falls_and_unet_is_left_as_it_was(env):
     model, clip, vae = load_checkpoint_handles(env, "tiny.safetensors")
     with model.manager.use([model.patcher]) as (unet,):  # weights as this MODEL sees them (other tests patch)
         before = {k: v.clone() for k, v in unet.state_dict().items()}
+        flags = {name: p.requires_grad for name, p in unet.named_parameters()}
+    assert not any(flags.values())  # a loaded checkpoint never trains
     images = torch.rand(5, 32, 32, 3, generator=torch.Generator().manual_seed(0))
     deltas, losses = train_lora(model, clip, vae, images, CAPTIONS.splitlines(), steps=30, rank=4,
                                 learning_rate=0.01, seed=0, repeats=2)
@@ -105,7 +107,8 @@ def test_loss_falls_and_unet_is_left_as_it_was(env):
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
     assert not any(m._forward_hooks for m in unet.modules())
     assert not any(d.up.requires_grad or d.down.requires_grad for d in deltas.values())
-    assert not any(p.requires_grad for p in unet.parameters()) or all(p.requires_grad for p in unet.parameters())
+    assert {name: p.requires_grad for name, p in unet.named_parameters()} == flags  # as they were: not trainable
+    assert all(p.grad is None for p in unet.parameters())  # only the LoRA factors got gradients
 
 
 def test_errors_name_what_is_wrong(env):
