@@ -41,7 +41,12 @@ class ServerConfig:
     allow_hosts: list[str] = field(default_factory=list)  # Host names a loopback server answers besides its own
     webhook_hosts: list[str] | None = None  # None: loopback names, not named explicitly (see server/webhook.py)
     max_upload_bytes: int = 100 << 20
-    max_image_pixels: int = 64 << 20
+    max_image_pixels: int = 64 << 20  # all frames of an image together
+    max_image_frames: int = 1024
+    max_input_bytes: int = 2048 << 20  # files under input/ together; 0: no limit
+    max_input_files: int = 10_000  # files under input/ (LoadImage's list shows each one); 0: no limit
+    max_workflows: int = 1000  # saved workflows in DATA_DIR/workflows; 0: no limit
+    max_workflow_bytes: int = 16 << 20  # one PUT /workflows/{name} body
     web_root: Path = ROOT / "web"
     workers: int | str | None = None  # None: one per compute device; "ray" or "ray://HOST:PORT": Ray actors
     extra_model_dirs: dict[str, list[Path]] = field(default_factory=dict)
