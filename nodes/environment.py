@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from nodes.model_cache import ModelCache
 from nodes.model_paths import bundled_models_dir
 
 log = logging.getLogger(__name__)
@@ -175,22 +177,24 @@ class Environment:
     output_dir_override: Path | None = None
     extra_model_dirs: dict[str, list[Path]] = field(default_factory=dict)
     # Loaded models by (kind, path, options), shared by the loader nodes across prompts; /free empties it.
-    model_cache: dict[Any, Any] = field(default_factory=dict)
+    model_cache: ModelCache = field(default_factory=ModelCache)  # each file loaded once, even by threads at once
     device: str | None = None  # "cuda", "cuda:1", "mps", "cpu"; None picks the best available
     low_memory: bool = False  # stream layers of models larger than the device's free memory
     _manager: Any = field(default=None, init=False, repr=False)
+    _manager_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
 
     def model_manager(self) -> Any:
         """The `diffusion.memory.ModelManager` of this environment's compute device (made on first use)."""
-        if self._manager is None:
-            from diffusion.devices import pick_device
-            from diffusion.memory import ModelManager
+        with self._manager_lock:  # one manager, even when worker threads ask for it at once
+            if self._manager is None:
+                from diffusion.devices import pick_device
+                from diffusion.memory import ModelManager
 
-            device = pick_device(self.device)
-            self._manager = ModelManager(device, "cpu", low_memory=self.low_memory)
+                device = pick_device(self.device)
+                self._manager = ModelManager(device, "cpu", low_memory=self.low_memory)
         return self._manager
 
     def list_models(self, kind: str) -> list[str]:

@@ -1,8 +1,10 @@
 """Loader nodes: checkpoints, standalone VAEs, LoRAs, and the clip skip.
 
 Loaded checkpoints are kept in the environment's model cache (keyed by file, size and modification time),
-so every workflow and every branch that names the same file shares one copy of the weights; LoRA nodes
-return clones that share the modules and carry their own weight patches.
+so every workflow and every branch that names the same file shares one copy of the weights, loaded once
+even when worker threads ask for it at the same moment (`ModelCache.load`); LoRA nodes return clones that
+share the modules and carry their own weight patches, which the model manager applies for each node that
+runs them while other prompts with other patch sets wait (diffusion/sharing.py).
 """
 
 from __future__ import annotations
@@ -58,14 +60,15 @@ class _ModelFileNode(Node):
 
 def load_checkpoint_handles(env: Environment, name: str) -> tuple[DiffusionModel, ClipModel, VAEModel]:
     path = env.find_model("checkpoints", name)
-    key = ("checkpoint", *_file_key(path))
-    if key not in env.model_cache:
+
+    def load() -> tuple[DiffusionModel, ClipModel, VAEModel]:
         manager = env.model_manager()
         with env.naming_files():  # diffusion's errors name the file by its absolute path
             loaded = load_checkpoint(path, dtype=pick_dtype(manager.device))
         loaded.text.embedding_dirs = [str(d) for d in env.model_dirs("embeddings")]
-        env.model_cache[key] = wrap_checkpoint(loaded, manager, name=Path(name).stem)
-    return env.model_cache[key]
+        return wrap_checkpoint(loaded, manager, name=Path(name).stem)
+
+    return env.model_cache.load(("checkpoint", *_file_key(path)), load)
 
 
 class CheckpointLoaderSimple(_ModelFileNode):
@@ -93,24 +96,26 @@ class VAELoader(_ModelFileNode):
     def execute(self, vae_name, context):
         env = context.env
         path = env.find_model("vae", vae_name)
-        key = ("vae", *_file_key(path))
-        if key not in env.model_cache:
+
+        def load() -> VAEModel:
             manager = env.model_manager()
             with env.naming_files():
                 vae = load_vae(path, dtype=pick_dtype(manager.device, for_vae=True))
             dtype = next(vae.parameters()).dtype
             patcher = ModelPatcher(vae, manager.device, "cpu", name=Path(vae_name).stem)
-            env.model_cache[key] = VAEModel(patcher, manager, dtype, vae.config.downscale)
-        return (env.model_cache[key],)
+            return VAEModel(patcher, manager, dtype, vae.config.downscale)
+
+        return (env.model_cache.load(("vae", *_file_key(path)), load),)
 
 
 def _lora(env: Environment, name: str) -> tuple[str, dict[str, torch.Tensor]]:
     path = env.find_model("loras", name)
-    key = ("lora", *_file_key(path))
-    if key not in env.model_cache:
+
+    def load() -> dict[str, torch.Tensor]:
         with env.naming_files():
-            env.model_cache[key] = load_lora(path)
-    return Path(name).stem, env.model_cache[key]
+            return load_lora(path)
+
+    return Path(name).stem, env.model_cache.load(("lora", *_file_key(path)), load)
 
 
 def apply_lora(model: DiffusionModel | None, clip: ClipModel | None, name: str, tensors: dict[str, torch.Tensor],
