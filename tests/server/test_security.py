@@ -187,4 +187,4 @@ def test_odd_requests_never_produce_a_500_or_a_traceback(server):
         status, _, data = server.request(method, path, body, headers=AUTH)
         assert 400 <= status < 500 or status == 200, (method, path, body, status, data)
         assert b"Traceback" not in data and b"File \"" not in data, (method, path, data)
-    assert "Traceback" not in server.log() or "unhandled error" not in server.log()
+    assert "Traceback" not in server.log() and "unhandled error" not in server.log()
