@@ -367,12 +367,48 @@ def test_lcm_matches_diffusers(monkeypatch):
     compare(get_sampler("lcm"), sigmas, x, starts, final, noise_sampler=queue.sampler)
 
 
+def run_with_one_draw(name, x, sigmas, unit, noisy_draw=None):
+    """Run SDE sampler `name` with every noise draw zero but draw `noisy_draw` (= unit); return the output, the
+    (sigma, sigma_to) of each draw, and each model call's input with the count of draws made before it."""
+    intervals, inputs = [], []
+
+    def noise_sampler(sigma_from, sigma_to):
+        intervals.append((float(sigma_from), float(sigma_to)))
+        return unit.clone() if len(intervals) - 1 == noisy_draw else torch.zeros_like(x)
+
+    def model(x_in, sigma):
+        inputs.append((len(intervals), x_in.clone()))
+        return wobbly_denoiser(x_in, sigma)
+
+    out = get_sampler(name)(model, x, sigmas, noise_sampler=noise_sampler)
+    return out, intervals, inputs
+
+
 def test_sde_noise_is_scaled_per_step(schedule):
-    """With all noise zero the SDE samplers still converge (the deterministic part alone), and noise matters."""
-    sigmas = calculate_sigmas(schedule, "karras", 12)
-    x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * sigmas[0]
-    for name in ("dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_sde"):
-        zero = get_sampler(name)(gaussian_denoiser, x, sigmas, noise_sampler=lambda a, b: torch.zeros_like(x))
-        noisy = get_sampler(name)(gaussian_denoiser, x, sigmas, noise_sampler=seeded_noise_sampler(x, 1))
-        assert np.isfinite(zero.numpy()).all()
-        assert not torch.allclose(zero, noisy)
+    """With eta = 1 every noise draw of an SDE sampler over (sigma, sigma_to) is added scaled by
+    sigma_to * sqrt(1 - (sigma_to / sigma)^2): the exact noise of the data-prediction SDE (2M, 3M), the
+    ancestral sigma_up of each of dpmpp_sde's two sub-steps (the same quantity). The step to sigma 0 draws
+    none. Checked draw by draw: a run whose only non-zero draw is draw j differs from the noise-free run, at
+    the next model call, by exactly that draw times its scale."""
+    sigmas = calculate_sigmas(schedule, "karras", 6)
+    sig = sigmas.tolist()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 1, 8, 8, generator=gen) * sigmas[0]
+    unit = torch.randn(1, 1, 8, 8, generator=gen)
+    steps = [(sig[i], sig[i + 1]) for i in range(len(sig) - 2)]  # every step but the last, to sigma 0
+    expected_draws = {
+        "dpmpp_2m_sde": steps,
+        "dpmpp_3m_sde": steps,
+        "dpmpp_sde": [d for a, b in steps for d in ((a, math.sqrt(a * b)), (a, b))],  # r = 1/2: log midpoint
+    }
+    for name, draws in expected_draws.items():
+        zero, intervals, zero_inputs = run_with_one_draw(name, x, sigmas, unit)
+        assert torch.isfinite(zero).all()
+        assert intervals == [pytest.approx(d, rel=1e-6) for d in draws], name
+        for j, (sigma, sigma_to) in enumerate(draws):
+            noisy, _, inputs = run_with_one_draw(name, x, sigmas, unit, noisy_draw=j)
+            k = next(i for i, (count, _) in enumerate(inputs) if count > j)  # the first model call after draw j
+            scale = sigma_to * math.sqrt(1 - (sigma_to / sigma) ** 2)
+            torch.testing.assert_close(inputs[k][1] - zero_inputs[k][1], unit * scale, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, name=name, j=j: f"{name}, draw {j}: {m}")
+            assert not torch.allclose(noisy, zero)
