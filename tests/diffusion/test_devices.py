@@ -40,9 +40,14 @@ def test_unknown_device_is_an_error(preference):
         pick_device(preference, cuda=True, mps=True)
 
 
-def test_real_machine_default_is_a_usable_device():
+def test_real_machine_default_is_the_best_device_present_and_computes():
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device = pick_device()
-    assert torch.zeros(1, device=device).device.type == device.type
+    assert device == torch.device(expected)
+    x = torch.arange(6.0).reshape(2, 3)
+    product = x.to(device) @ x.T.to(device)
+    assert product.device.type == expected
+    torch.testing.assert_close(product.cpu(), torch.tensor([[5.0, 14.0], [14.0, 50.0]]))
 
 
 @pytest.mark.parametrize(
