@@ -76,11 +76,11 @@ def frame_sizes(image: Image.Image, source: bytes | Path, max_frames: int) -> li
     return sizes or [image.size]
 
 
-def check_frames(image: Image.Image, source: bytes | Path, name: str, max_pixels: int,
-                 max_frames: int) -> list[tuple[int, int]]:
+def check_frames(image: Image.Image, source: bytes | Path, name: str, max_pixels: int, max_frames: int,
+                 first_only: bool = False) -> list[tuple[int, int]]:
     """The frames' sizes, or ImageLimitError naming the file when there are more frames than `max_frames` or
-    more pixels in all of them together than `max_pixels`."""
-    sizes = frame_sizes(image, source, max_frames)
+    more pixels in all of them together than `max_pixels`. `first_only`: for a reader that decodes no other."""
+    sizes = [image.size] if first_only else frame_sizes(image, source, max_frames)
     if len(sizes) > max_frames:
         raise ImageLimitError(f"image {name!r} has more than {max_frames} frames, over the limit of "
                               f"{max_frames} frames", "frames")

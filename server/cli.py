@@ -259,13 +259,37 @@ def add_serve_parser(sub: Any) -> None:
                        help="hosts extra_data.webhook may call (default: loopback only); repeatable, * for any")
     serve.add_argument("--max-upload-mb", type=float, default=100.0, help="request size limit (default 100)")
     serve.add_argument("--max-image-pixels", type=int, default=64 << 20,
-                       help="refuse images announcing more pixels than this (default 64 Mi)")
+                       help="refuse images whose frames together hold more pixels than this, in uploads and "
+                            "LoadImage (default 64 Mi)")
+    serve.add_argument("--max-image-frames", type=limit_option(1), default=1024,
+                       help="refuse images of more frames than this (default 1024)")
+    serve.add_argument("--max-input-mb", type=limit_option(0, float), default=2048,
+                       help="uploads may not take the input folder past this many MiB (default 2048; 0: no limit)")
+    serve.add_argument("--max-input-files", type=limit_option(), default=10_000,
+                       help="uploads may not take the input folder past this many files (default 10000; 0: no limit)")
+    serve.add_argument("--max-workflows", type=limit_option(), default=1000,
+                       help="saved workflows at most (default 1000; 0: no limit)")
+    serve.add_argument("--max-workflow-mb", type=limit_option(0, float), default=16,
+                       help="size limit of one saved workflow in MiB (default 16; 0: only --max-upload-mb's)")
     serve.add_argument("--web-root", type=Path, default=None, help="folder of the canvas (default: web/)")
     serve.add_argument("--workers", type=workers_option, default=None, metavar="N|ray|ray://HOST:PORT",
                        help="N worker threads (default: one per device), or run prompts on Ray actors, one per GPU "
                             "(per CPU where there is none): 'ray' starts a local Ray or joins $RAY_ADDRESS, "
                             "ray://HOST:PORT connects to a cluster (pip install 'latentloom[ray]')")
     add_memory_option(serve)
+
+
+def limit_option(minimum: int = 0, kind: type = int) -> Any:
+    """An argparse type for a count (int) or size (float, MiB) limit of at least `minimum`."""
+    def parse(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        if not minimum <= number < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a finite number of at least {minimum}, got {value}")
+        return number
+    return parse
 
 
 def workers_option(value: str) -> int | str:
@@ -321,6 +345,9 @@ def cmd_serve(args: argparse.Namespace, env: Environment, registry: NodeRegistry
                           webhook_hosts=args.webhook_host,
                           max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                           max_image_pixels=args.max_image_pixels, workers=args.workers,
+                          max_image_frames=args.max_image_frames, max_input_bytes=int(args.max_input_mb * (1 << 20)),
+                          max_input_files=args.max_input_files, max_workflows=args.max_workflows,
+                          max_workflow_bytes=int(args.max_workflow_mb * (1 << 20)),
                           extra_model_dirs=env.extra_model_dirs, max_prompt_memory=args.max_prompt_memory)
     if args.web_root is not None:
         config.web_root = args.web_root

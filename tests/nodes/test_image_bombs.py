@@ -71,10 +71,10 @@ def test_the_refusal_is_a_node_error_of_the_prompt(env):
 
 def test_frame_count_is_capped_whatever_the_pixels(env):
     (env.input_dir / "many.gif").write_bytes(gif((1, 1), [(0, 0, 1, 1)] * 1100))
-    with pytest.raises(ImageLimitError, match="'many.gif' has more than 1024 frames, over the limit of 1024 frames"):
+    with pytest.raises(ImageLimitError, match=r"'many.gif' has more than 1024 frames, over the limit of 1024 frames"):
         LoadImage().execute("many.gif", ctx(env))
     (env.input_dir / "fine.gif").write_bytes(gif((1, 1), [(0, 0, 1, 1)] * 1000))
-    image, mask = LoadImage().execute("fine.gif", ctx(env))
+    image, _ = LoadImage().execute("fine.gif", ctx(env))
     assert image.shape == (1000, 1, 1, 3)
 
 
