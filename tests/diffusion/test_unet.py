@@ -240,7 +240,8 @@ def test_adm_builders_shapes_and_errors() -> None:
     # Targets default to the image size; per-sample values are accepted as tensors.
     assert torch.equal(sdxl_adm(pooled, 768, 512), sdxl_adm(pooled, 768, 512, 0, 0, 768, 512))
     per_sample = sdxl_refiner_adm(pooled, 1024, 1024, torch.tensor([6.0, 2.5, 6.0]))
-    assert torch.equal(per_sample[1], sdxl_refiner_adm(pooled[1:2], 1024, 1024, 2.5)[0])
+    # one sample of a batch against a batch of one: sin/cos over other tensor layouts, float32 rounding apart
+    torch.testing.assert_close(per_sample[1], sdxl_refiner_adm(pooled[1:2], 1024, 1024, 2.5)[0])
     with pytest.raises(ValueError, match="does not split"):
         sdxl_adm(pooled, 1024, 1024, adm_in_channels=2817)
 
