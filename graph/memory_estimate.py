@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,7 +118,8 @@ class NodeMemory:
 
 @dataclass
 class PromptEstimate:
-    nodes: dict[str, NodeMemory] = field(default_factory=dict)
+    nodes: dict[str, NodeMemory] = field(default_factory=dict)  # the nodes that declared an estimate
+    shapes: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # every node's output shapes (None: unknown)
 
     def host_peak(self) -> tuple[int, NodeMemory | None]:
         """(bytes, node at which the host pool peaks)."""
@@ -156,8 +158,8 @@ def estimate_prompt(prompt: ValidatedPrompt, context: EstimateContext) -> Prompt
 
     A hook that raises is logged and treated as unknown: an estimate must never be why a valid prompt
     fails."""
-    shapes: dict[str, tuple[Any, ...]] = {}
     result = PromptEstimate()
+    shapes = result.shapes
     held = 0
     for node_id in nx.topological_sort(prompt.graph):
         call, cls = prompt.nodes[node_id], prompt.classes[node_id]
@@ -221,7 +223,7 @@ def out_of_memory_message(cls: type[Node], node_id: str, exc: BaseException) -> 
     """What a user reads when a node ran out of memory: which node, the allocator's own words (they say how
     much it tried to allocate), and the node's advice."""
     detail = (str(exc) or type(exc).__name__).strip().splitlines()[0]
+    detail = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", detail)  # c10's source location, noise to a user
     if len(detail) > 300:
         detail = detail[:297] + "..."
-    return (f"{cls.node_type} (node {node_id}) ran out of memory ({detail}). To make it fit: {cls.memory_advice}. "
-            f"The prompt was stopped; the server keeps running.")
+    return f"{cls.node_type} (node {node_id}) ran out of memory ({detail}). To make it fit: {cls.memory_advice}."

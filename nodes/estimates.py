@@ -33,7 +33,7 @@ LATENT_CHANNELS = 4
 SD_UNETS = (UNetConfig.sd1(), UNetConfig.sdxl())
 SD_VAE = VAEConfig()
 VAE_TILE_FALLBACK = 64  # latent units: diffusion.models.VAEModel.decode's tile when a whole image does not fit
-ATTENTION_SCORE_COPIES = 2.25  # SDPA's math path: the scores, their softmax and a scaled copy
+ATTENTION_SCORE_BYTES = 9  # SDPA's math path on the CPU, per score: the scores, their softmax, a scaled copy
 
 
 def image_spec(batch: int, height: int, width: int, channels: int = 3) -> TensorSpec:
@@ -81,9 +81,10 @@ def compute_itemsize(context: EstimateContext, for_vae: bool = False) -> int:
     return _itemsize(context.device, for_vae)
 
 
-def _norm_extra(itemsize: int) -> float:
-    """Extra elements a GroupNorm32 makes below fp32: it normalises a float32 copy, then casts back."""
-    return 0.0 if itemsize >= 4 else 8 / itemsize
+def _norm_peak(itemsize: int) -> float:
+    """Elements per channel a GroupNorm32 holds at its peak: its output in fp32; below fp32 it normalises a
+    float32 copy into a float32 result (8 bytes a value) before casting back."""
+    return 1.0 if itemsize >= 4 else 8 / itemsize
 
 
 class _Walk:
@@ -99,12 +100,13 @@ class _Walk:
         self.peak = max(self.peak, self.held + transient)
 
 
-def _resblock(walk: _Walk, c_in: int, c_out: int, n: float, norm_extra: float) -> None:
+def _resblock(walk: _Walk, c_in: int, c_out: int, n: float, norm: float) -> None:
     """A ResBlock on a held input of c_in channels over n positions: its norm and SiLU copies live together
     (2·c_in), the conv reads the SiLU while writing its output, and the output side holds h, the skip and the
     sum."""
-    walk.need(n * max(2 * c_in + norm_extra * c_in, c_in * (1 + walk.conv_copy) + c_out,
-                      (3 + walk.conv_copy) * c_out + (c_out if c_in != c_out else 0) + norm_extra * c_out))
+    skip = c_out if c_in != c_out else 0
+    walk.need(n * max(norm * c_in, 2 * c_in, c_in * (1 + walk.conv_copy) + c_out,
+                      c_out * max(1 + norm, 3 + walk.conv_copy) + skip))
 
 
 def _transformer(walk: _Walk, c: int, n: float) -> None:
@@ -114,7 +116,7 @@ def _transformer(walk: _Walk, c: int, n: float) -> None:
 
 
 def unet_peak_elements(config: UNetConfig, height: int, width: int, conv_copy: float = 0.0,
-                       norm_extra: float = 0.0) -> float:
+                       norm: float = 1.0) -> float:
     """Peak live activation elements of one UNet forward for one batch entry on a height × width latent."""
     walk = _Walk(conv_copy)
     mc, levels = config.model_channels, len(config.channel_mult)
@@ -128,7 +130,7 @@ def unet_peak_elements(config: UNetConfig, height: int, width: int, conv_copy: f
     for i, mult in enumerate(config.channel_mult):
         c = mc * mult
         for _ in range(config.num_res_blocks):
-            _resblock(walk, c_in, c, n[i], norm_extra)
+            _resblock(walk, c_in, c, n[i], norm)
             if config.transformer_depth[i]:
                 walk.held += n[i] * c
                 _transformer(walk, c, n[i])
@@ -143,10 +145,10 @@ def unet_peak_elements(config: UNetConfig, height: int, width: int, conv_copy: f
             channels.append(c)
             walk.held += skips[-1]
     deepest = n[-1]
-    _resblock(walk, c_in, c_in, deepest, norm_extra)
+    _resblock(walk, c_in, c_in, deepest, norm)
     walk.held += deepest * c_in
     _transformer(walk, c_in, deepest)
-    _resblock(walk, c_in, c_in, deepest, norm_extra)
+    _resblock(walk, c_in, c_in, deepest, norm)
     current = deepest * c_in
     for i in reversed(range(levels)):
         c = mc * config.channel_mult[i]
@@ -156,7 +158,7 @@ def unet_peak_elements(config: UNetConfig, height: int, width: int, conv_copy: f
             concat = n[i] * width_in
             walk.need(current + concat)  # made while both halves live; the caller holds it through the block
             walk.held += concat - current - skip
-            _resblock(walk, width_in, c, n[i], norm_extra)
+            _resblock(walk, width_in, c, n[i], norm)
             walk.held += n[i] * c
             if config.transformer_depth[i]:
                 _transformer(walk, c, n[i])
@@ -166,7 +168,7 @@ def unet_peak_elements(config: UNetConfig, height: int, width: int, conv_copy: f
             current = n[i - 1 if upsample else i] * c
             walk.held += current - concat - n[i] * c
             c_in = c
-    walk.need(n[0] * (2 + conv_copy) * c_in)
+    walk.need(n[0] * max(norm * c_in, (2 + conv_copy) * c_in))
     return walk.peak
 
 
@@ -174,49 +176,55 @@ def unet_bytes(config: UNetConfig | None, batch: int, height: int, width: int, i
     """Activation bytes of one UNet call on `batch` entries (cond and uncond together count twice)."""
     conv_copy = 1.0 if device_type == "cpu" else 0.0
     configs = [config] if config is not None else SD_UNETS
-    per_entry = min(unet_peak_elements(c, height, width, conv_copy, _norm_extra(itemsize)) for c in configs)
+    per_entry = min(unet_peak_elements(c, height, width, conv_copy, _norm_peak(itemsize)) for c in configs)
     return int(per_entry * batch * itemsize)
 
 
-def _vae_attention(walk: _Walk, c: int, n: float) -> None:
-    """The VAE's mid-block attention: one head as wide as the block, over every latent position. Its q, k and
-    v reach SDPA transposed (the positions' stride is not 1), which the fused kernels do not take, so SDPA
-    falls back to its math path and materialises the (HW)² scores and their softmax (measured: 2.25·(HW)²
-    elements on the CPU). This, not the convolutions, is what bounds a large whole-image decode."""
-    walk.need(n * 8 * c + ATTENTION_SCORE_COPIES * n * n)
+def _vae_attention(walk: _Walk, c: int, n: float, itemsize: int, channels_last: bool) -> None:
+    """The VAE's mid-block attention: one head as wide as the block, over every latent position. From
+    feature maps in the default (channels-first) layout its q, k and v reach SDPA with the positions' stride
+    not 1, which the fused kernels do not take: SDPA falls back to its math path and materialises the (HW)²
+    scores and their softmax (measured on the CPU: 9 bytes a score, fp32 and bf16 alike). That is how a decode
+    runs (latents come channels-first), and what bounds a large whole-image decode. An encode gets its image
+    channels-last (VAEModel moves the channel axis of [B, H, W, C]), the convolutions keep that layout, and
+    the fused kernel takes it: no scores."""
+    scores = 0.0 if channels_last else ATTENTION_SCORE_BYTES / itemsize * n * n
+    walk.need(n * 8 * c + scores)
 
 
 def vae_decode_elements(config: VAEConfig, height: int, width: int, itemsize: int, device_type: str) -> float:
     """Peak live elements of decoding one latent of height × width (latent units) to an image."""
     walk = _Walk(1.0 if device_type == "cpu" else 0.0)
-    norm_extra = _norm_extra(itemsize)
+    norm = _norm_peak(itemsize)
     levels = len(config.ch_mult)
     n = float(height * width)
     c = config.ch * config.ch_mult[-1]
     walk.held = n * (config.embed_dim + config.z_channels)
     walk.need(n * c * (1 + walk.conv_copy))
     walk.held += n * c
-    _resblock(walk, c, c, n, norm_extra)
-    _vae_attention(walk, c, n)
-    _resblock(walk, c, c, n, norm_extra)
+    _resblock(walk, c, c, n, norm)
+    _vae_attention(walk, c, n, itemsize, channels_last=False)
+    _resblock(walk, c, c, n, norm)
     for i in reversed(range(levels)):
         c_out = config.ch * config.ch_mult[i]
         for _ in range(config.num_res_blocks + 1):
-            _resblock(walk, c, c_out, n, norm_extra)
+            _resblock(walk, c, c_out, n, norm)
             walk.held += n * (c_out - c)
             c = c_out
         if i:
             walk.need(2 * 4 * n * c + 4 * n * c * walk.conv_copy)
             walk.held += 3 * n * c
             n *= 4
-    walk.need(n * (2 + walk.conv_copy) * c + n * config.out_ch)
+    walk.need(n * max(norm * c, (2 + walk.conv_copy) * c + config.out_ch))
     return walk.peak
 
 
-def vae_encode_elements(config: VAEConfig, height: int, width: int, itemsize: int, device_type: str) -> float:
-    """Peak live elements of encoding one height × width image (pixels) to a latent."""
+def vae_encode_elements(config: VAEConfig, height: int, width: int, itemsize: int, device_type: str,
+                        channels_last: bool = True) -> float:
+    """Peak live elements of encoding one height × width image (pixels) to a latent (channels-last, as
+    VAEModel passes images; see _vae_attention)."""
     walk = _Walk(1.0 if device_type == "cpu" else 0.0)
-    norm_extra = _norm_extra(itemsize)
+    norm = _norm_peak(itemsize)
     n = float(height * width)
     c = config.ch
     walk.held = n * config.in_channels
@@ -225,16 +233,16 @@ def vae_encode_elements(config: VAEConfig, height: int, width: int, itemsize: in
     for i, mult in enumerate(config.ch_mult):
         c_out = config.ch * mult
         for _ in range(config.num_res_blocks):
-            _resblock(walk, c, c_out, n, norm_extra)
+            _resblock(walk, c, c_out, n, norm)
             walk.held += n * (c_out - c)
             c = c_out
         if i != len(config.ch_mult) - 1:  # the one-pixel pad is a full copy, then a stride-2 conv
             walk.need(n * c * (1 + walk.conv_copy) + n * c / 4)
             walk.held -= 0.75 * n * c
             n /= 4
-    _resblock(walk, c, c, n, norm_extra)
-    _vae_attention(walk, c, n)
-    walk.need(n * (2 + walk.conv_copy) * c + n * 2 * config.z_channels)
+    _resblock(walk, c, c, n, norm)
+    _vae_attention(walk, c, n, itemsize, channels_last)
+    walk.need(n * max(norm * c, (2 + walk.conv_copy) * c + 2 * config.z_channels))
     return walk.peak
 
 
