@@ -68,6 +68,18 @@ UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
     "subfolder": {"type": "string"}, "overwrite": {"type": "string"},
     "original_ref": {"type": "string", "description": "/upload/mask only: JSON {filename, subfolder, type}"}}}}}}
 
+
+def _error(description: str) -> dict[str, Any]:
+    return {**ERROR, "description": f"error ({description}): {{error: {{type, message, details, extra_info}}}}"}
+
+
+BAD_NAME = _error("invalid_filename: empty, a path, a control character, not UTF-8, or a name over 255 bytes; "
+                  "invalid_form: a malformed multipart body; invalid_image")
+QUOTA = _error("quota_exceeded: the input folder would pass --max-input-mb or --max-input-files; "
+               "extra_info {limit, value}")
+IMAGE_TOO_LARGE = _error("too_large: over --max-upload-mb; image_too_large: all frames together over "
+                         "--max-image-pixels, or more frames than --max-image-frames")
+
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/prompt"): {
         "summary": "Queue a prompt (API or UI format). Body: prompt, client_id, prompt_id, extra_data (webhook), "
@@ -117,26 +129,31 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                                                      free_memory=_nullable("boolean"))),
                         "responses": {"200": DONE, **ERRORS}},
     ("GET", "/view"): {
-        "summary": "A file from input/output/temp",
+        "summary": "A file from input/output/temp: png, jpeg, webp, gif, bmp, tiff, mp4, webm and json with their "
+                   "type, inline; any other as application/octet-stream, attachment (RFC 6266 filename and filename*)",
         "parameters": [_query("filename", "file name (may end with ' [output]' etc.)"),
                        _query("type", "input, output (default) or temp"), _query("subfolder", "subfolder"),
                        _query("preview", "re-encode: 'webp;90', 'jpeg;90'"), _query("channel", "rgba, rgb or a"),
                        _query("token", "auth token, for <img> tags")],
         "responses": {"200": _ok("the file", {"type": "string", "format": "binary"}, "application/octet-stream"),
-                      "400": ERROR, "403": ERROR, "404": ERROR}},
+                      "400": BAD_NAME, "403": ERROR, "404": ERROR, "413": IMAGE_TOO_LARGE}},
     ("POST", "/upload/image"): {"summary": "Upload an image", "requestBody": UPLOAD_BODY,
-                                "responses": {"200": _ok("{name, subfolder, type}"), "400": ERROR, "403": ERROR,
-                                              "413": ERROR}},
+                                "responses": {"200": _ok("{name, subfolder, type}"), "400": BAD_NAME, "403": ERROR,
+                                              "413": IMAGE_TOO_LARGE, "507": QUOTA}},
     ("POST", "/upload/mask"): {"summary": "Upload a mask: its alpha replaces the original image's alpha",
                                "requestBody": UPLOAD_BODY,
-                               "responses": {"200": _ok("{name, subfolder, type}"), "400": ERROR, "403": ERROR,
-                                             "404": ERROR, "413": ERROR}},
+                               "responses": {"200": _ok("{name, subfolder, type}"), "400": BAD_NAME, "403": ERROR,
+                                             "404": ERROR, "413": IMAGE_TOO_LARGE, "507": QUOTA}},
     ("GET", "/workflows"): {"summary": "Saved workflow names", "responses": {"200": _ok("[name]", {"type": "array"})}},
     ("GET", "/workflows/{name}"): {"summary": "A saved workflow", "parameters": [_path("name")],
                                    "responses": {"200": _ok("the workflow JSON"), "400": ERROR, "404": ERROR}},
     ("PUT", "/workflows/{name}"): {"summary": "Save a workflow", "parameters": [_path("name")],
-                                   "requestBody": _body("the workflow JSON (UI or API format)"),
-                                   "responses": {"200": _ok("{name}"), "400": ERROR}},
+                                   "requestBody": _body("the workflow JSON (UI or API format), at most "
+                                                        "--max-workflow-mb"),
+                                   "responses": {"200": _ok("{name}"), "400": ERROR,
+                                                 "413": _error("too_large: over --max-workflow-mb"),
+                                                 "507": _error("quota_exceeded: a new name past --max-workflows; "
+                                                               "extra_info {limit, value}")}},
     ("DELETE", "/workflows/{name}"): {"summary": "Delete a saved workflow", "parameters": [_path("name")],
                                       "responses": {"200": _ok("{deleted}"), "400": ERROR, "404": ERROR}},
     ("GET", "/object_info"): {"summary": "Every node type's declaration",
