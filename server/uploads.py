@@ -60,6 +60,7 @@ def open_checked(data: bytes | Path, name: str, config: ServerConfig, all_frames
     try:
         image.load()
     except (OSError, Image.DecompressionBombError, ValueError, SyntaxError, IndexError, struct.error):
+        image.close()
         raise ApiError(400, "invalid_image", f"image {name!r} could not be decoded") from None
     return image
 
@@ -78,8 +79,8 @@ async def read_form(request: web.Request) -> dict[str, Any]:
             from None
     except (BadHttpMessage, HttpProcessingError) as exc:
         reason = getattr(exc, "message", "") or type(exc).__name__
-        raise ApiError(400, "invalid_form", f"malformed multipart part header: {reason.strip()[:200]} "
-                                            f"(no control characters such as NUL, CR or LF in header values)") from None
+        raise ApiError(400, "invalid_form", f"malformed multipart part header: {reason.strip()[:200]} (no "
+                                            f"control characters such as NUL, CR or LF in header values)") from None
     except (ValueError, AssertionError, UnicodeDecodeError) as exc:
         raise ApiError(400, "invalid_form", f"malformed or truncated multipart body: {str(exc)[:200]}") from None
 

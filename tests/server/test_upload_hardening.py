@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlencode
 import pytest
 from PIL import Image
 
+from server.cli import build_parser
 from server.file_names import content_disposition
 from tests.nodes.test_image_bombs import gif
 from tests.server.harness import multipart
@@ -227,3 +228,18 @@ def test_saved_workflow_count_and_size(server):
     assert response.status == 413 and json.loads(response.read())["error"]["type"] == "too_large"
     conn.close()
     assert server.json("GET", "/workflows/four") == (200, {"nodes": []})
+
+
+def test_limit_flags_parse_and_refuse_negative_or_infinite_values(capsys):
+    args = build_parser().parse_args(["serve", "--max-input-mb", "0.5", "--max-image-frames", "7",
+                                      "--max-workflows", "0", "--max-input-files", "12", "--max-workflow-mb", "2"])
+    assert (args.max_input_mb, args.max_image_frames, args.max_workflows, args.max_input_files,
+            args.max_workflow_mb) == (0.5, 7, 0, 12, 2.0)
+    defaults = build_parser().parse_args(["serve"])
+    assert (defaults.max_input_mb, defaults.max_input_files, defaults.max_workflows, defaults.max_workflow_mb,
+            defaults.max_image_frames) == (2048, 10_000, 1000, 16, 1024)
+    for flag, value in [("--max-input-mb", "-1"), ("--max-input-mb", "inf"), ("--max-image-frames", "0"),
+                        ("--max-workflows", "2.5"), ("--max-input-files", "-3")]:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", flag, value])
+        assert f"argument {flag}" in capsys.readouterr().err
