@@ -96,7 +96,7 @@ def train_lora(model: DiffusionModel, clip: ClipModel, vae: VAEModel, images: Te
     y = torch.cat([e["y"] for e in extras]) if extras and "y" in extras[0] else None
     alphas_cumprod = model.model_sampling.schedule.alphas_cumprod.float()
     losses: list[float] = []
-    with model.manager.use([model.patcher]) as (unet,):
+    with model.manager.use([model.patcher], exclusive=True) as (unet,):  # hooks and flags: nobody else
         device, dtype = model.device, model.dtype
         layers = make_layers(unet, rank, gen)
         names = kohya_unet_names(model.family.unet, [n for n, _ in unet.named_parameters()])
