@@ -180,6 +180,8 @@ class Environment:
     model_cache: ModelCache = field(default_factory=ModelCache)  # each file loaded once, even by threads at once
     device: str | None = None  # "cuda", "cuda:1", "mps", "cpu"; None picks the best available
     low_memory: bool = False  # stream layers of models larger than the device's free memory
+    max_image_pixels: int | None = None  # all frames of an image together; None: nodes/image_limits.py's default
+    max_image_frames: int | None = None
     _manager: Any = field(default=None, init=False, repr=False)
     _manager_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 

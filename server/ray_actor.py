@@ -85,7 +85,7 @@ class PromptWorker:
 
     def __init__(self, worker_id: str, data_dir: str, extra_model_dirs: dict[str, list[str]] | None = None,
                  cache: str = "workflow", cache_bytes: int | None = None, scratch_root: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, image_limits: tuple[int | None, int | None] = (None, None)) -> None:
         if threads:
             import torch
 
@@ -95,7 +95,8 @@ class PromptWorker:
         root.mkdir(parents=True, exist_ok=True)
         self.scratch = Path(tempfile.mkdtemp(prefix=f"latentloom-{worker_id}-", dir=root))
         extra = {kind: [Path(p) for p in paths] for kind, paths in (extra_model_dirs or {}).items()}
-        self.env = WorkerEnvironment(Path(data_dir), extra_model_dirs=extra, scratch_dir=self.scratch)
+        self.env = WorkerEnvironment(Path(data_dir), extra_model_dirs=extra, scratch_dir=self.scratch,
+                                     max_image_pixels=image_limits[0], max_image_frames=image_limits[1])
         self.env.ensure_dirs()
         self.registry = build_registry(self.env)
         self.executor = Executor(env=self.env, cache=make_cache(cache, cache_bytes), previews=True)

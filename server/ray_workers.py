@@ -86,7 +86,8 @@ class RayWorkerPool(PromptPool):
         self.address = address
         self.worker_args = {"data_dir": str(env.data_dir), "cache": cache, "cache_bytes": cache_bytes,
                             "extra_model_dirs": {k: [str(p) for p in v] for k, v in env.extra_model_dirs.items()},
-                            "scratch_root": scratch_root}
+                            "scratch_root": scratch_root,
+                            "image_limits": (env.max_image_pixels, env.max_image_frames)}
         self.max_workers, self.cpus_per_worker = max_workers, cpus_per_worker
         self.scheduler = scheduler or Scheduler()
         self.reconcile_s = reconcile_s

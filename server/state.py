@@ -59,7 +59,8 @@ class ServerState:
 
     def __init__(self, config: ServerConfig, registry: NodeRegistry | None = None) -> None:
         self.config = config
-        self.env = Environment(config.data_dir, extra_model_dirs=config.extra_model_dirs)
+        self.env = Environment(config.data_dir, extra_model_dirs=config.extra_model_dirs,
+                               max_image_pixels=config.max_image_pixels, max_image_frames=config.max_image_frames)
         self.env.ensure_dirs()
         self.workflows_dir.mkdir(parents=True, exist_ok=True)
         self.registry = registry if registry is not None else build_registry(self.env)

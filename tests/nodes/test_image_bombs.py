@@ -134,3 +134,25 @@ def test_frames_larger_than_their_headers_said_stop_the_decoding(env, monkeypatc
     (env.input_dir / "ten.gif").write_bytes(gif((64, 64), [(0, 0, 1, 1)] * 10))
     with pytest.raises(ImageLimitError, match=r"'ten.gif' decodes to 20.5 k pixels by its frame 5 \(64x64\)"):
         LoadImage().execute("ten.gif", ctx(env))
+
+
+def test_the_servers_limits_reach_load_image(tmp_path):
+    """`--max-image-pixels` and `--max-image-frames` travel in the Environment to LoadImage (as to uploads)."""
+    from server.state import ServerConfig, ServerState
+
+    state = ServerState(ServerConfig(data_dir=tmp_path, max_image_pixels=1000, max_image_frames=2, workers=1))
+    try:
+        env = state.env
+        Image.new("RGB", (40, 40)).save(env.input_dir / "big.png")  # 1600 pixels
+        (env.input_dir / "three.gif").write_bytes(gif((4, 4), [(0, 0, 1, 1)] * 3))
+        assert "over the limit of 1000 pixels" in LoadImage.validate_inputs({"image": "big.png"}, env)
+        assert "over the limit of 2 frames" in LoadImage.validate_inputs({"image": "three.gif"}, env)
+        with pytest.raises(ImageLimitError, match="over the limit of 1000 pixels"):
+            LoadImage().execute("big.png", ctx(env))
+        roomy = Environment(tmp_path, max_image_pixels=2000, max_image_frames=3)
+        assert LoadImage.validate_inputs({"image": "big.png"}, roomy) is None
+        assert LoadImage.validate_inputs({"image": "three.gif"}, roomy) is None
+    finally:
+        state.submit_pool.shutdown()
+        state.writer.close()
+        state.store.close()
