@@ -6,8 +6,9 @@ output side, a ResBlock's input with its norm and SiLU copies, the feed-forward'
 decoder's 256-channel maps at full resolution). Counts are in elements per pixel of the level they run at,
 times the batch and the dtype's size. Attention scores are not counted: every attention here is
 `F.scaled_dot_product_attention`, whose CPU (flash) and CUDA (flash / memory-efficient) kernels work in
-blocks and never hold the (HW)² score matrix, given q, k and v in the layout the UNet passes; the VAE's
-attention passes them transposed, SDPA falls back to its math path there, and its scores are counted.
+blocks and never hold the (HW)² score matrix, given q, k and v in the layout the UNet passes. The fused
+kernels need each row of q, k and v contiguous; the VAE's decoder passes them transposed, so SDPA takes its
+math path there and its scores are counted (see _vae_attention).
 
 Models are not known before they load, so the MODEL and VAE shapes default to the released architectures:
 every SD VAE has the same one, and for the UNet the smaller of SD1/SD2's and SDXL's peaks is used (an
@@ -33,7 +34,9 @@ LATENT_CHANNELS = 4
 SD_UNETS = (UNetConfig.sd1(), UNetConfig.sdxl())
 SD_VAE = VAEConfig()
 VAE_TILE_FALLBACK = 64  # latent units: diffusion.models.VAEModel.decode's tile when a whole image does not fit
-ATTENTION_SCORE_BYTES = 9  # SDPA's math path on the CPU, per score: the scores, their softmax, a scaled copy
+# SDPA's math path, per score: the scores, their softmax and a scaled copy, in float32 whatever the inputs' dtype
+# (PyTorch reduces half precision in fp32 there unless allow_fp16_bf16_reduction_math_sdp is set)
+ATTENTION_SCORE_BYTES = 9
 
 
 def image_spec(batch: int, height: int, width: int, channels: int = 3) -> TensorSpec:
