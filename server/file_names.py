@@ -23,6 +23,10 @@ from server.state import ApiError, ServerState
 FOLDER_TYPES = ("input", "output", "temp")
 MAX_NAME_BYTES = 255  # one file or folder name (NAME_MAX of Linux, macOS and Windows file systems)
 MAX_SUBFOLDER_BYTES = 1024
+# A saved workflow's name: any text a file name may hold on Linux, macOS and Windows alike (no control character,
+# path separator, '..' or any of <>:"|?*), not starting with '.', '-' or a space, at most 128 characters. Written
+# without \w so that it means the same to Python's `re` and to the ECMA regexes of OpenAPI tools.
+WORKFLOW_NAME_PATTERN = r'(?!.*\.\.)[^\x00-\x1f\x7f-\x9f/\\<>:"|?*. \-][^\x00-\x1f\x7f-\x9f/\\<>:"|?*]{0,127}'
 SERVED_TYPES = {
     ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".gif": "image/gif",
     ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff", ".mp4": "video/mp4", ".webm": "video/webm",

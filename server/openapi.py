@@ -9,6 +9,8 @@ from typing import Any
 
 from aiohttp import web
 
+from server.file_names import WORKFLOW_NAME_PATTERN
+
 OBJ = {"type": "object"}
 STRING = {"type": "string"}
 STRINGS = {"type": "array", "items": STRING}
@@ -63,9 +65,18 @@ HISTORY_ENTRY = _object(["prompt", "outputs", "status"], prompt={"type": "array"
 HISTORY = {"type": "object", "additionalProperties": HISTORY_ENTRY}
 CHANGE_BODY = _object(clear=_nullable("boolean"), delete=_nullable("array", items=STRING))
 
+# A file name: no control character, '/', '\\' or '..', at most 255 bytes of UTF-8 (a byte count JSON Schema
+# cannot state: the pattern bounds characters). Python's `re` syntax, as the server's own checks.
+FILE_NAME = {"type": "string", "pattern": r"^(?!.*\.\.)[^\x00-\x1f\x7f-\x9f/\\]{1,255}$",
+             "description": "a file name: at most 255 bytes of UTF-8, no control characters, '/', '\\' or '..'"}
+SUBFOLDER = {"type": "string", "pattern": r"^[^\x00-\x1f\x7f-\x9f]*$",
+             "description": "a folder inside the chosen folder (one that leaves it is a 403)"}
+WORKFLOW_NAME = {"type": "string", "pattern": f"^{WORKFLOW_NAME_PATTERN}$",
+                 "description": "at most 128 characters, none of <>:\"|?*/\\ or '..', not starting with '.', '-' "
+                                "or a space; '.json' is added when missing"}
 UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {"type": "object", "properties": {
     "image": {"type": "string", "format": "binary"}, "type": {"enum": ["input", "temp", "output"]},
-    "subfolder": {"type": "string"}, "overwrite": {"type": "string"},
+    "subfolder": SUBFOLDER, "overwrite": {"enum": ["true", "false", "1", "0"]},
     "original_ref": {"type": "string", "description": "/upload/mask only: JSON {filename, subfolder, type}"}}}}}}
 
 
@@ -131,9 +142,13 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/view"): {
         "summary": "A file from input/output/temp: png, jpeg, webp, gif, bmp, tiff, mp4, webm and json with their "
                    "type, inline; any other as application/octet-stream, attachment (RFC 6266 filename and filename*)",
-        "parameters": [_query("filename", "file name (may end with ' [output]' etc.)"),
-                       _query("type", "input, output (default) or temp"), _query("subfolder", "subfolder"),
-                       _query("preview", "re-encode: 'webp;90', 'jpeg;90'"), _query("channel", "rgba, rgb or a"),
+        "parameters": [{**_query("filename", "file name (may end with ' [output]' etc.)"), "required": True,
+                        "schema": FILE_NAME},
+                       {**_query("type", "input, output (default) or temp"),
+                        "schema": {"enum": ["input", "output", "temp"]}},
+                       {**_query("subfolder", "subfolder"), "schema": SUBFOLDER},
+                       _query("preview", "re-encode: 'webp;90', 'jpeg;90', 'png' (another format: webp)"),
+                       {**_query("channel", "rgba (default), rgb or a"), "schema": {"enum": ["rgba", "rgb", "a"]}},
                        _query("token", "auth token, for <img> tags")],
         "responses": {"200": _ok("the file", {"type": "string", "format": "binary"}, "application/octet-stream"),
                       "400": BAD_NAME, "403": ERROR, "404": ERROR, "413": IMAGE_TOO_LARGE}},
@@ -145,16 +160,17 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                                "responses": {"200": _ok("{name, subfolder, type}"), "400": BAD_NAME, "403": ERROR,
                                              "404": ERROR, "413": IMAGE_TOO_LARGE, "507": QUOTA}},
     ("GET", "/workflows"): {"summary": "Saved workflow names", "responses": {"200": _ok("[name]", {"type": "array"})}},
-    ("GET", "/workflows/{name}"): {"summary": "A saved workflow", "parameters": [_path("name")],
+    ("GET", "/workflows/{name}"): {"summary": "A saved workflow", "parameters": [_path("name", **WORKFLOW_NAME)],
                                    "responses": {"200": _ok("the workflow JSON"), "400": ERROR, "404": ERROR}},
-    ("PUT", "/workflows/{name}"): {"summary": "Save a workflow", "parameters": [_path("name")],
+    ("PUT", "/workflows/{name}"): {"summary": "Save a workflow", "parameters": [_path("name", **WORKFLOW_NAME)],
                                    "requestBody": _body("the workflow JSON (UI or API format), at most "
                                                         "--max-workflow-mb"),
                                    "responses": {"200": _ok("{name}"), "400": ERROR,
                                                  "413": _error("too_large: over --max-workflow-mb"),
                                                  "507": _error("quota_exceeded: a new name past --max-workflows; "
                                                                "extra_info {limit, value}")}},
-    ("DELETE", "/workflows/{name}"): {"summary": "Delete a saved workflow", "parameters": [_path("name")],
+    ("DELETE", "/workflows/{name}"): {"summary": "Delete a saved workflow",
+                                      "parameters": [_path("name", **WORKFLOW_NAME)],
                                       "responses": {"200": _ok("{deleted}"), "400": ERROR, "404": ERROR}},
     ("GET", "/object_info"): {"summary": "Every node type's declaration",
                               "responses": {"200": _ok("{class: node_info}")}},

@@ -18,11 +18,18 @@ from aiohttp import web
 from PIL import Image
 
 from nodes.environment import UnsafePathError, safe_join
-from server.file_names import check_file_name, check_text, content_disposition, resolve, served_type
+from server.file_names import (
+    WORKFLOW_NAME_PATTERN,
+    check_file_name,
+    check_text,
+    content_disposition,
+    resolve,
+    served_type,
+)
 from server.state import STATE, ApiError, ServerConfig, ServerState, read_json
 from server.uploads import open_checked, upload_image, upload_mask
 
-WORKFLOW_NAME = re.compile(r"[\w][\w .\-]{0,127}")
+WORKFLOW_NAME = re.compile(WORKFLOW_NAME_PATTERN)
 
 
 # /view ---------------------------------------------------------------------------------------------
@@ -79,9 +86,9 @@ async def view(request: web.Request) -> web.StreamResponse:
 # saved workflows -----------------------------------------------------------------------------------
 def workflow_path(state: ServerState, name: str) -> Path:
     check_text(name, "workflow name")
-    if not WORKFLOW_NAME.fullmatch(name) or ".." in name:
-        raise ApiError(400, "invalid_name", f"invalid workflow name {name!r}: letters, digits, space, '.', "
-                                            f"'-' and '_' only")
+    if not WORKFLOW_NAME.fullmatch(name):
+        raise ApiError(400, "invalid_name", f"invalid workflow name {name!r}: at most 128 characters, none of "
+                                            f"<>:\"|?*/\\ or '..', not starting with '.', '-' or a space")
     name = name if name.endswith(".json") else name + ".json"
     check_file_name(name, "workflow name")
     try:
