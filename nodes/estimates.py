@@ -26,6 +26,7 @@ from typing import Any
 from diffusion.unet import UNetConfig
 from diffusion.vae import VAEConfig
 from graph.memory_estimate import EstimateContext, MemoryEstimate, TensorSpec
+from nodes.image_limits import DEFAULT_MAX_FRAMES, frame_sizes
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +394,8 @@ def image_file_estimate(path: Any) -> MemoryEstimate | None:
     try:
         with Image.open(path) as image:
             width, height = image.size
-            frames = int(getattr(image, "n_frames", 1))
+            # counted from headers, and never past the cap (PIL's n_frames walks every frame of a GIF)
+            frames = len(frame_sizes(image, path, DEFAULT_MAX_FRAMES))
             alpha = "A" in image.getbands() or "transparency" in image.info
             # a PNG keeps EXIF after its pixels, where PIL would decode to find it: read it only when it is known
             exif = image.getexif() if image.format != "PNG" or "exif" in image.info else {}

@@ -156,3 +156,14 @@ def test_the_servers_limits_reach_load_image(tmp_path):
         state.submit_pool.shutdown()
         state.writer.close()
         state.store.close()
+
+
+def test_the_memory_estimate_counts_frames_from_headers_and_stops_past_the_cap(tmp_path, monkeypatch):
+    from nodes.estimates import image_file_estimate
+    from nodes.image_limits import DEFAULT_MAX_FRAMES
+
+    path = tmp_path / "many.gif"
+    path.write_bytes(gif((8, 8), [(0, 0, 1, 1)] * (DEFAULT_MAX_FRAMES + 500)))
+    monkeypatch.setattr(Image.Image, "seek", lambda self, frame: pytest.fail("a frame was seeked to"))
+    estimate = image_file_estimate(path)
+    assert estimate.outputs[0].shape == (DEFAULT_MAX_FRAMES + 1, 8, 8, 3)
