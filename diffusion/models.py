@@ -164,8 +164,12 @@ class ClipModel:
         return cond.float().cpu(), pooled.float().cpu()
 
 
+OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "not enough memory")  # CUDA, CPU (Linux, Windows)
+
+
 def _out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    message = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or any(words in message for words in OUT_OF_MEMORY_WORDS)
 
 
 @dataclasses.dataclass
