@@ -24,7 +24,8 @@ def model_dir(tmp_path_factory):
 
 
 class Engine:
-    """A registry, an environment (fp32 on the CPU for exact comparisons) and an executor."""
+    """A registry, an environment and an executor. Models run in the dtype `pick_dtype` chooses: bf16 on CPUs with
+    native bf16 matmuls, fp32 elsewhere; tests that need fp32 force it, the others compare with a tolerance."""
 
     def __init__(self, data_dir, model_dir, previews=False):
         self.env = Environment(data_dir, extra_model_dirs={"checkpoints": [model_dir]})
