@@ -10,7 +10,7 @@ import time
 import torch
 
 from diffusion.noise import BrownianNoiseSampler, seeded_noise_sampler
-from diffusion.samplers import SAMPLER_NAMES, get_sampler
+from diffusion.sampler_registry import SAMPLER_NAMES, get_sampler
 from diffusion.sampling import BROWNIAN_NOISE_SAMPLERS
 from diffusion.schedules import DiscreteSchedule, calculate_sigmas
 

@@ -252,6 +252,7 @@ def lcm(
 
 Sampler = Callable[..., Tensor]
 
+# This module's samplers by ComfyUI's names; sampler_registry.py assembles every module's into one list.
 SAMPLERS: dict[str, Sampler] = {
     "euler": euler,
     "euler_ancestral": euler_ancestral,
@@ -276,21 +277,3 @@ SAMPLERS: dict[str, Sampler] = {
     "uni_pc": uni_pc,
     "uni_pc_bh2": uni_pc_bh2,
 }
-
-SAMPLER_NAMES = tuple(SAMPLERS)
-
-# Samplers that ComfyUI runs with one extra step and drops the second-to-last sigma: their final step to 0
-# would otherwise be a wasted or harmful second-order step from a tiny sigma.
-DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
-
-# Samplers that draw noise during sampling (they need a noise_sampler).
-STOCHASTIC_SAMPLERS = frozenset(
-    {"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde",
-     "ddpm", "lcm"}
-)
-
-
-def get_sampler(name: str) -> Sampler:
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLER_NAMES)}")
-    return SAMPLERS[name]

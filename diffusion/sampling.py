@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .model_sampling import ModelSampling
 from .noise import BrownianNoiseSampler, seeded_noise_sampler
-from .samplers import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, get_sampler
+from .sampler_registry import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, get_sampler
 from .samplers_base import Callback
 from .schedules import DiscreteSchedule, calculate_sigmas
 

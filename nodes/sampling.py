@@ -15,7 +15,7 @@ import torch
 from diffusion.guidance import Conditioning
 from diffusion.models import DiffusionModel
 from diffusion.noise import prepare_noise
-from diffusion.samplers import SAMPLER_NAMES
+from diffusion.sampler_registry import SAMPLER_NAMES
 from diffusion.sampling import ksampler_sigmas, prepare_mask, sample, slice_sigmas
 from diffusion.schedules import SCHEDULER_NAMES
 from graph.node import Combo, Float, Int, Node, Output, Socket

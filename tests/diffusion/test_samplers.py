@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffusion.noise import BrownianNoiseSampler, seeded_noise_sampler
-from diffusion.samplers import (
+from diffusion.sampler_registry import (
     DISCARD_PENULTIMATE_SIGMA_SAMPLERS,
     SAMPLER_NAMES,
     STOCHASTIC_SAMPLERS,
