@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +27,39 @@ from .model_sampling import ModelSampling
 
 Conditioning = list[tuple[Tensor, dict[str, Any]]]
 ExtraCond = Callable[[dict[str, Any], Tensor], dict[str, Tensor]]
+
+
+@dataclass
+class GuidanceStep:
+    """One guided evaluation, as the hooks see it: the denoised estimates of the positive and negative lists
+    (`uncond` is `cond` when the negative is not evaluated), the guidance scale, the input and its sigma, and
+    `denoised`, the combination so far. Hooks return a new `denoised`."""
+
+    cond: Tensor
+    uncond: Tensor
+    cond_scale: float
+    x: Tensor
+    sigma: Tensor
+    denoised: Tensor
+    guider: Any
+
+
+GuidanceHook = Callable[[GuidanceStep], Tensor]
+
+
+@dataclass
+class GuidanceHooks:
+    """How a guider combines and post-processes its predictions (model patches such as RescaleCFG set these;
+    CFG++ samplers add a post hook per call through `model_options`): `combine` replaces
+    `uncond + (cond - uncond) * cfg`, then each `post` hook runs in order on the result."""
+
+    combine: GuidanceHook | None = None
+    post: list[GuidanceHook] = field(default_factory=list)
+
+    def merged(self, other: GuidanceHooks | None) -> GuidanceHooks:
+        if other is None:
+            return self
+        return GuidanceHooks(other.combine or self.combine, [*self.post, *other.post])
 
 _AREA_FEATHER = 8  # latent pixels over which an area's weight ramps up from its inner edges
 _EMPTY_WEIGHT = 1e-37  # so pixels no entry covers divide to 0 instead of NaN
@@ -94,6 +128,7 @@ class CFGGuider:
         negative: Conditioning,
         cfg: float,
         extra_cond: ExtraCond | None = None,
+        hooks: GuidanceHooks | None = None,
     ) -> None:
         if not positive:
             raise ValueError("positive conditioning is empty")
@@ -102,6 +137,7 @@ class CFGGuider:
         self.positive, self.negative = positive, negative
         self.cfg = float(cfg)
         self.extra_cond = extra_cond
+        self.hooks = hooks or GuidanceHooks()
 
     def _resolve(self, slot: int, entry: tuple[Tensor, dict[str, Any]], x: Tensor, sigma: float) -> _Job | None:
         context, opts = entry
@@ -160,7 +196,9 @@ class CFGGuider:
         for j, chunk in zip(jobs, out.chunk(len(jobs)), strict=True):
             j.output = chunk
 
-    def __call__(self, x: Tensor, sigma: Tensor, **_: Any) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor, model_options: dict[str, Any] | None = None, **_: Any) -> Tensor:
+        """The guided denoised estimate. `model_options["guidance_hooks"]` (a GuidanceHooks) adds hooks for this
+        call only, after the guider's own."""
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
         level = float(sigma.max())
         lists = [self.positive] if self.cfg == 1.0 or not self.negative else [self.positive, self.negative]
@@ -177,7 +215,13 @@ class CFGGuider:
             sums[j.slot][:, :, y : y + h, x0 : x0 + w] += j.output * j.weight
             weights[j.slot][:, :, y : y + h, x0 : x0 + w] += j.weight
         cond = sums[0] / weights[0]
-        if len(lists) == 1:
+        uncond = sums[1] / weights[1] if len(lists) == 2 else cond
+        hooks = self.hooks.merged((model_options or {}).get("guidance_hooks"))
+        if len(lists) == 1 and not hooks.post:
             return cond
-        uncond = sums[1] / weights[1]
-        return uncond + (cond - uncond) * self.cfg
+        step = GuidanceStep(cond, uncond, self.cfg, x, sigma, cond, self)
+        if len(lists) == 2:
+            step.denoised = hooks.combine(step) if hooks.combine else uncond + (cond - uncond) * self.cfg
+        for hook in hooks.post:
+            step.denoised = hook(step)
+        return step.denoised

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from .families import ModelFamily
-from .guidance import CFGGuider, Conditioning
+from .guidance import CFGGuider, Conditioning, GuidanceHooks
 from .loader import LoadedCheckpoint
 from .memory import ModelManager
 from .model_sampling import Denoiser, ModelSampling
@@ -46,7 +46,13 @@ class DiffusionModel:
     dtype: torch.dtype
     # Encodes images to raw latents; the preview projection is fitted to it once and shared by clones.
     preview_encode: Callable[[Tensor], Tensor] | None = None
+    # How guidance combines its predictions (model patches add hooks to a clone: `with_guidance_hooks`).
+    guidance_hooks: GuidanceHooks = dataclasses.field(default_factory=GuidanceHooks)
     _preview: dict[str, LatentRGBProjection] = dataclasses.field(default_factory=dict, repr=False)
+
+    def with_guidance_hooks(self, hooks: GuidanceHooks) -> DiffusionModel:
+        """A clone whose guider also runs `hooks` (a `combine` replaces an earlier one; `post` hooks add up)."""
+        return dataclasses.replace(self.clone(), guidance_hooks=self.guidance_hooks.merged(hooks))
 
     def clone(self) -> DiffusionModel:
         return dataclasses.replace(self, patcher=self.patcher.clone())
@@ -110,7 +116,8 @@ class DiffusionModel:
             yield Denoiser(net, self.model_sampling)
 
     def guider(self, denoiser: Denoiser, positive: Conditioning, negative: Conditioning, cfg: float) -> CFGGuider:
-        return CFGGuider(denoiser, self.model_sampling, positive, negative, cfg, extra_cond=self.extra_cond)
+        return CFGGuider(denoiser, self.model_sampling, positive, negative, cfg, extra_cond=self.extra_cond,
+                         hooks=self.guidance_hooks)
 
     def inpaint_concat(self, latent: Tensor, noise_mask: Tensor | None, positive: Conditioning) -> Tensor | None:
         """The extra input channels of an inpainting UNet: the mask and the masked image's latent (raw

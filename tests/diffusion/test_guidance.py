@@ -127,3 +127,37 @@ def test_percentage_area_scales_to_the_latent(ms):
     out = CFGGuider(net, ms, positive, [], cfg=1.0)(torch.zeros(1, 1, 8, 16), torch.tensor([1.0]))
     assert net.calls[0]["x"] == (1, 1, 4, 4)  # h 0.5·8, w 0.25·16, at y 4, x 12
     assert out[0, 0, 7, 15].item() == pytest.approx(3.0) and out[0, 0, 0, 0].item() == 0.0
+
+
+def test_guidance_hooks_replace_the_combination_and_post_process_it():
+    from diffusion.guidance import GuidanceHooks
+
+    seen = []
+
+    def denoiser(x, sigma, context=None, **_):
+        return x * 0 + context.mean()  # the positive gives 1, the negative 0
+
+    def combine(step):
+        seen.append(("combine", float(step.cond.mean()), float(step.uncond.mean()), step.cond_scale))
+        return step.cond * 2
+
+    def post(step):
+        seen.append(("post", float(step.denoised.mean())))
+        return step.denoised + 1
+
+    sampling = ModelSampling(DiscreteSchedule.from_config())
+    positive, negative = [(torch.ones(1, 2, 3), {})], [(torch.zeros(1, 2, 3), {})]
+    x, sigma = torch.zeros(1, 4, 2, 2), torch.tensor([1.0])
+    plain = CFGGuider(denoiser, sampling, positive, negative, 3.0)
+    assert torch.allclose(plain(x, sigma), torch.full_like(x, 3.0))  # 0 + (1 - 0) * 3
+    hooked = CFGGuider(denoiser, sampling, positive, negative, 3.0, hooks=GuidanceHooks(combine, [post]))
+    assert torch.allclose(hooked(x, sigma), torch.full_like(x, 3.0))  # 1 * 2, then + 1
+    assert seen == [("combine", 1.0, 0.0, 3.0), ("post", 2.0)]
+    # a hook for one call only (CFG++ samplers capture the unconditional prediction this way)
+    captured = []
+    out = plain(x, sigma, model_options={"guidance_hooks": GuidanceHooks(post=[lambda s: captured.append(s.uncond)
+                                                                                or s.denoised])})
+    assert torch.allclose(out, torch.full_like(x, 3.0)) and torch.allclose(captured[0], torch.zeros_like(x))
+    # at cfg 1 the negative is not evaluated: uncond is cond
+    single = CFGGuider(denoiser, sampling, positive, negative, 1.0, hooks=GuidanceHooks(post=[post]))
+    assert torch.allclose(single(x, sigma), torch.full_like(x, 2.0))
