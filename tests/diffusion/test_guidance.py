@@ -135,7 +135,7 @@ def test_guidance_hooks_replace_the_combination_and_post_process_it():
     seen = []
 
     def denoiser(x, sigma, context=None, **_):
-        return x * 0 + context.mean()  # the positive gives 1, the negative 0
+        return x * 0 + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)  # the positive gives 1, the negative 0
 
     def combine(step):
         seen.append(("combine", float(step.cond.mean()), float(step.uncond.mean()), step.cond_scale))
