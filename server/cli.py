@@ -167,7 +167,7 @@ def cmd_run(args: argparse.Namespace, env: Environment, registry: NodeRegistry) 
         print(f"skipped output: {line}", file=sys.stderr)
     env.ensure_dirs()
     extra = {"extra_pnginfo": {"workflow": data}} if is_ui_workflow(data) else {}
-    result = Executor(env=env).execute(validation.prompt, uuid.uuid4().hex, ProgressPrinter(prompt), extra)
+    result = Executor(env=env).execute(validation.prompt, str(uuid.uuid4()), ProgressPrinter(prompt), extra)
     if result.status == "error":
         err = result.error or {}
         print(f"error in node {err.get('node_id')} ({err.get('node_type')}): {err.get('exception_message')}",

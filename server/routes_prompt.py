@@ -108,7 +108,7 @@ async def post_prompt(request: web.Request) -> web.Response:
     state = request.app[STATE]
     wait = _wait_seconds(request)
     body = await read_json_object(request)
-    prompt_id = body.get("prompt_id") or uuid.uuid4().hex
+    prompt_id = body.get("prompt_id") or str(uuid.uuid4())  # dashed, as ComfyUI mints them
     if not isinstance(prompt_id, str) or len(prompt_id) > MAX_PROMPT_ID:
         raise ApiError(400, "invalid_prompt_id", f"'prompt_id' must be a string of at most {MAX_PROMPT_ID} characters")
     future: asyncio.Future | None = None

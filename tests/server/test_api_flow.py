@@ -243,6 +243,7 @@ def test_dropped_outputs_are_reported_in_the_200(server):
                               "5": {"class_type": "Show", "inputs": {"value": ["4", 0]}}}
     status, body = server.json("POST", "/prompt", {"prompt": prompt, "unknown_field": [1, 2]})
     assert status == 200 and list(body["node_errors"]) == ["4"]
+    assert str(uuid.UUID(body["prompt_id"])) == body["prompt_id"]  # the dashed form ComfyUI mints
     entry = wait_history(server, body["prompt_id"])
     assert list(entry["outputs"]) == ["3"] and entry["prompt"][4] == ["3"]
 
