@@ -219,7 +219,12 @@ class Node:
 
     @classmethod
     def info(cls, env: Any = None) -> dict[str, Any]:
-        """The node's declaration in the shape of ComfyUI's /object_info."""
+        """The node's declaration in the shape of ComfyUI's /object_info.
+
+        Every key ComfyUI can send is always present, as its newer (V3) nodes render them: `deprecated`,
+        `experimental` and `api_node` as booleans (its older nodes leave out a false flag, which clients read
+        alike) and `output_tooltips` with one string per output. `input_order` lists each section's names in
+        declaration order, because JSON objects (and ComfyUI's own sorted dumps) do not keep it."""
         required = {i.name: i.wire_spec(env) for i in cls.inputs if not i.optional}
         optional = {i.name: i.wire_spec(env) for i in cls.inputs if i.optional}
         hidden = {name: HIDDEN_INPUTS[name] for name in cls.hidden if HIDDEN_INPUTS[name]}
@@ -238,9 +243,29 @@ class Node:
             "name": cls.node_type,
             "display_name": cls.display_name or cls.node_type,
             "description": cls.description,
-            "python_module": cls.python_module or cls.__module__,
+            "python_module": cls.python_module or wire_module(cls.__module__),
             "category": cls.category,
             "output_node": cls.output_node,
             "deprecated": cls.deprecated,
             "experimental": cls.experimental,
+            "api_node": False,
         }
+
+
+# First parts of `python_module` that ComfyUI's front end files under "core"; anything else is a node pack.
+CORE_MODULES = ("nodes", "comfy_extras", "comfy_api_nodes")
+CUSTOM_NODES_PACKAGE = "latentloom_custom_nodes"  # where graph.registry imports custom_nodes/ files
+
+
+def wire_module(module: str) -> str:
+    """A node's `python_module` as ComfyUI writes it: clients read only its first dotted part, where `nodes` or
+    `comfy_extras` mean built in and `custom_nodes.<pack>` names the node pack (the front end's source badge and
+    its per-pack grouping). Our built-ins live in `nodes.*` and keep their real module; a file from the data
+    directory's custom_nodes/ (imported as `latentloom_custom_nodes.<file>`) and a pack installed by entry point
+    (its own top-level package) become `custom_nodes.<pack>`."""
+    head, _, rest = module.partition(".")
+    if head in CORE_MODULES:
+        return module
+    if head == CUSTOM_NODES_PACKAGE and rest:
+        return f"custom_nodes.{rest.split('.')[0]}"
+    return f"custom_nodes.{head}"

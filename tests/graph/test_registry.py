@@ -4,8 +4,9 @@ import importlib.metadata
 
 import pytest
 
-from graph.node import Node, Output
+from graph.node import Int, Node, Output, String
 from graph.registry import NodeRegistry, RegistryError
+from graph.types import INT, STRING
 from tests.graph.testnodes import Number, Pick, Seeded, build_registry
 
 PLUGIN = """
@@ -84,6 +85,55 @@ def test_object_info_shape():
     assert "BrokenOptions" not in info  # a declaration that raises is left out, the rest still render
     assert Pick.info()["display_name"] == "Pick"
     assert Seeded.input("seed").control_after_generate
+
+
+def test_object_info_has_every_key_comfyui_sends():
+    """The keys ComfyUI's /object_info gives a node, flags as booleans and one output tooltip per output, the
+    hidden section in input_order, and python_module telling built-ins from node packs as ComfyUI's front end
+    reads it (its first dotted part)."""
+
+    class Flagged(Node):
+        category = "test/flags"
+        display_name = "Flagged node"
+        description = "why it exists"
+        deprecated = True
+        experimental = True
+        hidden = ("unique_id", "context")
+        inputs = [Int("n", default=1), String("note", default="", optional=True)]
+        outputs = [Output(INT, "count", tooltip="how many"), Output(STRING, is_list=True)]
+
+    info = Flagged.info()
+    assert set(info) == {"input", "input_order", "output", "output_is_list", "output_name", "output_tooltips", "name",
+                         "display_name", "description", "python_module", "category", "output_node", "deprecated",
+                         "experimental", "api_node"}
+    assert info["deprecated"] is True and info["experimental"] is True and info["api_node"] is False
+    assert Number.info()["deprecated"] is False and Number.info()["experimental"] is False
+    assert info["input_order"] == {"required": ["n"], "optional": ["note"], "hidden": ["unique_id"]}
+    assert info["input"]["hidden"] == {"unique_id": "UNIQUE_ID"}  # `context` is ours, never on the wire
+    assert info["output_tooltips"] == ["how many", ""]
+    assert info["output_is_list"] == [False, True] and info["output_name"] == ["count", "STRING"]
+    assert info["display_name"] == "Flagged node" and info["description"] == "why it exists"
+
+
+def test_python_module_names_core_and_packs_as_comfyui_does():
+    from graph.node import wire_module
+
+    assert wire_module("nodes.loaders") == "nodes.loaders"  # built in: the front end files it under core
+    assert wire_module("comfy_extras.nodes_mask") == "comfy_extras.nodes_mask"
+    assert wire_module("latentloom_custom_nodes.my_pack") == "custom_nodes.my_pack"  # a custom_nodes/ folder file
+    assert wire_module("latentloom_custom_nodes.my_pack.impl") == "custom_nodes.my_pack"
+    assert wire_module("ep_pack.nodes") == "custom_nodes.ep_pack"  # a pack installed by entry point
+
+
+def test_python_module_of_a_custom_nodes_file(tmp_path):
+    (tmp_path / "doubler_pack.py").write_text(PLUGIN.format(name="DoublerPack"))
+    registry = NodeRegistry()
+    registry.discover_folder(tmp_path)
+    assert registry.object_info()["DoublerPack"]["python_module"] == "custom_nodes.doubler_pack"
+    from nodes import build_registry as build_builtin
+
+    builtin = build_builtin(plugins=False).object_info()
+    assert builtin["KSampler"]["python_module"] == "nodes.sampling"
 
 
 def test_bad_declarations_rejected():
