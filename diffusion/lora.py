@@ -50,6 +50,9 @@ PARTS = {
     ".diff": "diff",
 }
 PEFT_WRAPPER = "base_model.model."
+# How keys addressed to one part of a checkpoint begin (kohya, diffusers/PEFT, original LDM spellings).
+UNET_PREFIXES = ("lora_unet_", "unet.", "diffusion_model.")
+TEXT_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")
 # Old diffusers attention processors: `attn1.processor.to_q_lora.up.weight` patches `attn1.to_q`.
 PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(up|down)\.weight$")
 
@@ -277,15 +280,21 @@ def lora_patches(
     name: str = "LoRA",
 ) -> LoraPatches:
     """Patches for whichever of the UNet and the text encoders are given; keys that match neither are
-    reported once, by count with a few examples."""
+    reported once, by count with a few examples. A key spelled for a part that is not given (a `lora_te_` key
+    when only the UNet is patched, as LoraLoaderModelOnly does) is for a module that exists elsewhere, not a
+    mismatch, so it is neither patched nor reported."""
     unet, text = {}, {}
     unmatched = set(lora)
     if unet_config is not None:
         unet, missed = lora_patches_for_unet(lora, unet_config, unet_param_names)
         unmatched &= set(missed)
+    else:
+        unmatched = {key for key in unmatched if not key.removeprefix(PEFT_WRAPPER).startswith(UNET_PREFIXES)}
     if text_encoders is not None:
         text, missed = lora_patches_for_text(lora, text_encoders)
         unmatched &= set(missed)
+    else:
+        unmatched = {key for key in unmatched if not key.removeprefix(PEFT_WRAPPER).startswith(TEXT_PREFIXES)}
     if unmatched:
         examples = ", ".join(sorted(unmatched)[:3])
         log.warning("%s: %d keys matched nothing (e.g. %s)", name, len(unmatched), examples)

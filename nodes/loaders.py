@@ -120,14 +120,19 @@ def _lora(env: Environment, name: str) -> tuple[str, dict[str, torch.Tensor]]:
 
 def apply_lora(model: DiffusionModel | None, clip: ClipModel | None, name: str, tensors: dict[str, torch.Tensor],
                strength_model: float, strength_clip: float) -> tuple[DiffusionModel | None, ClipModel | None]:
-    """Clones of model and clip carrying the LoRA's patches at their strengths (0 leaves one untouched)."""
+    """Clones of model and clip carrying the LoRA's patches at their strengths (0 leaves one untouched).
+
+    Keys are matched against every module given, used or not, so that a key for the text encoder at clip
+    strength 0 is not reported as matching nothing; at strength 0 for both nothing is read or reported."""
     use_model = model is not None and strength_model != 0
     use_clip = clip is not None and strength_clip != 0
+    if not (use_model or use_clip):
+        return model, clip
     patches = lora_patches(tensors, name=f"LoRA {name}",
-                           unet_config=model.family.unet if use_model else None,
-                           unet_param_names=[n for n, _ in model.patcher.model.named_parameters()] if use_model
-                           else (),
-                           text_encoders=clip.text if use_clip else None)
+                           unet_config=model.family.unet if model is not None else None,
+                           unet_param_names=[n for n, _ in model.patcher.model.named_parameters()]
+                           if model is not None else (),
+                           text_encoders=clip.text if clip is not None else None)
     if use_model:
         model = model.clone()
         model.patcher.add_patches(patches.unet, strength_model)

@@ -391,7 +391,7 @@ def test_saved_lora_loads_back_onto_the_same_weights(sd1, tmp_path):
     assert set(load_lora(pt)) == set(load_lora(path))
     unet_only = lora_patches(load_lora(pt), unet_config=TINY_SD1, unet_param_names=params)
     assert set(unet_only.unet) == set(found.unet)
-    assert unet_only.unmatched == sorted(k for k in load_lora(path) if k.startswith("lora_te_"))
+    assert unet_only.unmatched == []  # the lora_te_ keys are for a part not given (LoraLoaderModelOnly): no mismatch
     assert ModelPatcher(unet, "cpu").add_patches(found.unet) == set(found.unet)  # the shapes fit the model
     assert ModelPatcher(clip, "cpu").add_patches(found.text["l"]) == set(found.text["l"])
 
