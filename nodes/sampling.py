@@ -8,6 +8,7 @@ progress with an optional latent preview.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -62,9 +63,10 @@ def make_noise(latent: dict[str, Any], seed: int) -> torch.Tensor:
 
 def run_sampler(context: Any, model: DiffusionModel, positive: Conditioning, negative: Conditioning, cfg: float,
                 sampler_name: str, sigmas: torch.Tensor, latent: dict[str, Any], noise: torch.Tensor, seed: int,
-                add_noise: bool = True, sampler_options: dict[str, Any] | None = None
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Sample and return (the output LATENT, the LATENT of the last denoised estimate)."""
+                add_noise: bool = True, sampler_options: dict[str, Any] | None = None,
+                make_guider: Callable[[Any], Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sample and return (the output LATENT, the LATENT of the last denoised estimate). `make_guider(denoiser)`
+    replaces the model's CFG guider (guiders of other shapes, e.g. DualCFGGuider)."""
     samples = latent["samples"]
     out = dict(latent)
     if len(sigmas) < 2:  # nothing to do (denoise 0, or a start step past the end)
@@ -82,7 +84,7 @@ def run_sampler(context: Any, model: DiffusionModel, positive: Conditioning, neg
             context.progress(state["i"] + 1, steps, preview=preview)
 
     with model.denoiser(None if concat is None else concat.to(device)) as denoiser:
-        guider = model.guider(denoiser, positive, negative, cfg)
+        guider = make_guider(denoiser) if make_guider else model.guider(denoiser, positive, negative, cfg)
         result = sample(guider, sampler_name, sigmas.to(device), samples.to(device).float() * scale,
                         noise.to(device), model_sampling=model.model_sampling, seed=seed,
                         noise_mask=None if noise_mask is None else noise_mask.to(device), add_noise=add_noise,
