@@ -4,8 +4,14 @@ The UI format stores widget values positionally in `widgets_values`, in the node
 and links in a table `[link id, origin id, origin slot, target id, target slot, type]`. The conversion
 uses each node's declaration to name the values, and resolves what only the canvas knows:
 
-- a seed-like widget (`control_after_generate`) and an upload widget (`image_upload`) are followed by one
-  UI-only value (the control mode, the upload button), skipped when present;
+- a seed-like widget (`control_after_generate`, or an INT named `seed` / `noise_seed` as older front ends
+  treated them) may be followed by its control mode (`fixed`, `increment`, `decrement`, `randomize`): skipped
+  where it is there, not assumed where it is not; an upload widget (`image_upload`) is followed by the upload
+  button's value when the list is long enough to hold it;
+- a widget with no saved value (`widgets_values` missing, shorter than the widgets, or a `{name: value}` dict
+  without that name) gets its declared default, as the front end fills it when it loads the node; a COMBO
+  without a default gets its first option (lists of model files only when an environment is given);
+- subgraphs (`definitions.subgraphs`) are expanded first (graph/subgraphs.py), inner nodes named "12:5";
 - muted nodes (mode 2) are dropped; bypassed nodes (mode 4) pass each output through from their first input
   of the same type (the same slot first);
 - Reroute nodes are followed to their source, PrimitiveNode values become literals, Notes are ignored.
@@ -17,13 +23,33 @@ from __future__ import annotations
 
 from typing import Any
 
+from graph.node import Input
 from graph.registry import NodeRegistry
-from graph.types import types_compatible
+from graph.subgraphs import expand_subgraphs
+from graph.types import COMBO, INT, types_compatible
 from graph.workflow import WorkflowFormatError, is_ui_workflow
 
 MUTED, BYPASSED = 2, 4
 REROUTE, PRIMITIVE = "Reroute", "PrimitiveNode"
 FRONTEND_ONLY = frozenset({REROUTE, PRIMITIVE, "Note", "MarkdownNote"})
+CONTROL_VALUES = frozenset({"fixed", "increment", "decrement", "randomize"})
+SEED_NAMES = frozenset({"seed", "noise_seed"})
+
+
+def has_control_value(widget: Input) -> bool:
+    """Whether the front end gives this widget a control_after_generate companion value."""
+    return widget.control_after_generate or (widget.type == INT and widget.name in SEED_NAMES)
+
+
+def widget_default(widget: Input, env: Any = None) -> Any:
+    """The value the front end gives a widget that has no saved value: its default, else a combo's first option
+    (None when there is neither, or when the options are a model list and no environment is given)."""
+    if widget.default is not None:
+        return widget.default
+    if widget.type == COMBO and (env is not None or not callable(widget.options)):
+        options = widget.resolve_options(env)
+        return options[0] if options else None
+    return None
 
 
 def _links_table(workflow: dict[str, Any]) -> dict[int, tuple[str, int, str, int, str]]:
@@ -41,9 +67,20 @@ def _links_table(workflow: dict[str, Any]) -> dict[int, tuple[str, int, str, int
     return table
 
 
+def _companion_follows(widget: Input, values: list[Any], position: int, widgets_left: int) -> bool:
+    """Whether values[position] is the UI-only value after `widget`: a control mode, or an upload button's value
+    when more values remain than widgets."""
+    if position >= len(values):
+        return False
+    if has_control_value(widget):
+        return isinstance(values[position], str) and values[position] in CONTROL_VALUES
+    return bool(widget.extra.get("image_upload")) and len(values) - position > widgets_left
+
+
 class _Converter:
-    def __init__(self, workflow: dict[str, Any], registry: NodeRegistry) -> None:
+    def __init__(self, workflow: dict[str, Any], registry: NodeRegistry, env: Any = None) -> None:
         self.registry = registry
+        self.env = env
         self.nodes: dict[str, dict[str, Any]] = {}
         for node in workflow["nodes"]:
             if not isinstance(node, dict) or "id" not in node or not isinstance(node.get("type"), str):
@@ -82,23 +119,27 @@ class _Converter:
 
     def widget_inputs(self, node: dict[str, Any]) -> dict[str, Any]:
         cls = self.registry.get(node["type"])
-        values = node.get("widgets_values")
-        if cls is None or values is None:
+        if cls is None:
             return {}
         widgets = [i for i in cls.inputs if i.is_widget]
-        if isinstance(values, dict):
-            return {w.name: values[w.name] for w in widgets if w.name in values}
-        extras = sum(1 for w in widgets if w.control_after_generate or w.extra.get("image_upload"))
-        skip_extras = len(values) >= len(widgets) + extras
+        values = node.get("widgets_values")
         named: dict[str, Any] = {}
-        position = 0
-        for widget in widgets:
-            if position >= len(values):
-                break
-            named[widget.name] = values[position]
-            position += 1
-            if skip_extras and (widget.control_after_generate or widget.extra.get("image_upload")):
+        if isinstance(values, dict):
+            named = {w.name: values[w.name] for w in widgets if w.name in values}
+        elif isinstance(values, list):
+            position = 0
+            for index, widget in enumerate(widgets):
+                if position >= len(values):
+                    break
+                named[widget.name] = values[position]
                 position += 1
+                if _companion_follows(widget, values, position, len(widgets) - index - 1):
+                    position += 1
+        for widget in widgets:
+            if widget.name not in named:
+                default = widget_default(widget, self.env)
+                if default is not None:
+                    named[widget.name] = default
         return named
 
     def convert(self) -> dict[str, Any]:
@@ -127,13 +168,14 @@ class _Converter:
         return api
 
 
-def ui_to_api(workflow: dict[str, Any], registry: NodeRegistry) -> dict[str, Any]:
-    """Convert a UI-format workflow to the API format (a new dict; the input is not modified)."""
+def ui_to_api(workflow: dict[str, Any], registry: NodeRegistry, env: Any = None) -> dict[str, Any]:
+    """Convert a UI-format workflow to the API format (a new dict; the input is not modified). `env` resolves
+    model-list combos for widgets saved without a value."""
     if not isinstance(workflow, dict) or not isinstance(workflow.get("nodes"), list):
         raise WorkflowFormatError("not a UI-format workflow: no 'nodes' list")
-    return _Converter(workflow, registry).convert()
+    return _Converter(expand_subgraphs(workflow), registry, env).convert()
 
 
-def to_api_prompt(data: Any, registry: NodeRegistry) -> Any:
+def to_api_prompt(data: Any, registry: NodeRegistry, env: Any = None) -> Any:
     """Either format in, the API format out (API-format input is returned as is)."""
-    return ui_to_api(data, registry) if is_ui_workflow(data) else data
+    return ui_to_api(data, registry, env) if is_ui_workflow(data) else data

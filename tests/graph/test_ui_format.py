@@ -106,3 +106,78 @@ def test_malformed_ui_workflow_is_a_clear_error():
         ui_to_api({"nodes": [{"id": 1}], "links": []}, REG)
     with pytest.raises(WorkflowFormatError, match="malformed link"):
         ui_to_api({"nodes": [], "links": [[1, 2]]}, REG)
+
+
+def test_missing_and_short_widgets_values_get_declared_defaults():
+    workflow = ui_workflow()
+    del workflow["nodes"][0]["widgets_values"]  # as ComfyUI's default template saves SaveImage
+    assert ui_to_api(workflow, REG)["1"]["inputs"] == {"seed": 0, "steps": 20}
+    workflow["nodes"][0]["widgets_values"] = [5]  # shorter than the widgets
+    assert ui_to_api(workflow, REG)["1"]["inputs"] == {"seed": 5, "steps": 20}
+    workflow["nodes"][0]["widgets_values"] = [5, "increment"]  # the control value, then nothing
+    assert ui_to_api(workflow, REG)["1"]["inputs"] == {"seed": 5, "steps": 20}
+    workflow["nodes"][0]["widgets_values"] = {"steps": 4}  # a dict without every name
+    assert ui_to_api(workflow, REG)["1"]["inputs"] == {"seed": 0, "steps": 4}
+    del workflow["nodes"][4]["widgets_values"]  # Show's optional label
+    assert ui_to_api(workflow, REG)["5"]["inputs"]["label"] == ""
+
+
+def test_combo_without_saved_value_gets_its_default_or_first_option():
+    from graph.node import Combo, Node, Output
+    from graph.registry import NodeRegistry
+
+    class Palette(Node):
+        category = "test"
+        inputs = [Combo("colour", ["cyan", "magenta"]), Combo("shade", ["light", "dark"], default="dark")]
+        outputs = [Output("STRING")]
+
+        def execute(self, colour, shade):
+            return (colour + shade,)
+
+    registry = NodeRegistry()
+    registry.register(Palette)
+    workflow = {"nodes": [{"id": 1, "type": "Palette", "mode": 0}], "links": []}
+    assert ui_to_api(workflow, registry)["1"]["inputs"] == {"colour": "cyan", "shade": "dark"}
+
+
+def test_control_values_recognised_by_flag_or_seed_name_and_never_assumed():
+    from graph.node import Int, Node, Output
+    from graph.registry import NodeRegistry
+
+    class Noisy(Node):  # a seed-like INT without the flag, as older declarations of noise_seed were
+        category = "test"
+        inputs = [Int("noise_seed", default=0), Int("count", default=1), Int("other", default=2)]
+        outputs = [Output("INT")]
+
+        def execute(self, noise_seed, count, other):
+            return (noise_seed,)
+
+    registry = NodeRegistry()
+    registry.register(Noisy)
+
+    def convert(values):
+        workflow = {"nodes": [{"id": 1, "type": "Noisy", "mode": 0, "widgets_values": values}], "links": []}
+        return ui_to_api(workflow, registry)["1"]["inputs"]
+
+    assert convert([9, "randomize", 3, 4]) == {"noise_seed": 9, "count": 3, "other": 4}
+    assert convert([9, 3, 4]) == {"noise_seed": 9, "count": 3, "other": 4}  # absent: not assumed
+    assert convert([9, "fixed"]) == {"noise_seed": 9, "count": 1, "other": 2}
+    workflow = ui_workflow()
+    workflow["nodes"][0]["widgets_values"] = [5, "decrement", 3]  # the flagged seed of the test nodes
+    assert ui_to_api(workflow, REG)["1"]["inputs"] == {"seed": 5, "steps": 3}
+
+
+def test_primitive_feeding_several_widgets_and_reroute_chains():
+    workflow = ui_workflow()
+    primitive = workflow["nodes"][3]
+    primitive["outputs"][0]["links"] = [3, 8]
+    workflow["nodes"].append(node(11, "Add", [0, 1], inputs=[{"name": "a", "type": "INT", "link": 9},
+                                                            {"name": "b", "type": "INT", "link": 8,
+                                                             "widget": {"name": "b"}}],
+                                  outputs=[{"name": "INT", "type": "INT", "links": []}]))
+    workflow["nodes"].append(node(12, "Reroute", inputs=[{"name": "", "type": "*", "link": 10}],
+                                  outputs=[{"name": "", "type": "INT", "links": [9]}]))
+    workflow["links"] += [[8, 4, 0, 11, 1, "INT"], [9, 12, 0, 11, 0, "INT"], [10, 2, 0, 12, 0, "INT"]]
+    api = ui_to_api(workflow, REG)
+    assert api["11"]["inputs"] == {"a": ["1", 0], "b": 40}  # through two Reroutes; the same primitive as node 3
+    assert api["3"]["inputs"]["b"] == 40

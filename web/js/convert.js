@@ -3,8 +3,13 @@
  *
  * The same rules as the server's graph/ui_format.py, so a workflow queued from the canvas and the same file run
  * from the CLI are one prompt (tests/web/test_convert_agreement.py runs both on every shipped workflow):
- * - widgets_values are positional, in the node's declared input order (required, then optional); a widget with
- *   `control_after_generate` or `image_upload` is followed by one UI-only value, skipped when present;
+ * - widgets_values are positional, in the node's declared input order (required, then optional); a seed-like
+ *   widget (`control_after_generate`, or an INT named seed / noise_seed) may be followed by its control mode, skipped
+ *   where it is there and not assumed where it is not; an `image_upload` widget is followed by the button's value
+ *   when the list is long enough to hold it;
+ * - a widget with no saved value (missing or short widgets_values, a {name: value} dict without it) gets its
+ *   declared default, else a combo's first option;
+ * - subgraphs (definitions.subgraphs) are expanded first, inner nodes named "12:5" (see expandSubgraphs);
  * - muted nodes (mode 2) are dropped; a bypassed node (mode 4) passes each output through from its first input of a
  *   compatible type, the same slot first;
  * - Reroute nodes are followed to their source, a PrimitiveNode's value becomes a literal, Notes are ignored.
@@ -61,9 +66,26 @@ export function isWidgetSpec(spec) {
   return WIDGET_TYPES.has(specType(spec)) && !spec[1]?.forceInput;
 }
 
-/** Whether a widget is followed by a UI-only value in widgets_values. */
-export function hasExtraValue(spec) {
-  return Boolean(spec[1]?.control_after_generate || spec[1]?.image_upload);
+export const CONTROL_VALUES = new Set(["fixed", "increment", "decrement", "randomize"]);
+const SEED_NAMES = new Set(["seed", "noise_seed"]);
+
+/** Whether the front end gives this widget a control_after_generate companion value. */
+export function hasControlValue(name, spec) {
+  return Boolean(spec[1]?.control_after_generate) || (specType(spec) === "INT" && SEED_NAMES.has(name));
+}
+
+/** The value a widget without a saved value gets: its default, else a combo's first option (undefined if none). */
+export function widgetDefault(spec) {
+  if (spec[1] && spec[1].default !== undefined && spec[1].default !== null) return spec[1].default;
+  if (Array.isArray(spec[0]) && spec[0].length) return spec[0][0];
+  return undefined;
+}
+
+/** Whether values[position] is the UI-only value after a widget (a control mode, an upload button's value). */
+function companionFollows(name, spec, values, position, widgetsLeft) {
+  if (position >= values.length) return false;
+  if (hasControlValue(name, spec)) return typeof values[position] === "string" && CONTROL_VALUES.has(values[position]);
+  return Boolean(spec[1]?.image_upload) && values.length - position > widgetsLeft;
 }
 
 function linksTable(workflow) {
@@ -134,22 +156,26 @@ class Converter {
 
   widgetInputs(node) {
     const info = this.objectInfo[node.type];
-    const values = node.widgets_values;
-    if (!info || values === null || values === undefined) return {};
+    if (!info) return {};
     const widgets = declaredInputs(info).filter(([, spec]) => isWidgetSpec(spec));
+    const values = node.widgets_values;
     const named = {};
-    if (!Array.isArray(values)) {
+    if (Array.isArray(values)) {
+      let position = 0;
+      for (const [index, [name, spec]] of widgets.entries()) {
+        if (position >= values.length) break;
+        named[name] = values[position];
+        position += 1;
+        if (companionFollows(name, spec, values, position, widgets.length - index - 1)) position += 1;
+      }
+    } else if (values && typeof values === "object") {
       for (const [name] of widgets) if (name in values) named[name] = values[name];
-      return named;
     }
-    const extras = widgets.filter(([, spec]) => hasExtraValue(spec)).length;
-    const skipExtras = values.length >= widgets.length + extras;
-    let position = 0;
     for (const [name, spec] of widgets) {
-      if (position >= values.length) break;
-      named[name] = values[position];
-      position += 1;
-      if (skipExtras && hasExtraValue(spec)) position += 1;
+      if (!(name in named)) {
+        const value = widgetDefault(spec);
+        if (value !== undefined) named[name] = value;
+      }
     }
     return named;
   }
@@ -184,5 +210,174 @@ export function uiToApi(workflow, objectInfo) {
   if (!workflow || typeof workflow !== "object" || !Array.isArray(workflow.nodes)) {
     throw new Error("not a UI-format workflow: no 'nodes' list");
   }
-  return new Converter(workflow, objectInfo).convert();
+  return new Converter(expandSubgraphs(workflow), objectInfo).convert();
+}
+
+/* Subgraphs (graph/subgraphs.py has the schema assumed and the rules): every instance (a node whose type is the id
+ * of a definition in definitions.subgraphs) is replaced by its inner nodes, named "<instance>:<inner>"; its
+ * boundary becomes a Reroute per input and output, or a PrimitiveNode for a value the instance stores. */
+const INPUT_NODE = "-10";
+const OUTPUT_NODE = "-20";
+const MAX_SUBGRAPH_DEPTH = 16;
+
+function linkFields(link) {
+  if (Array.isArray(link) && link.length >= 5) {
+    return [link[0], String(link[1]), Number(link[2]), String(link[3]), Number(link[4]),
+      String(link.length > 5 ? link[5] : "*")];
+  }
+  if (link && typeof link === "object") {
+    return [link.id, String(link.origin_id), Number(link.origin_slot ?? 0), String(link.target_id),
+      Number(link.target_slot ?? 0), String(link.type ?? "*")];
+  }
+  throw new Error(`malformed link entry ${JSON.stringify(link)}`);
+}
+
+/** Every subgraph definition in a workflow, by id (nested definitions included). */
+export function subgraphDefinitions(workflow) {
+  const found = new Map();
+  const pending = [workflow];
+  while (pending.length) {
+    const holder = pending.pop();
+    for (const sub of holder?.definitions?.subgraphs ?? []) {
+      if (!sub || typeof sub.id !== "string" || !Array.isArray(sub.nodes)) {
+        throw new Error(`malformed subgraph definition ${JSON.stringify(sub).slice(0, 80)}`);
+      }
+      if (!found.has(sub.id)) {
+        found.set(sub.id, sub);
+        pending.push(sub);
+      }
+    }
+  }
+  return found;
+}
+
+class Expander {
+  constructor(definitions) {
+    this.definitions = definitions;
+    this.nextLink = 1;
+    this.nodes = [];
+    this.links = [];
+    this.inputReroutes = new Set();
+  }
+
+  newLink(origin, originSlot, target, targetSlot, kind) {
+    const id = this.nextLink++;
+    this.links.push([id, origin, originSlot, target, targetSlot, kind]);
+    return id;
+  }
+
+  addBoundary(id, type, value) {
+    const node = { id, type, mode: 0, inputs: [], outputs: [] };
+    if (type === "Reroute") node.inputs = [{ name: "", type: "*", link: null }];
+    else node.widgets_values = [value];
+    this.nodes.push(node);
+    return node;
+  }
+
+  inputIndex(instance, name) {
+    return (this.definitions.get(instance.type).inputs ?? []).findIndex((slot) => slot.name === name);
+  }
+
+  expand(nodes, links, prefix, stack, boundaryIn = new Map(), boundaryOut = new Map()) {
+    const plain = new Map();
+    const instances = new Map();
+    for (const node of nodes) {
+      if (!node || typeof node !== "object" || !("id" in node) || typeof node.type !== "string") {
+        throw new Error(`malformed node entry ${JSON.stringify(node).slice(0, 80)}`);
+      }
+      const local = String(node.id);
+      const flatId = `${prefix}${node.id}`;
+      const definition = this.definitions.get(node.type);
+      if (definition && node.mode !== MUTED && node.mode !== BYPASSED) {
+        instances.set(local, this.instance(node, flatId, definition, stack));
+        continue;
+      }
+      const copy = { ...node, id: flatId, inputs: (node.inputs ?? []).map((slot) => ({ ...slot, link: null })) };
+      plain.set(local, copy);
+      this.nodes.push(copy);
+    }
+    for (const link of links ?? []) {
+      const [, origin, originSlot, target, targetSlot, kind] = linkFields(link);
+      let feeder;
+      if (origin === INPUT_NODE) feeder = boundaryIn.get(originSlot);
+      else if (instances.has(origin)) feeder = instances.get(origin)[2].get(originSlot);
+      else feeder = plain.get(origin);
+      if (!feeder) continue;
+      const source = [feeder.id, plain.has(origin) ? originSlot : 0];
+      let receiver;
+      let slot = 0;
+      if (target === OUTPUT_NODE) {
+        receiver = boundaryOut.get(targetSlot);
+      } else if (instances.has(target)) {
+        const [instance, inputs] = instances.get(target);
+        const shown = instance.inputs ?? [];
+        const name = targetSlot < shown.length ? shown[targetSlot].name : undefined;
+        receiver = inputs.get(this.inputIndex(instance, name));
+        if (receiver && receiver.type !== "Reroute") receiver = undefined;
+      } else {
+        receiver = plain.get(target);
+        slot = targetSlot;
+      }
+      if (receiver && slot < receiver.inputs.length) {
+        receiver.inputs[slot].link = this.newLink(source[0], source[1], receiver.id, slot, kind);
+      }
+    }
+  }
+
+  instance(node, flatId, definition, stack) {
+    if (stack.includes(definition.id) || stack.length >= MAX_SUBGRAPH_DEPTH) {
+      const chain = [...stack, definition.id].join(" -> ");
+      throw new Error(`node ${flatId}: subgraph '${definition.name || definition.id}' contains itself (${chain})`);
+    }
+    const stored = storedValues(node);
+    const linked = new Set((node.inputs ?? []).filter((s) => s.link !== null && s.link !== undefined).map((s) => s.name));
+    const boundaryIn = new Map();
+    for (const [index, slot] of (definition.inputs ?? []).entries()) {
+      const id = `${flatId}:in${index}`;
+      if (linked.has(slot.name)) {
+        boundaryIn.set(index, this.addBoundary(id, "Reroute"));
+        this.inputReroutes.add(id);
+      } else if (stored.has(slot.name)) {
+        boundaryIn.set(index, this.addBoundary(id, "PrimitiveNode", stored.get(slot.name)));
+      }
+    }
+    const boundaryOut = new Map((definition.outputs ?? []).map((_, index) =>
+      [index, this.addBoundary(`${flatId}:out${index}`, "Reroute")]));
+    this.expand(definition.nodes, definition.links ?? [], `${flatId}:`, [...stack, definition.id], boundaryIn,
+      boundaryOut);
+    return [node, boundaryIn, boundaryOut];
+  }
+
+  dropUnfedInputs() {
+    const byId = new Map(this.nodes.map((n) => [n.id, n]));
+    for (;;) {
+      const unfed = new Set([...this.inputReroutes].filter((id) => byId.get(id).inputs[0].link === null));
+      const dead = this.links.filter((link) => unfed.has(link[1]));
+      if (!dead.length) return;
+      for (const link of dead) byId.get(link[3]).inputs[link[4]].link = null;
+      const deadIds = new Set(dead.map((link) => link[0]));
+      this.links = this.links.filter((link) => !deadIds.has(link[0]));
+      for (const id of unfed) this.inputReroutes.delete(id);
+    }
+  }
+}
+
+function storedValues(node) {
+  const values = node.widgets_values;
+  if (values && typeof values === "object" && !Array.isArray(values)) return new Map(Object.entries(values));
+  const widgets = (node.inputs ?? []).filter((slot) => slot.widget).map((slot) => slot.name);
+  if (Array.isArray(values) && values.length && values.length === widgets.length) {
+    return new Map(widgets.map((name, i) => [name, values[i]]));
+  }
+  return new Map();
+}
+
+/** A UI workflow with every subgraph instance replaced by its nodes (a new object; returned as is without any). */
+export function expandSubgraphs(workflow) {
+  const definitions = subgraphDefinitions(workflow);
+  if (!(workflow.nodes ?? []).some((n) => n && definitions.has(n.type))) return workflow;
+  const expander = new Expander(definitions);
+  expander.expand(workflow.nodes, workflow.links ?? [], "", []);
+  expander.dropUnfedInputs();
+  return { ...workflow, nodes: expander.nodes, links: expander.links };
 }
