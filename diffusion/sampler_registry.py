@@ -6,7 +6,7 @@ adding a family of samplers is a new module and one line here.
 
 from __future__ import annotations
 
-from . import samplers
+from . import samplers, samplers_cfgpp, samplers_extrapolating, samplers_sa_solver, samplers_sde, samplers_seeds
 from .samplers import Sampler
 
 # ComfyUI's `sampler_name` list, in its order (../shared/reference/comfyui-object-info.json).
@@ -20,7 +20,7 @@ COMFYUI_ORDER: tuple[str, ...] = (
     "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
 )
 
-_MODULES = (samplers,)
+_MODULES = (samplers, samplers_cfgpp, samplers_extrapolating, samplers_sde, samplers_seeds, samplers_sa_solver)
 
 _ALL: dict[str, Sampler] = {name: fn for module in _MODULES for name, fn in module.SAMPLERS.items()}
 SAMPLERS: dict[str, Sampler] = {name: _ALL[name] for name in COMFYUI_ORDER if name in _ALL}
@@ -33,7 +33,9 @@ DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni
 # Samplers that draw noise during sampling (they need a noise_sampler).
 STOCHASTIC_SAMPLERS = frozenset(
     {"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde",
-     "ddpm", "lcm"}
+     "ddpm", "lcm", "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde_gpu", "dpmpp_2m_sde_gpu",
+     "dpmpp_3m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "res_multistep_ancestral",
+     "res_multistep_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"}
 )
 
 

@@ -18,7 +18,8 @@ from .samplers_base import Callback
 from .schedules import DiscreteSchedule, calculate_sigmas
 
 # SDE samplers whose sub-steps query overlapping intervals; ComfyUI gives them Brownian-tree noise.
-BROWNIAN_NOISE_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"})
+BROWNIAN_NOISE_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde_gpu",
+                                     "dpmpp_3m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu"})
 
 
 def ksampler_sigmas(
