@@ -15,6 +15,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "nodes.loaders", "nodes.text", "nodes.conditioning", "nodes.latent", "nodes.vae", "nodes.sampling",
     "nodes.sampling_custom", "nodes.image", "nodes.image_io", "nodes.mask", "nodes.utility", "nodes.animation",
     "nodes.training",
+    "nodes.image_ops", "nodes.image_filters", "nodes.compositing", "nodes.latent_ops", "nodes.strings",
 )
 
 

@@ -6,6 +6,8 @@ Conventions (ComfyUI's): IMAGE is float32 [B, H, W, C] in 0..1, MASK is [B, H, W
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -160,3 +162,89 @@ def edge_ramp(height: int, width: int, left: int, top: int, right: int, bottom: 
     rows = ramp(height, top) * ramp(height, bottom).flip(0)
     cols = ramp(width, left) * ramp(width, right).flip(0)
     return rows[:, None] * cols[None, :]
+
+
+# Morphology ----------------------------------------------------------------------------------------------------
+def _window_max(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Max of [B, C, H, W] over a size×size window: output pixel i sees input pixels i - size//2 .. i + size - 1 -
+    size//2 (the usual origin for even sizes too). Pixels outside the image are ignored ("geodesic" border), not
+    counted as 0 or 1, so the border does not grow or eat into the image. Separable: max over rows of the max over
+    columns equals the max over the square, at O(size) per pixel instead of O(size²)."""
+    before, after = size // 2, size - 1 - size // 2
+    padded = F.pad(x, (before, after, before, after), value=float("-inf"))
+    return F.max_pool2d(F.max_pool2d(padded, (size, 1), stride=1), (1, size), stride=1)
+
+
+def dilate(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Grey dilation by a flat square: each pixel becomes the max of its window."""
+    return _window_max(x, size)
+
+
+def erode(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Grey erosion by a flat square: each pixel becomes the min of its window (the max of the negation)."""
+    return -_window_max(-x, size)
+
+
+MORPHOLOGY_OPERATIONS = ["erode", "dilate", "open", "close", "gradient", "bottom_hat", "top_hat"]
+
+
+def morphology(x: torch.Tensor, operation: str, size: int) -> torch.Tensor:
+    """The classical grey-scale operations of [B, C, H, W] with a flat size×size square (Serra, "Image Analysis
+    and Mathematical Morphology"): open = dilate(erode(x)) removes bright specks smaller than the square, close =
+    erode(dilate(x)) fills dark ones, gradient = dilate − erode outlines edges, top hat = x − open keeps the
+    bright details that opening removed, bottom hat = close − x the dark ones."""
+    if operation == "erode":
+        return erode(x, size)
+    if operation == "dilate":
+        return dilate(x, size)
+    if operation == "open":
+        return dilate(erode(x, size), size)
+    if operation == "close":
+        return erode(dilate(x, size), size)
+    if operation == "gradient":
+        return dilate(x, size) - erode(x, size)
+    if operation == "top_hat":
+        return x - dilate(erode(x, size), size)
+    if operation == "bottom_hat":
+        return erode(dilate(x, size), size) - x
+    raise ValueError(f"unknown morphology operation {operation!r}; expected one of {MORPHOLOGY_OPERATIONS}")
+
+
+# Porter-Duff compositing ---------------------------------------------------------------------------------------
+# Each mode gives (colour, alpha) of the result from the source's and the destination's colour (Cs, Cd) and alpha
+# (As, Ad), colours taken as premultiplied by their alpha: the operators of Porter & Duff, "Compositing Digital
+# Images" (SIGGRAPH 1984), plus the blend modes of the same family (darken, lighten, multiply, overlay, screen,
+# add), with the formulas as Android's public PorterDuff.Mode documentation states them.
+_T = torch.Tensor
+PORTER_DUFF: dict[str, Callable[[_T, _T, _T, _T], tuple[_T, _T]]] = {
+    "ADD": lambda cs, a_s, cd, ad: ((cs + cd).clamp(0, 1), (a_s + ad).clamp(0, 1)),
+    "CLEAR": lambda cs, a_s, cd, ad: (torch.zeros_like(cd), torch.zeros_like(ad)),
+    "DARKEN": lambda cs, a_s, cd, ad: ((1 - ad) * cs + (1 - a_s) * cd + torch.minimum(cs, cd), a_s + ad - a_s * ad),
+    "DST": lambda cs, a_s, cd, ad: (cd, ad),
+    "DST_ATOP": lambda cs, a_s, cd, ad: (a_s * cd + (1 - ad) * cs, a_s),
+    "DST_IN": lambda cs, a_s, cd, ad: (cd * a_s, a_s * ad),
+    "DST_OUT": lambda cs, a_s, cd, ad: ((1 - a_s) * cd, (1 - a_s) * ad),
+    "DST_OVER": lambda cs, a_s, cd, ad: (cd + (1 - ad) * cs, ad + (1 - ad) * a_s),
+    "LIGHTEN": lambda cs, a_s, cd, ad: ((1 - ad) * cs + (1 - a_s) * cd + torch.maximum(cs, cd), a_s + ad - a_s * ad),
+    "MULTIPLY": lambda cs, a_s, cd, ad: (cs * cd, a_s * ad),
+    "OVERLAY": lambda cs, a_s, cd, ad: (torch.where(2 * cd < ad, 2 * cs * cd, a_s * ad - 2 * (ad - cs) * (a_s - cd)),
+                                        a_s + ad - a_s * ad),
+    "SCREEN": lambda cs, a_s, cd, ad: (cs + cd - cs * cd, a_s + ad - a_s * ad),
+    "SRC": lambda cs, a_s, cd, ad: (cs, a_s),
+    "SRC_ATOP": lambda cs, a_s, cd, ad: (ad * cs + (1 - a_s) * cd, ad),
+    "SRC_IN": lambda cs, a_s, cd, ad: (cs * ad, a_s * ad),
+    "SRC_OUT": lambda cs, a_s, cd, ad: ((1 - ad) * cs, (1 - ad) * a_s),
+    "SRC_OVER": lambda cs, a_s, cd, ad: (cs + (1 - a_s) * cd, a_s + (1 - a_s) * ad),
+    "XOR": lambda cs, a_s, cd, ad: ((1 - ad) * cs + (1 - a_s) * cd, (1 - ad) * a_s + (1 - a_s) * ad),
+}
+
+
+def porter_duff(source: torch.Tensor, source_alpha: torch.Tensor, destination: torch.Tensor,
+                destination_alpha: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Composite images [..., C] with alphas [...] (the same leading shape) by a Porter-Duff mode."""
+    try:
+        operator = PORTER_DUFF[mode]
+    except KeyError:
+        raise ValueError(f"unknown Porter-Duff mode {mode!r}; expected one of {sorted(PORTER_DUFF)}") from None
+    colour, alpha = operator(source, source_alpha.unsqueeze(-1), destination, destination_alpha.unsqueeze(-1))
+    return colour, alpha.squeeze(-1)
