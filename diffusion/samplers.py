@@ -1,7 +1,7 @@
 """Single-step samplers (each step uses only the current sample) and the sampler registry.
 
-Conventions in `samplers_base`. Multistep samplers live in `samplers_multistep`, DPM-Solver fast/adaptive
-in `samplers_dpm_solver`.
+Conventions in `samplers_base`. Multistep samplers live in `samplers_multistep` (lambda-space) and
+`samplers_adams` (Adams–Bashforth family), DPM-Solver fast/adaptive in `samplers_dpm_solver`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from collections.abc import Callable
 from torch import Tensor
 
 from .noise import NoiseSampler
+from .samplers_adams import deis, ipndm, ipndm_v, lms
 from .samplers_base import Callback, Model, ancestral_step, as_floats, call, churn, need_noise, report, to_d
 from .samplers_dpm_solver import dpm_adaptive, dpm_fast
-from .samplers_multistep import deis, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde, ipndm, ipndm_v, lms, uni_pc, uni_pc_bh2
+from .samplers_multistep import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde, uni_pc, uni_pc_bh2
 
 INF = float("inf")
 

@@ -33,17 +33,25 @@ class _DPMSolver:
     def step_1(self, x: Tensor, t: float, t_next: float, eps: Tensor) -> Tensor:
         return x - math.exp(-t_next) * math.expm1(t_next - t) * eps
 
-    def step_2(self, x: Tensor, t: float, t_next: float, eps: Tensor, r1: float = 1 / 2) -> Tensor:
+    def first_stage(self, x: Tensor, t: float, t_next: float, eps: Tensor, r1: float) -> Tensor:
+        """eps at t + r1 * h after a first-order step there: the first stage of DPM-Solver-2 and -3 alike."""
+        s1 = t + r1 * (t_next - t)
+        return self.eps(x - math.exp(-s1) * math.expm1(r1 * (t_next - t)) * eps, s1)[0]
+
+    def step_2(self, x: Tensor, t: float, t_next: float, eps: Tensor, r1: float = 1 / 2,
+               eps_r1: Tensor | None = None) -> Tensor:
         h = t_next - t
-        s1 = t + r1 * h
-        eps_r1, _ = self.eps(x - math.exp(-s1) * math.expm1(r1 * h) * eps, s1)
+        if eps_r1 is None:
+            eps_r1 = self.first_stage(x, t, t_next, eps, r1)
         sigma_next = math.exp(-t_next)
         return x - sigma_next * math.expm1(h) * eps - sigma_next / (2 * r1) * math.expm1(h) * (eps_r1 - eps)
 
-    def step_3(self, x: Tensor, t: float, t_next: float, eps: Tensor, r1: float = 1 / 3, r2: float = 2 / 3) -> Tensor:
+    def step_3(self, x: Tensor, t: float, t_next: float, eps: Tensor, r1: float = 1 / 3, r2: float = 2 / 3,
+               eps_r1: Tensor | None = None) -> Tensor:
         h = t_next - t
-        s1, s2 = t + r1 * h, t + r2 * h
-        eps_r1, _ = self.eps(x - math.exp(-s1) * math.expm1(r1 * h) * eps, s1)
+        s2 = t + r2 * h
+        if eps_r1 is None:
+            eps_r1 = self.first_stage(x, t, t_next, eps, r1)
         u2 = (x - math.exp(-s2) * math.expm1(r2 * h) * eps
               - math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (eps_r1 - eps))
         eps_r2, _ = self.eps(u2, s2)
@@ -129,7 +137,8 @@ def dpm_adaptive(
     accept_safety: float = 0.81, eta: float = 0.0, s_noise: float = 1.0, max_steps: int = 10_000,
 ) -> Tensor:
     """DPM-Solver-12 / -23 with adaptive steps (Lu et al. 2022, sec. 3.3 and appendix): each step compares the
-    order-1/2 (or 2/3) solutions; only the first and last sigmas are used, not the step count."""
+    order-1/2 (or 2/3) solutions, which share their model calls (3 per attempted step for -23, 2 for -12); only
+    the first and last sigmas are used, not the step count."""
     if order not in (2, 3):
         raise ValueError(f"dpm_adaptive order must be 2 or 3, got {order}")
     sigma_min, sigma_max = _sigma_range(sigmas)
@@ -145,14 +154,17 @@ def dpm_adaptive(
             raise RuntimeError(f"dpm_adaptive did not reach sigma_min within {max_steps} steps (rtol={rtol})")
         t = min(t_end, s + pid.h)
         t_target, sigma_up = _noisy_target(s, t, eta)
-        t_target = min(t_end, t_target)
+        if t_target > t_end:  # the ancestral target overshoots sigma_min: stop there, the rest is noise
+            t_target = t_end
+            sigma_up = math.sqrt(max(math.exp(-2 * t) - math.exp(-2 * t_end), 0.0))
         eps, denoised = solver.eps(x, s)
         if order == 2:
             x_low = solver.step_1(x, s, t_target, eps)
             x_high = solver.step_2(x, s, t_target, eps)
-        else:
-            x_low = solver.step_2(x, s, t_target, eps, r1=1 / 3)
-            x_high = solver.step_3(x, s, t_target, eps)
+        else:  # the order-2 and order-3 solutions share their first stage at s + h/3: one evaluation for both
+            eps_r1 = solver.first_stage(x, s, t_target, eps, 1 / 3)
+            x_low = solver.step_2(x, s, t_target, eps, r1=1 / 3, eps_r1=eps_r1)
+            x_high = solver.step_3(x, s, t_target, eps, eps_r1=eps_r1)
         delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
         error = float(torch.linalg.vector_norm((x_low - x_high) / delta)) / x.numel() ** 0.5
         report(callback, x, steps - 1, math.exp(-s), math.exp(-s), denoised)

@@ -1,8 +1,7 @@
-"""Multistep samplers: one network call per step, earlier steps' outputs reused for higher order.
-
-Conventions in `samplers_base`. Adams–Bashforth-type methods (lms, deis, ipndm_v) integrate the Lagrange
-interpolant of past ODE slopes in sigma; the DPM-Solver++ and UniPC families work in lambda = -log sigma on
-the denoised estimates, where the linear part of the ODE is solved exactly.
+"""Multistep samplers in lambda = -log sigma: one network call per step, earlier steps' outputs reused for
+higher order. The DPM-Solver++ and UniPC families work on the denoised estimates, where the linear part of the
+ODE is solved exactly. Conventions in `samplers_base`; the Adams–Bashforth family (lms, ipndm, ipndm_v, deis)
+is in `samplers_adams`.
 """
 
 from __future__ import annotations
@@ -13,97 +12,7 @@ import numpy as np
 from torch import Tensor
 
 from .noise import NoiseSampler
-from .samplers_base import Callback, Model, as_floats, call, need_noise, report, to_d
-
-# Gauss–Legendre nodes/weights on [-1, 1]; 4 points integrate polynomials up to degree 7 exactly, more than the
-# degree <= 3 Lagrange basis of a 4th-order method needs.
-_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(4)
-
-
-def adams_bashforth_coeffs(nodes: list[float], start: float, end: float) -> list[float]:
-    """Integral over [start, end] of each Lagrange basis polynomial of `nodes` (nodes[0] the newest)."""
-    mid, half = 0.5 * (start + end), 0.5 * (end - start)
-    taus = mid + half * _GL_NODES
-    coeffs = []
-    for j, node_j in enumerate(nodes):
-        basis = np.ones_like(taus)
-        for k, node_k in enumerate(nodes):
-            if k != j:
-                basis = basis * (taus - node_k) / (node_j - node_k)
-        coeffs.append(float(half * np.dot(_GL_WEIGHTS, basis)))
-    return coeffs
-
-
-def _adams_bashforth(
-    model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None, callback: Callback, order: int,
-    denoise_last: bool,
-) -> Tensor:
-    """Variable-step Adams–Bashforth in sigma on dx/dsigma = (x - D) / sigma, warming up from order 1.
-    With `denoise_last` the step to sigma = 0 returns the denoised estimate (an Euler step)."""
-    sig = as_floats(sigmas)
-    slopes: list[Tensor] = []
-    for i in range(len(sig) - 1):
-        denoised = call(model, x, sig[i], extra_args)
-        report(callback, x, i, sig[i], sig[i], denoised)
-        slopes.insert(0, to_d(x, sig[i], denoised))
-        del slopes[order:]
-        if denoise_last and sig[i + 1] == 0:
-            x = denoised
-            continue
-        coeffs = adams_bashforth_coeffs([sig[i - k] for k in range(len(slopes))], sig[i], sig[i + 1])
-        for c, d in zip(coeffs, slopes, strict=True):
-            x = x + c * d
-    return x
-
-
-def lms(
-    model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None, callback: Callback = None,
-    noise_sampler: NoiseSampler | None = None, order: int = 4,
-) -> Tensor:
-    """Linear multistep (k-diffusion/A1111 "LMS"): Adams–Bashforth of `order` in sigma, including the last step."""
-    return _adams_bashforth(model, x, sigmas, extra_args, callback, order, denoise_last=False)
-
-
-def deis(
-    model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None, callback: Callback = None,
-    noise_sampler: NoiseSampler | None = None, max_order: int = 3,
-) -> Tensor:
-    """DEIS, time-AB variant (Zhang & Chen 2023) for the VE ODE in sigma: the exponential integrator's
-    coefficients reduce to integrals of the Lagrange basis, integrated here exactly (ComfyUI sums 10^4 points)."""
-    return _adams_bashforth(model, x, sigmas, extra_args, callback, max_order, denoise_last=True)
-
-
-def ipndm_v(
-    model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None, callback: Callback = None,
-    noise_sampler: NoiseSampler | None = None, max_order: int = 4,
-) -> Tensor:
-    """iPNDM with variable steps (Zhang & Chen; zju-pi/diff-sampler): Adams–Bashforth whose coefficients
-    follow the actual sigma spacing; the last step returns the denoised estimate."""
-    return _adams_bashforth(model, x, sigmas, extra_args, callback, max_order, denoise_last=True)
-
-
-# Fixed-step Adams–Bashforth weights, newest slope first.
-_AB_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
-
-
-def ipndm(
-    model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None, callback: Callback = None,
-    noise_sampler: NoiseSampler | None = None, max_order: int = 4,
-) -> Tensor:
-    """Improved PNDM (Zhang & Chen): Adams–Bashforth with the constant-step weights whatever the spacing."""
-    sig = as_floats(sigmas)
-    slopes: list[Tensor] = []
-    for i in range(len(sig) - 1):
-        denoised = call(model, x, sig[i], extra_args)
-        report(callback, x, i, sig[i], sig[i], denoised)
-        slopes.insert(0, to_d(x, sig[i], denoised))
-        del slopes[max_order:]
-        if sig[i + 1] == 0:
-            x = denoised
-            continue
-        slope = sum(w * d for w, d in zip(_AB_WEIGHTS[len(slopes)], slopes, strict=True))
-        x = x + slope * (sig[i + 1] - sig[i])
-    return x
+from .samplers_base import Callback, Model, as_floats, call, need_noise, report
 
 
 def dpmpp_2m(
@@ -247,13 +156,23 @@ def _unipc_update(
     return x_t - b_h * correction
 
 
+# ComfyUI's UniPC ends a schedule that reaches 0 at sigma 0.001 instead (a last predictor step, no model call
+# at 0): its pictures keep that trace of noise, where k-diffusion-style samplers return the denoised estimate.
+UNIPC_FINAL_SIGMA = 0.001
+
+
 def _uni_pc(
     model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None, callback: Callback, order: int,
     variant: str,
 ) -> Tensor:
+    """The multistep UniPC loop: at each new model output, UniC corrects the step just taken (with that
+    output), then UniP predicts the next one; the order warms up from 1 and drops again over the last steps.
+    The final step is predictor only."""
     sig = as_floats(sigmas)
+    if sig[-1] == 0:
+        sig[-1] = UNIPC_FINAL_SIGMA
     n = len(sig) - 1
-    lam = [-math.log(s) if s > 0 else math.inf for s in sig]
+    lam = [-math.log(s) for s in sig]
     outs: dict[int, Tensor] = {}
     x_prev, prev_order = None, 1
     for i in range(n):
@@ -263,9 +182,6 @@ def _uni_pc(
             x = _unipc_update(x_prev, sig, lam, outs, i - 1, i, prev_order, variant, denoised)
         outs[i] = denoised
         outs.pop(i - order, None)
-        if sig[i + 1] == 0:
-            x = denoised
-            continue
         step_order = min(order, n - i, i + 1)  # warm up, and lower the order towards the end
         x_prev, prev_order = x, step_order
         x = _unipc_update(x, sig, lam, outs, i, i + 1, step_order, variant, None)
