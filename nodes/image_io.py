@@ -24,7 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from graph.node import Combo, Node, NodeOutput, Output, Socket, String
 from graph.types import IMAGE, MASK
-from nodes.environment import Environment, UnsafePathError, message_naming, safe_join
+from nodes.environment import Environment, UnsafePathError, list_files, message_naming, safe_join
 from nodes.image_limits import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS, ImageLimitError, check_frames, human, limits_of
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -117,6 +117,25 @@ def _input_path(env: Environment, name: str) -> Path:
     return path
 
 
+OUTPUT_ANNOTATION = " [output]"
+
+
+def list_output_images(env: Environment | None) -> list[str]:
+    """The output folder's images, subfolders included, named as ComfyUI's front end names them for
+    LoadImageOutput: `sub/name.png [output]`."""
+    return [name + OUTPUT_ANNOTATION for name in list_files(env.output_dir, IMAGE_EXTENSIONS)] if env else []
+
+
+def _output_path(env: Environment, name: str) -> Path:
+    try:
+        path = safe_join(env.output_dir, name.removesuffix(OUTPUT_ANNOTATION))
+    except UnsafePathError as exc:
+        raise ValueError(f"image {name!r}: {exc}") from None
+    if not path.is_file():
+        raise ValueError(f"image {name!r} does not exist in the output folder")
+    return path
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -136,14 +155,16 @@ class _InputImageNode(Node):
     Validation opens the file's headers, so that a file over the pixel or frame limits (or no image at all) is
     refused with the prompt, naming the node and the file, before anything runs or is decoded."""
 
+    image_path = staticmethod(_input_path)  # (env, name) -> the file; LoadImageOutput reads the output folder
+
     @classmethod
     def fingerprint(cls, inputs: dict[str, Any], env: Any) -> Any:
-        return file_sha256(_input_path(env, inputs["image"]))
+        return file_sha256(cls.image_path(env, inputs["image"]))
 
     @classmethod
     def validate_inputs(cls, inputs: dict[str, Any], env: Any) -> str | None:
         try:
-            path = _input_path(env, inputs["image"])
+            path = cls.image_path(env, inputs["image"])
             with Image.open(path) as image:
                 check_frames(image, path, inputs["image"], *limits_of(env))
         except ImageLimitError as exc:
@@ -177,6 +198,30 @@ class LoadImage(_InputImageNode):
 
     def execute(self, image, context):
         return load_image_file(_input_path(context.env, image), image, *limits_of(context.env))
+
+
+class LoadImageOutput(LoadImage):
+    """LoadImage over the output folder, so that a workflow can take up what an earlier run saved."""
+
+    display_name = "Load Image (from Outputs)"
+    description = "Load an image from the output folder."
+    experimental = True
+    image_path = staticmethod(_output_path)
+    inputs = [Combo("image", list_output_images, extra={"image_upload": True, "image_folder": "output"})]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        from nodes.estimates import image_file_estimate
+
+        if context.env is None:
+            return None
+        try:
+            return image_file_estimate(_output_path(context.env, inputs["image"]))
+        except ValueError:
+            return None
+
+    def execute(self, image, context):
+        return load_image_file(_output_path(context.env, image), image, *limits_of(context.env))
 
 
 class LoadImageMask(_InputImageNode):
@@ -280,4 +325,41 @@ class PreviewImage(Node):
         return NodeOutput(ui={"images": saved})
 
 
-NODE_CLASSES = [LoadImage, LoadImageMask, SaveImage, PreviewImage]
+class MaskPreview(PreviewImage):
+    """A mask shown as a grey image (white = 1), saved to the temp folder like PreviewImage."""
+
+    display_name = ""
+    category = "mask"
+    inputs = [Socket("mask", MASK)]
+
+    def execute(self, mask, prompt=None, extra_pnginfo=None, context=None):
+        mask = mask.unsqueeze(0) if mask.ndim == 2 else mask
+        return super().execute(mask.unsqueeze(-1).expand(-1, -1, -1, 3), prompt, extra_pnginfo, context)
+
+
+class SaveImageWebsocket(Node):
+    """Sends each image, as a PNG, to the client that submitted the prompt over its WebSocket, and writes no file:
+    a binary frame `[u32 1][u32 2 (PNG)][PNG bytes]` (big-endian; type 4 with metadata for clients that asked for
+    it), each with a `progress` event (i of the batch) before it, as ComfyUI's example node sends them through
+    its progress bar. It runs every time, even when its input is cached, so every run delivers its images."""
+
+    category = "api/image"
+    output_node = True
+    hidden = ("context",)
+    inputs = [Socket("images", IMAGE)]
+    outputs = []
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any], env: Any) -> Any:
+        return float("nan")
+
+    def execute(self, images, context):
+        total = int(images.shape[0])
+        for index, image in enumerate(images):
+            array = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()  # RGB, or RGBA with alpha
+            # (format, image, largest side or None for full size): the server encodes it as it encodes previews
+            context.progress(index + 1, total, preview=("PNG", Image.fromarray(array), None))
+        return NodeOutput()
+
+
+NODE_CLASSES = [LoadImage, LoadImageOutput, LoadImageMask, SaveImage, PreviewImage, MaskPreview, SaveImageWebsocket]

@@ -20,13 +20,14 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from server.store import QueueItem, Store, history_entry
-from server.websocket import JPEG, Hub, Preview, text_message
+from server.websocket import JPEG, PNG, Hub, Preview, text_message
 
 log = logging.getLogger(__name__)
 
 OWNER_ONLY = frozenset({"executing", "executed", "execution_start", "execution_cached", "execution_success",
                         "execution_error"})
 PREVIEW_MAX_SIZE = 512
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 FinishedCallback = Callable[[str, dict[str, Any], dict[str, Any]], None]
 
@@ -35,11 +36,28 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def encode_preview(image: Image.Image, max_size: int = PREVIEW_MAX_SIZE) -> bytes:
-    """JPEG (quality 95) no larger than max_size on its long side."""
-    image = ImageOps.contain(image, (max_size, max_size)) if max(image.size) > max_size else image
+def is_preview(value: Any) -> bool:
+    """A preview a node reported: a PIL image (a sampler's latent preview), or ComfyUI's `(format, image,
+    max_size)` form, "PNG" or "JPEG" at most max_size on its long side (None: full size), which output nodes such
+    as SaveImageWebsocket use to send whole images."""
+    if isinstance(value, tuple) and len(value) == 3:
+        return value[0] in ("PNG", "JPEG") and isinstance(value[1], Image.Image)
+    return isinstance(value, Image.Image)
+
+
+def encode_preview(image: Image.Image | tuple[str, Image.Image, int | None], max_size: int = PREVIEW_MAX_SIZE) -> bytes:
+    """JPEG (quality 95) no larger than max_size on its long side; for the `(format, image, max_size)` form (see
+    is_preview), that format and size, PNG at compress level 1 as ComfyUI sends it."""
+    image_format = "JPEG"
+    if isinstance(image, tuple):
+        image_format, image, max_size = image
+    if max_size is not None and max(image.size) > max_size:
+        image = ImageOps.contain(image, (max_size, max_size))
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=95)
+    if image_format == "PNG":
+        image.save(buffer, format="PNG", compress_level=1)
+    else:
+        image.convert("RGB").save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
 
 
@@ -52,10 +70,12 @@ def route_event(hub: Hub, message: str | Preview, event: str, client_id: str | N
 
 
 def publish_preview(hub: Hub, jpeg: bytes, prompt_id: str, node: str | None, client_id: str | None) -> None:
-    """A preview frame of a node, with the metadata ComfyUI's clients read."""
+    """A preview frame of a node, with the metadata ComfyUI's clients read; encoded by encode_preview, JPEG or PNG
+    (told apart by the PNG signature, so that workers elsewhere need to send only the bytes)."""
     meta = {"node_id": node, "prompt_id": prompt_id, "display_node_id": node, "parent_node_id": None,
             "real_node_id": node}
-    route_event(hub, Preview(jpeg, JPEG, meta), "preview", client_id)
+    image_format = PNG if jpeg.startswith(PNG_SIGNATURE) else JPEG
+    route_event(hub, Preview(jpeg, image_format, meta), "preview", client_id)
 
 
 def execution_error(prompt_id: str, message: str, kind: str) -> dict[str, Any]:

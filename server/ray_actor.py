@@ -34,14 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from graph.cache import make_cache
 from graph.executor import Executor
 from graph.validation import validate_prompt
 from nodes import build_registry
 from nodes.environment import Environment
-from server.prompt_run import encode_preview, interrupt_if_asked, validation_error
+from server.prompt_run import encode_preview, interrupt_if_asked, is_preview, validation_error
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +189,7 @@ class PromptWorker:
     def _message(self, event: str, data: dict[str, Any]) -> tuple[Any, ...]:
         if event == "preview":
             image = data.get("image")
-            jpeg = encode_preview(image) if isinstance(image, Image.Image) else b""
+            jpeg = encode_preview(image) if is_preview(image) else b""
             return ("preview", data.get("node"), jpeg)
         files = self._ship(data.get("output") or {}) if event == "executed" else []
         return ("event", event, data, files)

@@ -119,7 +119,9 @@ class Hub:
         self.publish(text_message("status", self._status()), None)
 
     def _enqueue(self, client: Client, message: str | Preview) -> None:
-        if isinstance(message, Preview) and len(client.outbox) > PREVIEW_BACKLOG_LIMIT:
+        # A latent preview (JPEG) can be skipped for a client that is behind; a PNG is a whole image an output node
+        # sends (SaveImageWebsocket): the client's result, never dropped.
+        if isinstance(message, Preview) and message.image_format == JPEG and len(client.outbox) > PREVIEW_BACKLOG_LIMIT:
             return
         client.outbox.append(message)
         client.wakeup.set()

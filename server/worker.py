@@ -14,8 +14,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from PIL import Image
-
 from graph.cache import Cache
 from graph.executor import Executor
 from graph.registry import NodeRegistry
@@ -27,6 +25,7 @@ from server.prompt_run import (
     encode_preview,
     execution_error,
     interrupt_if_asked,
+    is_preview,
     publish_preview,
     route_event,
     validation_error,
@@ -153,7 +152,7 @@ class Worker(threading.Thread):
                 self.current_node = data.get("node")
             if event == "preview":
                 image = data.get("image")
-                if isinstance(image, Image.Image):
+                if is_preview(image):
                     publish_preview(pool.hub, encode_preview(image), item.prompt_id, data.get("node"), client_id)
                 return
             self._send(event, data, client_id)
