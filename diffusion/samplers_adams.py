@@ -119,9 +119,14 @@ def ipndm_v_coeffs(sig: list[float], i: int, order: int) -> list[float]:
                    * h (h + h_1)(h + h_1 + h_2) / (h_1 (h_1 + h_2)(h_1 + h_2 + h_3)),
                [1 + a/2 + p + r, -a/2 - (1 + h_1/h_2) p - (1 + h_1/h_2 + q) r,
                 p h_1/h_2 + (h_1/h_2 + q (1 + h_2/h_3)) r, -r q h_1/h_2].
-    For equal steps these are the AB3/AB4 weights; for uneven steps orders 3 and 4 are not the exact Lagrange
-    integrals of `lms` (p is what the published sampler computes), and on Karras schedules they land closer to
-    the exact ODE solution than the exact integrals do (tests/diffusion/test_samplers_b.py measures it)."""
+    Every order integrates constant and linear slopes exactly. Beyond that these are not the exact Lagrange
+    integrals of `lms`: p is what the published sampler computes (the exact AB3 term would be
+    h (2h + 3h_1) / (6 h_1 (h_1 + h_2))), so only orders 1-3 reduce to Adams–Bashforth at equal steps, and
+    order 4 there is AB3 + 11/24 (1, -3, 3, -1) where AB4 has 9/24, and on uneven steps order 4's weights sum
+    to h (1 + r q (h_2/h_3 - h_1/h_2)) rather than h (its last weight has h_1/h_2 where a consistent method
+    would have h_2/h_3; on Karras steps the two ratios are close). We keep the published weights because they
+    are what the name means in ComfyUI and the AMED-Solver code, and on Karras schedules they land about 5x
+    closer to the exact ODE solution than the exact order-4 integrals (tests/diffusion/test_samplers_b.py)."""
     h = sig[i + 1] - sig[i]
     if order == 1:
         return [h]
