@@ -12,9 +12,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .schedules import DiscreteSchedule
+from .schedules import DiscreteSchedule, rescale_zero_terminal_snr
 
-PREDICTION_TYPES = ("eps", "v_prediction")
+PREDICTION_TYPES = ("eps", "v_prediction", "lcm", "x0", "img_to_img")
 
 
 def _expand(sigma: Tensor, x: Tensor) -> Tensor:
@@ -60,13 +60,33 @@ class ModelSampling:
         return float(self.sigma(torch.tensor((1.0 - percent) * (len(self.schedule) - 1))))
 
     def calculate_input(self, sigma: Tensor, x: Tensor) -> Tensor:
+        if self.prediction == "img_to_img":  # the network takes the noisy latent as it is
+            return x
         return x / (_expand(sigma, x) ** 2 + 1).sqrt()
 
     def calculate_denoised(self, sigma: Tensor, model_output: Tensor, x: Tensor) -> Tensor:
+        """The x0 estimate from the network's output: eps: x - sigma eps; v: x / (sigma^2 + 1) - v sigma /
+        sqrt(sigma^2 + 1); x0 and img_to_img: the output itself; lcm: the eps estimate passed through the
+        consistency-model boundary condition (`_lcm_denoised`)."""
         s = _expand(sigma, x)
         if self.prediction == "eps":
             return x - s * model_output
+        if self.prediction in ("x0", "img_to_img"):
+            return model_output
+        if self.prediction == "lcm":
+            return self._lcm_denoised(sigma, model_output, x)
         return x / (s**2 + 1) - model_output * s / (s**2 + 1).sqrt()
+
+    def _lcm_denoised(self, sigma: Tensor, model_output: Tensor, x: Tensor) -> Tensor:
+        """Latent consistency models (Luo et al. 2023) parameterise f(x, t) = c_skip(t) x + c_out(t) x0_eps
+        with sigma_data = 0.5 and the timestep scaled by 10: c_skip = sigma_data^2 / ((10t)^2 + sigma_data^2),
+        c_out = 10t / sqrt((10t)^2 + sigma_data^2), so f is the identity at t = 0 (the boundary condition)."""
+        x0 = x - _expand(sigma, x) * model_output
+        t = _expand(self.timestep(torch.as_tensor(sigma, device=x.device).reshape(-1)).to(x), x) * 10.0
+        sigma_data = 0.5
+        c_skip = sigma_data**2 / (t**2 + sigma_data**2)
+        c_out = t / (t**2 + sigma_data**2).sqrt()
+        return c_out * x0 + c_skip * x
 
     def noise_scaling(self, sigma: Tensor | float, noise: Tensor, latent: Tensor, max_denoise: bool = False) -> Tensor:
         """The sample at noise level sigma for clean `latent`. With `max_denoise` (sampling from the top of the
@@ -79,6 +99,55 @@ class ModelSampling:
     def inverse_noise_scaling(self, sigma: Tensor | float, latent: Tensor) -> Tensor:
         """Identity for these models: the variance-exploding sample at sigma 0 already is the latent."""
         return latent
+
+
+class DistilledModelSampling(ModelSampling):
+    """The schedule of a model distilled to `levels` of its training timesteps (LCM: 50 of 1000).
+
+    Level k (0 = least noisy) is training timestep k * stride + stride - 1 with stride = T / levels, i.e.
+    t = 19, 39, ..., 999 for LCM; schedulers see only these sigmas, and a sigma is fed to the network as the
+    training timestep of its nearest level. `percent_to_sigma` and `sigma` speak in training timesteps."""
+
+    def __init__(self, schedule: DiscreteSchedule, prediction: str = "lcm", levels: int = 50) -> None:
+        total = len(schedule)
+        if levels < 2 or total % levels:
+            raise ValueError(f"a distilled schedule needs a number of levels that divides {total}, got {levels}")
+        self.stride = total // levels
+        self.training_steps = total
+        picked = torch.arange(levels) * self.stride + self.stride - 1
+        super().__init__(DiscreteSchedule(schedule.alphas_cumprod[picked]), prediction, quantize_timesteps=True)
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        level = self.schedule.sigma_to_t(sigma, quantize=True)
+        return level * self.stride + (self.stride - 1)
+
+    def sigma(self, timestep: Tensor) -> Tensor:
+        level = ((torch.as_tensor(timestep, dtype=torch.float32) - (self.stride - 1)) / self.stride)
+        return self.schedule.t_to_sigma(level.clamp(0, len(self.schedule) - 1))
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return float("inf")
+        if percent >= 1.0:
+            return 0.0
+        return float(self.sigma(torch.tensor((1.0 - percent) * (self.training_steps - 1))))
+
+
+def discrete_model_sampling(sampling: str, zsnr: bool = False,
+                            schedule: DiscreteSchedule | None = None) -> ModelSampling:
+    """ModelSamplingDiscrete's choice: SD's scaled-linear schedule (or `schedule`, from its betas) with the
+    prediction type `sampling`; `zsnr` rescales it to zero terminal SNR (Lin et al. 2023, `schedules.
+    rescale_zero_terminal_snr`), so the last training level is (almost) pure noise. `lcm` also distils the
+    schedule to 50 levels (DistilledModelSampling)."""
+    if sampling not in PREDICTION_TYPES:
+        raise ValueError(f"unknown sampling {sampling!r}; expected one of {PREDICTION_TYPES}")
+    alphas_cumprod = (schedule or DiscreteSchedule.from_config()).alphas_cumprod
+    if zsnr:
+        alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod.clone())
+    base = DiscreteSchedule(alphas_cumprod)
+    if sampling == "lcm":
+        return DistilledModelSampling(base, "lcm")
+    return ModelSampling(base, sampling)
 
 
 class Denoiser:

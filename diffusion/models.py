@@ -28,6 +28,7 @@ from .preview import LatentRGBProjection, fit_latent_rgb_projection, latent_prev
 from .schedules import DiscreteSchedule
 from .text_encoders import TextEncoders
 from .unet import sdxl_adm, sdxl_refiner_adm
+from .unet_patches import UNetPatches
 from .vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,21 @@ class DiffusionModel:
     preview_encode: Callable[[Tensor], Tensor] | None = None
     # How guidance combines its predictions (model patches add hooks to a clone: `with_guidance_hooks`).
     guidance_hooks: GuidanceHooks = dataclasses.field(default_factory=GuidanceHooks)
+    # Hooks in the UNet's forward (FreeU, deep shrink, attention patches); a clone adds to them: `with_unet_patches`.
+    unet_patches: UNetPatches = dataclasses.field(default_factory=UNetPatches)
     _preview: dict[str, LatentRGBProjection] = dataclasses.field(default_factory=dict, repr=False)
 
     def with_guidance_hooks(self, hooks: GuidanceHooks) -> DiffusionModel:
         """A clone whose guider also runs `hooks` (a `combine` replaces an earlier one; `post` hooks add up)."""
         return dataclasses.replace(self.clone(), guidance_hooks=self.guidance_hooks.merged(hooks))
+
+    def with_unet_patches(self, patches: UNetPatches) -> DiffusionModel:
+        """A clone whose UNet calls also run `patches` (after the ones it already has); the original is unchanged."""
+        return dataclasses.replace(self.clone(), unet_patches=self.unet_patches.merged(patches))
+
+    def with_model_sampling(self, model_sampling: ModelSampling) -> DiffusionModel:
+        """A clone that samples with another schedule or prediction type (ModelSamplingDiscrete)."""
+        return dataclasses.replace(self.clone(), model_sampling=model_sampling)
 
     def clone(self) -> DiffusionModel:
         return dataclasses.replace(self, patcher=self.patcher.clone())
@@ -104,13 +115,17 @@ class DiffusionModel:
         with self.manager.use([self.patcher]) as (unet,):
             device, dtype = self.manager.device, self.dtype
 
-            def net(x_in: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+            def net(x_in: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
+                    unet_patches: UNetPatches | None = None) -> Tensor:
+                """`unet_patches` adds patches for this call only (e.g. guidance's perturbed prediction)."""
+                patches = self.unet_patches.merged(unet_patches)
+                extra = {"patches": patches} if patches else {}
                 if concat is not None:
                     if concat.shape[-2:] != x_in.shape[-2:]:
                         raise ValueError("area conditioning is not supported with inpainting models")
                     x_in = torch.cat([x_in, concat.to(x_in).repeat(x_in.shape[0] // concat.shape[0], 1, 1, 1)], 1)
                 out = unet(x_in.to(device, dtype), t.to(device), context.to(device, dtype),
-                           None if y is None else y.to(device, dtype))
+                           None if y is None else y.to(device, dtype), **extra)
                 return out.float()
 
             yield Denoiser(net, self.model_sampling)

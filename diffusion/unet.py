@@ -22,6 +22,7 @@ from .unet_blocks import (
     Upsample,
     timestep_embedding,
 )
+from .unet_patches import Site, UNetPatches
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,9 @@ class UNetModel(nn.Module):
             self.config.use_linear_in_transformer,
         )
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
+                patches: UNetPatches | None = None) -> Tensor:
+        """`patches` (model patches of a MODEL clone) hook into the blocks; see unet_patches.py."""
         self._check_inputs(x, context, y)
         if timesteps.numel() == 1:
             timesteps = timesteps.reshape(1).expand(x.shape[0])
@@ -265,16 +268,39 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(y.to(emb.dtype))
         context = context.to(x.dtype)
 
+        if not patches:
+            skips = []
+            h = x
+            for block in self.input_blocks:
+                h = block(h, emb, context)
+                skips.append(h)
+            h = self.middle_block(h, emb, context)
+            for block in self.output_blocks:
+                h = torch.cat([h, skips.pop()], dim=1)
+                size = tuple(skips[-1].shape[-2:]) if skips else None
+                h = block(h, emb, context, size)
+            return self.out(h)
+        return self._patched_forward(x, emb, context, timesteps, patches)
+
+    def _patched_forward(self, x: Tensor, emb: Tensor, context: Tensor, timesteps: Tensor,
+                         patches: UNetPatches) -> Tensor:
+        """The forward above with the patches' hooks at each block (kept apart so the plain path stays plain)."""
+        shape = tuple(x.shape)
         skips = []
         h = x
-        for block in self.input_blocks:
-            h = block(h, emb, context)
+        for i, block in enumerate(self.input_blocks):
+            site = Site(("input", i), shape, timesteps)
+            h = block(h, emb, context, patches=patches, site=site)
+            h = patches.run_input(h, site)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
+            h = patches.run_input(h, site, after_skip=True)
+        h = self.middle_block(h, emb, context, patches=patches, site=Site(("middle", 0), shape, timesteps))
+        for i, block in enumerate(self.output_blocks):
+            site = Site(("output", i), shape, timesteps)
+            h, skip = patches.run_output(h, skips.pop(), site)
+            h = torch.cat([h, skip], dim=1)
             size = tuple(skips[-1].shape[-2:]) if skips else None
-            h = block(h, emb, context, size)
+            h = block(h, emb, context, size, patches=patches, site=site)
         return self.out(h)
 
     def _check_inputs(self, x: Tensor, context: Tensor, y: Tensor | None) -> None:

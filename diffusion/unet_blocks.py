@@ -8,11 +8,15 @@ has `norm`, `proj_in`, `transformer_blocks.K`, `proj_out`. `nn.Sequential` indic
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .unet_patches import Site, UNetPatches
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -150,8 +154,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: Tensor, context: Tensor, self_attention: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """`self_attention` (model patches) replaces the call of attn1 on the normed input when given."""
+        n = self.norm1(x)
+        x = x + (self.attn1(n) if self_attention is None else self_attention(n))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -186,7 +192,8 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
         )
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, patches: UNetPatches | None = None,
+                site: Site | None = None) -> Tensor:
         b, _, h, w = x.shape
         residual = x
         x = self.norm(x)
@@ -195,8 +202,11 @@ class SpatialTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [B, H*W, C]
         if self.use_linear:
             x = self.proj_in(x)
-        for block in self.transformer_blocks:
-            x = block(x, context)
+        for k, block in enumerate(self.transformer_blocks):
+            run = None
+            if patches and site is not None:
+                run = patches.attention_runner(block.attn1, dataclasses.replace(site, size=(h, w), transformer=k))
+            x = block(x, context, run)
         if self.use_linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).reshape(b, -1, h, w)
@@ -209,13 +219,14 @@ class TimestepEmbedSequential(nn.Sequential):
     """A UNet block: layers run in order, each given what it needs (time embedding, context, target size)."""
 
     def forward(
-        self, x: Tensor, emb: Tensor, context: Tensor, size: tuple[int, int] | None = None
+        self, x: Tensor, emb: Tensor, context: Tensor, size: tuple[int, int] | None = None,
+        patches: UNetPatches | None = None, site: Site | None = None,
     ) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, patches, site)
             elif isinstance(layer, Upsample):
                 x = layer(x, size)
             else:

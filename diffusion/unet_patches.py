@@ -1,0 +1,233 @@
+"""Patches of the UNet's forward pass (FreeU, deep shrink, attention patches), carried by a MODEL clone.
+
+A `UNetPatches` is a frozen bundle of hooks that `UNetModel.forward` calls at fixed points; the UNet's
+weights are never copied or changed, so the same module runs with and without patches and a clone of a
+MODEL carries its own bundle. The hook points, in forward order:
+
+- `input_block(h, site)` after input block i, before its output is kept as a skip connection;
+- `input_block_after_skip(h, site)` after the skip is kept (changes only what the next block sees);
+- `output_block(h, skip, site)` before output block i concatenates the backbone `h` with its `skip`;
+- `self_attention(x, inner, site)` around every transformer block's self-attention: `x` is the normed
+  [B, tokens, C] input, `inner(x)` runs the attention (or the next wrapper), so wrappers nest in order.
+
+Every hook gets a `Site` saying where it runs (block kind and index, transformer index, the feature map's
+size, the latent's shape and the timesteps), which is how a patch picks its blocks without knowing the
+architecture. Two bundles merge by concatenating their hook lists: patches compose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a hook runs: `block` ("input" | "middle" | "output", index), `transformer` (index of the
+    transformer block inside a SpatialTransformer, -1 outside attention), `size` (h, w) of the current
+    feature map, `latent_shape` of the UNet's input and the (network) `timesteps` [B]."""
+
+    block: tuple[str, int]
+    latent_shape: tuple[int, ...]
+    timesteps: Tensor
+    size: tuple[int, int] = (0, 0)
+    transformer: int = -1
+    attention: torch.nn.Module | None = None
+
+
+BlockHook = Callable[[Tensor, Site], Tensor]
+OutputHook = Callable[[Tensor, Tensor, Site], tuple[Tensor, Tensor]]
+AttentionWrapper = Callable[[Tensor, Callable[[Tensor], Tensor], Site], Tensor]
+
+
+@dataclass(frozen=True)
+class UNetPatches:
+    """Hooks of one UNet call; empty by default (a forward without patches is the plain UNet)."""
+
+    input_block: tuple[BlockHook, ...] = ()
+    input_block_after_skip: tuple[BlockHook, ...] = ()
+    output_block: tuple[OutputHook, ...] = ()
+    self_attention: tuple[AttentionWrapper, ...] = ()
+
+    def merged(self, other: UNetPatches | None) -> UNetPatches:
+        """Both bundles' hooks, this one's first."""
+        if other is None:
+            return self
+        return UNetPatches(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def run_input(self, h: Tensor, site: Site, after_skip: bool = False) -> Tensor:
+        for hook in self.input_block_after_skip if after_skip else self.input_block:
+            h = hook(h, site)
+        return h
+
+    def run_output(self, h: Tensor, skip: Tensor, site: Site) -> tuple[Tensor, Tensor]:
+        for hook in self.output_block:
+            h, skip = hook(h, skip, site)
+        return h, skip
+
+    def attention_runner(self, attention: torch.nn.Module, site: Site) -> Callable[[Tensor], Tensor] | None:
+        """`run(x)`: the self-attention `attention(x)` wrapped by every wrapper (the first outermost), or None
+        when there are none (the block calls its attention directly)."""
+        if not self.self_attention:
+            return None
+        site = dataclasses.replace(site, attention=attention)
+        run: Callable[[Tensor], Tensor] = attention
+
+        def wrap(wrapper: AttentionWrapper, inner: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+            return lambda x: wrapper(x, inner, site)
+
+        for wrapper in reversed(self.self_attention):
+            run = wrap(wrapper, run)
+        return run
+
+
+# --- FreeU (Si et al. 2023, "FreeU: Free Lunch in Diffusion U-Net") ---------------------------------------
+
+
+def fourier_low_pass_scale(x: Tensor, scale: float, threshold: int = 1) -> Tensor:
+    """Scales the lowest spatial frequencies of x [B, C, H, W] by `scale`, leaving the others.
+
+    With X = fftshift(FFT2(x)) (the zero frequency moved to (H//2, W//2)), the window
+    rows H//2 - t .. H//2 + t - 1, columns W//2 - t .. W//2 + t - 1 is multiplied by `scale`, and the result
+    is the real part of IFFT2(ifftshift(X)). FreeU applies it to skip features with t = 1: the skip path
+    carries mostly high-frequency detail, and damping its low frequencies lets the backbone's denoising
+    dominate there."""
+    dtype = x.dtype
+    freq = torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1))
+    h, w = x.shape[-2:]
+    mask = torch.ones(h, w, device=x.device)
+    ch, cw = h // 2, w // 2
+    mask[max(ch - threshold, 0):ch + threshold, max(cw - threshold, 0):cw + threshold] = scale
+    freq = torch.fft.ifftshift(freq * mask, dim=(-2, -1))
+    return torch.fft.ifft2(freq).real.to(dtype)
+
+
+def freeu_patches(model_channels: int, b1: float, b2: float, s1: float, s2: float, v2: bool = False) -> UNetPatches:
+    """FreeU on the decoder stages whose backbone is 4x (b1, s1) and 2x (b2, s2) `model_channels` wide.
+
+    The backbone's first half of channels is multiplied by b (V1) or, in V2 (the paper's structure-related
+    form), by 1 + (b - 1) * m, where m is the channel-mean of the backbone min-max normalised to 0..1 per
+    sample; the skip features get their lowest frequencies scaled by s (`fourier_low_pass_scale`)."""
+    scales = {model_channels * 4: (b1, s1), model_channels * 2: (b2, s2)}
+
+    def hook(h: Tensor, skip: Tensor, site: Site) -> tuple[Tensor, Tensor]:
+        scale = scales.get(int(h.shape[1]))
+        if scale is None:
+            return h, skip
+        b, s = scale
+        half = h.shape[1] // 2
+        if v2:
+            mean = h.mean(1, keepdim=True)
+            flat = mean.flatten(1)
+            low = flat.min(1).values[:, None, None, None]
+            high = flat.max(1).values[:, None, None, None]
+            norm = (mean - low) / (high - low).clamp_min(torch.finfo(mean.dtype).tiny)
+            factor = (b - 1) * norm + 1
+        else:
+            factor = b
+        h = torch.cat([h[:, :half] * factor, h[:, half:]], dim=1)
+        return h, fourier_low_pass_scale(skip, s)
+
+    return UNetPatches(output_block=(hook,))
+
+
+# --- Kohya's deep shrink ("PatchModelAddDownscale") -------------------------------------------------------
+
+RESIZE_METHODS = ("bicubic", "nearest-exact", "bilinear", "area", "bislerp")
+
+
+def resize(x: Tensor, size: tuple[int, int], method: str) -> Tensor:
+    """x [B, C, H, W] resized to `size` with one of RESIZE_METHODS. `bislerp` interpolates bilinearly, but
+    spherically between the channel vectors of neighbouring pixels (their norm interpolated linearly), so
+    feature directions are not shrunk by averaging."""
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"unknown resize method {method!r}; expected one of {RESIZE_METHODS}")
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if method == "bislerp":
+        return _bislerp(x, size)
+    kwargs = {"align_corners": False} if method in ("bicubic", "bilinear") else {}
+    return F.interpolate(x, size=size, mode=method, **kwargs)
+
+
+def _slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+    """Spherical interpolation of channel vectors a, b [..., C] by t [..., 1]; magnitudes interpolate linearly."""
+    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    ua, ub = a / na.clamp_min(1e-12), b / nb.clamp_min(1e-12)
+    cos = (ua * ub).sum(-1, keepdim=True).clamp(-1 + 1e-6, 1 - 1e-6)
+    omega = torch.acos(cos)
+    so = torch.sin(omega)
+    direction = (torch.sin((1 - t) * omega) * ua + torch.sin(t * omega) * ub) / so
+    linear = ua * (1 - t) + ub * t  # nearly parallel vectors: slerp degenerates to lerp
+    direction = torch.where(omega < 1e-4, linear, direction)
+    return direction * (na * (1 - t) + nb * t)
+
+
+def _bislerp_axis(x: Tensor, new: int, dim: int) -> Tensor:
+    """Slerp resampling of x [B, C, H, W] along `dim` (2 or 3) to `new` samples, half-pixel centres."""
+    old = x.shape[dim]
+    pos = ((torch.arange(new, dtype=torch.float32, device=x.device) + 0.5) * old / new - 0.5).clamp(0, old - 1)
+    low = pos.floor().long()
+    high = (low + 1).clamp(max=old - 1)
+    t = (pos - low).to(x.dtype)
+    moved = x.movedim(1, -1)  # channels last
+    a, b = moved.index_select(dim - 1, low), moved.index_select(dim - 1, high)
+    shape = [1] * moved.ndim
+    shape[dim - 1] = new
+    return _slerp(a, b, t.reshape(shape)).movedim(-1, 1)
+
+
+def _bislerp(x: Tensor, size: tuple[int, int]) -> Tensor:
+    return _bislerp_axis(_bislerp_axis(x.float(), size[0], 2), size[1], 3).to(x.dtype)
+
+
+def deep_shrink_patches(block_number: int, factor: float, sigma_start: float, sigma_end: float,
+                        sigma_of: Callable[[Tensor], Tensor], after_skip: bool = True,
+                        downscale_method: str = "bicubic", upscale_method: str = "bicubic") -> UNetPatches:
+    """Kohya's deep shrink: while sigma_end <= sigma <= sigma_start, the hidden state after input block
+    `block_number` is resized by 1 / `factor` (so the deep blocks see a small image, whose composition they
+    learnt, and the outer blocks add the detail of the large one); an output block whose backbone then
+    differs in size from its skip resizes the backbone to the skip's size. `sigma_of(timesteps)` is the
+    model's timestep -> sigma map. With `after_skip` the full-size hidden state is kept as the skip."""
+    for method in (downscale_method, upscale_method):
+        if method not in RESIZE_METHODS:
+            raise ValueError(f"unknown resize method {method!r}; expected one of {RESIZE_METHODS}")
+    if factor <= 0:
+        raise ValueError(f"deep shrink downscale_factor must be > 0, got {factor}")
+
+    def down(h: Tensor, site: Site) -> Tensor:
+        if site.block != ("input", block_number):
+            return h
+        sigma = float(sigma_of(site.timesteps.reshape(-1)[:1].float().cpu()))
+        if not sigma_end <= sigma <= sigma_start:
+            return h
+        size = (max(1, round(h.shape[-2] / factor)), max(1, round(h.shape[-1] / factor)))
+        return resize(h, size, downscale_method)
+
+    def up(h: Tensor, skip: Tensor, site: Site) -> tuple[Tensor, Tensor]:
+        if h.shape[-2:] != skip.shape[-2:]:
+            h = resize(h, tuple(skip.shape[-2:]), upscale_method)
+        return h, skip
+
+    if after_skip:
+        return UNetPatches(input_block_after_skip=(down,), output_block=(up,))
+    return UNetPatches(input_block=(down,), output_block=(up,))
+
+
+def tokens_at_depth(latent_shape: tuple[int, ...], size: tuple[int, int], max_depth: int) -> int | None:
+    """The depth d <= max_depth (0 = full latent resolution) at which a feature map of `size` sits, from its
+    token count h*w == (H / 2^d)(W / 2^d); None for deeper maps."""
+    full = latent_shape[-2] * latent_shape[-1]
+    for d in range(max_depth + 1):
+        if math.isclose(size[0] * size[1], full / 4**d):
+            return d
+    return None

@@ -1,0 +1,139 @@
+"""Model patches: nodes that take a MODEL and return a patched clone (the input MODEL is left as it was).
+
+Each is a thin declaration over diffusion/: guidance rules (guidance_patches.py) go on the clone's guidance
+hooks, UNet hooks (unet_patches.py, attention_patches.py) on its UNet patches, and ModelSamplingDiscrete
+swaps its ModelSampling. Patches on one model compose in the order the nodes apply them.
+"""
+
+from __future__ import annotations
+
+from diffusion.guidance_patches import cfg_zero_star_hooks, perp_neg_hooks, rescale_cfg_hooks
+from diffusion.model_sampling import PREDICTION_TYPES, discrete_model_sampling
+from diffusion.models import DiffusionModel
+from diffusion.unet_patches import RESIZE_METHODS, deep_shrink_patches, freeu_patches
+from graph.node import Boolean, Combo, Float, Int, Node, Output, Socket
+from graph.types import CONDITIONING, GUIDER, MODEL
+from nodes.sampling import cfg_input
+from nodes.sampling_custom import Guider
+
+_MODEL_OUT = [Output(MODEL)]
+
+
+class ModelSamplingDiscrete(Node):
+    category = "advanced/model"
+    python_module = "comfy_extras.nodes_model_advanced"
+    description = ("Samples the model as another prediction type (eps, v, LCM, x0), optionally on a zero-terminal-SNR "
+                   "schedule.")
+    inputs = [Socket("model", MODEL), Combo("sampling", list(PREDICTION_TYPES)), Boolean("zsnr", default=False)]
+    outputs = _MODEL_OUT
+
+    def execute(self, model: DiffusionModel, sampling: str, zsnr: bool):
+        return (model.with_model_sampling(discrete_model_sampling(sampling, zsnr)),)
+
+
+class RescaleCFG(Node):
+    category = "advanced/model"
+    python_module = "comfy_extras.nodes_model_advanced"
+    description = "Rescales the guided prediction's spread to the positive prediction's (Lin et al. 2023)."
+    inputs = [Socket("model", MODEL), Float("multiplier", default=0.7, min=0.0, max=1.0, step=0.01)]
+    outputs = _MODEL_OUT
+
+    def execute(self, model: DiffusionModel, multiplier: float):
+        return (model.with_guidance_hooks(rescale_cfg_hooks(multiplier)),)
+
+
+class CFGZeroStar(Node):
+    category = "advanced/guidance"
+    python_module = "comfy_extras.nodes_cfg"
+    description = "Scales the negative prediction by its least-squares fit to the positive before guidance (CFG-Zero*)."
+    inputs = [Socket("model", MODEL)]
+    outputs = [Output(MODEL, "patched_model")]
+
+    def execute(self, model: DiffusionModel):
+        return (model.with_guidance_hooks(cfg_zero_star_hooks()),)
+
+
+class PerpNeg(Node):
+    display_name = "Perp-Neg (DEPRECATED by PerpNegGuider)"
+    category = "_for_testing"
+    python_module = "comfy_extras.nodes_perpneg"
+    deprecated = True
+    experimental = True
+    inputs = [Socket("model", MODEL), Socket("empty_conditioning", CONDITIONING),
+              Float("neg_scale", default=1.0, min=0.0, max=100.0, step=0.01)]
+    outputs = _MODEL_OUT
+
+    def execute(self, model: DiffusionModel, empty_conditioning, neg_scale: float):
+        return (model.with_guidance_hooks(perp_neg_hooks(empty_conditioning, neg_scale)),)
+
+
+class PerpNegGuider(Node):
+    category = "_for_testing"
+    python_module = "comfy_extras.nodes_perpneg"
+    experimental = True
+    inputs = [Socket("model", MODEL), Socket("positive", CONDITIONING), Socket("negative", CONDITIONING),
+              Socket("empty_conditioning", CONDITIONING), cfg_input(),
+              Float("neg_scale", default=1.0, min=0.0, max=100.0, step=0.01)]
+    outputs = [Output(GUIDER)]
+
+    def execute(self, model: DiffusionModel, positive, negative, empty_conditioning, cfg: float, neg_scale: float):
+        patched = model.with_guidance_hooks(perp_neg_hooks(empty_conditioning, neg_scale))
+        return (Guider(patched, positive, negative, cfg),)
+
+
+def _freeu_inputs(b1: float, b2: float) -> list:
+    return [Socket("model", MODEL), Float("b1", default=b1, min=0.0, max=10.0, step=0.01),
+            Float("b2", default=b2, min=0.0, max=10.0, step=0.01),
+            Float("s1", default=0.9, min=0.0, max=10.0, step=0.01),
+            Float("s2", default=0.2, min=0.0, max=10.0, step=0.01)]
+
+
+class FreeU(Node):
+    category = "model_patches/unet"
+    python_module = "comfy_extras.nodes_freelunch"
+    description = "Amplifies the decoder's backbone features and damps the skips' low frequencies (FreeU)."
+    inputs = _freeu_inputs(1.1, 1.2)
+    outputs = _MODEL_OUT
+
+    def execute(self, model: DiffusionModel, b1: float, b2: float, s1: float, s2: float):
+        channels = model.family.unet.model_channels
+        return (model.with_unet_patches(freeu_patches(channels, b1, b2, s1, s2)),)
+
+
+class FreeU_V2(Node):
+    category = "model_patches/unet"
+    python_module = "comfy_extras.nodes_freelunch"
+    description = "FreeU with the backbone scaled by its normalised channel mean (the paper's second form)."
+    inputs = _freeu_inputs(1.3, 1.4)
+    outputs = _MODEL_OUT
+
+    def execute(self, model: DiffusionModel, b1: float, b2: float, s1: float, s2: float):
+        channels = model.family.unet.model_channels
+        return (model.with_unet_patches(freeu_patches(channels, b1, b2, s1, s2, v2=True)),)
+
+
+class PatchModelAddDownscale(Node):
+    display_name = "PatchModelAddDownscale (Kohya Deep Shrink)"
+    category = "model_patches/unet"
+    python_module = "comfy_extras.nodes_model_downscale"
+    description = ("Shrinks the hidden state after an input block for the early steps, so large images keep a "
+                   "coherent layout.")
+    inputs = [Socket("model", MODEL), Int("block_number", default=3, min=1, max=32, step=1),
+              Float("downscale_factor", default=2.0, min=0.1, max=9.0, step=0.001),
+              Float("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
+              Float("end_percent", default=0.35, min=0.0, max=1.0, step=0.001),
+              Boolean("downscale_after_skip", default=True),
+              Combo("downscale_method", list(RESIZE_METHODS)), Combo("upscale_method", list(RESIZE_METHODS))]
+    outputs = _MODEL_OUT
+
+    def execute(self, model: DiffusionModel, block_number: int, downscale_factor: float, start_percent: float,
+                end_percent: float, downscale_after_skip: bool, downscale_method: str, upscale_method: str):
+        ms = model.model_sampling
+        patches = deep_shrink_patches(block_number, downscale_factor, ms.percent_to_sigma(start_percent),
+                                      ms.percent_to_sigma(end_percent), ms.sigma, downscale_after_skip,
+                                      downscale_method, upscale_method)
+        return (model.with_unet_patches(patches),)
+
+
+NODE_CLASSES = [ModelSamplingDiscrete, RescaleCFG, CFGZeroStar, PerpNeg, PerpNegGuider, FreeU, FreeU_V2,
+                PatchModelAddDownscale]

@@ -1,0 +1,209 @@
+"""Model patches' math against hand-computed expectations on small tensors, and the UNet patch mechanism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffusion.guidance import GuidanceStep
+from diffusion.guidance_patches import cfg_zero_star, optimized_scale, perp_neg, rescale_cfg
+from diffusion.model_sampling import DistilledModelSampling, discrete_model_sampling
+from diffusion.schedules import DiscreteSchedule
+from diffusion.unet import UNetConfig
+from diffusion.unet_patches import (
+    Site,
+    UNetPatches,
+    deep_shrink_patches,
+    fourier_low_pass_scale,
+    freeu_patches,
+    resize,
+)
+from tests.diffusion.tiny_models import TINY_SD1, tiny_unet, unet_inputs
+
+
+def _step(cond, uncond, x, sigma, scale):
+    cfg = uncond + (cond - uncond) * scale
+    return GuidanceStep(cond, uncond, scale, x, torch.tensor([sigma]), cfg, None)
+
+
+def test_rescale_cfg_in_v_space():
+    gen = torch.Generator().manual_seed(0)
+    x, cond, uncond = (torch.randn(1, 4, 3, 3, generator=gen) for _ in range(3))
+    sigma, w, phi = 2.0, 7.0, 0.7
+    # v = alpha eps - sigma_vp x0 with alpha = 1/sqrt(1+s^2), sigma_vp = s/sqrt(1+s^2), eps = (x - x0)/s
+    alpha, s_vp = 1 / math.sqrt(1 + sigma**2), sigma / math.sqrt(1 + sigma**2)
+
+    def v_of(d):
+        return alpha * (x - d) / sigma - s_vp * d
+
+    v_c, v_u = v_of(cond), v_of(uncond)
+    v_cfg = v_u + w * (v_c - v_u)
+    v_final = phi * v_cfg * v_c.std() / v_cfg.std() + (1 - phi) * v_cfg
+    expected = alpha * (x * alpha) - s_vp * v_final  # x0 = alpha x_vp - sigma_vp v, x_vp = alpha x
+    got = rescale_cfg(_step(cond, uncond, x, sigma, w), phi)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # multiplier 0 is plain CFG
+    torch.testing.assert_close(rescale_cfg(_step(cond, uncond, x, sigma, w), 0.0),
+                               uncond + w * (cond - uncond), rtol=1e-5, atol=1e-5)
+
+
+def test_cfg_zero_star_scale_and_result():
+    cond = torch.tensor([[1.0, 0.0]])
+    uncond = torch.tensor([[1.0, 1.0]])
+    x = torch.zeros(1, 2)
+    # noise predictions x - D: p = (-1, 0), n = (-1, -1): s* = 1 / 2
+    assert optimized_scale(x - cond, x - uncond).item() == pytest.approx(0.5, abs=1e-6)
+    got = cfg_zero_star(_step(cond, uncond, x, 1.0, 2.0))
+    # s* D_u + w (D_c - s* D_u) = (0.5, 0.5) + 2 ((1, 0) - (0.5, 0.5)) = (1.5, -0.5)
+    torch.testing.assert_close(got, torch.tensor([[1.5, -0.5]]), rtol=0, atol=1e-6)
+    # per sample: a second entry with uncond = cond has s* = 1 and gives plain CFG (= cond)
+    both = cfg_zero_star(_step(torch.cat([cond, cond]), torch.cat([uncond, cond]), torch.zeros(2, 2), 1.0, 2.0))
+    torch.testing.assert_close(both[1], cond[0], rtol=0, atol=1e-6)
+
+
+def test_perp_neg_removes_only_the_perpendicular_part():
+    nocond = torch.zeros(1, 2)
+    cond, uncond = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])
+    # pos = (1, 0), neg = (1, 1): perp = (0, 1); D = 2 ((1, 0) - 1 * (0, 1)) = (2, -2)
+    torch.testing.assert_close(perp_neg(cond, uncond, nocond, 2.0, 1.0), torch.tensor([[2.0, -2.0]]))
+    # a negative parallel to the positive is ignored entirely
+    torch.testing.assert_close(perp_neg(cond, 3 * cond, nocond, 2.0, 5.0), 2 * cond)
+
+
+def test_fourier_filter_scales_only_the_lowest_frequencies():
+    h = w = 8
+    constant = torch.full((1, 1, h, w), 3.0)
+    checker = (torch.arange(h)[:, None] + torch.arange(w)[None, :]).remainder(2).float()[None, None] * 2 - 1
+    out = fourier_low_pass_scale(constant + checker, 0.25)
+    # the constant is the zero frequency (scaled); the checkerboard is the Nyquist frequency (kept)
+    torch.testing.assert_close(out, 0.75 + checker, rtol=0, atol=1e-5)
+    # the window is 2x2 from the centre after fftshift: frequencies 0 and -1 on each axis, not +1; so of
+    # cos = (e^{iwx} + e^{-iwx}) / 2 only the e^{-iwx} half is scaled, and the real part is (1 + s) / 2 cos
+    wave = torch.cos(2 * math.pi * torch.arange(w) / w).expand(1, 1, h, w)
+    torch.testing.assert_close(fourier_low_pass_scale(wave, 0.5), 0.75 * wave, rtol=0, atol=1e-5)
+
+
+def test_freeu_scales_half_the_backbone_and_filters_the_skip():
+    patches = freeu_patches(model_channels=8, b1=2.0, b2=3.0, s1=1.0, s2=0.0)
+    site = Site(("output", 0), (1, 4, 8, 8), torch.tensor([1.0]))
+    h, skip = torch.ones(1, 32, 4, 4), torch.ones(1, 32, 4, 4)  # 4 * 8 channels: b1, s1
+    h2, skip2 = patches.run_output(h, skip, site)
+    assert torch.equal(h2[:, :16], torch.full((1, 16, 4, 4), 2.0)) and torch.equal(h2[:, 16:], h[:, 16:])
+    torch.testing.assert_close(skip2, skip)  # s1 = 1 keeps the skip
+    h3, skip3 = patches.run_output(torch.ones(1, 16, 4, 4), torch.ones(1, 16, 4, 4), site)  # 2 * 8: b2, s2
+    assert torch.equal(h3[:, :8], torch.full((1, 8, 4, 4), 3.0))
+    torch.testing.assert_close(skip3, torch.zeros_like(skip3), rtol=0, atol=1e-6)  # a constant is all DC
+    other = torch.ones(1, 24, 4, 4)
+    assert patches.run_output(other, other, site)[0] is other  # other widths untouched
+
+
+def test_freeu_v2_scales_by_the_normalised_mean():
+    patches = freeu_patches(model_channels=1, b1=3.0, b2=1.0, s1=1.0, s2=1.0, v2=True)
+    h = torch.zeros(1, 4, 1, 2)
+    h[0, :, 0, 1] = 1.0  # channel mean 0 at pixel 0 (factor 1), 1 at pixel 1 (factor 3)
+    out, _ = patches.run_output(h, torch.zeros(1, 4, 1, 2), Site(("output", 0), (1, 4, 1, 2), torch.zeros(1)))
+    assert out[0, :2, 0].tolist() == [[0.0, 3.0], [0.0, 3.0]] and out[0, 2:, 0].tolist() == [[0.0, 1.0]] * 2
+
+
+def _record_shapes(patches: UNetPatches, shapes: list) -> UNetPatches:
+    def record(h, site):
+        shapes.append((site.block[1], tuple(h.shape[-2:])))
+        return h
+
+    return patches.merged(UNetPatches(input_block_after_skip=(record,)))
+
+
+def test_deep_shrink_shapes_and_sigma_window():
+    config = UNetConfig.sd1(model_channels=16, channel_mult=(1, 2, 2), transformer_depth=(1, 1, 0), num_heads=2,
+                            context_dim=32, norm_groups=8, num_res_blocks=1)
+    unet = tiny_unet(config)
+    gen = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 4, 16, 16, generator=gen), torch.randn(1, 5, 32, generator=gen)
+    sigma_of = DiscreteSchedule.from_config().t_to_sigma
+    shrink = deep_shrink_patches(2, 2.0, sigma_start=float(sigma_of(torch.tensor(900.0))),
+                                 sigma_end=float(sigma_of(torch.tensor(500.0))), sigma_of=sigma_of)
+    with torch.no_grad():
+        plain = unet(x, torch.tensor([700.0]), context)
+        shapes: list = []
+        inside = unet(x, torch.tensor([700.0]), context, patches=_record_shapes(shrink, shapes))
+        outside = unet(x, torch.tensor([200.0]), context, patches=shrink)
+    # input block 2 (the first downsample) gives 8x8, shrunk to 4x4; the next blocks stay small
+    assert dict(shapes)[1] == (16, 16) and dict(shapes)[2] == (4, 4) and dict(shapes)[4] == (2, 2)
+    assert inside.shape == plain.shape and not torch.allclose(inside, plain, atol=1e-4)
+    torch.testing.assert_close(outside, unet(x, torch.tensor([200.0]), context))
+
+
+def test_resize_methods_and_bislerp():
+    x = torch.randn(1, 3, 4, 6, generator=torch.Generator().manual_seed(1))
+    for method in ("bicubic", "nearest-exact", "bilinear", "area", "bislerp"):
+        assert resize(x, (2, 3), method).shape == (1, 3, 2, 3)
+    # bislerp keeps channel directions: halfway between orthogonal unit vectors is a unit vector at 45 degrees
+    pair = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # [1, C=2, 1, 2]
+    mid = resize(pair, (1, 3), "bislerp")[0, :, 0, 1]
+    torch.testing.assert_close(mid, torch.tensor([math.sqrt(0.5)] * 2), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown resize method 'cubic'"):
+        resize(x, (2, 2), "cubic")
+
+
+def test_patches_compose_and_an_empty_bundle_is_the_plain_unet():
+    unet = tiny_unet(TINY_SD1)
+    x, t, context = unet_inputs(TINY_SD1)
+    a = freeu_patches(TINY_SD1.model_channels, 1.5, 1.5, 0.5, 0.5)
+    calls = []
+
+    def count(h, skip, site):
+        calls.append(site.block)
+        return h, skip
+
+    both = a.merged(UNetPatches(output_block=(count,)))
+    with torch.no_grad():
+        plain = unet(x, t, context)
+        assert torch.equal(unet(x, t, context, patches=UNetPatches()), plain)
+        only_a = unet(x, t, context, patches=a)
+        composed = unet(x, t, context, patches=both)
+    assert not torch.allclose(only_a, plain) and torch.equal(composed, only_a)
+    assert len(calls) == len(unet.output_blocks) and a.output_block != both.output_block
+
+
+def test_model_sampling_discrete_predictions():
+    x, out, sigma = torch.full((1, 1, 1, 1), 2.0), torch.full((1, 1, 1, 1), 0.5), torch.tensor([3.0])
+    assert discrete_model_sampling("x0").calculate_denoised(sigma, out, x).item() == 0.5
+    eps = discrete_model_sampling("eps")
+    assert eps.calculate_denoised(sigma, out, x).item() == pytest.approx(2.0 - 3 * 0.5)
+    assert eps.calculate_input(sigma, x).item() == pytest.approx(2 / math.sqrt(10))
+    img = discrete_model_sampling("img_to_img")
+    assert img.calculate_input(sigma, x).item() == 2.0 and img.calculate_denoised(sigma, out, x).item() == 0.5
+    v = discrete_model_sampling("v_prediction")
+    assert v.calculate_denoised(sigma, out, x).item() == pytest.approx(2 / 10 - 0.5 * 3 / math.sqrt(10))
+    with pytest.raises(ValueError, match="unknown sampling 'epsilon'"):
+        discrete_model_sampling("epsilon")
+
+
+def test_lcm_is_distilled_to_50_levels_with_its_boundary_condition():
+    lcm = discrete_model_sampling("lcm")
+    assert isinstance(lcm, DistilledModelSampling) and len(lcm.schedule) == 50
+    full = DiscreteSchedule.from_config()
+    torch.testing.assert_close(lcm.schedule.sigmas, full.sigmas[19::20])
+    assert lcm.timestep(full.sigmas[999:]).tolist() == [999.0]
+    assert lcm.timestep(full.sigmas[[0, 19, 500]]).tolist() == [19.0, 19.0, 499.0]
+    sigma = full.sigmas[499:500]
+    x, out = torch.full((1, 1, 1, 1), 1.0), torch.full((1, 1, 1, 1), 0.2)
+    t = 4990.0  # timestep 499 scaled by 10
+    c_skip, c_out = 0.25 / (t**2 + 0.25), t / math.sqrt(t**2 + 0.25)
+    expected = c_out * (1.0 - float(sigma) * 0.2) + c_skip * 1.0
+    assert lcm.calculate_denoised(sigma, out, x).item() == pytest.approx(expected, rel=1e-6)
+    assert lcm.percent_to_sigma(0.0) == math.inf and lcm.percent_to_sigma(1.0) == 0.0
+    assert lcm.percent_to_sigma(0.5) == pytest.approx(float(full.t_to_sigma(torch.tensor(499.5))), rel=0.1)
+
+
+def test_zsnr_rescales_the_schedule_to_pure_noise_at_the_end():
+    plain, zsnr = discrete_model_sampling("eps"), discrete_model_sampling("eps", zsnr=True)
+    assert plain.sigma_max == pytest.approx(14.6146, rel=1e-4)
+    assert zsnr.sigma_max > 4000 and zsnr.sigma_min == pytest.approx(plain.sigma_min, rel=1e-5)
+    root = zsnr.schedule.alphas_cumprod.sqrt()
+    # sqrt(abar) is shifted and scaled linearly: its differences are the original's times one factor
+    orig = plain.schedule.alphas_cumprod.sqrt()
+    ratio = (root[1:-1] - root[:-2]) / (orig[1:-1] - orig[:-2])
+    torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), rtol=1e-6, atol=0)
