@@ -107,12 +107,13 @@ class LatentRotate(Node):
                            lambda m, _: rotate_clockwise(m, turns, 2)),)
 
 
-def fit_latent(target: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+def fit_latent(target: torch.Tensor, latent: torch.Tensor, node: str) -> torch.Tensor:
     """`latent` made the shape of `target` for element-wise arithmetic: scaled (bilinear, centre crop to the aspect
     ratio) to its height and width, then its batch cut or cycled to the target's batch size."""
     if latent.shape[1:] != target.shape[1:]:
         if latent.shape[1] != target.shape[1]:
-            raise ValueError(f"latents with {target.shape[1]} and {latent.shape[1]} channels cannot be combined")
+            raise ValueError(f"{node}: samples1 has {target.shape[1]} channels and samples2 {latent.shape[1]}; latents "
+                             f"of different models cannot be combined")
         latent = resize(latent, target.shape[3], target.shape[2], "bilinear", "center")
     batch = target.shape[0]
     if latent.shape[0] < batch:
@@ -131,7 +132,7 @@ class LatentAdd(Node):
 
     def execute(self, samples1, samples2):
         a = samples1["samples"]
-        return (_with_mask(samples1, a + fit_latent(a, samples2["samples"])),)
+        return (_with_mask(samples1, a + fit_latent(a, samples2["samples"], "LatentAdd")),)
 
 
 class LatentSubtract(Node):
@@ -145,7 +146,7 @@ class LatentSubtract(Node):
 
     def execute(self, samples1, samples2):
         a = samples1["samples"]
-        return (_with_mask(samples1, a - fit_latent(a, samples2["samples"])),)
+        return (_with_mask(samples1, a - fit_latent(a, samples2["samples"], "LatentSubtract")),)
 
 
 class LatentMultiply(Node):

@@ -63,7 +63,7 @@ def test_add_subtract_multiply():
     assert torch.equal(LatentMultiply().execute(s1, -0.5)[0]["samples"], a * -0.5)
     # another size is scaled to samples1's (a constant stays that constant)
     assert torch.allclose(LatentAdd().execute(s1, {"samples": torch.full((3, 4, 5, 7), 2.0)})[0]["samples"], a + 2)
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(ValueError, match="LatentAdd: samples1 has 4 channels and samples2 16"):
         LatentAdd().execute(s1, {"samples": torch.zeros(1, 16, 2, 2)})
 
 
