@@ -16,6 +16,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "nodes.sampling_custom", "nodes.image", "nodes.image_io", "nodes.mask", "nodes.utility", "nodes.animation",
     "nodes.training", "nodes.model_patches",
     "nodes.image_ops", "nodes.image_filters", "nodes.compositing", "nodes.latent_ops", "nodes.strings",
+    "nodes.schedulers", "nodes.samplers_custom",
 )
 
 

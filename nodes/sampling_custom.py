@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from diffusion.guidance import Conditioning
+from diffusion.guidance_dual import DUAL_CFG_STYLES, DualCFGGuider
 from diffusion.models import DiffusionModel
-from diffusion.sampling import ksampler_sigmas
-from diffusion.schedules import exponential_sigmas, karras_sigmas
+from diffusion.schedules_extra import sigma_span
 from graph.memory_estimate import MemoryEstimate
-from graph.node import Boolean, Float, Int, Node, Output, Socket
+from graph.node import Boolean, Combo, Float, Node, Output, Socket
 from graph.types import CONDITIONING, GUIDER, LATENT, MODEL, NOISE, SAMPLER, SIGMAS
 from nodes.estimates import sampler_estimate
 from nodes.sampling import (
@@ -23,7 +23,6 @@ from nodes.sampling import (
     make_noise,
     run_sampler,
     sampler_input,
-    scheduler_input,
     seed_input,
 )
 
@@ -72,6 +71,33 @@ class Guider:
                            sampler_options=dict(sampler.options))
 
 
+@dataclass
+class DualGuider:
+    """GUIDER of DualCFGGuider: two positive conditionings and a negative with two scales
+    (diffusion.guidance_dual)."""
+
+    model: DiffusionModel
+    cond1: Conditioning
+    cond2: Conditioning
+    negative: Conditioning
+    cfg_conds: float
+    cfg_cond2_negative: float
+    style: str
+
+    def sample(self, context: Any, noise: RandomNoiseSource | NoNoise, sampler: SamplerChoice,
+               sigmas: torch.Tensor, latent: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        model = self.model
+
+        def make_guider(denoiser: Any) -> DualCFGGuider:
+            return DualCFGGuider(denoiser, model.model_sampling, self.cond1, self.cond2, self.negative,
+                                 self.cfg_conds, self.cfg_cond2_negative, self.style, extra_cond=model.extra_cond,
+                                 hooks=model.guidance_hooks)
+
+        return run_sampler(context, model, self.cond1, self.negative, self.cfg_conds, sampler.name, sigmas, latent,
+                           noise.generate(latent), noise.seed, add_noise=not isinstance(noise, NoNoise),
+                           sampler_options=dict(sampler.options), make_guider=make_guider)
+
+
 class KSamplerSelect(Node):
     category = "sampling/custom_sampling/samplers"
     inputs = [sampler_input()]
@@ -79,50 +105,6 @@ class KSamplerSelect(Node):
 
     def execute(self, sampler_name):
         return (SamplerChoice(sampler_name),)
-
-
-class BasicScheduler(Node):
-    category = "sampling/custom_sampling/schedulers"
-    inputs = [Socket("model", MODEL), scheduler_input(), Int("steps", default=20, min=1, max=10000),
-              Float("denoise", default=1.0, min=0.0, max=1.0, step=0.01)]
-    outputs = [Output(SIGMAS)]
-
-    def execute(self, model, scheduler, steps, denoise):
-        return (ksampler_sigmas(model.model_sampling.schedule, scheduler, steps, denoise),)
-
-
-def _sigma_inputs() -> list[Float]:
-    return [Float("sigma_max", default=14.614642, min=0.0, max=5000.0, step=0.01, round=False),
-            Float("sigma_min", default=0.0291675, min=0.0, max=5000.0, step=0.01, round=False)]
-
-
-class KarrasScheduler(Node):
-    category = "sampling/custom_sampling/schedulers"
-    inputs = [Int("steps", default=20, min=1, max=10000), *_sigma_inputs(),
-              Float("rho", default=7.0, min=0.0, max=100.0, step=0.01, round=False)]
-    outputs = [Output(SIGMAS)]
-
-    def execute(self, steps, sigma_max, sigma_min, rho):
-        return (karras_sigmas(steps, sigma_min, sigma_max, rho),)
-
-
-class ExponentialScheduler(Node):
-    category = "sampling/custom_sampling/schedulers"
-    inputs = [Int("steps", default=20, min=1, max=10000), *_sigma_inputs()]
-    outputs = [Output(SIGMAS)]
-
-    def execute(self, steps, sigma_max, sigma_min):
-        return (exponential_sigmas(steps, sigma_min, sigma_max),)
-
-
-class SplitSigmas(Node):
-    category = "sampling/custom_sampling/sigmas"
-    description = "Splits a schedule at a step: the high sigmas run first, the low ones continue from there."
-    inputs = [Socket("sigmas", SIGMAS), Int("step", default=0, min=0, max=10000)]
-    outputs = [Output(SIGMAS, "high_sigmas"), Output(SIGMAS, "low_sigmas")]
-
-    def execute(self, sigmas, step):
-        return (sigmas[: step + 1], sigmas[step:])
 
 
 class RandomNoise(Node):
@@ -141,6 +123,25 @@ class DisableNoise(Node):
 
     def execute(self):
         return (NoNoise(),)
+
+
+class AddNoise(Node):
+    category = "_for_testing/custom_sampling/noise"
+    description = ("Adds noise to a latent at the noise level the sigmas span (first minus last), e.g. to "
+                   "continue a schedule split with SplitSigmas from an unnoised latent.")
+    inputs = [Socket("model", MODEL), Socket("noise", NOISE), Socket("sigmas", SIGMAS), Socket("latent_image", LATENT)]
+    outputs = [Output(LATENT)]
+
+    def execute(self, model, noise, sigmas, latent_image):
+        if len(sigmas) == 0:
+            return (latent_image,)
+        samples = latent_image["samples"].float()
+        scale = model.latent_scale
+        x = samples * scale if torch.count_nonzero(samples) > 0 else samples  # an empty latent stays 0
+        noisy = model.model_sampling.noise_scaling(sigma_span(sigmas), noise.generate(latent_image), x) / scale
+        out = dict(latent_image)
+        out["samples"] = torch.nan_to_num(noisy, nan=0.0, posinf=0.0, neginf=0.0)
+        return (out,)
 
 
 class CFGGuider(Node):
@@ -169,6 +170,31 @@ class BasicGuider(Node):
 
     def execute(self, model, conditioning):
         return (Guider(model, conditioning, [], 1.0),)
+
+
+def _scale(name: str) -> Float:
+    return Float(name, default=8.0, min=0.0, max=100.0, step=0.1, round=0.01)
+
+
+class DualCFGGuiderNode(Node):
+    node_type = "DualCFGGuider"
+    category = "sampling/custom_sampling/guiders"
+    description = ("Guidance by two conditionings and a negative: cond1 against cond2 at cfg_conds, cond2 against "
+                   "the negative at cfg_cond2_negative, added (regular) or applied one inside the other (nested).")
+    inputs = [Socket("model", MODEL), Socket("cond1", CONDITIONING), Socket("cond2", CONDITIONING),
+              Socket("negative", CONDITIONING), _scale("cfg_conds"), _scale("cfg_cond2_negative"),
+              Combo("style", DUAL_CFG_STYLES)]
+    outputs = [Output(GUIDER)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        """Up to three UNet batch entries per latent (cond1, cond2, negative)."""
+        return MemoryEstimate(outputs=({"batch_factor": 3, "model": shapes.get("model")},))
+
+    def execute(self, model, cond1, cond2, negative, cfg_conds, cfg_cond2_negative, style):
+        if style not in DUAL_CFG_STYLES:
+            raise ValueError(f"DualCFGGuider: style must be one of {DUAL_CFG_STYLES}, got {style!r}")
+        return (DualGuider(model, cond1, cond2, negative, cfg_conds, cfg_cond2_negative, style),)
 
 
 _LATENT_OUTPUTS = [Output(LATENT, "output"), Output(LATENT, "denoised_output")]
@@ -213,5 +239,5 @@ class SamplerCustomAdvanced(Node):
         return guider.sample(context, noise, sampler, sigmas, latent_image)
 
 
-NODE_CLASSES = [KSamplerSelect, BasicScheduler, KarrasScheduler, ExponentialScheduler, SplitSigmas, RandomNoise,
-                DisableNoise, CFGGuider, BasicGuider, SamplerCustom, SamplerCustomAdvanced]
+NODE_CLASSES = [KSamplerSelect, RandomNoise, DisableNoise, AddNoise, CFGGuider, BasicGuider, DualCFGGuiderNode,
+                SamplerCustom, SamplerCustomAdvanced]
