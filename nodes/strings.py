@@ -111,7 +111,7 @@ class StringContains(Node):
 
     def execute(self, string, substring, case_sensitive):
         if not case_sensitive:
-            string, substring = string.casefold(), substring.casefold()
+            string, substring = string.lower(), substring.lower()
         return (substring in string,)
 
 
@@ -124,7 +124,7 @@ class StringCompare(Node):
 
     def execute(self, string_a, string_b, mode, case_sensitive):
         if not case_sensitive:
-            string_a, string_b = string_a.casefold(), string_b.casefold()
+            string_a, string_b = string_a.lower(), string_b.lower()
         if mode == "Starts With":
             return (string_a.startswith(string_b),)
         if mode == "Ends With":
