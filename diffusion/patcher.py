@@ -72,7 +72,23 @@ class WeightDiff:
         return self.diff.to(device, torch.float32)
 
 
-Patch = LoraDelta | WeightDiff
+@dataclass(frozen=True, eq=False)  # patchers: compare by identity
+class ModelWeight:
+    """Another model's weight, carrying that model's own patches, blended in: W' = model_scale · W + strength ·
+    W_other (ComfyUI's merge patches). `model_scale` multiplies the weight as patched so far, so
+    `add_patches({k: ModelWeight(other, k, r)}, 1 - r)` is the interpolation r · W + (1 - r) · W_other.
+    Nothing is copied: the other weight is read (from its module's originals) when this model is patched."""
+
+    source: ModelPatcher
+    key: str
+    shape: tuple[int, ...]
+    model_scale: float = 1.0
+
+    def delta(self, device: torch.device) -> Tensor:
+        return self.source.patched_weight(self.key, device)
+
+
+Patch = LoraDelta | WeightDiff | ModelWeight
 
 
 class _PatchState:
@@ -170,12 +186,38 @@ class ModelPatcher:
             for key, entries in self.patches.items():
                 weight = params[key]
                 state.backup[key] = weight.detach().to(self.offload_device, copy=True)
-                total = weight.float()
-                for strength, patch in entries:
-                    total = total + strength * patch.delta(weight.device).reshape(weight.shape)
-                weight.copy_(total.to(weight.dtype))
+                weight.copy_(self._apply(entries, weight.float()).to(weight.dtype))
             state.token = self.patch_token
         return self.model
+
+    @staticmethod
+    def _apply(entries: list[tuple[float, Patch]], total: Tensor) -> Tensor:
+        for strength, patch in entries:
+            if isinstance(patch, ModelWeight) and patch.model_scale != 1.0:
+                total = total * patch.model_scale
+            total = total + strength * patch.delta(total.device).reshape(total.shape)
+        return total
+
+    def original_weight(self, key: str) -> Tensor:
+        """The module's own (unpatched) parameter `key`, whichever patch set the module carries now."""
+        backup = _patch_state(self.model).backup.get(key)
+        if backup is not None:
+            return backup
+        try:
+            return self.model.get_parameter(key).detach()
+        except AttributeError:
+            raise KeyError(f"{self.name} has no parameter {key!r}") from None
+
+    @torch.no_grad()
+    def patched_weight(self, key: str, device: torch.device | str | None = None) -> Tensor:
+        """Parameter `key` as this patcher's patch set makes it, without patching the module: float32 when
+        patched, else the original tensor (on `device` when given)."""
+        original = self.original_weight(key)
+        device = original.device if device is None else torch.device(device)
+        entries = self.patches.get(key)
+        if not entries:
+            return original.to(device)
+        return self._apply(entries, original.to(device, torch.float32))
 
     def unpatch(self) -> None:
         """Restore the original weights, whichever patch set the module carries."""

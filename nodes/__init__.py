@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 BUILTIN_MODULES: tuple[str, ...] = (
     "nodes.loaders", "nodes.text", "nodes.conditioning", "nodes.latent", "nodes.vae", "nodes.sampling",
     "nodes.sampling_custom", "nodes.image", "nodes.image_io", "nodes.mask", "nodes.utility", "nodes.animation",
-    "nodes.training", "nodes.model_patches",
+    "nodes.training", "nodes.model_patches", "nodes.model_io", "nodes.merging",
     "nodes.image_ops", "nodes.image_filters", "nodes.compositing", "nodes.latent_ops", "nodes.strings",
     "nodes.schedulers", "nodes.samplers_custom",
 )

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 MODEL_FOLDERS = ("checkpoints", "vae", "loras", "embeddings", "text_encoders", "diffusion_models",
-                 "upscale_models", "vae_approx", "configs")
+                 "upscale_models", "vae_approx", "configs", "unet", "clip")
+# ComfyUI's older folder names, still searched after the new ones (its diffusion_models and text_encoders).
+LEGACY_MODEL_FOLDERS = {"diffusion_models": "unet", "text_encoders": "clip"}
 
 
 class UnsafePathError(ValueError):
@@ -276,7 +278,8 @@ class Environment:
     def model_dirs(self, kind: str) -> list[Path]:
         """The folders searched for models of a kind: the data directory's, the configured extra folders,
         then the repository's own (the demo model)."""
-        return [self.models_dir / kind, *self.extra_model_dirs.get(kind, []), bundled_models_dir() / kind]
+        legacy = [self.models_dir / LEGACY_MODEL_FOLDERS[kind]] if kind in LEGACY_MODEL_FOLDERS else []
+        return [self.models_dir / kind, *legacy, *self.extra_model_dirs.get(kind, []), bundled_models_dir() / kind]
 
     def ensure_dirs(self) -> None:
         for path in (self.input_dir, self.output_dir, self.temp_dir, self.custom_nodes_dir):
