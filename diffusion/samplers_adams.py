@@ -23,7 +23,7 @@ import numpy as np
 from torch import Tensor
 
 from .noise import NoiseSampler
-from .samplers_base import Callback, Model, as_floats, call, report, to_d
+from .samplers_base import Callback, Model, as_floats, call, combine, report, to_d
 
 # Gauss–Legendre rule on [-1, 1]. 16 points integrate polynomials up to degree 31 exactly, and smooth
 # non-polynomial integrands (DEIS's warped basis, SA-Solver's exponential weight) to rounding.
@@ -41,14 +41,12 @@ def lagrange_integrals(
     us = mid + half * _GL_NODES
     taus = us if warp is None else warp(us)
     w = _GL_WEIGHTS * half if weight is None else _GL_WEIGHTS * half * weight(us)
-    coeffs = []
-    for j, node_j in enumerate(nodes):
-        basis = np.ones_like(taus)
-        for k, node_k in enumerate(nodes):
-            if k != j:
-                basis = basis * (taus - node_k) / (node_j - node_k)
-        coeffs.append(float(np.dot(w, basis)))
-    return coeffs
+    node = np.asarray(nodes, dtype=np.float64)
+    others = ~np.eye(len(nodes), dtype=bool)
+    # numerator[j, q] = prod over k != j of (tau_q - node_k); denominator[j] = prod over k != j of (node_j - node_k)
+    numerator = np.prod(np.where(others[:, :, None], taus[None, None, :] - node[None, :, None], 1.0), axis=1)
+    denominator = np.prod(np.where(others, node[:, None] - node[None, :], 1.0), axis=1)
+    return ((numerator @ w) / denominator).tolist()
 
 
 def adams_bashforth_coeffs(nodes: list[float], start: float, end: float) -> list[float]:
@@ -72,8 +70,7 @@ def _multistep(
         if sig[i + 1] == 0:
             x = denoised
             continue
-        for c, d in zip(coeffs(sig, i, len(slopes)), slopes, strict=True):
-            x = x + c * d
+        x = combine((1.0, x), *zip(coeffs(sig, i, len(slopes)), slopes, strict=True))
     return x
 
 

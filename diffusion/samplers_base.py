@@ -30,6 +30,16 @@ def call(model: Model, x: Tensor, sigma: float, extra_args: dict | None) -> Tens
     return model(x, x.new_full((x.shape[0],), sigma), **(extra_args or {}))
 
 
+def combine(*terms: tuple[float, Tensor]) -> Tensor:
+    """sum(c * t for c, t in terms) into one fresh tensor, accumulated in place: a step's linear combination
+    in one pass per term instead of two (the per-step arithmetic is what a sampler adds to the model's cost)."""
+    (c0, t0), *rest = terms
+    out = t0 * c0
+    for c, t in rest:
+        out.add_(t, alpha=c)
+    return out
+
+
 def report(callback: Callback, x: Tensor, i: int, sigma: float, sigma_hat: float, denoised: Tensor) -> None:
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})

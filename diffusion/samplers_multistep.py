@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from torch import Tensor
 
 from .noise import NoiseSampler
-from .samplers_base import Callback, Model, as_floats, call, need_noise, report
+from .samplers_base import Callback, Model, as_floats, call, combine, need_noise, report
 
 
 def dpmpp_2m(
@@ -108,11 +107,29 @@ def dpmpp_3m_sde(
     return x
 
 
-def _unipc_weights(rks: list[float], hh: float, variant: str, solve_all: bool) -> tuple[np.ndarray, float]:
+def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting, for the few-unknown systems of UniPC (numpy's solve costs
+    more in call overhead than the arithmetic)."""
+    n = len(rhs)
+    a = [[*row, b] for row, b in zip(matrix, rhs, strict=True)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        a[col], a[pivot] = a[pivot], a[col]
+        for row in range(col + 1, n):
+            f = a[row][col] / a[col][col]
+            for k in range(col, n + 1):
+                a[row][k] -= f * a[col][k]
+    out = [0.0] * n
+    for row in reversed(range(n)):
+        out[row] = (a[row][n] - sum(a[row][k] * out[k] for k in range(row + 1, n))) / a[row][row]
+    return out
+
+
+def _unipc_weights(rks: list[float], hh: float, variant: str, solve_all: bool) -> tuple[list[float], float]:
     """UniPC's rho coefficients (Zhao et al. 2023, eq. 8 system R rho = b) and B(h)."""
     order = len(rks)
     b_h = hh if variant == "bh1" else math.expm1(hh)
-    r_mat = np.array([[r ** (k - 1) for r in rks] for k in range(1, order + 1)])
+    r_mat = [[r ** (k - 1) for r in rks] for k in range(1, order + 1)]
     h_phi_k = math.expm1(hh) / hh - 1
     factorial = 1
     b = []
@@ -120,11 +137,10 @@ def _unipc_weights(rks: list[float], hh: float, variant: str, solve_all: bool) -
         b.append(h_phi_k * factorial / b_h)
         factorial *= k + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
-    b = np.array(b)
     if solve_all:  # corrector: uses the new model output too
-        rhos = np.array([0.5]) if order == 1 else np.linalg.solve(r_mat, b)
+        rhos = [0.5] if order == 1 else _solve(r_mat, b)
     else:  # predictor: order - 1 history terms
-        rhos = np.array([0.5]) if order == 2 else np.linalg.solve(r_mat[:-1, :-1], b[:-1])
+        rhos = [0.5] if order == 2 else _solve([row[:-1] for row in r_mat[:-1]], b[:-1])
     return rhos, b_h
 
 
@@ -133,27 +149,24 @@ def _unipc_update(
     variant: str, model_t: Tensor | None,
 ) -> Tensor:
     """UniP (model_t None) or UniC step from point s0 to point t with data prediction, in the VE form
-    x_t = (sigma_t / sigma_s0) x - expm1(-h) m0 - B(h) * sum(rho_k D_k)."""
+    x_t = (sigma_t / sigma_s0) x - expm1(-h) m0 - B(h) * sum(rho_k D_k), D_k = (m_k - m0) / r_k (and, for UniC,
+    D = model_t - m0 with the last rho); folded into one weight per tensor."""
     h = lam[t] - lam[s0]
     hh = -h
     m0 = outs[s0]
-    rks, diffs = [], []
-    for k in range(1, order):
-        r = (lam[s0 - k] - lam[s0]) / h
-        rks.append(r)
-        diffs.append((outs[s0 - k] - m0) / r)
-    rks.append(1.0)
-    x_t = (sig[t] / sig[s0]) * x - math.expm1(hh) * m0
-    if model_t is None:
-        if order == 1:
-            return x_t
-        rhos, b_h = _unipc_weights(rks, hh, variant, solve_all=False)
-        return x_t - b_h * sum(float(rho) * d for rho, d in zip(rhos, diffs, strict=True))
-    rhos, b_h = _unipc_weights(rks, hh, variant, solve_all=True)
-    correction = float(rhos[-1]) * (model_t - m0)
-    for rho, d in zip(rhos[:-1], diffs, strict=True):
-        correction = correction + float(rho) * d
-    return x_t - b_h * correction
+    rks = [(lam[s0 - k] - lam[s0]) / h for k in range(1, order)]
+    terms = [(sig[t] / sig[s0], x)]
+    c_m0 = -math.expm1(hh)
+    if model_t is None and order == 1:
+        return combine(*terms, (c_m0, m0))
+    rhos, b_h = _unipc_weights([*rks, 1.0], hh, variant, solve_all=model_t is not None)
+    for k, (rho, r) in enumerate(zip(rhos, rks, strict=False), start=1):
+        terms.append((-b_h * rho / r, outs[s0 - k]))
+        c_m0 += b_h * rho / r
+    if model_t is not None:
+        terms.append((-b_h * rhos[-1], model_t))
+        c_m0 += b_h * rhos[-1]
+    return combine(*terms, (c_m0, m0))
 
 
 # ComfyUI's UniPC ends a schedule that reaches 0 at sigma 0.001 instead (a last predictor step, no model call

@@ -31,7 +31,7 @@ from torch import Tensor
 from .model_sampling import ModelSampling
 from .noise import NoiseSampler
 from .samplers_adams import lagrange_integrals
-from .samplers_base import Callback, Model, as_floats, call, need_noise, report
+from .samplers_base import Callback, Model, as_floats, call, combine, need_noise, report
 from .schedules import DiscreteSchedule
 
 
@@ -102,11 +102,8 @@ def _sa_solver(
             x = x_pred
         else:  # re-solve the step sigma_{i-1} -> sigma_i (its tau, its noise) with the output just computed
             b = stochastic_adams_coeffs(lam[i - c + 1 : i + 1][::-1], lam[i - 1], lam[i], tau, simple_order_2, True)
-            x = (sig[i] / sig[i - 1]) * math.exp(-tau * tau * (lam[i] - lam[i - 1])) * x
-            for weight, d in zip(b, history, strict=False):
-                x = x + weight * d
-            if noise is not None:
-                x = x + noise
+            decay = (sig[i] / sig[i - 1]) * math.exp(-tau * tau * (lam[i] - lam[i - 1]))
+            x = combine((decay, x), *zip(b, history[:c], strict=True), *([(1.0, noise)] if noise is not None else []))
             if pece:
                 denoised = call(model, x, sig[i], extra_args)
                 history[0] = denoised
@@ -116,14 +113,12 @@ def _sa_solver(
         tau = eta if end <= sig[i + 1] <= start else 0.0
         h = lam[i + 1] - lam[i]
         b = stochastic_adams_coeffs(lam[i - p + 1 : i + 1][::-1], lam[i], lam[i + 1], tau, simple_order_2)
-        x_pred = (sig[i + 1] / sig[i]) * math.exp(-tau * tau * h) * x
-        for weight, d in zip(b, history, strict=False):
-            x_pred = x_pred + weight * d
+        x_pred = combine(((sig[i + 1] / sig[i]) * math.exp(-tau * tau * h), x), *zip(b, history[:p], strict=True))
         noise = None
         if tau > 0 and s_noise > 0:
             unit = need_noise(noise_sampler, name)(sig[i], sig[i + 1])
             noise = unit * (sig[i + 1] * math.sqrt(-math.expm1(-2 * tau * tau * h)) * s_noise)
-            x_pred = x_pred + noise
+            x_pred.add_(noise)
     return x_pred  # a schedule that stops above 0: the state at its last sigma
 
 

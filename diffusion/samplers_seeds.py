@@ -26,7 +26,7 @@ import math
 from torch import Tensor
 
 from .noise import NoiseSampler
-from .samplers_base import Callback, Model, as_floats, call, need_noise, report
+from .samplers_base import Callback, Model, as_floats, call, combine, need_noise, report
 
 
 def _noise_weights(eta: float, h: float, cuts: list[float], upto: float) -> list[float]:
@@ -64,13 +64,13 @@ class _Step:
         (or held at `denoised` instead of D_s)."""
         kh = (1 + self.eta) * frac * self.h
         held = self.denoised if denoised is None else denoised
-        out = (sigma_to / self.sigma) * math.exp(-self.eta * frac * self.h) * self.x - math.expm1(-kh) * held
+        terms = [((sigma_to / self.sigma) * math.exp(-self.eta * frac * self.h), self.x), (-math.expm1(-kh), held)]
         if slope is not None:
-            out = out + (frac / slope_at) * (1 + math.expm1(-kh) / kh) * slope
+            terms.append(((frac / slope_at) * (1 + math.expm1(-kh) / kh), slope))
         if self.draws:
             weights = _noise_weights(self.eta, self.h, self.cuts, frac)
-            out = out + sigma_to * self.s_noise * sum(w * n for w, n in zip(weights, self.draws, strict=False))
-        return out
+            terms.extend((sigma_to * self.s_noise * w, n) for w, n in zip(weights, self.draws, strict=False))
+        return combine(*terms)
 
 
 def seeds_2(
