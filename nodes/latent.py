@@ -251,9 +251,11 @@ class LatentInterpolate(Node):
 
 
 def interpolate_latents(a: torch.Tensor, b: torch.Tensor, ratio: float) -> torch.Tensor:
-    """ratio 1 gives `a`, 0 gives `b`."""
-    if b.shape != a.shape:
+    """ratio 1 gives `a`, 0 gives `b`; `b` is first scaled to `a`'s size and cycled to its batch (as ComfyUI)."""
+    if b.shape[1:] != a.shape[1:]:
         b = resize(b, a.shape[-1], a.shape[-2], "bilinear", "center")
+    if b.shape[0] != a.shape[0]:
+        b = b.repeat(-(-a.shape[0] // b.shape[0]), 1, 1, 1)[: a.shape[0]]
     norm_a, norm_b = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
     dir_a = torch.nan_to_num(a / norm_a)
     dir_b = torch.nan_to_num(b / norm_b)

@@ -111,3 +111,15 @@ def test_latent_ops_through_the_engine_once_per_rebatched_batch(tmp_path):
     result = Executor(env=env).execute(validation.prompt, "p", lambda *_: None)
     assert result.status == "success", result.error
     assert result.outputs["6"]["latents"] == [[[2, 4, 8, 16], 0.0, [0, 1]], [[1, 4, 8, 16], 0.0, [2]]]
+
+
+def test_latent_interpolate_cycles_the_second_batch():
+    """LatentInterpolate (nodes/latent.py): samples2 with another batch size is cycled to samples1's, as ComfyUI."""
+    from nodes.latent import LatentInterpolate
+
+    a = torch.randn(3, 4, 2, 2)
+    b = torch.randn(2, 4, 2, 2)
+    out = LatentInterpolate().execute({"samples": a}, {"samples": b}, 0.0)[0]["samples"]
+    expected = torch.cat([b, b[:1]])  # ratio 0 gives samples2, its entries cycled
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(LatentInterpolate().execute({"samples": a}, {"samples": b}, 1.0)[0]["samples"], a, atol=1e-5)
