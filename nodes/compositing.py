@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from graph.node import Combo, Node, Output, Socket
 from graph.types import IMAGE, MASK
+from nodes.estimates import describe_image, host_op, image_spec, mask_spec, tensor_of
 from nodes.image_ops import image_like
 from nodes.tensor_ops import PORTER_DUFF, as_mask_batch, porter_duff, resize, to_bchw, to_bhwc
 
@@ -31,6 +32,14 @@ class SplitImageWithAlpha(Node):
     category = "mask/compositing"
     inputs = [Socket("image", IMAGE)]
     outputs = [Output(IMAGE), Output(MASK)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        spec = tensor_of(shapes.get("image"), 4)
+        if spec is None:
+            return None
+        b, h, w, _ = spec.shape
+        return host_op((image_spec(b, h, w), mask_spec(b, h, w)), 0.0, describe_image(spec))
 
     def execute(self, image):
         alpha = image[..., 3] if image.shape[-1] > 3 else torch.ones_like(image[..., 0])
@@ -63,6 +72,17 @@ class PorterDuffImageComposite(Node):
     inputs = [Socket("source", IMAGE), Socket("source_alpha", MASK), Socket("destination", IMAGE),
               Socket("destination_alpha", MASK), Combo("mode", PORTER_DUFF_MODES, default="DST")]
     outputs = [Output(IMAGE), Output(MASK)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        specs = [tensor_of(shapes.get("source"), 4), tensor_of(shapes.get("source_alpha"), 3),
+                 tensor_of(shapes.get("destination"), 4), tensor_of(shapes.get("destination_alpha"), 3)]
+        if any(spec is None for spec in specs):
+            return None
+        b = min(spec.shape[0] for spec in specs)
+        _, h, w, c = specs[2].shape
+        out = image_spec(b, h, w, c)
+        return host_op((out, mask_spec(b, h, w)), 4.0, describe_image(out))  # the scaled source, the formula's terms
 
     def execute(self, source, source_alpha, destination, destination_alpha, mode):
         source_alpha, destination_alpha = as_mask_batch(source_alpha), as_mask_batch(destination_alpha)

@@ -169,6 +169,19 @@ class ImageStitch(Node):
               Combo("spacing_color", list(SPACING_COLORS), default="white"), Socket("image2", IMAGE, optional=True)]
     outputs = [Output(IMAGE)]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        first, second = tensor_of(shapes.get("image1"), 4), tensor_of(shapes.get("image2"), 4)
+        if first is None or second is None:
+            return image_like(first, copies=0.0) if first is not None and "image2" not in shapes else None
+        (b1, h1, w1, c1), (b2, h2, w2, c2) = first.shape, second.shape
+        beside = inputs["direction"] in ("right", "left")
+        if inputs["match_image_size"]:
+            h2, w2 = (h1, max(1, round(w2 * h1 / h2))) if beside else (max(1, round(h2 * w1 / w2)), w1)
+        spacing = inputs["spacing_width"] + inputs["spacing_width"] % 2
+        height, width = (max(h1, h2), w1 + w2 + spacing) if beside else (h1 + h2 + spacing, max(w1, w2))
+        return image_like(first, height=height, width=width, batch=max(b1, b2), channels=max(c1, c2), copies=2.0)
+
     def execute(self, image1, direction, match_image_size, spacing_width, spacing_color, image2=None):
         if image2 is None:
             return (image1,)

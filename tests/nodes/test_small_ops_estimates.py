@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from graph.memory_estimate import EstimateContext, TensorSpec
+from nodes.compositing import PorterDuffImageComposite, SplitImageWithAlpha
 from nodes.image_filters import ImageAddNoise, ImageQuantize, Morphology
-from nodes.image_ops import ImageFlip, ImageFromBatch, ImageRotate, ImageScaleToMaxDimension, RepeatImageBatch
+from nodes.image_ops import (
+    ImageFlip,
+    ImageFromBatch,
+    ImageRotate,
+    ImageScaleToMaxDimension,
+    ImageStitch,
+    RepeatImageBatch,
+)
 from nodes.latent_ops import LatentAdd, LatentCrop, LatentFlip, LatentMultiply, LatentRotate, LatentSubtract
 
 IMAGE = torch.rand(3, 10, 6, 3)
@@ -46,3 +54,29 @@ def test_latent_arithmetic_estimates_match_the_output(cls):
     shape = {"samples": TensorSpec(tuple(LATENT["samples"].shape))}
     estimate = cls.estimate_memory({}, {"samples1": shape, "samples2": shape}, EstimateContext())
     assert estimate.outputs[0]["samples"].shape == tuple(cls().execute(LATENT, LATENT)[0]["samples"].shape)
+
+
+def spec(t):
+    return TensorSpec(tuple(t.shape))
+
+
+@pytest.mark.parametrize("direction", ["right", "up"])
+@pytest.mark.parametrize(("match", "spacing"), [(True, 0), (False, 3)])
+def test_stitch_estimate_matches_the_output(direction, match, spacing):
+    a, b = torch.rand(2, 10, 6, 3), torch.rand(1, 5, 9, 4)
+    inputs = {"direction": direction, "match_image_size": match, "spacing_width": spacing, "spacing_color": "red"}
+    estimate = ImageStitch.estimate_memory(inputs, {"image1": spec(a), "image2": spec(b)}, EstimateContext())
+    assert estimate.outputs[0].shape == tuple(ImageStitch().execute(a, image2=b, **inputs)[0].shape)
+
+
+def test_compositing_estimates_match_the_outputs():
+    image = torch.rand(2, 5, 4, 4)
+    outs = SplitImageWithAlpha().execute(image)
+    estimate = SplitImageWithAlpha.estimate_memory({}, {"image": spec(image)}, EstimateContext())
+    assert [o.shape for o in estimate.outputs] == [tuple(o.shape) for o in outs]
+    inputs = {"source": torch.rand(3, 2, 2, 3), "source_alpha": torch.rand(3, 2, 2),
+              "destination": torch.rand(2, 6, 5, 3), "destination_alpha": torch.rand(2, 6, 5)}
+    outs = PorterDuffImageComposite().execute(mode="SRC_OVER", **inputs)
+    estimate = PorterDuffImageComposite.estimate_memory({"mode": "SRC_OVER"}, {k: spec(v) for k, v in inputs.items()},
+                                                        EstimateContext())
+    assert [o.shape for o in estimate.outputs] == [tuple(o.shape) for o in outs]
