@@ -111,25 +111,26 @@ def _match_channels(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
     return widen(a), widen(b)
 
 
-def _pad_centered(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
-    """Pad dim (1: height, 2: width) of [B, H, W, C] with black to `size`, the extra split evenly (the odd pixel
-    after)."""
+def _pad_centered(t: torch.Tensor, size: int, dim: int, value: float) -> torch.Tensor:
+    """Pad dim (1: height, 2: width) of [B, H, W, C] with `value` in every channel to `size`, the extra split evenly
+    (the odd pixel after)."""
     missing = size - t.shape[dim]
     if missing <= 0:
         return t
     before = missing // 2
     pad_shape = list(t.shape)
     pad_shape[dim] = before
-    first = t.new_zeros(pad_shape)
+    first = t.new_full(pad_shape, value)
     pad_shape[dim] = missing - before
-    return torch.cat([first, t, t.new_zeros(pad_shape)], dim=dim)
+    return torch.cat([first, t, t.new_full(pad_shape, value)], dim=dim)
 
 
 def stitch(image1: torch.Tensor, image2: torch.Tensor, direction: str, match_image_size: bool, spacing_width: int,
            spacing_color: str) -> torch.Tensor:
     """image2 placed beside image1 (right, left) or above/below it (down, up), with an optional strip of a solid
     colour between. With match_image_size, image2 is scaled (lanczos, aspect kept) to image1's height (beside) or
-    width (above/below); without, the smaller one is padded with black, centred."""
+    width (above/below); without, the smaller one is padded, centred, in white when the spacing colour is white and
+    in black otherwise (ComfyUI's documented behaviour)."""
     if direction not in STITCH_DIRECTIONS:
         raise ValueError(f"ImageStitch: direction {direction!r}: expected one of {STITCH_DIRECTIONS}")
     if spacing_color not in SPACING_COLORS:
@@ -147,7 +148,8 @@ def stitch(image1: torch.Tensor, image2: torch.Tensor, direction: str, match_ima
         image2 = to_bhwc(resize(to_bchw(image2), size[0], size[1], "lanczos")).clamp(0, 1)
     elif not match_image_size:
         common = max(image1.shape[across], image2.shape[across])
-        image1, image2 = _pad_centered(image1, common, across), _pad_centered(image2, common, across)
+        fill = 1.0 if spacing_color == "white" else 0.0
+        image1, image2 = _pad_centered(image1, common, across, fill), _pad_centered(image2, common, across, fill)
     parts = [image1, image2] if direction in ("right", "down") else [image2, image1]
     along = 2 if beside else 1
     if spacing_width > 0:

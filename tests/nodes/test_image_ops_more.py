@@ -54,10 +54,15 @@ def test_rotate_turns_clockwise():
 
 def test_stitch_places_and_pads_and_spaces():
     a, b = torch.full((1, 2, 2, 3), 0.2), torch.full((1, 4, 1, 3), 0.8)
-    out = ImageStitch().execute(a, "right", False, 0, "white", b)[0]
+    out = ImageStitch().execute(a, "right", False, 0, "black", b)[0]
     assert out.shape == (1, 4, 3, 3)
     # a (height 2) is padded with black to 4, centred: one row above, one below
     assert out[0, :, 0, 0].tolist() == pytest.approx([0.0, 0.2, 0.2, 0.0])
+    # white spacing pads with white; another colour pads with black
+    assert ImageStitch().execute(a, "right", False, 0, "white", b)[0][0, :, 0, 0].tolist() == \
+        pytest.approx([1.0, 0.2, 0.2, 1.0])
+    assert ImageStitch().execute(a, "right", False, 0, "blue", b)[0][0, :, 0, 2].tolist() == \
+        pytest.approx([0.0, 0.2, 0.2, 0.0])
     assert out[0, :, 2, 0].tolist() == pytest.approx([0.8] * 4)
     left = ImageStitch().execute(a, "left", False, 0, "white", b)[0]
     assert left[0, :, 0, 0].tolist() == pytest.approx([0.8] * 4)
