@@ -24,7 +24,19 @@ from diffusion.samplers_adams import (
 from diffusion.samplers_multistep import UNIPC_FINAL_SIGMA
 from diffusion.samplers_sa_solver import default_sde_interval, stochastic_adams_coeffs
 from diffusion.schedules import DiscreteSchedule, calculate_sigmas
-from tests.diffusion.test_samplers import MU, STD, gaussian_denoiser, start_sample, wobbly_denoiser
+from tests.diffusion.test_samplers import (
+    MU,
+    SD_CONFIG,
+    STD,
+    NoiseQueue,
+    _dpmsolver_sigma,
+    _x,
+    compare,
+    gaussian_denoiser,
+    run_diffusers_vp,
+    start_sample,
+    wobbly_denoiser,
+)
 
 GROUP_B = ("lms", "ipndm_v", "deis", "dpm_adaptive", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "uni_pc",
            "uni_pc_bh2")
@@ -132,7 +144,7 @@ def test_deis_coefficients_are_the_vp_time_exponential_integrator(schedule):
         ours = deis_coeffs(sig, i, order)
         assert ours == pytest.approx(deis_reference(sig, i, order), rel=1e-6, abs=1e-9)
         assert sum(ours) == pytest.approx(sig[i + 1] - sig[i], rel=1e-9)  # a constant eps: an exact Euler step
-        # not the Lagrange integral in sigma (our old deis, and diffusers' rhoAB-DEIS)
+        # not the Lagrange integral in sigma (our old deis)
         assert ours != pytest.approx(adams_bashforth_coeffs([sig[i - k] for k in range(order)], sig[i], sig[i + 1]),
                                      rel=1e-3)
 
@@ -296,6 +308,49 @@ def test_stochastic_adams_weights_integrate_exactly(tau):
         assert sum(simple) == pytest.approx(exact[0], rel=1e-12)
         assert max(abs(a - b) for a, b in zip(simple, full, strict=True)) < (k * h) ** 2 / 2
         assert simple != pytest.approx(full, rel=1e-3)
+
+
+def test_stochastic_adams_weights_match_diffusers():
+    """diffusers' SASolverScheduler builds the same weights from closed-form exponential integrals; its VP-form
+    coefficient c_j relates to ours by b_j = (1 + tau^2) e^{-(1 + tau^2) lambda_t} c_j."""
+    from diffusers import SASolverScheduler
+
+    sched = SASolverScheduler(**SD_CONFIG, algorithm_type="data_prediction")
+    lambda_s, lambda_t = 0.4, 0.75
+    for tau in (0.0, 1.0, 0.6):
+        for nodes in ([lambda_s], [lambda_s, 0.1], [lambda_s, 0.1, -0.3], [lambda_t, lambda_s, 0.1, -0.3]):
+            theirs = sched.get_coefficients_fn(len(nodes), torch.tensor(lambda_s, dtype=torch.float64),
+                                               torch.tensor(lambda_t, dtype=torch.float64),
+                                               [torch.tensor(n, dtype=torch.float64) for n in nodes],
+                                               torch.tensor(tau, dtype=torch.float64))
+            k = 1 + tau * tau
+            expected = [k * math.exp(-k * lambda_t) * float(c) for c in theirs]
+            assert stochastic_adams_coeffs(nodes, lambda_s, lambda_t, tau) == pytest.approx(expected, rel=1e-8)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5, 0.0])
+def test_sa_solver_matches_diffusers(tau, monkeypatch):
+    """Whole runs against diffusers' SASolverScheduler with identical noise, at predictor and corrector order 1
+    (diffusers adds an O(h^3) term of its own to order 2, which the paper's method and ComfyUI do not have; the
+    higher-order weights are compared above). tau is held constant, so the two choices of where tau is read
+    (diffusers: the step's start, ComfyUI and we: its end) agree; the schedule ends above 0."""
+    from diffusers import SASolverScheduler
+    from diffusers.schedulers import scheduling_sasolver as module
+
+    sched = SASolverScheduler(**SD_CONFIG, predictor_order=1, corrector_order=1, tau_func=lambda t: tau,
+                              lower_order_final=False)
+    sched.set_timesteps(12)
+    x = _x(sched.sigmas[0])
+    queue = NoiseQueue(x.shape, 12)
+    monkeypatch.setattr(module, "randn_tensor", queue.randn_tensor)
+    final, starts = run_diffusers_vp(sched, x, _dpmsolver_sigma)
+    assert float(sched.sigmas[-1]) > 0
+
+    def ours(model, x, sigmas, **kwargs):
+        return get_sampler("sa_solver")(model, x, sigmas, predictor_order=1, corrector_order=1, eta=tau,
+                                        sde_start_sigma=math.inf, sde_end_sigma=0.0, **kwargs)
+
+    compare(ours, sched.sigmas, x, starts, final, noise_sampler=queue.sampler)
 
 
 def test_sa_solver_default_sde_interval_is_20_to_80_percent():
