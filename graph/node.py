@@ -102,20 +102,23 @@ class Input:
         return [self.type, self.wire_config(env)]
 
 
-def Int(name: str, default: int = 0, min: int = -MAX_INT, max: int = MAX_INT, step: int = 1, **kw: Any) -> Input:
+# The helpers below give the usual defaults; pass None for `default` or `step` to declare none, as ComfyUI does for
+# many inputs (its front end then starts a widget at 0, "" or false, and steps an INT by 1).
+def Int(name: str, default: int | None = 0, min: int = -MAX_INT, max: int = MAX_INT, step: int | None = 1,
+        **kw: Any) -> Input:
     return Input(name, INT, default=default, min=min, max=max, step=step, **kw)
 
 
-def Float(name: str, default: float = 0.0, min: float = -1e9, max: float = 1e9, step: float = 0.01,
+def Float(name: str, default: float | None = 0.0, min: float = -1e9, max: float = 1e9, step: float | None = 0.01,
           **kw: Any) -> Input:
     return Input(name, FLOAT, default=default, min=min, max=max, step=step, **kw)
 
 
-def String(name: str, default: str = "", multiline: bool = False, **kw: Any) -> Input:
+def String(name: str, default: str | None = "", multiline: bool = False, **kw: Any) -> Input:
     return Input(name, STRING, default=default, multiline=multiline, **kw)
 
 
-def Boolean(name: str, default: bool = False, **kw: Any) -> Input:
+def Boolean(name: str, default: bool | None = False, **kw: Any) -> Input:
     return Input(name, BOOLEAN, default=default, **kw)
 
 

@@ -130,8 +130,8 @@ class SaveAnimatedWEBP(Node):
     category = "image/animation"
     output_node = True
     hidden = _ANIMATION_HIDDEN
-    inputs = [Socket("images", IMAGE), String("filename_prefix", default="LatentLoom"), _fps(),
-              Boolean("lossless", default=True), Int("quality", default=80, min=0, max=100),
+    inputs = [Socket("images", IMAGE), String("filename_prefix", default="ComfyUI"), _fps(),
+              Boolean("lossless", default=True), Int("quality", default=80, min=0, max=100, step=None),
               Combo("method", ["default", "fastest", "slowest"]), _loop()]
     outputs = []
 
@@ -155,8 +155,8 @@ class SaveAnimatedPNG(Node):
     category = "image/animation"
     output_node = True
     hidden = _ANIMATION_HIDDEN
-    inputs = [Socket("images", IMAGE), String("filename_prefix", default="LatentLoom"), _fps(),
-              Int("compress_level", default=4, min=0, max=9), _loop()]
+    inputs = [Socket("images", IMAGE), String("filename_prefix", default="ComfyUI"), _fps(),
+              Int("compress_level", default=4, min=0, max=9, step=None), _loop()]
     outputs = []
 
     def execute(self, images, filename_prefix, fps, compress_level, loop=0, prompt=None, extra_pnginfo=None,

@@ -62,7 +62,7 @@ class ConditioningConcat(Node):
 
 
 class ConditioningAverage(Node):
-    display_name = "Conditioning (Average)"
+    display_name = "ConditioningAverage"
     category = "conditioning"
     inputs = [_cond("conditioning_to"), _cond("conditioning_from"),
               Float("conditioning_to_strength", default=1.0, min=0.0, max=1.0, step=0.01)]

@@ -5,6 +5,7 @@ Names, inputs, defaults and ranges are ComfyUI's, so existing workflows run unch
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,8 @@ from graph.node import Boolean, Combo, Float, Int, Node, Output, Socket
 from graph.types import IMAGE, INT, MASK
 from nodes.estimates import describe_image, host_op, image_spec, mask_spec, resized, tensor_of
 from nodes.tensor_ops import MAX_RESOLUTION, UPSCALE_METHODS, blur, composite, resize, to_bchw, to_bhwc
+
+log = logging.getLogger(__name__)
 
 CROP_METHODS = ["disabled", "center"]
 
@@ -157,7 +160,7 @@ class ImageBatch(Node):
 class EmptyImage(Node):
     category = "image"
     inputs = [_size("width", minimum=1), _size("height", minimum=1),
-              Int("batch_size", default=1, min=1, max=4096),
+              Int("batch_size", default=1, min=1, max=4096, step=None),
               Int("color", default=0, min=0, max=0xFFFFFF, step=1, extra={"display": "color"})]
     outputs = [Output(IMAGE)]
 
@@ -298,11 +301,16 @@ class ImageSharpen(Node):
 class GetImageSize(Node):
     display_name = "Get Image Size"
     category = "image"
+    # ComfyUI declares the node's id as a hidden input (it shows the size as text on that node); we log it with
+    # the size, for the same interface.
+    hidden = ("unique_id",)
     inputs = [Socket("image", IMAGE)]
     outputs = [Output(INT, "width"), Output(INT, "height"), Output(INT, "batch_size")]
 
-    def execute(self, image):
-        return (int(image.shape[2]), int(image.shape[1]), int(image.shape[0]))
+    def execute(self, image, unique_id=None):
+        width, height, batch = int(image.shape[2]), int(image.shape[1]), int(image.shape[0])
+        log.debug("GetImageSize node %s: %dx%d, batch size %d", unique_id, width, height, batch)
+        return (width, height, batch)
 
 
 NODE_CLASSES = [ImageScale, ImageScaleBy, ImageScaleToTotalPixels, ImageCrop, ImageInvert, ImageBatch, EmptyImage,

@@ -300,7 +300,7 @@ class SaveImage(Node):
     output_node = True
     hidden = ("prompt", "extra_pnginfo", "context")
     inputs = [Socket("images", IMAGE, tooltip="The images to save."),
-              String("filename_prefix", default="LatentLoom",
+              String("filename_prefix", default="ComfyUI",
                      tooltip="File name prefix; may contain subfolders and %width%, %height%, %batch_num%.")]
     outputs = []
 

@@ -45,7 +45,8 @@ class EmptyLatentImage(Node):
     display_name = "Empty Latent Image"
     category = "latent"
     description = "A batch of empty latents to start text-to-image sampling from."
-    inputs = [_size("width", 512, 16), _size("height", 512, 16), Int("batch_size", default=1, min=1, max=4096)]
+    inputs = [_size("width", 512, 16), _size("height", 512, 16),
+              Int("batch_size", default=1, min=1, max=4096, step=None)]
     outputs = [Output(LATENT)]
 
     @classmethod
@@ -105,6 +106,7 @@ class LatentUpscaleBy(Node):
 
 
 class LatentComposite(Node):
+    display_name = "Latent Composite"
     category = "latent"
     inputs = [Socket("samples_to", LATENT), Socket("samples_from", LATENT), _size("x", 0), _size("y", 0),
               _size("feather", 0)]
@@ -145,6 +147,7 @@ class LatentCompositeMasked(Node):
 
 
 class LatentBlend(Node):
+    display_name = "Latent Blend"
     category = "_for_testing"
     inputs = [Socket("samples1", LATENT), Socket("samples2", LATENT),
               Float("blend_factor", default=0.5, min=0.0, max=1.0, step=0.01)]
@@ -164,9 +167,10 @@ class LatentBlend(Node):
 
 
 class LatentFromBatch(Node):
+    display_name = "Latent From Batch"
     category = "latent/batch"
-    inputs = [Socket("samples", LATENT), Int("batch_index", default=0, min=0, max=63),
-              Int("length", default=1, min=1, max=64)]
+    inputs = [Socket("samples", LATENT), Int("batch_index", default=0, min=0, max=63, step=None),
+              Int("length", default=1, min=1, max=64, step=None)]
     outputs = [Output(LATENT)]
 
     @classmethod
@@ -189,8 +193,9 @@ class LatentFromBatch(Node):
 
 
 class RepeatLatentBatch(Node):
+    display_name = "Repeat Latent Batch"
     category = "latent/batch"
-    inputs = [Socket("samples", LATENT), Int("amount", default=1, min=1, max=64)]
+    inputs = [Socket("samples", LATENT), Int("amount", default=1, min=1, max=64, step=None)]
     outputs = [Output(LATENT)]
 
     @classmethod

@@ -74,7 +74,7 @@ class ImageToMask(Node):
 
 
 class ImageColorToMask(Node):
-    display_name = "Image Color to Mask"
+    display_name = "ImageColorToMask"
     category = "mask"
     inputs = [Socket("image", IMAGE), Int("color", default=0, min=0, max=0xFFFFFF, extra={"display": "color"})]
     outputs = [Output(MASK)]

@@ -27,12 +27,12 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
 def seed_input(name: str = "seed") -> Int:
-    return Int(name, default=0, min=0, max=MAX_SEED, control_after_generate=True,
+    return Int(name, default=0, min=0, max=MAX_SEED, step=None, control_after_generate=True,
                tooltip="The random seed of the noise; the same seed gives the same image.")
 
 
 def steps_input(default: int = 20) -> Int:
-    return Int("steps", default=default, min=1, max=10000, tooltip="Denoising steps.")
+    return Int("steps", default=default, min=1, max=10000, step=None, tooltip="Denoising steps.")
 
 
 def cfg_input() -> Float:
@@ -41,11 +41,11 @@ def cfg_input() -> Float:
 
 
 def sampler_input() -> Combo:
-    return Combo("sampler_name", SAMPLER_NAMES, default=SAMPLER_NAMES[0])
+    return Combo("sampler_name", SAMPLER_NAMES)  # no declared default, as ComfyUI: clients take the first
 
 
 def scheduler_input() -> Combo:
-    return Combo("scheduler", SCHEDULER_NAMES, default=SCHEDULER_NAMES[0])
+    return Combo("scheduler", SCHEDULER_NAMES)
 
 
 SAMPLER_ADVICE = ("use a smaller size (sample small, then upscale the latent and sample again with a lower denoise) "
@@ -129,7 +129,8 @@ class KSamplerAdvanced(Node):
     inputs = [Socket("model", MODEL), Combo("add_noise", ["enable", "disable"]), seed_input("noise_seed"),
               steps_input(), cfg_input(), sampler_input(), scheduler_input(), Socket("positive", CONDITIONING),
               Socket("negative", CONDITIONING), Socket("latent_image", LATENT),
-              Int("start_at_step", default=0, min=0, max=10000), Int("end_at_step", default=10000, min=0, max=10000),
+              Int("start_at_step", default=0, min=0, max=10000, step=None),
+              Int("end_at_step", default=10000, min=0, max=10000, step=None),
               Combo("return_with_leftover_noise", ["disable", "enable"])]
     outputs = [Output(LATENT)]
     memory_advice = SAMPLER_ADVICE

@@ -20,7 +20,7 @@ def _encode(clip, text):
 
 
 def _prompt(name: str = "text") -> String:
-    return String(name, multiline=True, extra={"dynamicPrompts": True},
+    return String(name, default=None, multiline=True, extra={"dynamicPrompts": True},
                   tooltip="The prompt; (word:1.2) weights a word, embedding:name inserts an embedding.")
 
 
@@ -37,7 +37,7 @@ class CLIPTextEncode(Node):
 
 
 def _size(name: str, default: int = 1024) -> Int:
-    return Int(name, default=default, min=0, max=MAX_RESOLUTION)
+    return Int(name, default=default, min=0, max=MAX_RESOLUTION, step=None)
 
 
 class CLIPTextEncodeSDXL(Node):

@@ -1,4 +1,7 @@
-"""Primitive value nodes: a constant of each widget type, for wiring one value into several inputs."""
+"""Primitive value nodes: a constant of each widget type, for wiring one value into several inputs.
+
+Their inputs declare no default (and the float no step), as ComfyUI's do: a client starts the widget at 0, "" or
+false, and a workflow must carry the value."""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from graph.types import BOOLEAN, FLOAT, INT, STRING
 class PrimitiveInt(Node):
     display_name = "Int"
     category = "utils/primitive"
-    inputs = [Int("value", default=0, min=-sys.maxsize, max=sys.maxsize, control_after_generate=True)]
+    inputs = [Int("value", default=None, min=-sys.maxsize, max=sys.maxsize, step=None,
+                  control_after_generate=True)]
     outputs = [Output(INT)]
 
     def execute(self, value):
@@ -21,7 +25,7 @@ class PrimitiveInt(Node):
 class PrimitiveFloat(Node):
     display_name = "Float"
     category = "utils/primitive"
-    inputs = [Float("value", default=0.0, min=-sys.maxsize, max=sys.maxsize)]
+    inputs = [Float("value", default=None, min=-sys.maxsize, max=sys.maxsize, step=None)]
     outputs = [Output(FLOAT)]
 
     def execute(self, value):
@@ -31,7 +35,7 @@ class PrimitiveFloat(Node):
 class PrimitiveString(Node):
     display_name = "String"
     category = "utils/primitive"
-    inputs = [String("value")]
+    inputs = [String("value", default=None)]
     outputs = [Output(STRING)]
 
     def execute(self, value):
@@ -41,7 +45,7 @@ class PrimitiveString(Node):
 class PrimitiveStringMultiline(Node):
     display_name = "String (Multiline)"
     category = "utils/primitive"
-    inputs = [String("value", multiline=True)]
+    inputs = [String("value", default=None, multiline=True)]
     outputs = [Output(STRING)]
 
     def execute(self, value):
@@ -51,7 +55,7 @@ class PrimitiveStringMultiline(Node):
 class PrimitiveBoolean(Node):
     display_name = "Boolean"
     category = "utils/primitive"
-    inputs = [Boolean("value")]
+    inputs = [Boolean("value", default=None)]
     outputs = [Output(BOOLEAN)]
 
     def execute(self, value):
