@@ -446,3 +446,24 @@ def test_reproducible_bit_for_bit(name, schedule):
     assert torch.equal(first, run(5))
     if name in STOCHASTIC_SAMPLERS:
         assert not torch.allclose(first, run(6))
+
+
+@pytest.mark.parametrize("name", GROUP_B)
+def test_ksampler_flow_runs_each_sampler(name):
+    """Through diffusion.sampling.sample as KSampler calls it: seeded, extra_args reach every model call."""
+    from diffusion.noise import prepare_noise
+    from diffusion.sampling import ksampler_sigmas, sample
+
+    ms = ModelSampling(DiscreteSchedule.from_config())
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigmas = ksampler_sigmas(ms.schedule, "karras", 6, sampler_name=name)
+    seen = []
+
+    def model(x, sigma, cond=None):
+        seen.append(cond)
+        return wobbly_denoiser(x, sigma)
+
+    runs = [sample(model, name, sigmas, latent, prepare_noise(latent, 3), model_sampling=ms, seed=3,
+                   extra_args={"cond": "c"}) for _ in range(2)]
+    assert torch.isfinite(runs[0]).all() and torch.equal(runs[0], runs[1])
+    assert seen and set(seen) == {"c"}
