@@ -4,11 +4,12 @@ SamplerCustom or SamplerCustomAdvanced runs it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from diffusion.sampler_registry import get_sampler
-from graph.node import Combo, Float, Int, Node, Output
-from graph.types import SAMPLER
+from graph.node import Combo, Float, Input, Int, Node, Output, Socket
+from graph.types import BOOLEAN, MODEL, SAMPLER
 from nodes.sampling_custom import SamplerChoice
 
 _CATEGORY = "sampling/custom_sampling/samplers"
@@ -122,5 +123,58 @@ class SamplerDPMAdaptative(Node):
                       icoeff=icoeff, dcoeff=dcoeff, accept_safety=accept_safety, eta=eta, s_noise=s_noise)
 
 
+@dataclass(frozen=True)
+class PowerNoiseScaler:
+    """ER-SDE's noise scale phi(sigma) = sigma^exponent: exponent 1 is the probability-flow ODE, 2 the
+    reverse-time SDE (Cui et al. 2023 parametrise the solution space by phi); a class so a SAMPLER pickles."""
+
+    exponent: float
+
+    def __call__(self, sigma: float) -> float:
+        return sigma**self.exponent
+
+
+ER_SDE_SOLVERS = ("ER-SDE", "Reverse-time SDE", "ODE")
+
+
+class SamplerER_SDE(Node):
+    category = _CATEGORY
+    description = ("ER-SDE-Solver: ER-SDE uses the paper's noise scale (eta unused); Reverse-time SDE uses "
+                   "phi = sigma^(eta + 1); ODE (or eta 0) adds no noise.")
+    inputs = [Combo("solver_type", ER_SDE_SOLVERS), Int("max_stage", default=3, min=1, max=3, step=None), _eta(),
+              _s_noise()]
+    outputs = [Output(SAMPLER)]
+
+    def execute(self, solver_type, max_stage, eta, s_noise):
+        if solver_type not in ER_SDE_SOLVERS:
+            raise ValueError(f"SamplerER_SDE: solver_type must be one of {ER_SDE_SOLVERS}, got {solver_type!r}")
+        if solver_type == "ODE" or (solver_type == "Reverse-time SDE" and eta == 0):
+            eta, s_noise = 0.0, 0.0
+        scaler = None if solver_type == "ER-SDE" else PowerNoiseScaler(eta + 1.0)
+        return choose("er_sde", s_noise=s_noise, noise_scaler=scaler, max_stage=max_stage)
+
+
+class SamplerSASolver(Node):
+    category = _CATEGORY
+    description = ("SA-Solver (stochastic Adams): noise is injected between sde_start_percent and sde_end_percent "
+                   "of the sampling, converted to sigmas with the model's schedule.")
+    inputs = [Socket("model", MODEL), _eta(max=10.0),
+              Float("sde_start_percent", default=0.2, min=0.0, max=1.0, step=0.001),
+              Float("sde_end_percent", default=0.8, min=0.0, max=1.0, step=0.001), _s_noise(),
+              Int("predictor_order", default=3, min=1, max=6, step=None),
+              Int("corrector_order", default=4, min=0, max=6, step=None), Input("use_pece", BOOLEAN),
+              Input("simple_order_2", BOOLEAN)]
+    outputs = [Output(SAMPLER)]
+
+    def execute(self, model, eta, sde_start_percent, sde_end_percent, s_noise, predictor_order, corrector_order,
+                use_pece, simple_order_2):
+        sampling = model.model_sampling
+        return choose("sa_solver", eta=eta, sde_start_sigma=sampling.percent_to_sigma(sde_start_percent),
+                      sde_end_sigma=sampling.percent_to_sigma(sde_end_percent), s_noise=s_noise,
+                      predictor_order=predictor_order, corrector_order=corrector_order, use_pece=bool(use_pece),
+                      simple_order_2=bool(simple_order_2))
+
+
 NODE_CLASSES = [SamplerEulerAncestral, SamplerEulerAncestralCFGPP, SamplerLMS, SamplerDPMPP_2M_SDE,
-                SamplerDPMPP_3M_SDE, SamplerDPMPP_SDE, SamplerDPMPP_2S_Ancestral, SamplerDPMAdaptative]
+                SamplerDPMPP_3M_SDE, SamplerDPMPP_SDE, SamplerDPMPP_2S_Ancestral, SamplerDPMAdaptative, SamplerER_SDE,
+                SamplerSASolver]

@@ -14,6 +14,7 @@ from diffusion.model_sampling import ModelSampling
 from diffusion.noise import prepare_noise
 from diffusion.schedules import DiscreteSchedule, beta_scheduler
 from diffusion.schedules_extra import align_your_steps_sigmas, sd_turbo_sigmas
+from nodes.samplers_custom import PowerNoiseScaler, choose
 
 REFERENCE = Path(__file__).parents[1] / "data" / "comfyui_object_info.json"
 
@@ -131,6 +132,10 @@ def _sampler_prompt(node: str, a: dict, b: dict) -> dict:
     return prompt
 
 
+ER_SDE = {"solver_type": "ER-SDE", "max_stage": 3, "eta": 1.0, "s_noise": 1.0}
+SA_SOLVER = {"model": ["4", 0], "eta": 1.0, "sde_start_percent": 0.2, "sde_end_percent": 0.8, "s_noise": 1.0,
+             "predictor_order": 3, "corrector_order": 4, "use_pece": False, "simple_order_2": False}
+
 # (node, default options, the same with one option changed): the change must change the result.
 SAMPLER_CASES = [
     ("SamplerEulerAncestral", {"eta": 1.0, "s_noise": 1.0}, {"eta": 0.5}),
@@ -146,6 +151,15 @@ SAMPLER_CASES = [
     ("SamplerDPMAdaptative", {"order": 3, "rtol": 0.5, "atol": 0.05, "h_init": 0.05, "pcoeff": 0.0,
                               "icoeff": 1.0, "dcoeff": 0.0, "accept_safety": 0.81, "eta": 0.0, "s_noise": 1.0},
      {"order": 2}),
+    ("SamplerEulerAncestralCFGPP", {"eta": 1.0, "s_noise": 1.0}, {"eta": 0.5}),
+    ("SamplerER_SDE", ER_SDE, {"max_stage": 1}),
+    ("SamplerER_SDE", ER_SDE, {"s_noise": 0.0}),
+    ("SamplerER_SDE", ER_SDE | {"solver_type": "Reverse-time SDE"}, {"eta": 0.5}),
+    ("SamplerER_SDE", ER_SDE, {"solver_type": "ODE"}),
+    ("SamplerSASolver", SA_SOLVER, {"eta": 0.0}),
+    ("SamplerSASolver", SA_SOLVER, {"sde_end_percent": 0.95}),  # takes in sigma 0.45
+    ("SamplerSASolver", SA_SOLVER, {"predictor_order": 1}),
+    ("SamplerSASolver", SA_SOLVER, {"use_pece": True}),
 ]
 
 
@@ -157,6 +171,39 @@ def test_sampler_nodes_run_and_pass_their_options(engine, node, base, change):
     b = engine.outputs(prompt, "61")[0][0]["samples"]
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
     assert (a - b).abs().max() > 1e-4, f"{node}: changing {change} changed nothing"
+
+
+@pytest.mark.parametrize("node, a, b", [
+    ("SamplerER_SDE", {"solver_type": "ODE", "eta": 1.0}, {"solver_type": "Reverse-time SDE", "eta": 0.0}),
+    ("SamplerER_SDE", {"solver_type": "ER-SDE", "eta": 1.0}, {"solver_type": "ER-SDE", "eta": 0.3}),
+    ("SamplerDPMPP_2M_SDE", {"noise_device": "gpu"}, {"noise_device": "cpu"}),
+])
+def test_sampler_options_that_mean_the_same(engine, node, a, b):
+    """ER-SDE's ODE is its reverse-time SDE at eta 0, and its own noise scale ignores eta (as ComfyUI's);
+    on the CPU the `_gpu` samplers draw the same noise as the CPU ones."""
+    base = {"SamplerER_SDE": ER_SDE, "SamplerDPMPP_2M_SDE": {"solver_type": "midpoint", "eta": 1.0, "s_noise": 1.0}}
+    prompt = _sampler_prompt(node, base[node] | a, base[node] | b)
+    torch.testing.assert_close(engine.outputs(prompt, "60")[0][0]["samples"],
+                               engine.outputs(prompt, "61")[0][0]["samples"])
+    if node == "SamplerDPMPP_2M_SDE":
+        names = [engine.outputs(prompt, n)[0][0].name for n in ("50", "51")]
+        assert names == ["dpmpp_2m_sde_gpu", "dpmpp_2m_sde"]
+
+
+def test_sampler_choices_carry_the_converted_options(engine):
+    reg = engine.registry
+    model = engine.outputs(_sampler_prompt("SamplerLMS", {"order": 4}, {"order": 4}), "4")[0][0]
+    sa = dict(reg.get("SamplerSASolver")().execute(model, 1.0, 0.2, 0.8, 1.0, 3, 4, True, False)[0].options)
+    assert sa["sde_start_sigma"] == pytest.approx(model.model_sampling.percent_to_sigma(0.2))
+    assert sa["sde_start_sigma"] == pytest.approx(5.0924, abs=1e-3)  # SD's sigma at t = 799
+    assert sa["sde_end_sigma"] == pytest.approx(0.5712, abs=1e-3) and sa["use_pece"] is True
+    er = reg.get("SamplerER_SDE")()
+    assert dict(er.execute("Reverse-time SDE", 2, 1.0, 0.7)[0].options) == {
+        "s_noise": 0.7, "noise_scaler": PowerNoiseScaler(2.0), "max_stage": 2}
+    assert dict(er.execute("ODE", 3, 1.0, 0.7)[0].options)["noise_scaler"](3.0) == 3.0
+    assert dict(er.execute("ER-SDE", 3, 0.2, 1.0)[0].options)["noise_scaler"] is None
+    with pytest.raises(ValueError, match="unknown sampler"):
+        choose("no_such_sampler")
 
 
 def test_sampler_node_with_defaults_equals_ksampler_select(engine):
