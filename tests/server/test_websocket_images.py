@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from server.websocket import JPEG, PNG, PREVIEW_BACKLOG_LIMIT, Hub, Preview
 from tests.server.test_api_flow import collect, wait_history
 
 
@@ -85,3 +86,16 @@ def test_metadata_clients_get_the_png_with_its_node(server):
     assert kind == 4 and meta["image_type"] == "image/png" and meta["node_id"] == "3"
     assert meta["prompt_id"] == prompt_id
     assert (np.asarray(Image.open(io.BytesIO(frames[0][8 + length:])).convert("RGB")) == 51).all()
+
+
+def test_a_client_far_behind_loses_latent_previews_but_never_png_images():
+    """The hub's backlog rule: JPEG previews are skipped for a client PREVIEW_BACKLOG_LIMIT messages behind; the
+    PNG frames SaveImageWebsocket sends are its results and are always queued."""
+    hub = Hub(status=lambda: {}, server_flags={}, running_node=lambda client_id: None)
+    for index in range(PREVIEW_BACKLOG_LIMIT + 1):
+        hub.publish(f"text {index}", "slow")
+    outbox = hub.clients["slow"].outbox
+    hub.publish(Preview(b"jpeg", JPEG, {}), "slow")
+    assert len(outbox) == PREVIEW_BACKLOG_LIMIT + 1
+    hub.publish(Preview(b"\x89PNG", PNG, {}), "slow")
+    assert len(outbox) == PREVIEW_BACKLOG_LIMIT + 2 and outbox[-1].image_format == PNG
