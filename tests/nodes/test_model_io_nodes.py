@@ -278,3 +278,57 @@ def test_errors_name_the_node_file_and_folder(eng):
         merging.CheckpointSave().execute(model, xl_clip, vae, "checkpoints/x", context=c)
     with pytest.raises(ValueError, match="CLIPMergeSimple: the two CLIPs have no text encoder in common"):
         merging.CLIPMergeSimple().execute(clip, types.SimpleNamespace(patchers={"g": None}), 0.5)
+
+
+def test_a_merged_model_samples_as_its_saved_checkpoint_does(eng):
+    """The merge in memory and the checkpoint it was saved as give the same latent (same seed, same prompt)."""
+    write_lora(eng, handles(eng, "sd1.safetensors")[0])
+    merge = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.safetensors"}},
+        "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1-b.safetensors"}},
+        "3": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "l.safetensors",
+                                                              "strength_model": 1.0}},
+        "4": {"class_type": "ModelMergeSubtract",
+              "inputs": {"model1": ["3", 0], "model2": ["2", 0], "multiplier": 0.5}},
+        "10": {"class_type": "CheckpointSave", "inputs": {"model": ["4", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                          "filename_prefix": "checkpoints/diff"}},
+    }
+
+    def sample(model, clip):
+        return {
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": clip}},
+            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "7": {"class_type": "KSampler", "inputs": {"model": model, "seed": 3, "steps": 2, "cfg": 1.0,
+                                                       "sampler_name": "euler", "scheduler": "normal",
+                                                       "positive": ["6", 0], "negative": ["6", 0],
+                                                       "latent_image": ["5", 0], "denoise": 1.0}},
+            "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "latents/s"}},
+        }
+
+    in_memory = eng.outputs({**merge, **sample(["4", 0], ["1", 1])}, "7")[0][0]["samples"]
+    saved = only_file(eng.env.output_dir / "checkpoints")
+    saved.rename(eng.env.models_dir / "checkpoints" / saved.name)
+    reloaded = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": saved.name}},
+                **sample(["1", 0], ["1", 1])}
+    from_file = eng.outputs(reloaded, "7", "second")[0][0]["samples"]
+    plain = eng.outputs({**merge, **sample(["1", 0], ["1", 1])}, "7", "third")[0][0]["samples"]
+    assert float((plain - in_memory).abs().max()) > 0.1  # the merge changes the picture
+    torch.testing.assert_close(from_file, in_memory, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "title"), [("sd2-v.safetensors", "SD2.x (v-prediction)"),
+                                             ("sdxl-refiner.safetensors", "SDXL refiner (eps-prediction)")])
+def test_checkpoint_save_keeps_family_and_prediction(eng, name, title):
+    model, clip, vae = handles(eng, name)
+    merging.CheckpointSave().execute(model, clip, vae, "checkpoints/x", context=ctx(eng))
+    saved = only_file(eng.env.output_dir / "checkpoints")
+    loaded = load_checkpoint(saved)
+    assert loaded.family.title == title
+    metadata = read_metadata(saved)
+    if "refiner" in name:
+        assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-refiner"
+        assert metadata["modelspec.title"] == "x 1"
+    else:
+        assert metadata["modelspec.predict_key"] == "v" and "v_pred" in load_file(str(saved))
+    for key, value in loaded.unet.named_parameters():
+        assert torch.equal(value, model.patcher.patched_weight(key)), key
