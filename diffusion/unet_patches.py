@@ -7,8 +7,9 @@ MODEL carries its own bundle. The hook points, in forward order:
 - `input_block(h, site)` after input block i, before its output is kept as a skip connection;
 - `input_block_after_skip(h, site)` after the skip is kept (changes only what the next block sees);
 - `output_block(h, skip, site)` before output block i concatenates the backbone `h` with its `skip`;
-- `self_attention(x, inner, site)` around every transformer block's self-attention: `x` is the normed
-  [B, tokens, C] input, `inner(x)` runs the attention (or the next wrapper), so wrappers nest in order.
+- `self_attention(x, kv, inner, site)` around every transformer block's self-attention: `x` is the normed
+  [B, tokens, C] input the queries come from, `kv` what keys and values come from (None: x itself),
+  `inner(x, kv)` runs the attention (or the next wrapper), so wrappers nest in order.
 
 Every hook gets a `Site` saying where it runs (block kind and index, transformer index, the feature map's
 size, the latent's shape and the timesteps), which is how a patch picks its blocks without knowing the
@@ -43,7 +44,8 @@ class Site:
 
 BlockHook = Callable[[Tensor, Site], Tensor]
 OutputHook = Callable[[Tensor, Tensor, Site], tuple[Tensor, Tensor]]
-AttentionWrapper = Callable[[Tensor, Callable[[Tensor], Tensor], Site], Tensor]
+Attend = Callable[[Tensor, Tensor | None], Tensor]  # (queries' input, keys' and values' input or None) -> out
+AttentionWrapper = Callable[[Tensor, Tensor | None, Attend, Site], Tensor]
 
 
 @dataclass(frozen=True)
@@ -74,16 +76,16 @@ class UNetPatches:
             h, skip = hook(h, skip, site)
         return h, skip
 
-    def attention_runner(self, attention: torch.nn.Module, site: Site) -> Callable[[Tensor], Tensor] | None:
+    def attention_runner(self, attention: torch.nn.Module, site: Site) -> Attend | None:
         """`run(x)`: the self-attention `attention(x)` wrapped by every wrapper (the first outermost), or None
         when there are none (the block calls its attention directly)."""
         if not self.self_attention:
             return None
         site = dataclasses.replace(site, attention=attention)
-        run: Callable[[Tensor], Tensor] = attention
+        run: Attend = attention
 
-        def wrap(wrapper: AttentionWrapper, inner: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-            return lambda x: wrapper(x, inner, site)
+        def wrap(wrapper: AttentionWrapper, inner: Attend) -> Attend:
+            return lambda x, kv=None: wrapper(x, kv, inner, site)
 
         for wrapper in reversed(self.self_attention):
             run = wrap(wrapper, run)

@@ -7,6 +7,12 @@ swaps its ModelSampling. Patches on one model compose in the order the nodes app
 
 from __future__ import annotations
 
+from diffusion.attention_patches import (
+    hypertile_patches,
+    perturbed_attention_hooks,
+    self_attention_guidance_hooks,
+    tome_patches,
+)
 from diffusion.guidance_patches import cfg_zero_star_hooks, perp_neg_hooks, rescale_cfg_hooks
 from diffusion.model_sampling import PREDICTION_TYPES, discrete_model_sampling
 from diffusion.models import DiffusionModel
@@ -135,5 +141,54 @@ class PatchModelAddDownscale(Node):
         return (model.with_unet_patches(patches),)
 
 
+class PerturbedAttentionGuidance(Node):
+    category = "model_patches/unet"
+    python_module = "comfy_extras.nodes_pag"
+    description = "Guides away from a prediction whose middle-block self-attention is the identity (PAG)."
+    inputs = [Socket("model", MODEL), Float("scale", default=3.0, min=0.0, max=100.0, step=0.01, round=0.01)]
+    outputs = _MODEL_OUT
+
+    def execute(self, model: DiffusionModel, scale: float):
+        return (model.with_guidance_hooks(perturbed_attention_hooks(scale)),)
+
+
+class SelfAttentionGuidance(Node):
+    display_name = "Self-Attention Guidance"
+    category = "_for_testing"
+    python_module = "comfy_extras.nodes_sag"
+    experimental = True
+    description = "Guides away from a prediction whose most-attended regions were blurred (SAG)."
+    inputs = [Socket("model", MODEL), Float("scale", default=0.5, min=-2.0, max=5.0, step=0.01),
+              Float("blur_sigma", default=2.0, min=0.0, max=10.0, step=0.1)]
+    outputs = _MODEL_OUT
+
+    def execute(self, model: DiffusionModel, scale: float, blur_sigma: float):
+        return (model.with_guidance_hooks(self_attention_guidance_hooks(scale, blur_sigma)),)
+
+
+class HyperTile(Node):
+    category = "model_patches/unet"
+    python_module = "comfy_extras.nodes_hypertile"
+    description = "Runs self-attention in tiles on large images (faster; the tiling changes every step)."
+    inputs = [Socket("model", MODEL), Int("tile_size", default=256, min=1, max=2048, step=None),
+              Int("swap_size", default=2, min=1, max=128, step=None),
+              Int("max_depth", default=0, min=0, max=10, step=None), Boolean("scale_depth", default=False)]
+    outputs = _MODEL_OUT
+
+    def execute(self, model: DiffusionModel, tile_size: int, swap_size: int, max_depth: int, scale_depth: bool):
+        return (model.with_unet_patches(hypertile_patches(tile_size, swap_size, max_depth, scale_depth)),)
+
+
+class TomePatchModel(Node):
+    category = "model_patches/unet"
+    python_module = "comfy_extras.nodes_tomesd"
+    description = "Merges similar query tokens in the full-resolution self-attentions (ToMe): faster."
+    inputs = [Socket("model", MODEL), Float("ratio", default=0.3, min=0.0, max=1.0, step=0.01)]
+    outputs = _MODEL_OUT
+
+    def execute(self, model: DiffusionModel, ratio: float):
+        return (model.with_unet_patches(tome_patches(ratio)),)
+
+
 NODE_CLASSES = [ModelSamplingDiscrete, RescaleCFG, CFGZeroStar, PerpNeg, PerpNegGuider, FreeU, FreeU_V2,
-                PatchModelAddDownscale]
+                PatchModelAddDownscale, PerturbedAttentionGuidance, SelfAttentionGuidance, HyperTile, TomePatchModel]

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
 
+from diffusion.attention_patches import (
+    PERTURBED_MIDDLE,
+    attention_mask,
+    bipartite_merge,
+    gaussian_blur,
+    hypertile_patches,
+    perturbed_attention_hooks,
+    tile_count,
+    tome_patches,
+)
 from diffusion.guidance import GuidanceStep
 from diffusion.guidance_patches import cfg_zero_star, optimized_scale, perp_neg, rescale_cfg
 from diffusion.model_sampling import DistilledModelSampling, discrete_model_sampling
@@ -207,3 +218,128 @@ def test_zsnr_rescales_the_schedule_to_pure_noise_at_the_end():
     orig = plain.schedule.alphas_cumprod.sqrt()
     ratio = (root[1:-1] - root[:-2]) / (orig[1:-1] - orig[:-2])
     torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), rtol=1e-6, atol=0)
+
+
+# --- attention patches ---------------------------------------------------------------------------------------
+
+
+def _attention(dim=8, heads=2, seed=3):
+    from diffusion.unet_blocks import CrossAttention
+    torch.manual_seed(seed)
+    return CrossAttention(dim, heads, dim // heads).eval().requires_grad_(False)
+
+
+def _site(size, block=("input", 1), latent=None, t=500.0, attention=None):
+    return Site(block, latent or (1, 4, *size), torch.tensor([t]), size=size, transformer=0, attention=attention)
+
+
+def test_hypertile_attends_within_tiles_and_is_plain_attention_when_tiles_cover_the_image():
+    attention = _attention()
+    x = torch.randn(1, 64, 8, generator=torch.Generator().manual_seed(0))
+    site = _site((8, 8), attention=attention)
+    whole = hypertile_patches(tile_size=64, swap_size=1, max_depth=0, scale_depth=False)  # 8-token tiles
+    with torch.no_grad():
+        assert torch.equal(whole.attention_runner(attention, site)(x), attention(x))
+        tiled = hypertile_patches(tile_size=32, swap_size=1, max_depth=0, scale_depth=False)  # 4x4 tiles
+        out = tiled.attention_runner(attention, site)(x)
+        grid = x.reshape(1, 8, 8, 8)
+        expected = torch.empty_like(grid)
+        for i in range(2):
+            for j in range(2):
+                tile = grid[:, 4 * i:4 * i + 4, 4 * j:4 * j + 4].reshape(1, 16, 8)
+                expected[:, 4 * i:4 * i + 4, 4 * j:4 * j + 4] = attention(tile).reshape(1, 4, 4, 8)
+    torch.testing.assert_close(out, expected.reshape(1, 64, 8), rtol=1e-5, atol=1e-6)
+    # a deeper map (depth 1 of a 16x16 latent) is left alone at max_depth 0
+    deep = _site((8, 8), latent=(1, 4, 16, 16), attention=attention)
+    with torch.no_grad():
+        assert torch.equal(tiled.attention_runner(attention, deep)(x), attention(x))
+
+
+def test_hypertile_tile_choice_is_seeded_and_within_the_allowed_sides():
+    rng = random.Random(0)
+    counts = {tile_count(24, 4, 3, rng) for _ in range(50)}
+    assert counts == {6, 4, 3}  # tile sides 4, 6, 8 (the 3 smallest divisors of 24 >= 4)
+    assert tile_count(24, 100, 3, random.Random(1)) == 1  # a tile larger than the side: one tile
+
+
+def test_hypertile_on_the_unet_equals_plain_when_tiles_cover_the_latent():
+    unet = tiny_unet(TINY_SD1)
+    x, t, context = unet_inputs(TINY_SD1)
+    with torch.no_grad():
+        plain = unet(x, t, context)
+        same = unet(x, t, context, patches=hypertile_patches(256, 2, 2, True))
+        tiled = unet(x, t, context, patches=hypertile_patches(32, 1, 0, False))  # 8x8 latent in 4x4 tiles
+    assert torch.equal(same, plain) and not torch.allclose(tiled, plain, atol=1e-5)
+
+
+def test_token_merging_by_hand():
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [-1.0, 0.0]]])  # 2x2 grid, destination top-left
+    merge, unmerge = bipartite_merge(x, (2, 2), r=1)
+    merged = merge(x)
+    # [1, 0.1] is the source most like the destination [1, 0]: they are averaged; the others are kept
+    torch.testing.assert_close(merged, torch.tensor([[[0.0, 1.0], [-1.0, 0.0], [1.0, 0.05]]]))
+    torch.testing.assert_close(unmerge(merged), torch.tensor([[[1.0, 0.05], [0.0, 1.0], [1.0, 0.05], [-1.0, 0.0]]]))
+    identity, _ = bipartite_merge(x, (2, 2), r=0)
+    assert identity(x) is x
+
+
+def test_tome_merges_queries_only_at_full_resolution():
+    attention = _attention()
+    x = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(2))
+    site = _site((4, 4), attention=attention)
+    with torch.no_grad():
+        plain = attention(x)
+        assert torch.equal(tome_patches(0.0).attention_runner(attention, site)(x), plain)
+        out = tome_patches(0.5).attention_runner(attention, site)(x)
+        merge, unmerge = bipartite_merge(x, (4, 4), 8, torch.Generator().manual_seed(500))
+        torch.testing.assert_close(out, unmerge(attention(merge(x), x)))
+        deeper = _site((2, 2), latent=(1, 4, 4, 4), attention=attention)
+        y = x[:, :4]
+        assert torch.equal(tome_patches(0.5).attention_runner(attention, deeper)(y), attention(y))
+    assert (out - plain).abs().max() > 1e-4
+    with pytest.raises(ValueError, match=r"ratio must be within 0\.\.1, got 1\.5"):
+        tome_patches(1.5)
+
+
+def test_identity_attention_in_the_middle_block_only():
+    attention = _attention()
+    x = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(4))
+    middle = PERTURBED_MIDDLE.attention_runner(attention, _site((2, 2), block=("middle", 0), latent=(1, 4, 2, 2)))
+    outer = PERTURBED_MIDDLE.attention_runner(attention, _site((2, 2)))
+    with torch.no_grad():
+        torch.testing.assert_close(middle(x), attention.to_out(attention.to_v(x)))
+        assert torch.equal(outer(x), attention(x))
+
+
+class _FakeDenoiser:
+    """D(x) = 0.5 x plainly and 0.2 x under any UNet patches (what a perturbed model would change)."""
+
+    def __call__(self, x, sigma, context=None, unet_patches=None, **_):
+        return x * (0.2 if unet_patches else 0.5) + context.mean() * 0
+
+
+def test_pag_adds_the_difference_to_the_perturbed_prediction():
+    from diffusion.guidance import CFGGuider
+    ms = discrete_model_sampling("eps")
+    positive, negative = [(torch.ones(1, 2, 4), {})], [(torch.zeros(1, 2, 4), {})]
+    guider = CFGGuider(_FakeDenoiser(), ms, positive, negative, 3.0, hooks=perturbed_attention_hooks(2.0))
+    x = torch.full((1, 4, 2, 2), 2.0)
+    # cond = uncond = 1.0; CFG gives 1.0; perturbed positive 0.4: 1.0 + 2 (1.0 - 0.4) = 2.2
+    torch.testing.assert_close(guider(x, torch.tensor([1.0])), torch.full_like(x, 2.2))
+
+
+def test_sag_mask_and_blur():
+    probs = torch.zeros(1, 2, 4, 4)
+    probs[..., 1] = 1.0  # every query attends to token 1 only: it receives 4 > 1
+    mask = attention_mask(probs, (2, 2), (4, 4))
+    assert mask[0, 0].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+    flat = torch.full((1, 2, 9, 9), 3.0)
+    torch.testing.assert_close(gaussian_blur(flat, 2.0), flat)
+    impulse = torch.zeros(1, 1, 17, 17)
+    impulse[0, 0, 8, 8] = 1.0  # far enough from the edges that no reflection reaches it
+    taps = torch.exp(-0.5 * (torch.arange(-4.0, 5.0) / 2.0) ** 2)
+    taps = taps / taps.sum()
+    blurred = gaussian_blur(impulse, 2.0)[0, 0]
+    torch.testing.assert_close(blurred[4:13, 4:13], taps[:, None] * taps[None, :])
+    assert blurred.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert gaussian_blur(impulse, 0.0) is impulse

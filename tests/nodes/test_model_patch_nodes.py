@@ -42,13 +42,20 @@ PATCHES = {
     "PatchModelAddDownscale": {"block_number": 3, "downscale_factor": 2.0, "start_percent": 0.0,
                                "end_percent": 0.5, "downscale_after_skip": True, "downscale_method": "bicubic",
                                "upscale_method": "bicubic"},
+    "PerturbedAttentionGuidance": {"scale": 3.0},
+    "SelfAttentionGuidance": {"scale": 0.5, "blur_sigma": 2.0},
+    "HyperTile": {"tile_size": 32, "swap_size": 2, "max_depth": 1, "scale_depth": False},
+    "TomePatchModel": {"ratio": 0.3},
 }
 
 
 @pytest.mark.parametrize("class_type", list(PATCHES))
 def test_each_patch_runs_through_ksampler_and_changes_the_result(engine, class_type):
-    plain = latent(engine, txt2img())
-    out = latent(engine, patched([(class_type, PATCHES[class_type])]))
+    # the tiny UNet's middle block sees a 1x1 map at 64 px, where any attention is the identity: PAG and SAG
+    # need 2x2 there (128 px)
+    size = 128 if class_type in ("PerturbedAttentionGuidance", "SelfAttentionGuidance") else 64
+    plain = latent(engine, txt2img(size=size))
+    out = latent(engine, patched([(class_type, PATCHES[class_type])], size=size))
     assert out.shape == plain.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, plain, atol=1e-4), class_type
 
@@ -134,3 +141,18 @@ def test_interfaces_match_comfyui(engine, cls):
     for key in ("deprecated", "experimental"):
         assert ours[key] == reference.get(key, False), key
     assert ours["display_name"] == (reference["display_name"] or cls.node_type)
+
+
+def test_attention_patches_compose_with_unet_patches_and_sdxl(engine):
+    # ToMe first: it merges the full-resolution tokens, so HyperTile (after it) tiles only the depth-1 maps
+    chain = [("TomePatchModel", PATCHES["TomePatchModel"]), ("HyperTile", PATCHES["HyperTile"]),
+             ("FreeU_V2", PATCHES["FreeU_V2"]), ("PerturbedAttentionGuidance", {"scale": 2.0})]
+    out = latent(engine, patched(chain, size=128))
+    assert torch.isfinite(out).all()
+    for name in ("HyperTile", "TomePatchModel", "FreeU_V2"):  # dropping any one changes the result
+        partial = latent(engine, patched([p for p in chain if p[0] != name], size=128))
+        assert not torch.allclose(partial, out, atol=1e-4), name
+    sdxl = latent(engine, patched([("SelfAttentionGuidance", PATCHES["SelfAttentionGuidance"]),
+                                   ("PatchModelAddDownscale", {**PATCHES["PatchModelAddDownscale"],
+                                                               "block_number": 2})], ckpt="sdxl.safetensors"))
+    assert torch.isfinite(sdxl).all()
