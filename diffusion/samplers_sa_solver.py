@@ -16,8 +16,9 @@ output gets the weight b_j = integral of k e^{-k (lambda_t - u)} l_j(u) du (pape
   `sa_solver_pece` (predict, evaluate, correct, evaluate) calls the model again at the corrected state.
 
 tau(sigma) = eta inside [sde_end_sigma, sde_start_sigma] (by default the model's sigmas at 20% and 80% of the
-schedule) and 0 outside: noise is injected only in the middle of sampling. The orders warm up from 1 and, on a
-schedule ending at 0, come down again over the last steps; the step to 0 returns the denoised estimate.
+schedule, given `model_sampling`; the SD schedule's without it) and 0 outside: noise is injected only in the
+middle of sampling. The orders warm up from 1 and, on a schedule ending at 0, come down again over the last
+steps; the step to 0 returns the denoised estimate.
 """
 
 from __future__ import annotations
@@ -35,12 +36,16 @@ from .samplers_base import Callback, Model, as_floats, call, combine, need_noise
 from .schedules import DiscreteSchedule
 
 
+def sde_interval(model_sampling: ModelSampling) -> tuple[float, float]:
+    """(start, end) sigmas of the stochastic part: the model's sigmas at 20% and 80% of sampling (ComfyUI's)."""
+    return model_sampling.percent_to_sigma(0.2), model_sampling.percent_to_sigma(0.8)
+
+
 @functools.cache
 def default_sde_interval() -> tuple[float, float]:
-    """(start, end) sigmas of the stochastic part when the caller gives none: the Stable Diffusion 1.x/2.x/XL
-    schedule's sigma at 20% and 80% of sampling (all three share it; ComfyUI takes the model's own)."""
-    sampling = ModelSampling(DiscreteSchedule.from_config())
-    return sampling.percent_to_sigma(0.2), sampling.percent_to_sigma(0.8)
+    """`sde_interval` of the Stable Diffusion 1.x/2.x/XL schedule (all three share it), for callers that pass
+    neither the sigmas nor the model's sampling."""
+    return sde_interval(ModelSampling(DiscreteSchedule.from_config()))
 
 
 def stochastic_adams_coeffs(
@@ -77,9 +82,10 @@ def _sa_solver(
     model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None, callback: Callback,
     noise_sampler: NoiseSampler | None, *, name: str, pece: bool, predictor_order: int, corrector_order: int,
     eta: float, s_noise: float, sde_start_sigma: float | None, sde_end_sigma: float | None, simple_order_2: bool,
+    model_sampling: ModelSampling | None,
 ) -> Tensor:
     _check(name, predictor_order, corrector_order, eta, s_noise)
-    default_start, default_end = default_sde_interval()
+    default_start, default_end = default_sde_interval() if model_sampling is None else sde_interval(model_sampling)
     start = default_start if sde_start_sigma is None else sde_start_sigma
     end = default_end if sde_end_sigma is None else sde_end_sigma
     sig = as_floats(sigmas)
@@ -126,24 +132,28 @@ def sa_solver(
     model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None, callback: Callback = None,
     noise_sampler: NoiseSampler | None = None, predictor_order: int = 3, corrector_order: int = 4,
     eta: float = 1.0, s_noise: float = 1.0, sde_start_sigma: float | None = None, sde_end_sigma: float | None = None,
-    simple_order_2: bool = False, use_pece: bool = False,
+    simple_order_2: bool = False, use_pece: bool = False, model_sampling: ModelSampling | None = None,
 ) -> Tensor:
-    """SA-Solver, predictor order 3 and corrector order 4 by default: one model call a step."""
+    """SA-Solver, predictor order 3 and corrector order 4 by default: one model call a step. The stochastic
+    interval is [sde_end_sigma, sde_start_sigma], by default `sde_interval(model_sampling)` (SD's schedule
+    without one)."""
     return _sa_solver(model, x, sigmas, extra_args, callback, noise_sampler, name="sa_solver", pece=use_pece,
                       predictor_order=predictor_order, corrector_order=corrector_order, eta=eta, s_noise=s_noise,
-                      sde_start_sigma=sde_start_sigma, sde_end_sigma=sde_end_sigma, simple_order_2=simple_order_2)
+                      sde_start_sigma=sde_start_sigma, sde_end_sigma=sde_end_sigma, simple_order_2=simple_order_2,
+                      model_sampling=model_sampling)
 
 
 def sa_solver_pece(
     model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None, callback: Callback = None,
     noise_sampler: NoiseSampler | None = None, predictor_order: int = 3, corrector_order: int = 4,
     eta: float = 1.0, s_noise: float = 1.0, sde_start_sigma: float | None = None, sde_end_sigma: float | None = None,
-    simple_order_2: bool = False,
+    simple_order_2: bool = False, model_sampling: ModelSampling | None = None,
 ) -> Tensor:
     """SA-Solver in PECE mode: the model is called again at each corrected state (two calls a step)."""
     return _sa_solver(model, x, sigmas, extra_args, callback, noise_sampler, name="sa_solver_pece", pece=True,
                       predictor_order=predictor_order, corrector_order=corrector_order, eta=eta, s_noise=s_noise,
-                      sde_start_sigma=sde_start_sigma, sde_end_sigma=sde_end_sigma, simple_order_2=simple_order_2)
+                      sde_start_sigma=sde_start_sigma, sde_end_sigma=sde_end_sigma, simple_order_2=simple_order_2,
+                      model_sampling=model_sampling)
 
 
 SAMPLERS = {"sa_solver": sa_solver, "sa_solver_pece": sa_solver_pece}

@@ -22,7 +22,7 @@ from diffusion.samplers_adams import (
     vp_time,
 )
 from diffusion.samplers_multistep import UNIPC_FINAL_SIGMA
-from diffusion.samplers_sa_solver import default_sde_interval, stochastic_adams_coeffs
+from diffusion.samplers_sa_solver import default_sde_interval, sde_interval, stochastic_adams_coeffs
 from diffusion.schedules import DiscreteSchedule, calculate_sigmas
 from tests.diffusion.test_samplers import (
     MU,
@@ -377,6 +377,20 @@ def test_sa_solver_noise_only_inside_the_interval(schedule):
     with pytest.raises(ValueError, match="needs a noise_sampler"):
         get_sampler("sa_solver")(gaussian_denoiser, x, sigmas)
     get_sampler("sa_solver")(gaussian_denoiser, x, sigmas, eta=0.0)  # no noise, no sampler needed
+
+
+def test_sa_solver_noise_window_follows_the_models_schedule(schedule):
+    """Given the model's sampling (a linear-beta schedule here), the window is its sigmas at 20% and 80%."""
+    other = ModelSampling(DiscreteSchedule.from_config(beta_schedule="linear", linear_start=1e-4, linear_end=0.02))
+    start, end = sde_interval(other)
+    assert (start, end) != pytest.approx(default_sde_interval(), rel=0.05)
+    sigmas = calculate_sigmas(other.schedule, "karras", 16)
+    x = start_sample((1, 1, 4, 4), sigmas[0])
+    draws = Draws(x.shape)
+    get_sampler("sa_solver_pece")(gaussian_denoiser, x, sigmas, noise_sampler=draws, model_sampling=other)
+    sig = sigmas.tolist()
+    expected = [(a, b) for a, b in itertools.pairwise(sig) if b > 0 and end <= b <= start]
+    assert draws.intervals == [pytest.approx(p) for p in expected] and len(expected) >= 3
 
 
 def test_sa_solver_step_is_the_exact_sde_solution_for_a_constant_denoiser():
