@@ -210,11 +210,15 @@ class ModelPatcher:
 
     @torch.no_grad()
     def patched_weight(self, key: str, device: torch.device | str | None = None) -> Tensor:
-        """Parameter `key` as this patcher's patch set makes it, without patching the module: float32 when
-        patched, else the original tensor (on `device` when given)."""
+        """Parameter `key` as this patcher's patch set makes it: read from the module when it carries this patch set
+        (hold it with `ModelManager.use` so that no other caller re-patches it meanwhile), else computed from the
+        originals in float32 without patching the module. On `device` when given."""
+        entries = self.patches.get(key)
+        if entries and self.is_applied():
+            weight = self.model.get_parameter(key).detach()
+            return weight.to(weight.device if device is None else torch.device(device))
         original = self.original_weight(key)
         device = original.device if device is None else torch.device(device)
-        entries = self.patches.get(key)
         if not entries:
             return original.to(device)
         return self._apply(entries, original.to(device, torch.float32))

@@ -4,7 +4,9 @@ extracted LoRAs written to the output folder.
 Merges return clones carrying merge patches (diffusion/merge.py): the inputs are unchanged, nothing is copied,
 and LoRAs loaded before a merge are merged with their model. Savers write the weights the patches make, in the
 original single-file layout (diffusion/model_save.py), as `<prefix>_<counter>_.safetensors` under the output
-folder (the prefix may hold subfolders), with the workflow in the metadata as ComfyUI's savers keep it.
+folder (the prefix may hold subfolders), with the workflow in the metadata as ComfyUI's savers keep it. A saver
+holds its models through the model manager while it reads them (`use`), so that no other prompt re-patches a
+shared module meanwhile; the modules then carry the patched weights, which are read as they are.
 """
 
 from __future__ import annotations
@@ -203,7 +205,8 @@ class CheckpointSave(_Saver):
                                       clip_heads(clip.patchers))}
         plan = checkpoint_plan(model.patcher, clip.text.family, clip.patchers, vae.patcher,
                                v_prediction=prediction == "v")
-        plan.write(path, metadata)
+        with model.manager.use([model.patcher, *clip.patchers.values(), vae.patcher]):
+            plan.write(path, metadata)
         log.info("saved checkpoint %s", context.env.public_name(path))
         return NodeOutput()
 
@@ -217,7 +220,8 @@ class ModelSave(_Saver):
         family, prediction = model.family, _prediction(model)
         metadata = {**latent_metadata(prompt, extra_pnginfo),
                     **config_metadata(family.name, prediction, family.unet)}
-        checkpoint_plan(model.patcher, v_prediction=prediction == "v").write(path, metadata)
+        with model.manager.use([model.patcher]):
+            checkpoint_plan(model.patcher, v_prediction=prediction == "v").write(path, metadata)
         return NodeOutput()
 
 
@@ -229,7 +233,8 @@ class VAESave(_Saver):
         path, _ = save_path(context, filename_prefix)
         metadata = {**latent_metadata(prompt, extra_pnginfo),
                     **config_metadata(vae_norm_groups=vae.vae.config.norm_groups)}
-        vae_plan(vae.patcher).write(path, metadata)
+        with vae.manager.use([vae.patcher]):
+            vae_plan(vae.patcher).write(path, metadata)
         return NodeOutput()
 
 
@@ -244,7 +249,8 @@ class CLIPSave(_Saver):
             path, _ = save_path(context, f"{filename_prefix}_clip_{name}")
             metadata = {"format": "pt", **latent_metadata(prompt, extra_pnginfo),
                         **config_metadata(text_heads=patcher.model.config.num_attention_heads)}
-            tensors = {key: value.contiguous() for key, value in bare_text_encoder(patcher).items()}
+            with clip.manager.use([patcher]):
+                tensors = {key: value.contiguous() for key, value in bare_text_encoder(patcher).items()}
             save_file(tensors, str(path), metadata=metadata)
         return NodeOutput()
 
@@ -276,11 +282,13 @@ class LoraSave(_Saver):
         if model_diff is not None:
             params = [n for n, _ in model_diff.patcher.model.named_parameters()]
             names = kohya_unet_names(model_diff.family.unet, params)
-            tensors.update(extract_layers(model_diff.patcher, names, rank, lora_type, bias_diff))
+            with model_diff.manager.use([model_diff.patcher]):
+                tensors.update(extract_layers(model_diff.patcher, names, rank, lora_type, bias_diff))
         if text_encoder_diff is not None:
             for encoder, names in kohya_text_names(text_encoder_diff.text).items():
                 patcher = text_encoder_diff.patchers[encoder]
-                tensors.update(extract_layers(patcher, names, rank, lora_type, bias_diff))
+                with text_encoder_diff.manager.use([patcher]):
+                    tensors.update(extract_layers(patcher, names, rank, lora_type, bias_diff))
         path, _ = save_path(context, filename_prefix)
         save_file(tensors, str(path))
         log.info("saved LoRA %s (%d tensors)", context.env.public_name(path), len(tensors))
