@@ -61,7 +61,7 @@ def _res_multistep(
             h = math.log(sig[i]) - math.log(sigma_down)
             decay = math.exp(-h)
             x = decay * start + (1 - decay) * denoised  # e^{-h} x + h phi_1(-h) D
-            if old_denoised is not None and h_last > 0:
+            if old_denoised is not None and h_last > 0 and h > 0:  # (a repeated sigma is a no-op step)
                 phi_1 = -math.expm1(-h) / h
                 phi_2 = (1 - phi_1) / h  # phi_2(-h) = (phi_1(-h) - 1) / (-h)
                 x = x + (h * h * phi_2 / h_last) * (denoised - old_denoised)

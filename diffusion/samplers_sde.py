@@ -159,10 +159,10 @@ def er_sde(
         r, c_1, c_2 = er_sde_coefficients(sig[i], sig[i + 1], phi)
         x = r * x + (1 - r) * denoised
         slope = None
-        if stage >= 2 and old_denoised is not None:
+        if stage >= 2 and old_denoised is not None and sig[i] != sig[i - 1]:
             slope = (denoised - old_denoised) / (sig[i] - sig[i - 1])
             x = x + c_1 * slope
-            if stage >= 3 and old_slope is not None:
+            if stage >= 3 and old_slope is not None and sig[i] != sig[i - 2]:
                 x = x + c_2 * ((slope - old_slope) / ((sig[i] - sig[i - 2]) / 2))
         std = math.sqrt(max(sig[i + 1] ** 2 - (r * sig[i]) ** 2, 0.0))
         if s_noise != 0 and std > 0:

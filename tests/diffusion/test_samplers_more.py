@@ -401,3 +401,12 @@ def test_every_new_deterministic_sampler_converges_to_the_exact_ode(schedule):
     first_order = {"euler_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp"}
     assert all(e < (0.12 if n in first_order else 0.02) for n, e in errs.items()), errs
     assert np.isfinite(list(errs.values())).all()
+
+
+@pytest.mark.parametrize("name", ["res_multistep", "res_multistep_cfg_pp", "er_sde"])
+def test_a_repeated_sigma_is_a_harmless_step(name):
+    sigmas = torch.tensor([10.0, 4.0, 4.0, 1.5, 0.6, 0.6, 0.2, 0.0])
+    x = start_sample((1, 1, 8, 8), sigmas[0], seed=5)
+    out = get_sampler(name)(gaussian_denoiser, x, sigmas, noise_sampler=seeded_noise_sampler(x, 1))
+    assert torch.isfinite(out).all()
+    assert abs(out.mean().item() - MU) < 0.1 and abs(out.std().item() - STD) < 0.15
