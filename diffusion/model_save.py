@@ -111,8 +111,10 @@ def config_metadata(
     unet: object | None = None,
     vae_norm_groups: int | None = None,
     text_heads: int | None = None,
+    text_kind: str | None = None,
 ) -> dict[str, str]:
-    """The `latentloom.config` entry for what a file holds (unet: a UNetConfig)."""
+    """The `latentloom.config` entry for what a file holds (unet: a UNetConfig; text_kind: l, h or g for a
+    file holding one text encoder)."""
     config: dict[str, object] = {}
     if family is not None:
         config["family"] = family
@@ -126,6 +128,8 @@ def config_metadata(
         config["vae"] = {"norm_groups": vae_norm_groups}
     if text_heads is not None:
         config["clip"] = {"num_heads": text_heads}
+    if text_kind is not None:
+        config.setdefault("clip", {})["kind"] = text_kind
     return {CONFIG_METADATA_KEY: json.dumps(config, sort_keys=True)} if config else {}
 
 

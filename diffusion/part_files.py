@@ -157,15 +157,19 @@ def text_encoder_kind(ours: Mapping[str, Tensor]) -> str:
     return "g" if width == 1280 or layers >= 32 else "h"
 
 
-def read_text_encoder(path: str | os.PathLike) -> tuple[dict[str, Tensor], int | None]:
-    """(one text encoder file's weights in our layout, its head count from the metadata or None)."""
+def read_text_encoder(path: str | os.PathLike) -> tuple[dict[str, Tensor], int | None, str | None]:
+    """(one text encoder file's weights in our layout, its head count and its kind (l, h, g) from the
+    `latentloom.config` metadata, or None: the kind of small test encoders cannot be told from their shapes)."""
     sd = read_state_dict(path)
-    heads = config_metadata(read_metadata(path)).get("clip", {}).get("num_heads")
+    clip = config_metadata(read_metadata(path)).get("clip", {})
+    heads, kind = clip.get("num_heads"), clip.get("kind")
+    if kind not in (None, "l", "h", "g"):
+        raise CheckpointError(f"{path}: metadata says the text encoder kind is {kind!r}; expected l, h or g")
     for prefix in TEXT_PREFIXES:
         if detect_layout(sd, prefix) is None:
             continue
         try:
-            return text_encoder_state_dict(sd, prefix), None if heads is None else int(heads)
+            return text_encoder_state_dict(sd, prefix), None if heads is None else int(heads), kind
         except KeyLayoutError as e:
             raise CheckpointError(f"{path}: {e}") from None
     raise CheckpointError(
@@ -182,7 +186,7 @@ def load_text_encoders(paths: Sequence[str | os.PathLike], clip_type: str, *,
     """Text encoder files → a family's `TextEncoders`. clip_type "stable_diffusion" takes one file (CLIP-L: SD1,
     ViT-H: SD2, bigG: the SDXL refiner); "sdxl" takes CLIP-L and a projected encoder, in either order."""
     read = [(p, *read_text_encoder(p)) for p in paths]
-    kinds = [text_encoder_kind(ours) for _, ours, _ in read]
+    kinds = [hint or text_encoder_kind(ours) for _, ours, _, hint in read]
     if clip_type == "stable_diffusion":
         if len(read) != 1:
             raise ValueError(f"type stable_diffusion takes one text encoder file, got {len(read)}")
@@ -190,16 +194,16 @@ def load_text_encoders(paths: Sequence[str | os.PathLike], clip_type: str, *,
         by_name = {TEXT_FAMILIES[family][0].name: read[0]}
     elif clip_type == "sdxl":
         if len(read) != 2 or sorted(k == "l" for k in kinds) != [False, True]:
-            shown = ", ".join(f"{os.path.basename(p)}: {k}" for (p, _, _), k in zip(read, kinds, strict=True))
+            shown = ", ".join(f"{os.path.basename(p)}: {k}" for (p, *_), k in zip(read, kinds, strict=True))
             raise ValueError(f"type sdxl needs CLIP-L (no text projection) and CLIP-G (with one); got {shown}")
         family = "sdxl"
         by_name = {("l" if k == "l" else "g"): r for r, k in zip(read, kinds, strict=True)}
     else:
         raise ValueError(f"text encoder type {clip_type!r} is not supported here (Stable Diffusion family only)")
-    heads = {h for _, _, h in read if h is not None}
+    heads = {h for _, _, h, _ in read if h is not None}
     sd: dict[str, Tensor] = {}
     for spec in TEXT_FAMILIES[family]:
-        _, ours, _ = by_name[spec.name]
+        ours = by_name[spec.name][1]
         if dtype is not None:
             ours = {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in ours.items()}
         sd.update(to_hf_checkpoint(ours, spec.prefixes[0]))

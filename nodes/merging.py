@@ -248,7 +248,7 @@ class CLIPSave(_Saver):
         for name, patcher in clip.patchers.items():
             path, _ = save_path(context, f"{filename_prefix}_clip_{name}")
             metadata = {"format": "pt", **latent_metadata(prompt, extra_pnginfo),
-                        **config_metadata(text_heads=patcher.model.config.num_attention_heads)}
+                        **config_metadata(text_heads=patcher.model.config.num_attention_heads, text_kind=name)}
             with clip.manager.use([patcher]):
                 tensors = {key: value.contiguous() for key, value in bare_text_encoder(patcher).items()}
             save_file(tensors, str(path), metadata=metadata)

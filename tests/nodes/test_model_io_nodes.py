@@ -182,6 +182,9 @@ def test_parts_saved_as_files_load_back_through_the_part_loaders(eng):
     (clip_h,) = model_io.CLIPLoader().execute("sd2_clip_h_00001_.safetensors", "stable_diffusion", context=c)
     assert clip_h.text.family == "sd2"
     torch.testing.assert_close(clip_h.encode("a red circle")[0], sd2_clip.encode("a red circle")[0])
+    assert "sd2_00001_.safetensors" in model_io.UNETLoader.info(eng.env)["input"]["required"]["unet_name"][0]
+    (refiner_clip,) = model_io.CLIPLoader().execute("sdxl_clip_g_00001_.safetensors", "stable_diffusion", context=c)
+    assert refiner_clip.text.family == "sdxl_refiner"  # bigG alone is the refiner's
     (clip_l,) = model_io.CLIPLoader().execute("sd1_clip_l_00001_.safetensors", "stable_diffusion", context=c)
     _, sd1_clip, sd1_vae = handles(eng, "sd1.safetensors")
     assert clip_l.text.family == "sd1"
