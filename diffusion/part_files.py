@@ -25,7 +25,7 @@ import torch
 from .checkpoint import CheckpointError, key_prefixes, read_metadata, read_state_dict, strip_prefix
 from .clip_keys import PROJECTION, TEXT, KeyLayoutError, detect_layout, text_encoder_state_dict, to_hf_checkpoint
 from .families import SCALING_FACTORS, SD2_V_PROBE, UNET_PREFIX, ModelFamily, config_metadata
-from .loader import fill_module
+from .loader import _stored_dtype, fill_module
 from .text_encoders import FAMILIES as TEXT_FAMILIES
 from .text_encoders import TextEncoders
 from .unet import UNetConfig, UNetModel
@@ -119,10 +119,15 @@ def _unet_prediction(sd: Mapping[str, Tensor], unet_sd: Mapping[str, Tensor], na
 
 
 def load_unet_file(
-    path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    round_to: torch.dtype | None = None,
 ) -> tuple[UNetModel, ModelFamily]:
     """A diffusion-model-only file → (UNet, its family). The family carries the default SD VAE config: the file
-    has no VAE, and any VAE of the family's latent space fits."""
+    has no VAE, and any VAE of the family's latent space fits. `round_to` (an fp8 dtype) rounds every floating
+    weight to that format's precision, kept in `dtype`: the weights an fp8-stored model computes with."""
     sd = read_state_dict(path)
     config = config_metadata(read_metadata(path))
     try:
@@ -133,9 +138,7 @@ def load_unet_file(
         name = _family_of_unet(unet_config, config)
         with torch.device("meta"):
             unet = UNetModel(unet_config)
-        stored = max((t.dtype for t in unet_sd.values() if t.dtype.is_floating_point), key=lambda d: d.itemsize,
-                     default=torch.float32)
-        fill_module(unet, unet_sd, "UNet", dtype or stored, torch.device(device))
+        fill_module(unet, unet_sd, "UNet", dtype or _stored_dtype(unet_sd), torch.device(device))
     except (CheckpointError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     family = ModelFamily(
@@ -144,6 +147,11 @@ def load_unet_file(
         vae=VAEConfig(z_channels=unet_config.out_channels, embed_dim=unet_config.out_channels),
         latent_channels=unet_config.out_channels, scaling_factor=SCALING_FACTORS[name], text_family=name,
     )
+    if round_to is not None:
+        with torch.no_grad():
+            for param in unet.parameters():
+                if param.dtype.is_floating_point:
+                    param.copy_(param.to(round_to).to(param.dtype))
     log.info("loaded %s as a %s diffusion model (%s layout)", path, family.title, layout)
     return unet, family
 

@@ -40,6 +40,8 @@ CLIP_TYPES = ["stable_diffusion", "stable_cascade", "sd3", "stable_audio", "moch
               "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image"]
 DUAL_CLIP_TYPES = ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"]
 WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
+# fp8 weights: rounded to the format's precision, kept in the compute dtype (ComfyUI's picture, not its memory saving)
+FP8_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def _configs(env: Environment | None) -> list[str]:
@@ -103,28 +105,27 @@ class CheckpointLoader(_ModelFileNode):
 class UNETLoader(_ModelFileNode):
     display_name = "Load Diffusion Model"
     category = "advanced/loaders"
-    description = "Loads a diffusion model (UNet) kept in a file of its own, original or diffusers layout."
+    description = ("Loads a diffusion model (UNet) kept in a file of its own, original or diffusers layout. fp8 "
+                   "weight types round the weights to fp8 precision; they are kept in the compute dtype.")
     hidden = ("context",)
     model_kind, name_input = "diffusion_models", "unet_name"
     inputs = [Combo("unet_name", _models("diffusion_models")), Combo("weight_dtype", WEIGHT_DTYPES)]
     outputs = [Output(MODEL)]
 
     def execute(self, unet_name, weight_dtype, context):
-        if weight_dtype != "default":
-            raise ValueError(f"UNETLoader weight_dtype {weight_dtype!r}: fp8 weight storage is not supported here; "
-                             f"use 'default'")
         env = context.env
         path = env.find_model("diffusion_models", unet_name)
 
         def load() -> DiffusionModel:
             manager = env.model_manager()
             with env.naming_files():
-                unet, family = load_unet_file(path, dtype=pick_dtype(manager.device))
+                unet, family = load_unet_file(path, dtype=pick_dtype(manager.device),
+                                              round_to=FP8_DTYPES.get(weight_dtype))
             patcher = ModelPatcher(unet, manager.device, "cpu", name=Path(unet_name).stem)
             dtype = next(unet.parameters()).dtype
             return DiffusionModel(patcher, family, model_sampling_for(family), manager, dtype)
 
-        return (env.model_cache.load(("unet", *_file_key(path)), load),)
+        return (env.model_cache.load(("unet", *_file_key(path), weight_dtype), load),)
 
 
 def _load_clip(env: Environment, names: list[str], clip_type: str) -> ClipModel:

@@ -209,6 +209,12 @@ def test_unet_loader_reads_the_diffusers_layout(eng):
     assert unet.family.name == "sdxl"
     for key, value in unet.patcher.model.named_parameters():
         assert torch.equal(value, ours[key]), key
+    (fp8,) = model_io.UNETLoader().execute("xl-diffusers.safetensors", "fp8_e5m2", context=ctx(eng))
+    assert fp8 is not unet and fp8.dtype == F32
+    key = "input_blocks.0.0.weight"
+    weight = fp8.patcher.model.get_parameter(key)
+    assert torch.equal(weight, ours[key].to(torch.float8_e5m2).float()) and not torch.equal(weight, ours[key])
+    assert torch.equal(unet.patcher.model.get_parameter(key), ours[key])  # the default load is untouched
 
 
 def test_latent_round_trip_and_comfyui_files(eng):
@@ -265,8 +271,6 @@ def test_errors_name_the_node_file_and_folder(eng):
         model_io.UNETLoader().execute("a-vae.safetensors", "default", context=c)
     assert "models/diffusion_models/a-vae.safetensors" in str(info.value) and "not a diffusion model" in str(info.value)
     assert str(eng.env.data_dir) not in str(info.value)
-    with pytest.raises(ValueError, match="UNETLoader weight_dtype 'fp8_e4m3fn'"):
-        model_io.UNETLoader().execute("a-vae.safetensors", "fp8_e4m3fn", context=c)
     assert "diffusion_models model 'none.safetensors' not found in models/diffusion_models, models/unet" in \
         model_io.UNETLoader.validate_inputs({"unet_name": "none.safetensors"}, eng.env)
     with pytest.raises(ValueError, match="CLIPLoader type 'sd3' is not supported"):
