@@ -23,6 +23,7 @@ node), and the flags. So all of them must match, with these exceptions, each for
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -256,3 +257,18 @@ def test_is_subsequence():
     assert is_subsequence([], ["a"])
     assert not is_subsequence(["c", "a"], ["a", "b", "c"])
     assert not is_subsequence(["a", "x"], ["a", "b", "c"])
+
+
+def test_every_declared_input_reaches_execute(tmp_path):
+    """What /object_info declares, the executor passes by name (hidden ones such as GetImageSize's unique_id
+    too): each must be a parameter of `execute`, or the node fails with a TypeError when it runs."""
+    registry = build_registry(Environment(tmp_path), plugins=False)
+    problems = []
+    for name, cls in registry.items():
+        parameters = inspect.signature(cls.execute).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            continue
+        unknown = [n for n in [i.name for i in cls.inputs] + list(cls.hidden) if n not in parameters]
+        if unknown:
+            problems.append(f"{name}.execute takes no {unknown}")
+    assert not problems, "\n".join(problems)
