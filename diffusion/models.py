@@ -51,6 +51,8 @@ class DiffusionModel:
     guidance_hooks: GuidanceHooks = dataclasses.field(default_factory=GuidanceHooks)
     # Hooks in the UNet's forward (FreeU, deep shrink, attention patches); a clone adds to them: `with_unet_patches`.
     unet_patches: UNetPatches = dataclasses.field(default_factory=UNetPatches)
+    # Differential Diffusion: (sigma, mask, sigmas, model_sampling) -> the inpainting mask of each step.
+    denoise_mask_fn: Callable[[Tensor, Tensor, Tensor, ModelSampling], Tensor] | None = None
     _preview: dict[str, LatentRGBProjection] = dataclasses.field(default_factory=dict, repr=False)
 
     def with_guidance_hooks(self, hooks: GuidanceHooks) -> DiffusionModel:

@@ -88,6 +88,7 @@ def sample(
     callback: Callback = None,
     extra_args: dict[str, Any] | None = None,
     sampler_options: dict[str, Any] | None = None,
+    denoise_mask_fn: Callable[[Tensor, Tensor, Tensor, ModelSampling], Tensor] | None = None,
 ) -> Tensor:
     """Run `sampler_name` over `sigmas` from `latent` and return the final latent.
 
@@ -95,7 +96,8 @@ def sample(
     top of the model's schedule, as ComfyUI does); with add_noise False the noise is zero, i.e. `latent` already
     carries its noise. With `noise_mask` (1 = repaint) the model sees the unmasked region as the input latent
     re-noised to the current sigma, its output there is replaced by the input latent, and the result equals
-    the input latent outside the mask. Fewer than two sigmas return the input unchanged.
+    the input latent outside the mask. Fewer than two sigmas return the input unchanged. `denoise_mask_fn(sigma,
+    mask, sigmas, model_sampling)` gives each step its own mask (Differential Diffusion); the last one is final.
     """
     sampler = get_sampler(sampler_name)
     if len(sigmas) < 2:
@@ -111,9 +113,9 @@ def sample(
     x = model_sampling.noise_scaling(sigma_0, noise, latent, max_denoise=max_denoise)
 
     model = model_fn
-    mask = None
+    mask = final_mask = None
     if noise_mask is not None:
-        mask = prepare_mask(noise_mask, latent)
+        mask = final_mask = prepare_mask(noise_mask, latent)
         keep = 1 - mask
         inpaint_noise = noise
         if sampler_name == "ddim":  # ComfyUI's ddim re-noises the kept region with its own noise (seed + 1)
@@ -121,9 +123,14 @@ def sample(
             inpaint_noise = torch.randn(latent.shape, generator=generator).to(latent.device, latent.dtype)
 
         def model(x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
+            nonlocal final_mask
             known = model_sampling.noise_scaling(sigma, inpaint_noise, latent)
-            out = model_fn(x * mask + known * keep, sigma, **kwargs)
-            return out * mask + latent * keep
+            step_mask, step_keep = mask, keep
+            if denoise_mask_fn is not None:
+                step_mask = final_mask = denoise_mask_fn(sigma, mask, sigmas, model_sampling)
+                step_keep = 1 - step_mask
+            out = model_fn(x * step_mask + known * step_keep, sigma, **kwargs)
+            return out * step_mask + latent * step_keep
 
     if sampler_name in BROWNIAN_NOISE_SAMPLERS:
         noise_sampler = BrownianNoiseSampler(x, seed)
@@ -132,6 +139,6 @@ def sample(
     out = sampler(model, x, sigmas, extra_args=extra_args, callback=callback, noise_sampler=noise_sampler,
                   **(sampler_options or {}))
     out = model_sampling.inverse_noise_scaling(sigmas[-1], out)
-    if mask is not None:
-        out = out * mask + latent * (1 - mask)
+    if final_mask is not None:
+        out = out * final_mask + latent * (1 - final_mask)
     return out

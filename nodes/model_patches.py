@@ -7,12 +7,15 @@ swaps its ModelSampling. Patches on one model compose in the order the nodes app
 
 from __future__ import annotations
 
+import dataclasses
+
 from diffusion.attention_patches import (
     hypertile_patches,
     perturbed_attention_hooks,
     self_attention_guidance_hooks,
     tome_patches,
 )
+from diffusion.differential_diffusion import differential_mask_fn
 from diffusion.guidance_patches import cfg_zero_star_hooks, perp_neg_hooks, rescale_cfg_hooks
 from diffusion.model_sampling import PREDICTION_TYPES, discrete_model_sampling
 from diffusion.models import DiffusionModel
@@ -190,5 +193,20 @@ class TomePatchModel(Node):
         return (model.with_unet_patches(tome_patches(ratio)),)
 
 
+class DifferentialDiffusion(Node):
+    display_name = "Differential Diffusion"
+    category = "_for_testing"
+    python_module = "comfy_extras.nodes_differential_diffusion"
+    experimental = True
+    description = ("Reads the inpainting mask as how much each pixel may change: a pixel joins the repainted "
+                   "region at the step where the mask exceeds a threshold falling from 1 to 0.")
+    inputs = [Socket("model", MODEL), Float("strength", default=1.0, min=0.0, max=1.0, step=0.01, optional=True)]
+    outputs = _MODEL_OUT
+
+    def execute(self, model: DiffusionModel, strength: float = 1.0):
+        return (dataclasses.replace(model.clone(), denoise_mask_fn=differential_mask_fn(strength)),)
+
+
 NODE_CLASSES = [ModelSamplingDiscrete, RescaleCFG, CFGZeroStar, PerpNeg, PerpNegGuider, FreeU, FreeU_V2,
-                PatchModelAddDownscale, PerturbedAttentionGuidance, SelfAttentionGuidance, HyperTile, TomePatchModel]
+                PatchModelAddDownscale, PerturbedAttentionGuidance, SelfAttentionGuidance, HyperTile, TomePatchModel,
+                DifferentialDiffusion]

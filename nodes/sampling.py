@@ -88,10 +88,12 @@ def run_sampler(context: Any, model: DiffusionModel, positive: Conditioning, neg
         result = sample(guider, sampler_name, sigmas.to(device), samples.to(device).float() * scale,
                         noise.to(device), model_sampling=model.model_sampling, seed=seed,
                         noise_mask=None if noise_mask is None else noise_mask.to(device), add_noise=add_noise,
-                        callback=callback, sampler_options=sampler_options)
+                        callback=callback, sampler_options=sampler_options, denoise_mask_fn=model.denoise_mask_fn)
     out["samples"] = result.float().cpu() / scale
     if noise_mask is not None:  # outside the mask the input comes back bit for bit, not via the scaled space
         mask = prepare_mask(noise_mask, samples).cpu()
+        if model.denoise_mask_fn is not None:  # Differential Diffusion: the mask of the last step
+            mask = model.denoise_mask_fn(sigmas[-2:-1].cpu(), mask, sigmas.cpu(), model.model_sampling)
         out["samples"] = out["samples"] * mask + samples.float() * (1 - mask)
     denoised = dict(latent)
     denoised["samples"] = last["denoised"].float().cpu() / scale if last else out["samples"]

@@ -18,6 +18,7 @@ from diffusion.attention_patches import (
     tile_count,
     tome_patches,
 )
+from diffusion.differential_diffusion import differential_mask, differential_mask_fn
 from diffusion.guidance import GuidanceStep
 from diffusion.guidance_patches import cfg_zero_star, optimized_scale, perp_neg, rescale_cfg
 from diffusion.model_sampling import DistilledModelSampling, discrete_model_sampling
@@ -343,3 +344,38 @@ def test_sag_mask_and_blur():
     torch.testing.assert_close(blurred[4:13, 4:13], taps[:, None] * taps[None, :])
     assert blurred.sum().item() == pytest.approx(1.0, abs=1e-5)
     assert gaussian_blur(impulse, 0.0) is impulse
+
+
+# --- Differential Diffusion ----------------------------------------------------------------------------------
+
+
+def test_differential_mask_threshold_falls_with_the_timestep():
+    ms = discrete_model_sampling("eps")
+    sigmas = torch.cat([ms.sigma(torch.tensor([999.0, 500.0])), torch.zeros(1)])
+    change = torch.tensor([0.0, 0.4, 0.6, 1.0])
+    # first step: threshold 1, only m = 1 changes; at t = 500 the threshold is 500 / 999
+    assert differential_mask(ms, sigmas[:1], change, sigmas).tolist() == [0, 0, 0, 1]
+    assert differential_mask(ms, sigmas[1:2], change, sigmas).tolist() == [0, 0, 1, 1]
+    soft = differential_mask(ms, sigmas[1:2], change, sigmas, strength=0.5)
+    torch.testing.assert_close(soft, torch.tensor([0.0, 0.2, 0.8, 1.0]))
+    with pytest.raises(ValueError, match="strength must be within"):
+        differential_mask_fn(2.0)
+
+
+def test_differential_diffusion_in_sample_repaints_whole_pixels():
+    from diffusion.sampling import sample
+    ms = discrete_model_sampling("eps")
+    sigmas = torch.cat([ms.sigma(torch.tensor([999.0, 500.0])), torch.zeros(1)])
+    latent = torch.zeros(1, 1, 1, 4)
+    mask = torch.tensor([[[0.0, 0.4, 0.6, 1.0]]])
+
+    def model(x, sigma, **_):
+        return torch.full_like(x, 7.0)
+
+    kwargs = {"model_sampling": ms, "seed": 0, "noise_mask": mask}
+    noise = torch.zeros_like(latent)
+    dd = sample(model, "euler", sigmas, latent, noise, denoise_mask_fn=differential_mask_fn(), **kwargs)
+    # the last step (t = 500) repaints m >= 0.5 fully; the plain mask blends the soft values
+    torch.testing.assert_close(dd.flatten(), torch.tensor([0.0, 0.0, 7.0, 7.0]))
+    plain = sample(model, "euler", sigmas, latent, noise, **kwargs)
+    assert not torch.allclose(plain.flatten(), dd.flatten())

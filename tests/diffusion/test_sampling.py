@@ -175,7 +175,7 @@ def test_model_sampling_eps_and_v(ms):
     assert ms.percent_to_sigma(0.0) == float("inf") and ms.percent_to_sigma(1.0) == 0.0
     assert ms.percent_to_sigma(0.5) == pytest.approx(ms.schedule.t_to_sigma(torch.tensor(499.5)).item())
     with pytest.raises(ValueError, match="unknown prediction type"):
-        ModelSampling(ms.schedule, "x0")
+        ModelSampling(ms.schedule, "sample")  # x0 is known since ModelSamplingDiscrete
 
 
 def test_preview_projection_inverts_a_linear_encoder():

@@ -156,3 +156,20 @@ def test_attention_patches_compose_with_unet_patches_and_sdxl(engine):
                                    ("PatchModelAddDownscale", {**PATCHES["PatchModelAddDownscale"],
                                                                "block_number": 2})], ckpt="sdxl.safetensors"))
     assert torch.isfinite(sdxl).all()
+
+
+def test_differential_diffusion_through_ksampler(engine):
+    def inpaint(patches):
+        prompt = patched(patches)
+        prompt["50"] = {"class_type": "SolidMask", "inputs": {"value": 0.6, "width": 64, "height": 64}}
+        prompt["51"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["50", 0]}}
+        prompt["3"]["inputs"]["latent_image"] = ["51", 0]
+        return prompt
+
+    plain = latent(engine, inpaint([]))
+    full = latent(engine, inpaint([("DifferentialDiffusion", {})]))
+    half = latent(engine, inpaint([("DifferentialDiffusion", {"strength": 0.5})]))
+    # a soft mask is blended by plain inpainting; Differential Diffusion repaints whole pixels once the
+    # threshold falls under 0.6, so its result differs, and so does strength 0.5 (half soft, half thresholded)
+    assert not torch.allclose(full, plain, atol=1e-3) and not torch.allclose(half, full, atol=1e-3)
+    assert torch.isfinite(half).all()
