@@ -1,6 +1,7 @@
 """The canvas' UI → API conversion (web/js/convert.js, run by node) agrees with the server's (graph/ui_format.py)
-on every shipped workflow and on variants that use each canvas-only rule (mute, bypass, reroute, primitive,
-note, converted widget, dead link, dict widgets_values)."""
+on every shipped workflow, on ComfyUI's own templates in tests/workflows/comfyui/, and on variants that use each
+canvas-only rule (mute, bypass, reroute chains, a primitive feeding several widgets, note, converted widget, dead
+link, dict / short / missing widgets_values, control values present or not, subgraphs nested two levels)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import pytest
 from graph.ui_format import ui_to_api
 from nodes import build_registry
 from nodes.environment import Environment
+from tests.graph.subgraph_util import renamed, wrap_in_subgraph
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "workflows").glob("*.json"))
+TEMPLATES = sorted((ROOT / "tests" / "workflows" / "comfyui").glob("*.json"))
 NODE = shutil.which("node")
 
 pytestmark = pytest.mark.skipif(NODE is None, reason="node (Node.js) is not installed: the canvas' converter "
@@ -37,8 +40,10 @@ process.stdout.write(JSON.stringify(results));
 @pytest.fixture(scope="module")
 def registry_and_info(tmp_path_factory):
     env = Environment(tmp_path_factory.mktemp("web-convert") / "data")
+    (env.models_dir / "checkpoints").mkdir(parents=True)
+    (env.models_dir / "checkpoints" / "first-listed.safetensors").write_bytes(b"")  # listed, never loaded
     registry = build_registry(env, plugins=False)
-    return registry, registry.object_info(env)
+    return registry, registry.object_info(env), env
 
 
 def convert_in_node(workflows: list[dict], object_info: dict) -> list[dict]:
@@ -118,21 +123,21 @@ def variants() -> dict[str, dict]:
 
 
 def test_converters_agree_on_every_shipped_workflow(registry_and_info):
-    registry, info = registry_and_info
-    assert len(SHIPPED) >= 9
-    workflows = [json.loads(p.read_text()) for p in SHIPPED]
+    registry, info, env = registry_and_info
+    assert len(SHIPPED) >= 9 and len(TEMPLATES) >= 1
+    workflows = [json.loads(p.read_text()) for p in SHIPPED + TEMPLATES]
     results = convert_in_node(workflows, info)
-    for path, workflow, result in zip(SHIPPED, workflows, results, strict=True):
-        expected = ui_to_api(copy.deepcopy(workflow), registry)
+    for path, workflow, result in zip(SHIPPED + TEMPLATES, workflows, results, strict=True):
+        expected = ui_to_api(copy.deepcopy(workflow), registry, env)
         assert result == {"api": expected}, path.name
 
 
 def test_converters_agree_on_canvas_only_rules(registry_and_info):
-    registry, info = registry_and_info
+    registry, info, env = registry_and_info
     cases = variants()
     results = convert_in_node(list(cases.values()), info)
     for (name, workflow), result in zip(cases.items(), results, strict=True):
-        assert result == {"api": ui_to_api(copy.deepcopy(workflow), registry)}, name
+        assert result == {"api": ui_to_api(copy.deepcopy(workflow), registry, env)}, name
     by_name = dict(zip(cases, (r["api"] for r in results), strict=True))
     # the rules did something (so agreement is not agreement on a no-op)
     muted, bypassed = by_name["muted upscale"], by_name["bypassed upscale"]
@@ -154,7 +159,90 @@ def test_converters_agree_on_canvas_only_rules(registry_and_info):
 
 
 def test_node_converter_reports_malformed_input(registry_and_info):
-    _, info = registry_and_info
-    results = convert_in_node([{"nodes": [{"id": 1}], "links": []}, {"nodes": [], "links": [7]}], info)
+    _, info, _ = registry_and_info
+    looped = load("txt2img.json")
+    definition = wrap_in_subgraph(looped, looped, {6}, 40)
+    definition["nodes"][0]["type"] = definition["id"]
+    results = convert_in_node([{"nodes": [{"id": 1}], "links": []}, {"nodes": [], "links": [7]},
+                               {"nodes": [], "links": [], "definitions": {"subgraphs": [{"id": "x"}]}}, looped],
+                              info)
     assert "malformed node entry" in results[0]["error"]
     assert "malformed link entry" in results[1]["error"]
+    assert "malformed subgraph definition" in results[2]["error"]
+    assert results[3]["error"].startswith("node 40:6: subgraph 'wrapped' contains itself")
+
+
+def widget_variants() -> dict[str, dict]:
+    """Saved values missing, short, partial dicts, control values present or not, a primitive feeding several
+    widgets, a chain of Reroutes."""
+    out = {}
+    missing = load("txt2img.json")
+    for kind in ("SaveImage", "CheckpointLoaderSimple", "KSampler"):
+        del node_of(missing, kind)["widgets_values"]
+    node_of(missing, "EmptyLatentImage")["widgets_values"] = [128]
+    out["missing and short values"] = missing
+
+    partial = load("txt2img-sdxl.json")
+    advanced = [n for n in partial["nodes"] if n["type"] == "KSamplerAdvanced"]
+    advanced[0]["widgets_values"] = ["enable", 7, 25, 7.0, "dpmpp_2m", "karras", 0, 20, "enable"]  # no control
+    advanced[1]["widgets_values"] = {"noise_seed": 9, "steps": 30}
+    out["noise_seed without control, partial dict"] = partial
+
+    shared = load("txt2img.json")
+    sampler, latent = node_of(shared, "KSampler"), node_of(shared, "EmptyLatentImage")
+    shared["nodes"].append({"id": 60, "type": "PrimitiveNode", "pos": [0, 0], "mode": 0,
+                            "outputs": [{"name": "INT", "type": "INT", "links": [], "widget": {"name": "width"}}],
+                            "widgets_values": [96, "fixed"]})
+    shared["nodes"].append({"id": 61, "type": "Reroute", "pos": [0, 0], "mode": 0,
+                            "inputs": [{"name": "", "type": "*", "link": None}],
+                            "outputs": [{"name": "", "type": "INT", "links": []}]})
+    shared["nodes"].append({"id": 62, "type": "Reroute", "pos": [0, 0], "mode": 0,
+                            "inputs": [{"name": "", "type": "*", "link": None}],
+                            "outputs": [{"name": "", "type": "INT", "links": []}]})
+    latent["inputs"] = [{"name": "width", "type": "INT", "link": add_link(shared, 60, 0, latent["id"], 0, "INT"),
+                         "widget": {"name": "width"}},
+                        {"name": "height", "type": "INT", "link": add_link(shared, 62, 0, latent["id"], 1, "INT"),
+                         "widget": {"name": "height"}}]
+    node_of(shared, "Reroute")["inputs"][0]["link"] = add_link(shared, 60, 0, 61, 0, "INT")
+    shared["nodes"][-1]["inputs"][0]["link"] = add_link(shared, 61, 0, 62, 0, "INT")
+    sampler["inputs"].append({"name": "steps", "type": "INT", "link": None, "widget": {"name": "steps"}})
+    out["primitive to several widgets through reroutes"] = shared
+    return out
+
+
+def test_converters_agree_on_missing_values_and_control_values(registry_and_info):
+    registry, info, env = registry_and_info
+    cases = widget_variants()
+    results = convert_in_node(list(cases.values()), info)
+    for (name, workflow), result in zip(cases.items(), results, strict=True):
+        assert result == {"api": ui_to_api(copy.deepcopy(workflow), registry, env)}, name
+    by_name = dict(zip(cases, (r["api"] for r in results), strict=True))
+    missing = by_name["missing and short values"]
+    assert missing["9"]["inputs"]["filename_prefix"] == "ComfyUI"
+    assert missing["4"]["inputs"]["ckpt_name"] == "first-listed.safetensors"
+    assert {k: missing["3"]["inputs"][k] for k in ("seed", "steps", "cfg", "sampler_name", "denoise")} == \
+        {"seed": 0, "steps": 20, "cfg": 8.0, "sampler_name": "euler", "denoise": 1.0}
+    assert missing["5"]["inputs"] == {"width": 128, "height": 512, "batch_size": 1}
+    partial = by_name["noise_seed without control, partial dict"]
+    assert partial["10"]["inputs"]["noise_seed"] == 7 and partial["10"]["inputs"]["steps"] == 25
+    assert partial["10"]["inputs"]["end_at_step"] == 20 and partial["10"]["inputs"]["return_with_leftover_noise"] \
+        == "enable"
+    assert partial["11"]["inputs"]["noise_seed"] == 9 and partial["11"]["inputs"]["add_noise"] == "enable"
+    assert partial["11"]["inputs"]["end_at_step"] == 10000
+    shared = by_name["primitive to several widgets through reroutes"]
+    assert shared["5"]["inputs"] == {"width": 96, "height": 96, "batch_size": 1}
+
+
+def test_converters_agree_on_subgraphs_nested_two_levels(registry_and_info):
+    registry, info, env = registry_and_info
+    plain = ui_to_api(load("txt2img.json"), registry, env)
+    once = load("txt2img.json")
+    wrap_in_subgraph(once, once, {6, 7, 3, 5}, 20, name="sample")  # prompts, latent, sampler
+    twice = copy.deepcopy(once)
+    wrap_in_subgraph(twice, twice["definitions"]["subgraphs"][0], {3, 5}, 30, name="inner sampler")
+    cases = {"once": once, "twice": twice}
+    results = convert_in_node(list(cases.values()), info)
+    for (name, workflow), result in zip(cases.items(), results, strict=True):
+        assert result == {"api": ui_to_api(copy.deepcopy(workflow), registry, env)}, name
+    assert results[0]["api"] == renamed(plain, {"6": "20:6", "7": "20:7", "3": "20:3", "5": "20:5"})
+    assert results[1]["api"] == renamed(plain, {"6": "20:6", "7": "20:7", "3": "20:30:3", "5": "20:30:5"})

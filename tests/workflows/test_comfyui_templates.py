@@ -1,0 +1,190 @@
+"""ComfyUI's own published workflow templates of the SD family (tests/workflows/comfyui/, see its README) run
+unchanged on random-weight checkpoints, LoRAs, a VAE and an embedding written under the names they reference.
+
+Each template is converted from its UI format as saved, and run in process the way `latentloom run FILE --set ...`
+runs it (server.cli.load: conversion, then the --set overrides); the default template also runs through the real
+CLI. Every template's size and step counts are forced down with --set (listed in SMALL): at the templates' own
+sizes a single one takes about five minutes on the 2-core test machine even with tiny models (the default's
+512×512, 20 steps: 295 s measured); the overrides change sizes and step counts only, never a node or a link.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion.lora import kohya_text_names, kohya_unet_names, save_lora
+from diffusion.patcher import LoraDelta
+from diffusion.random_checkpoints import checkpoint_spec, write_random_checkpoint, write_random_vae
+from graph.executor import Executor
+from graph.ui_format import ui_to_api
+from graph.validation import validate_prompt
+from nodes import build_registry
+from nodes.environment import Environment
+from server.cli import load
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES = ROOT / "tests" / "workflows" / "comfyui"
+PATHS = sorted(TEMPLATES.glob("*.json"))
+
+CHECKPOINTS = {  # file name the templates reference → (family, options)
+    "v1-5-pruned-emaonly-fp16.safetensors": ("sd1", {}),
+    "DreamShaper_8_pruned.safetensors": ("sd1", {}),
+    "dreamshaper_8.safetensors": ("sd1", {}),
+    "v2-1_768-ema-pruned.safetensors": ("sd2", {"prediction": "v"}),
+    "512-inpainting-ema.safetensors": ("sd2", {"inpaint": True}),
+    "sd_xl_base_1.0.safetensors": ("sdxl", {}),
+    "sd_xl_refiner_1.0.safetensors": ("sdxl_refiner", {}),
+    "sd_xl_turbo_1.0_fp16.safetensors": ("sdxl", {}),
+}
+LORAS = ("blindbox_v1_mix.safetensors", "MoXinV1.safetensors")  # for the SD1 dreamshaper_8
+VAE = "vae-ft-mse-840000-ema-pruned.safetensors"
+EMBEDDING = "SDA768.pt"  # A1111 textual inversion, for SD2's text encoder
+IMAGES = ("image2image_input_image.jpg", "inpaint_example_input_image.png",
+          "inpaint_model_outpainting_input_image.png")
+
+FEW = 2  # sampler steps when a template's own count is forced down
+SMALL: dict[str, list[str]] = {  # template → --set overrides: sizes and step counts only
+    "default": ["5.width=64", "5.height=64", f"3.steps={FEW}"],
+    "area_composition": ["5.width=64", "5.height=128", "15.width=64", "15.height=64", "18.width=64",
+                         "18.height=64", "18.y=64", "34.width=64", "34.height=64", "34.y=48", "11.width=64",
+                         "11.height=64", "11.y=32", "22.width=96", "22.height=192", f"3.steps={FEW}",
+                         f"24.steps={FEW}"],
+    "area_composition_square_area_for_subject": ["5.width=96", "5.height=96", "46.width=64", "46.height=64",
+                                                 "46.y=16", "22.width=128", "22.height=128", f"3.steps={FEW}",
+                                                 f"24.steps={FEW}"],
+    "embedding_example": ["5.width=64", "5.height=64", f"3.steps={FEW}"],
+    "hiresfix_latent_workflow": ["5.width=64", "5.height=64", "10.width=96", "10.height=96", f"3.steps={FEW}",
+                                 f"11.steps={FEW}"],
+    "image2image": ["18.megapixels=0.01", f"3.steps={FEW}"],
+    "inpaint_example": ["33.megapixels=0.01", f"3.steps={FEW}"],
+    "inpaint_model_outpainting": ["38.megapixels=0.01", "30.left=8", "30.top=8", "30.right=8", "30.bottom=16",
+                                  f"3.steps={FEW}"],
+    "latent_upscale_different_prompt_model": ["5.width=64", "5.height=64", f"3.steps={FEW}", f"32.steps={FEW}"],
+    "lora": ["5.width=64", "5.height=64", f"3.steps={FEW}"],
+    "lora_multiple": ["5.width=64", "5.height=64", f"3.steps={FEW}"],
+    "sdxl_refiner_prompt_example": ["5.width=64", "5.height=64", "10.steps=3", "10.end_at_step=2", "11.steps=3",
+                                    "11.start_at_step=2"],
+    "sdxl_simple_example": ["5.width=64", "5.height=64", "10.steps=3", "10.end_at_step=2", "11.steps=3",
+                            "11.start_at_step=2"],
+    "sdxlturbo_example": ["5.width=64", "5.height=64"],  # one step already
+}
+
+
+# Over ~20 s each here even when small (two sampling passes, area conditioning): run with LATENTLOOM_SLOW=1.
+SLOW = {"area_composition": 24, "area_composition_square_area_for_subject": 21, "hiresfix_latent_workflow": 21}
+RUN_SLOW = os.environ.get("LATENTLOOM_SLOW") == "1"
+CASES = [pytest.param(p, id=p.stem, marks=[pytest.mark.slow, pytest.mark.skipif(
+    not RUN_SLOW, reason=f"{SLOW[p.stem]} s measured; set LATENTLOOM_SLOW=1")]) if p.stem in SLOW
+    else pytest.param(p, id=p.stem) for p in PATHS]
+
+
+def write_lora(path: Path, checkpoint: Path, seed: int) -> None:
+    """A random kohya LoRA on a few UNet and text-encoder layers of `checkpoint`."""
+    from diffusion.loader import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    params = dict(loaded.unet.named_parameters())
+    for module, kohya in kohya_unet_names(loaded.unet.config, params).items():
+        weight = params[module + ".weight"]
+        if weight.ndim == 2 and len(layers) < 6:
+            layers[kohya] = LoraDelta(torch.randn(weight.shape[0], 2, generator=gen) * 0.1,
+                                      torch.randn(2, weight.shape[1], generator=gen) * 0.1)
+    text_params = dict(loaded.text.encoders["l"].model.named_parameters())
+    for module, kohya in list(kohya_text_names(loaded.text)["l"].items())[:6]:
+        weight = text_params[module + ".weight"]
+        if weight.ndim == 2:
+            layers[kohya] = LoraDelta(torch.randn(weight.shape[0], 2, generator=gen) * 0.1,
+                                      torch.randn(2, weight.shape[1], generator=gen) * 0.1)
+    save_lora(path, layers)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("templates") / "data"
+    models = data / "models"
+    for folder in ("checkpoints", "loras", "vae", "embeddings"):
+        (models / folder).mkdir(parents=True)
+    for seed, (name, (family, options)) in enumerate(CHECKPOINTS.items()):
+        write_random_checkpoint(models / "checkpoints" / name, family, seed=seed, **options)
+    for seed, name in enumerate(LORAS):
+        write_lora(models / "loras" / name, models / "checkpoints" / "dreamshaper_8.safetensors", seed)
+    write_random_vae(models / "vae" / VAE, seed=7)
+    width = checkpoint_spec("sd2").text[0].config.hidden_size
+    torch.save({"string_to_param": {"*": torch.randn(2, width, generator=torch.Generator().manual_seed(3))}},
+               models / "embeddings" / EMBEDDING)
+    (data / "input").mkdir()
+    rgba = np.full((96, 128, 4), 255, np.uint8)
+    rgba[20:70, 30:90, :3] = (200, 40, 40)
+    rgba[40:80, 60:110, 3] = 0  # the transparent part is the inpainting mask
+    for name in IMAGES:
+        image = Image.fromarray(rgba, "RGBA")
+        (image.convert("RGB") if name.endswith(".jpg") else image).save(data / "input" / name)
+    return data
+
+
+@pytest.fixture(scope="module")
+def engine(data_dir):
+    env = Environment(data_dir)
+    env.ensure_dirs()
+    return env, build_registry(env, plugins=False), Executor(env=env)
+
+
+def test_every_template_has_overrides_and_a_source_line():
+    readme = (TEMPLATES / "README.md").read_text()
+    assert {p.stem for p in PATHS} == set(SMALL)
+    for path in PATHS:
+        assert f"`{path.name}`" in readme, path.name
+
+
+@pytest.mark.parametrize("path", CASES)
+def test_template_runs_unchanged(path, engine):
+    env, registry, executor = engine
+    raw, prompt = load(str(path), registry, SMALL[path.stem])
+    assert prompt == json.loads(json.dumps(prompt))
+    plain = ui_to_api(json.loads(path.read_text()), registry, env)
+    changed = {(node_id, name) for node_id, node in prompt.items() for name, value in node["inputs"].items()
+               if plain[node_id]["inputs"].get(name) != value}
+    assert changed == {tuple(item.split("=")[0].split(".", 1)) for item in SMALL[path.stem]}  # sizes/steps only
+    validation = validate_prompt(prompt, registry, env)
+    assert validation.ok, validation.response()
+    result = executor.execute(validation.prompt, path.stem, None, {"extra_pnginfo": {"workflow": raw}})
+    assert result.status == "success", result.error and result.error["exception_message"]
+    saved = [image for output in result.outputs.values() for image in output.get("images", [])]
+    assert saved, f"{path.stem}: no image came out"
+    for image in saved:
+        folder = env.output_dir if image["type"] == "output" else env.temp_dir
+        with Image.open(folder / image.get("subfolder", "") / image["filename"]) as picture:
+            assert picture.size[0] >= 32 and picture.size[1] >= 32
+            pixels = np.asarray(picture.convert("RGB"), dtype=np.float32)
+            assert np.isfinite(pixels).all() and pixels.std() > 0  # a picture, not a constant
+
+
+def test_default_template_without_save_widgets_runs_from_the_cli(data_dir, tmp_path):
+    """The published default as the issue saw it: SaveImage saved with no widgets_values at all."""
+    workflow = json.loads((TEMPLATES / "default.json").read_text())
+    save = next(n for n in workflow["nodes"] if n["type"] == "SaveImage")
+    del save["widgets_values"]
+    path = tmp_path / "default.json"
+    path.write_text(json.dumps(workflow))
+    args = [sys.executable, "-m", "server.cli", "--data-dir", str(data_dir), "run", str(path),
+            "--output", str(tmp_path / "out")]
+    for item in SMALL["default"]:
+        args += ["--set", item]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = tmp_path / "out" / "ComfyUI_00001_.png"  # SaveImage's declared default prefix
+    assert f"node 9 (SaveImage): {saved}" in proc.stdout
+    with Image.open(saved) as image:
+        assert image.size == (64, 64)
+        assert json.loads(image.text["workflow"]) == workflow
