@@ -54,6 +54,13 @@ EXTENSIONS = {
     ("SaveAnimatedPNG", "optional", "loop"): "how many times the animation plays (ComfyUI always loops forever)",
 }
 
+# Our classes ComfyUI does not have. Any other name must be ComfyUI's exactly: a misspelt class (ComfyUI's
+# `SamplerDPMAdaptative`, say, written as it "should" be) would otherwise escape every comparison here.
+OURS_ONLY = frozenset({
+    "PromptSchedule",  # prompt travel over a batch of frames
+    "TrainLoraFromImages",  # LoRA training from a folder of images
+})
+
 # Keys ComfyUI's /object_info can give a node; we always give all of them.
 NODE_KEYS = frozenset({"input", "input_order", "output", "output_is_list", "output_name", "output_tooltips", "name",
                        "display_name", "description", "python_module", "category", "output_node", "deprecated",
@@ -182,6 +189,14 @@ def test_every_shared_node_declares_itself_as_comfyui_does(rendered):
             report.append(f"{name}:\n" + "\n".join(f"    {p}" for p in problems))
     assert not report, (f"{len(report)} of {len(shared)} classes shared with ComfyUI differ from its /object_info:\n"
                         + "\n".join(report))
+
+
+def test_every_class_is_comfyuis_or_known_to_be_ours(rendered):
+    ours, reference = rendered
+    unknown = sorted(set(ours) - set(reference) - OURS_ONLY)
+    assert not unknown, (f"classes ComfyUI does not have (a misspelt name? else add them to OURS_ONLY with why): "
+                         f"{unknown}")
+    assert set(ours) >= OURS_ONLY, sorted(OURS_ONLY - set(ours))
 
 
 def test_still_missing_samplers_are_comfyui_names():
