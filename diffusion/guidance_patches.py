@@ -8,11 +8,13 @@ eps-space value sigma * eps = x - D, and v = (x / (sigma^2 + 1) - D) * sqrt(sigm
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .guidance import CFGGuider, Conditioning, GuidanceHooks, GuidanceStep
+from .guidance import _EMPTY_WEIGHT, CFGGuider, Conditioning, ExtraCond, GuidanceHooks, GuidanceStep, _Job
+from .model_sampling import ModelSampling
 
 
 def _per_sample(sigma: Tensor, x: Tensor) -> Tensor:
@@ -83,6 +85,47 @@ def positive_only(guider: CFGGuider, conditioning: Conditioning,
     with `denoiser` in place of the guider's own when given (e.g. one that adds UNet patches)."""
     return CFGGuider(denoiser or guider.denoiser, guider.model_sampling, conditioning, [], 1.0,
                      extra_cond=guider.extra_cond)
+
+
+class PerpNegGuidance(CFGGuider):
+    """PerpNegGuider: every step evaluates the positive, the negative and the empty conditioning (batched
+    where their shapes agree) and combines them with `perp_neg`, at any cfg (also 1); the model's post hooks
+    then run on the result as after CFG."""
+
+    def __init__(self, denoiser: Callable[..., Tensor], model_sampling: ModelSampling, positive: Conditioning,
+                 negative: Conditioning, empty: Conditioning, cfg: float, neg_scale: float,
+                 extra_cond: ExtraCond | None = None, hooks: GuidanceHooks | None = None) -> None:
+        if not negative or not empty:
+            raise ValueError("PerpNegGuider needs a negative and an empty conditioning")
+        super().__init__(denoiser, model_sampling, positive, negative, cfg, extra_cond, hooks)
+        self.empty = empty
+        self.neg_scale = float(neg_scale)
+
+    def _predict(self, lists: list[Conditioning], x: Tensor, sigma: Tensor) -> list[Tensor]:
+        """The weighted-average estimate of each list, all entries of equal shape in one denoiser call."""
+        jobs = [j for slot, entries in enumerate(lists) for e in entries
+                if (j := self._resolve(slot, e, x, float(sigma.max())))]
+        groups: dict[tuple, list[_Job]] = {}
+        for j in jobs:
+            groups.setdefault(j.batch_key(), []).append(j)
+        for group in groups.values():
+            self._run(group, x, sigma)
+        sums = [torch.zeros_like(x) for _ in lists]
+        weights = [torch.full_like(x, _EMPTY_WEIGHT) for _ in lists]
+        for j in jobs:
+            h, w, y, x0 = j.area
+            sums[j.slot][:, :, y:y + h, x0:x0 + w] += j.output * j.weight
+            weights[j.slot][:, :, y:y + h, x0:x0 + w] += j.weight
+        return [total / weight for total, weight in zip(sums, weights, strict=True)]
+
+    def __call__(self, x: Tensor, sigma: Tensor, model_options: dict[str, Any] | None = None, **_: Any) -> Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+        cond, uncond, nocond = self._predict([self.positive, self.negative, self.empty], x, sigma)
+        step = GuidanceStep(cond, uncond, self.cfg, x, sigma, cond, self)
+        step.denoised = perp_neg(cond, uncond, nocond, self.cfg, self.neg_scale)
+        for hook in self.hooks.merged((model_options or {}).get("guidance_hooks")).post:
+            step.denoised = hook(step)
+        return step.denoised
 
 
 def perp_neg_hooks(empty: Conditioning, neg_scale: float) -> GuidanceHooks:

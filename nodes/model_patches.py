@@ -8,6 +8,10 @@ swaps its ModelSampling. Patches on one model compose in the order the nodes app
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from diffusion.attention_patches import (
     hypertile_patches,
@@ -16,14 +20,16 @@ from diffusion.attention_patches import (
     tome_patches,
 )
 from diffusion.differential_diffusion import differential_mask_fn
-from diffusion.guidance_patches import cfg_zero_star_hooks, perp_neg_hooks, rescale_cfg_hooks
+from diffusion.guidance import Conditioning
+from diffusion.guidance_patches import PerpNegGuidance, cfg_zero_star_hooks, perp_neg_hooks, rescale_cfg_hooks
 from diffusion.model_sampling import PREDICTION_TYPES, discrete_model_sampling
 from diffusion.models import DiffusionModel
 from diffusion.unet_patches import RESIZE_METHODS, deep_shrink_patches, freeu_patches
+from graph.memory_estimate import MemoryEstimate
 from graph.node import Boolean, Combo, Float, Int, Node, Output, Socket
 from graph.types import CONDITIONING, GUIDER, MODEL
-from nodes.sampling import cfg_input
-from nodes.sampling_custom import Guider
+from nodes.sampling import cfg_input, run_sampler
+from nodes.sampling_custom import NoNoise, RandomNoiseSource, SamplerChoice
 
 _MODEL_OUT = [Output(MODEL)]
 
@@ -76,6 +82,30 @@ class PerpNeg(Node):
         return (model.with_guidance_hooks(perp_neg_hooks(empty_conditioning, neg_scale)),)
 
 
+@dataclass
+class PerpNegGuiderChoice:
+    """GUIDER of PerpNegGuider (diffusion.guidance_patches.PerpNegGuidance)."""
+
+    model: DiffusionModel
+    positive: Conditioning
+    negative: Conditioning
+    empty: Conditioning
+    cfg: float
+    neg_scale: float
+
+    def sample(self, context: Any, noise: RandomNoiseSource | NoNoise, sampler: SamplerChoice,
+               sigmas: torch.Tensor, latent: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        model = self.model
+
+        def make_guider(denoiser: Any) -> PerpNegGuidance:
+            return PerpNegGuidance(denoiser, model.model_sampling, self.positive, self.negative, self.empty,
+                                   self.cfg, self.neg_scale, extra_cond=model.extra_cond, hooks=model.guidance_hooks)
+
+        return run_sampler(context, model, self.positive, self.negative, self.cfg, sampler.name, sigmas, latent,
+                           noise.generate(latent), noise.seed, add_noise=not isinstance(noise, NoNoise),
+                           sampler_options=dict(sampler.options), make_guider=make_guider)
+
+
 class PerpNegGuider(Node):
     category = "_for_testing"
     python_module = "comfy_extras.nodes_perpneg"
@@ -85,9 +115,13 @@ class PerpNegGuider(Node):
               Float("neg_scale", default=1.0, min=0.0, max=100.0, step=0.01)]
     outputs = [Output(GUIDER)]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        """Positive, negative and empty conditioning run in one UNet batch: three entries per latent."""
+        return MemoryEstimate(outputs=({"batch_factor": 3, "model": shapes.get("model")},))
+
     def execute(self, model: DiffusionModel, positive, negative, empty_conditioning, cfg: float, neg_scale: float):
-        patched = model.with_guidance_hooks(perp_neg_hooks(empty_conditioning, neg_scale))
-        return (Guider(patched, positive, negative, cfg),)
+        return (PerpNegGuiderChoice(model, positive, negative, empty_conditioning, cfg, neg_scale),)
 
 
 def _freeu_inputs(b1: float, b2: float) -> list:

@@ -379,3 +379,27 @@ def test_differential_diffusion_in_sample_repaints_whole_pixels():
     torch.testing.assert_close(dd.flatten(), torch.tensor([0.0, 0.0, 7.0, 7.0]))
     plain = sample(model, "euler", sigmas, latent, noise, **kwargs)
     assert not torch.allclose(plain.flatten(), dd.flatten())
+
+
+def test_perp_neg_guidance_evaluates_three_lists_in_one_batch():
+    from diffusion.guidance import GuidanceHooks
+    from diffusion.guidance_patches import PerpNegGuidance
+    calls = []
+
+    def denoiser(x, sigma, context=None, **_):
+        calls.append(x.shape[0])
+        return context[:, 0, :].reshape(-1, 4, 1, 1).expand(x.shape[0], 4, *x.shape[-2:]).clone()
+
+    def cond(*values):
+        return [(torch.tensor([[values, values]], dtype=torch.float32), {})]
+
+    ms = discrete_model_sampling("eps")
+    x = torch.zeros(1, 4, 2, 2)
+    guider = PerpNegGuidance(denoiser, ms, cond(1, 0, 0, 0), cond(1, 1, 0, 0), cond(0, 0, 0, 0), 2.0, 1.0)
+    out = guider(x, torch.tensor([1.0]))
+    assert calls == [3]  # one batched call
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([2.0, -2.0, 0.0, 0.0]))
+    post = GuidanceHooks(post=[lambda step: step.denoised * 10])
+    at_one = PerpNegGuidance(denoiser, ms, cond(1, 0, 0, 0), cond(1, 1, 0, 0), cond(0, 0, 0, 0), 1.0, 1.0,
+                             hooks=post)
+    torch.testing.assert_close(at_one(x, torch.tensor([1.0]))[0, :, 0, 0], torch.tensor([10.0, -10.0, 0.0, 0.0]))

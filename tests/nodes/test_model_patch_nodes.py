@@ -93,6 +93,11 @@ def test_perp_neg_nodes(engine):
     })
     # the guider and the patched model take the same steps from the same noise: the same latent
     torch.testing.assert_close(latent(engine, guided), deprecated, rtol=1e-4, atol=1e-4)
+    # at cfg 1 the guider still evaluates all three (e + pos - neg_scale perp is not the positive alone)
+    guided["31"]["inputs"]["cfg"] = 1.0
+    basic = dict(guided)
+    basic["31"] = {"class_type": "BasicGuider", "inputs": {"model": ["4", 0], "conditioning": ["6", 0]}}
+    assert not torch.allclose(latent(engine, guided), latent(engine, basic), atol=1e-4)
 
 
 def test_lcm_sampling_changes_the_schedule(engine):
