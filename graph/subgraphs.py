@@ -15,8 +15,11 @@ The schema assumed (ComfyUI front end's workflow schema, as its published templa
 How values flow, as the front end resolves them when it queues a prompt:
 
 - an instance input that has a link feeds every inner input linked from that subgraph input;
-- an instance input without a link whose value the instance stores (a promoted widget: `widgets_values` in
-  the order of the instance's widget inputs, or a `{name: value}` dict) feeds that value;
+- an instance input without a link whose value the instance stores (a promoted widget) feeds that value. The
+  instance's `widgets_values` are read as a `{name: value}` dict, or as a list in the order of the instance's
+  inputs that carry a `widget` entry, or else (front ends of mid 2025, whose instances list only socket inputs)
+  in the order of the definition's inputs of a widget type (INT, FLOAT, STRING, BOOLEAN, COMBO); a list that
+  fits neither count is not guessed at;
 - otherwise the inner link is dropped, so the inner node keeps its own widget value (newer front ends show the
   inner widget itself on the instance, `properties.proxyWidgets`, and save its value in the inner node).
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from graph.types import WIDGET_TYPES
 from graph.workflow import WorkflowFormatError
 
 INPUT_NODE, OUTPUT_NODE = -10, -20
@@ -145,7 +149,7 @@ class _Expander:
             chain = " -> ".join((*stack, definition["id"]))
             raise WorkflowFormatError(f"node {flat_id}: subgraph {definition.get('name') or definition['id']!r} "
                                       f"contains itself ({chain})")
-        stored = self.stored_values(node)
+        stored = self.stored_values(node, definition)
         linked = {slot.get("name") for slot in node.get("inputs") or [] if slot.get("link") is not None}
         boundary_in: dict[int, dict[str, Any]] = {}
         for index, slot in enumerate(definition.get("inputs") or []):
@@ -178,14 +182,18 @@ class _Expander:
             self.input_reroutes -= unfed
 
     @staticmethod
-    def stored_values(node: dict[str, Any]) -> dict[str, Any]:
+    def stored_values(node: dict[str, Any], definition: dict[str, Any]) -> dict[str, Any]:
         """Values an instance stores for its promoted widgets, by input name."""
         values = node.get("widgets_values")
         if isinstance(values, dict):
             return dict(values)
-        widgets = [slot.get("name") for slot in node.get("inputs") or [] if slot.get("widget")]
-        if isinstance(values, list) and values and len(values) == len(widgets):
-            return dict(zip(widgets, values, strict=True))
+        if not isinstance(values, list) or not values:
+            return {}
+        shown = [slot.get("name") for slot in node.get("inputs") or [] if slot.get("widget")]
+        typed = [slot.get("name") for slot in definition.get("inputs") or [] if slot.get("type") in WIDGET_TYPES]
+        for names in (shown, typed):
+            if len(names) == len(values):
+                return dict(zip(names, values, strict=True))
         return {}
 
 

@@ -89,6 +89,19 @@ def test_instance_without_stored_values_uses_inner_widgets():
     assert ui_to_api(workflow, REG)["12:1"]["inputs"]["b"] == 100
 
 
+def test_stored_values_in_the_order_of_the_definitions_widget_inputs():
+    workflow = hand_made()
+    instance = workflow["nodes"][1]
+    instance["inputs"] = instance["inputs"][:1]  # mid-2025 front ends list only the socket inputs
+    instance["widgets_values"] = [0, 30, 5]  # for the definition's INT inputs a, b and b2, in order
+    api = ui_to_api(workflow, REG)
+    assert api["12:1"]["inputs"] == {"a": ["3", 0], "b": 30}  # a: the link wins over the stored 0
+    assert api["12:2"]["inputs"]["b"] == 5
+    instance["widgets_values"] = [30, 5]  # fits no layout: not guessed at, the inner widgets stay
+    api = ui_to_api(workflow, REG)
+    assert api["12:1"]["inputs"]["b"] == 100 and api["12:2"]["inputs"]["b"] == 2
+
+
 def test_instance_input_linked_from_outside_beats_stored_value():
     workflow = hand_made()
     workflow["nodes"][1]["inputs"][1]["link"] = 12
@@ -151,3 +164,29 @@ def test_workflow_without_instances_is_untouched_and_bad_definitions_are_refused
     workflow["definitions"] = {"subgraphs": [{"id": INNER}]}
     with pytest.raises(WorkflowFormatError, match="malformed subgraph definition"):
         ui_to_api(workflow, REG)
+
+
+def test_comfyui_published_subgraph_templates_expand():
+    """Two of ComfyUI's own templates with subgraphs (tests/workflows/comfyui/subgraphs/, see the README there):
+    one whose instance stores its promoted widget values as a list (mid-2025 front end), one whose instance
+    keeps them in the inner nodes (proxyWidgets)."""
+    import json
+    from pathlib import Path
+
+    from nodes import build_registry
+
+    folder = Path(__file__).resolve().parents[1] / "workflows" / "comfyui" / "subgraphs"
+    registry = build_registry(plugins=False)
+    depth = ui_to_api(json.loads((folder / "depth_t2i_adapter.json").read_text()), registry)
+    inner = {k for k in depth if k.startswith("48:")}
+    assert inner == {f"48:{i}" for i in (87, 89, *range(92, 102))}
+    assert depth["45"]["inputs"]["image"] == ["48:99", 0] and depth["49"]["inputs"]["images"] == ["48:99", 0]
+    assert depth["48:97"]["inputs"]["pixels"] == ["20", 0]  # the instance's linked input, from outside
+    assert depth["48:101"]["inputs"]["sigma"] == 10000 and depth["48:100"]["inputs"]["sampler_name"] == "euler"
+    assert depth["48:92"]["inputs"]["sigmas"] == ["48:101", 0]
+    assert all(not k.startswith("48:") or depth[k]["class_type"] != "Reroute" for k in depth)
+    started = ui_to_api(json.loads((folder / "01_get_started_text_to_image.json").read_text()), registry)
+    assert started["60"]["inputs"]["images"] == ["104:88", 0]
+    assert started["104:90"]["inputs"]["text"].startswith("Giant blue and purple big billboard")
+    assert started["104:92"]["inputs"]["model"] == ["104:93", 0]
+    assert "104" not in started and not any(k.startswith("104:in") or k.startswith("104:out") for k in started)

@@ -20,7 +20,7 @@ from tests.graph.subgraph_util import renamed, wrap_in_subgraph
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "workflows").glob("*.json"))
-TEMPLATES = sorted((ROOT / "tests" / "workflows" / "comfyui").glob("*.json"))
+TEMPLATES = sorted((ROOT / "tests" / "workflows" / "comfyui").glob("**/*.json"))  # subgraphs/ included
 NODE = shutil.which("node")
 
 pytestmark = pytest.mark.skipif(NODE is None, reason="node (Node.js) is not installed: the canvas' converter "

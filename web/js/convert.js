@@ -329,7 +329,7 @@ class Expander {
       const chain = [...stack, definition.id].join(" -> ");
       throw new Error(`node ${flatId}: subgraph '${definition.name || definition.id}' contains itself (${chain})`);
     }
-    const stored = storedValues(node);
+    const stored = storedValues(node, definition);
     const linked = new Set((node.inputs ?? []).filter((s) => s.link !== null && s.link !== undefined).map((s) => s.name));
     const boundaryIn = new Map();
     for (const [index, slot] of (definition.inputs ?? []).entries()) {
@@ -362,12 +362,15 @@ class Expander {
   }
 }
 
-function storedValues(node) {
+/** Values an instance stores for its promoted widgets, by input name (the layouts: graph/subgraphs.py). */
+function storedValues(node, definition) {
   const values = node.widgets_values;
   if (values && typeof values === "object" && !Array.isArray(values)) return new Map(Object.entries(values));
-  const widgets = (node.inputs ?? []).filter((slot) => slot.widget).map((slot) => slot.name);
-  if (Array.isArray(values) && values.length && values.length === widgets.length) {
-    return new Map(widgets.map((name, i) => [name, values[i]]));
+  if (!Array.isArray(values) || !values.length) return new Map();
+  const shown = (node.inputs ?? []).filter((slot) => slot.widget).map((slot) => slot.name);
+  const typed = (definition.inputs ?? []).filter((slot) => WIDGET_TYPES.has(slot.type)).map((slot) => slot.name);
+  for (const names of [shown, typed]) {
+    if (names.length === values.length) return new Map(names.map((name, i) => [name, values[i]]));
   }
   return new Map();
 }
