@@ -128,9 +128,10 @@ def self_attention_guidance_hooks(scale: float, blur_sigma: float) -> GuidanceHo
         d_u = positive_only(guider, uncond, capturing)(step.x, step.sigma)
         if not maps:
             raise RuntimeError("SelfAttentionGuidance: the middle block's self-attention did not run")
-        batch = step.x.shape[0]
-        probs = torch.cat([p.reshape(-1, batch, *p.shape[1:]) for p, _ in maps]).mean(0)
-        mask = attention_mask(probs, maps[0][1], tuple(step.x.shape[-2:])).to(d_u)
+        batch, size = step.x.shape[0], max((m[1] for m in maps), key=lambda hw: hw[0] * hw[1])
+        # entries of the list (several when it was combined) are averaged; smaller areas' maps are left out
+        probs = torch.cat([p.reshape(-1, batch, *p.shape[1:]) for p, hw in maps if hw == size]).mean(0)
+        mask = attention_mask(probs, size, tuple(step.x.shape[-2:])).to(d_u)
         degraded = gaussian_blur(d_u, blur_sigma) * mask + d_u * (1 - mask)
         d_sag = positive_only(guider, uncond)(degraded + step.x - d_u, step.sigma)
         return step.denoised + (d_u - d_sag) * scale

@@ -178,3 +178,13 @@ def test_differential_diffusion_through_ksampler(engine):
     # threshold falls under 0.6, so its result differs, and so does strength 0.5 (half soft, half thresholded)
     assert not torch.allclose(full, plain, atol=1e-3) and not torch.allclose(half, full, atol=1e-3)
     assert torch.isfinite(half).all()
+
+
+def test_sag_with_a_combined_negative_holding_an_area(engine):
+    prompt = patched([("SelfAttentionGuidance", PATCHES["SelfAttentionGuidance"])], size=128)
+    prompt["60"] = {"class_type": "ConditioningSetArea", "inputs": {"conditioning": ["7", 0], "width": 64,
+                                                                    "height": 64, "x": 0, "y": 0, "strength": 1.0}}
+    prompt["61"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["7", 0],
+                                                                    "conditioning_2": ["60", 0]}}
+    prompt["3"]["inputs"]["negative"] = ["61", 0]
+    assert torch.isfinite(latent(engine, prompt)).all()
