@@ -246,3 +246,12 @@ def test_converters_agree_on_subgraphs_nested_two_levels(registry_and_info):
         assert result == {"api": ui_to_api(copy.deepcopy(workflow), registry, env)}, name
     assert results[0]["api"] == renamed(plain, {"6": "20:6", "7": "20:7", "3": "20:3", "5": "20:5"})
     assert results[1]["api"] == renamed(plain, {"6": "20:6", "7": "20:7", "3": "20:30:3", "5": "20:30:5"})
+
+
+def test_node_converter_fills_combo_defaults_in_both_object_info_shapes():
+    info = {"Pick2": {"input": {"required": {"listed": [["a", "b"], {}], "typed": ["COMBO", {"options": ["x", "y"]}],
+                                             "given": [["p", "q"], {"default": "q"}]}},
+                      "input_order": {"required": ["listed", "typed", "given"]}, "output": [], "name": "Pick2"}}
+    workflow = {"nodes": [{"id": 1, "type": "Pick2", "mode": 0}], "links": []}
+    (result,) = convert_in_node([workflow], info)
+    assert result["api"]["1"]["inputs"] == {"listed": "a", "typed": "x", "given": "q"}

@@ -77,8 +77,8 @@ export function hasControlValue(name, spec) {
 /** The value a widget without a saved value gets: its default, else a combo's first option (undefined if none). */
 export function widgetDefault(spec) {
   if (spec[1] && spec[1].default !== undefined && spec[1].default !== null) return spec[1].default;
-  if (Array.isArray(spec[0]) && spec[0].length) return spec[0][0];
-  return undefined;
+  const options = Array.isArray(spec[0]) ? spec[0] : specType(spec) === "COMBO" ? spec[1]?.options : undefined;
+  return Array.isArray(options) && options.length ? options[0] : undefined;
 }
 
 /** Whether values[position] is the UI-only value after a widget (a control mode, an upload button's value). */
