@@ -151,14 +151,18 @@ def discrete_model_sampling(sampling: str, zsnr: bool = False,
 
 
 class Denoiser:
-    """`net(x_in, t, **cond) -> eps or v` wrapped as `D(x, sigma, **cond) -> x0 estimate`."""
+    """`net(x_in, t, **cond) -> eps or v` wrapped as `D(x, sigma, **cond) -> x0 estimate`. With `pass_sigma` the
+    net also gets `sigma=` (the exact sigma, which its model patches may need; t is quantized)."""
 
-    def __init__(self, net: Callable[..., Tensor], model_sampling: ModelSampling) -> None:
+    def __init__(self, net: Callable[..., Tensor], model_sampling: ModelSampling, pass_sigma: bool = False) -> None:
         self.net = net
         self.model_sampling = model_sampling
+        self.pass_sigma = pass_sigma
 
     def __call__(self, x: Tensor, sigma: Tensor, **cond: Tensor) -> Tensor:
         ms = self.model_sampling
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+        if self.pass_sigma:
+            cond = {**cond, "sigma": sigma}
         out = self.net(ms.calculate_input(sigma, x), ms.timestep(sigma).to(x.device), **cond)
         return ms.calculate_denoised(sigma, out.to(x.dtype), x)

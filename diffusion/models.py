@@ -118,10 +118,11 @@ class DiffusionModel:
             device, dtype = self.manager.device, self.dtype
 
             def net(x_in: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
-                    unet_patches: UNetPatches | None = None) -> Tensor:
-                """`unet_patches` adds patches for this call only (e.g. guidance's perturbed prediction)."""
+                    unet_patches: UNetPatches | None = None, sigma: Tensor | None = None) -> Tensor:
+                """`unet_patches` adds patches for this call only (e.g. guidance's perturbed prediction); the
+                patches see `sigma` (the sampler's, not the quantized timestep's)."""
                 patches = self.unet_patches.merged(unet_patches)
-                extra = {"patches": patches} if patches else {}
+                extra = {"patches": patches, "sigmas": sigma} if patches else {}
                 if concat is not None:
                     if concat.shape[-2:] != x_in.shape[-2:]:
                         raise ValueError("area conditioning is not supported with inpainting models")
@@ -130,7 +131,7 @@ class DiffusionModel:
                            None if y is None else y.to(device, dtype), **extra)
                 return out.float()
 
-            yield Denoiser(net, self.model_sampling)
+            yield Denoiser(net, self.model_sampling, pass_sigma=True)
 
     def guider(self, denoiser: Denoiser, positive: Conditioning, negative: Conditioning, cfg: float) -> CFGGuider:
         return CFGGuider(denoiser, self.model_sampling, positive, negative, cfg, extra_cond=self.extra_cond,

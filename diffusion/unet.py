@@ -258,8 +258,9 @@ class UNetModel(nn.Module):
         )
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
-                patches: UNetPatches | None = None) -> Tensor:
-        """`patches` (model patches of a MODEL clone) hook into the blocks; see unet_patches.py."""
+                patches: UNetPatches | None = None, sigmas: Tensor | None = None) -> Tensor:
+        """`patches` (model patches of a MODEL clone) hook into the blocks, seeing `sigmas` [B] when given;
+        see unet_patches.py."""
         self._check_inputs(x, context, y)
         if timesteps.numel() == 1:
             timesteps = timesteps.reshape(1).expand(x.shape[0])
@@ -280,27 +281,29 @@ class UNetModel(nn.Module):
                 size = tuple(skips[-1].shape[-2:]) if skips else None
                 h = block(h, emb, context, size)
             return self.out(h)
-        return self._patched_forward(x, emb, context, timesteps, patches)
+        return self._patched_forward(x, emb, context, timesteps, patches, sigmas)
 
     def _patched_forward(self, x: Tensor, emb: Tensor, context: Tensor, timesteps: Tensor,
-                         patches: UNetPatches) -> Tensor:
+                         patches: UNetPatches, sigmas: Tensor | None) -> Tensor:
         """The forward above with the patches' hooks at each block (kept apart so the plain path stays plain)."""
         shape = tuple(x.shape)
+
+        def site(kind: str, index: int) -> Site:
+            return Site((kind, index), shape, timesteps, sigmas=sigmas)
+
         skips = []
         h = x
         for i, block in enumerate(self.input_blocks):
-            site = Site(("input", i), shape, timesteps)
-            h = block(h, emb, context, patches=patches, site=site)
-            h = patches.run_input(h, site)
+            h = block(h, emb, context, patches=patches, site=site("input", i))
+            h = patches.run_input(h, site("input", i))
             skips.append(h)
-            h = patches.run_input(h, site, after_skip=True)
-        h = self.middle_block(h, emb, context, patches=patches, site=Site(("middle", 0), shape, timesteps))
+            h = patches.run_input(h, site("input", i), after_skip=True)
+        h = self.middle_block(h, emb, context, patches=patches, site=site("middle", 0))
         for i, block in enumerate(self.output_blocks):
-            site = Site(("output", i), shape, timesteps)
-            h, skip = patches.run_output(h, skips.pop(), site)
+            h, skip = patches.run_output(h, skips.pop(), site("output", i))
             h = torch.cat([h, skip], dim=1)
             size = tuple(skips[-1].shape[-2:]) if skips else None
-            h = block(h, emb, context, size, patches=patches, site=site)
+            h = block(h, emb, context, size, patches=patches, site=site("output", i))
         return self.out(h)
 
     def _check_inputs(self, x: Tensor, context: Tensor, y: Tensor | None) -> None:

@@ -32,7 +32,8 @@ from torch import Tensor
 class Site:
     """Where a hook runs: `block` ("input" | "middle" | "output", index), `transformer` (index of the
     transformer block inside a SpatialTransformer, -1 outside attention), `size` (h, w) of the current
-    feature map, `latent_shape` of the UNet's input and the (network) `timesteps` [B]."""
+    feature map, `latent_shape` of the UNet's input, the (network) `timesteps` [B] and, when the caller
+    knows them, the sampler's `sigmas` [B]."""
 
     block: tuple[str, int]
     latent_shape: tuple[int, ...]
@@ -40,6 +41,7 @@ class Site:
     size: tuple[int, int] = (0, 0)
     transformer: int = -1
     attention: torch.nn.Module | None = None
+    sigmas: Tensor | None = None
 
 
 BlockHook = Callable[[Tensor, Site], Tensor]
@@ -199,7 +201,8 @@ def deep_shrink_patches(block_number: int, factor: float, sigma_start: float, si
     `block_number` is resized by 1 / `factor` (so the deep blocks see a small image, whose composition they
     learnt, and the outer blocks add the detail of the large one); an output block whose backbone then
     differs in size from its skip resizes the backbone to the skip's size. `sigma_of(timesteps)` is the
-    model's timestep -> sigma map. With `after_skip` the full-size hidden state is kept as the skip."""
+    model's timestep -> sigma map, used when the UNet is not told the sampler's sigma. With `after_skip` the
+    full-size hidden state is kept as the skip."""
     for method in (downscale_method, upscale_method):
         if method not in RESIZE_METHODS:
             raise ValueError(f"unknown resize method {method!r}; expected one of {RESIZE_METHODS}")
@@ -209,7 +212,10 @@ def deep_shrink_patches(block_number: int, factor: float, sigma_start: float, si
     def down(h: Tensor, site: Site) -> Tensor:
         if site.block != ("input", block_number):
             return h
-        sigma = float(sigma_of(site.timesteps.reshape(-1)[:1].float().cpu()))
+        if site.sigmas is not None:
+            sigma = float(torch.as_tensor(site.sigmas).reshape(-1)[0])
+        else:  # the sigma of the (quantized) timestep
+            sigma = float(sigma_of(site.timesteps.reshape(-1)[:1].float().cpu()))
         if not sigma_end <= sigma <= sigma_start:
             return h
         size = (max(1, round(h.shape[-2] / factor)), max(1, round(h.shape[-1] / factor)))

@@ -145,6 +145,10 @@ def test_deep_shrink_shapes_and_sigma_window():
     assert dict(shapes)[1] == (16, 16) and dict(shapes)[2] == (4, 4) and dict(shapes)[4] == (2, 2)
     assert inside.shape == plain.shape and not torch.allclose(inside, plain, atol=1e-4)
     torch.testing.assert_close(outside, unet(x, torch.tensor([200.0]), context))
+    # the sampler's sigma, when the UNet is told it, decides instead of the quantized timestep's
+    with torch.no_grad():
+        told = unet(x, torch.tensor([700.0]), context, patches=shrink, sigmas=sigma_of(torch.tensor([200.0])))
+    torch.testing.assert_close(told, plain)
 
 
 def test_resize_methods_and_bislerp():
