@@ -95,11 +95,13 @@ def describe_errors(validation: Validation) -> list[str]:
     return lines
 
 
-def load(path: str, registry: NodeRegistry, overrides: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
-    """The file's JSON as read, and the API-format prompt (converted, with overrides applied)."""
+def load(path: str, registry: NodeRegistry, overrides: list[str] | None = None,
+         env: Environment | None = None) -> tuple[Any, dict[str, Any]]:
+    """The file's JSON as read, and the API-format prompt (converted, with overrides applied). `env` lists the
+    model files a model combo saved without a value defaults to (the first, as ComfyUI's front end picks)."""
     data = read_workflow(path)
     try:
-        prompt = to_api_prompt(data, registry)
+        prompt = to_api_prompt(data, registry, env)
     except WorkflowFormatError as exc:
         raise CliError(f"{path}: {exc}") from None
     if not isinstance(prompt, dict):
@@ -154,7 +156,7 @@ def output_lines(outputs: dict[str, dict[str, Any]], env: Environment, prompt: d
 
 
 def cmd_run(args: argparse.Namespace, env: Environment, registry: NodeRegistry) -> int:
-    data, prompt = load(args.workflow, registry, args.set)
+    data, prompt = load(args.workflow, registry, args.set, env)
     validation = validate_prompt(prompt, registry, env)
     if not validation.ok:
         for line in describe_errors(validation):
@@ -179,7 +181,7 @@ def cmd_run(args: argparse.Namespace, env: Environment, registry: NodeRegistry) 
 
 
 def cmd_validate(args: argparse.Namespace, env: Environment, registry: NodeRegistry) -> int:
-    _, prompt = load(args.workflow, registry)
+    _, prompt = load(args.workflow, registry, env=env)
     validation = validate_prompt(prompt, registry, env)
     for line in describe_errors(validation):
         print(line, file=sys.stderr if not validation.ok else sys.stdout)

@@ -63,7 +63,7 @@ def check_prompt(state: ServerState, body: dict[str, Any], prompt_id: str) -> tu
         pnginfo = extra_data.get("extra_pnginfo") if isinstance(extra_data.get("extra_pnginfo"), dict) else {}
         extra_data["extra_pnginfo"] = {"workflow": prompt, **pnginfo}
         try:
-            prompt = ui_to_api(prompt, state.registry)
+            prompt = ui_to_api(prompt, state.registry, state.env)
         except WorkflowFormatError as exc:
             return _prompt_error("invalid_prompt", "Invalid UI-format workflow", str(exc))
     targets = body.get("partial_execution_targets")

@@ -135,3 +135,22 @@ def test_nodes_lists_types(data_dir):
     assert "Add [test] (a: INT, b: INT) -> INT" in proc.stdout
     info = json.loads(cli(data_dir, "nodes", "--json").stdout)
     assert info["WriteText"]["output_node"] is True
+
+
+def test_a_model_combo_saved_without_a_value_gets_the_first_model_file(tmp_path, data_dir):
+    """As ComfyUI's front end fills it: the CLI (and POST /prompt) convert UI workflows knowing the model lists."""
+    folder = data_dir / "models" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "b.safetensors").write_bytes(b"")
+    (folder / "a.safetensors").write_bytes(b"")
+    workflow = {"last_node_id": 1, "last_link_id": 0, "version": 0.4, "links": [], "groups": [], "extra": {},
+                "nodes": [{"id": 1, "type": "CheckpointLoaderSimple", "pos": [0, 0], "size": [300, 100], "mode": 0,
+                           "inputs": [], "outputs": [{"name": "MODEL", "type": "MODEL", "links": [1]}]},
+                          {"id": 2, "type": "WriteText", "pos": [400, 0], "size": [300, 100], "mode": 0,
+                           "inputs": [{"name": "value", "type": "*", "link": 1}], "outputs": [],
+                           "widgets_values": ["out"]}]}
+    workflow["links"] = [[1, 1, 0, 2, 0, "MODEL"]]
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(workflow))
+    proc = cli(data_dir, "validate", str(path))
+    assert proc.returncode == 0 and "missing" not in proc.stderr + proc.stdout, proc.stderr  # ckpt_name filled
