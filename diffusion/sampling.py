@@ -20,6 +20,8 @@ from .schedules import DiscreteSchedule, calculate_sigmas
 # SDE samplers whose sub-steps query overlapping intervals; ComfyUI gives them Brownian-tree noise.
 BROWNIAN_NOISE_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde_gpu",
                                      "dpmpp_3m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu"})
+# Samplers that read the model's schedule (SA-Solver: the sigmas at 20 % and 80 % bound its noise window).
+MODEL_SAMPLING_SAMPLERS = frozenset({"sa_solver", "sa_solver_pece"})
 
 
 def ksampler_sigmas(
@@ -136,8 +138,10 @@ def sample(
         noise_sampler = BrownianNoiseSampler(x, seed)
     else:
         noise_sampler = seeded_noise_sampler(x, seed)
-    out = sampler(model, x, sigmas, extra_args=extra_args, callback=callback, noise_sampler=noise_sampler,
-                  **(sampler_options or {}))
+    options = dict(sampler_options or {})
+    if sampler_name in MODEL_SAMPLING_SAMPLERS:  # their noise window is in the model's own sigmas
+        options.setdefault("model_sampling", model_sampling)
+    out = sampler(model, x, sigmas, extra_args=extra_args, callback=callback, noise_sampler=noise_sampler, **options)
     out = model_sampling.inverse_noise_scaling(sigmas[-1], out)
     if final_mask is not None:
         out = out * final_mask + latent * (1 - final_mask)

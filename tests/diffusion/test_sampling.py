@@ -197,3 +197,26 @@ def test_preview_projection_inverts_a_linear_encoder():
     assert jpeg[:2] == b"\xff\xd8"
     with pytest.raises(ValueError, match="C = 4"):
         latent_preview_image(torch.randn(3, 8, 8), proj)
+
+
+def test_sa_solver_gets_the_models_own_schedule(ms, monkeypatch):
+    """Its noise window is the model's sigmas at 20 % and 80 %: KSampler passes the model's sampling."""
+    from diffusion import sampler_registry
+
+    seen = {}
+
+    def recorder(model, x, sigmas, model_sampling=None, **kwargs):
+        seen["model_sampling"] = model_sampling
+        return x
+
+    latent = torch.zeros(1, 4, 8, 8)
+    sigmas = ksampler_sigmas(ms.schedule, "karras", 4)
+    for name in ("sa_solver", "sa_solver_pece"):
+        monkeypatch.setitem(sampler_registry.SAMPLERS, name, recorder)
+        seen.clear()
+        sample(toy_model, name, sigmas, latent, prepare_noise(latent, 1), model_sampling=ms, seed=1)
+        assert seen["model_sampling"] is ms, name
+    monkeypatch.setitem(sampler_registry.SAMPLERS, "euler", recorder)
+    seen.clear()
+    sample(toy_model, "euler", sigmas, latent, prepare_noise(latent, 1), model_sampling=ms, seed=1)
+    assert seen["model_sampling"] is None  # samplers without the option are not given it
