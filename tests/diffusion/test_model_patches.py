@@ -95,6 +95,8 @@ def test_fourier_filter_scales_only_the_lowest_frequencies():
     # cos = (e^{iwx} + e^{-iwx}) / 2 only the e^{-iwx} half is scaled, and the real part is (1 + s) / 2 cos
     wave = torch.cos(2 * math.pi * torch.arange(w) / w).expand(1, 1, h, w)
     torch.testing.assert_close(fourier_low_pass_scale(wave, 0.5), 0.75 * wave, rtol=0, atol=1e-5)
+    rows = wave.transpose(-1, -2)  # the same along the other axis
+    torch.testing.assert_close(fourier_low_pass_scale(rows, 0.5), 0.75 * rows, rtol=0, atol=1e-5)
 
 
 def test_freeu_scales_half_the_backbone_and_filters_the_skip():
