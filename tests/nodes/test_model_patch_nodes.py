@@ -188,3 +188,12 @@ def test_sag_with_a_combined_negative_holding_an_area(engine):
                                                                     "conditioning_2": ["60", 0]}}
     prompt["3"]["inputs"]["negative"] = ["61", 0]
     assert torch.isfinite(latent(engine, prompt)).all()
+
+
+def test_model_sampling_discrete_swaps_the_clone_only(engine):
+    prompt = patched([("ModelSamplingDiscrete", {"sampling": "x0", "zsnr": True})])
+    clone = engine.outputs(prompt, "20")[0][0]
+    original = engine.outputs(prompt, "4")[0][0]
+    assert clone.model_sampling.prediction == "x0" and clone.model_sampling.sigma_max > 4000
+    assert original.model_sampling.prediction == "eps" and original.model_sampling.sigma_max < 15
+    assert clone.patcher.model is original.patcher.model  # the weights are shared, not copied
