@@ -15,6 +15,8 @@ from torch import Tensor
 from .schedules import DiscreteSchedule, rescale_zero_terminal_snr
 
 PREDICTION_TYPES = ("eps", "v_prediction", "lcm", "x0", "img_to_img")
+# ModelSamplingDiscrete's choices, in ComfyUI's order (kept apart: other model samplings may add prediction types).
+DISCRETE_SAMPLINGS = ("eps", "v_prediction", "lcm", "x0", "img_to_img")
 
 
 def _expand(sigma: Tensor, x: Tensor) -> Tensor:
@@ -139,8 +141,8 @@ def discrete_model_sampling(sampling: str, zsnr: bool = False,
     prediction type `sampling`; `zsnr` rescales it to zero terminal SNR (Lin et al. 2023, `schedules.
     rescale_zero_terminal_snr`), so the last training level is (almost) pure noise. `lcm` also distils the
     schedule to 50 levels (DistilledModelSampling)."""
-    if sampling not in PREDICTION_TYPES:
-        raise ValueError(f"unknown sampling {sampling!r}; expected one of {PREDICTION_TYPES}")
+    if sampling not in DISCRETE_SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}; expected one of {DISCRETE_SAMPLINGS}")
     alphas_cumprod = (schedule or DiscreteSchedule.from_config()).alphas_cumprod
     if zsnr:
         alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod.clone())

@@ -1,8 +1,9 @@
 """Model patches: nodes that take a MODEL and return a patched clone (the input MODEL is left as it was).
 
 Each is a thin declaration over diffusion/: guidance rules (guidance_patches.py) go on the clone's guidance
-hooks, UNet hooks (unet_patches.py, attention_patches.py) on its UNet patches, and ModelSamplingDiscrete
-swaps its ModelSampling. Patches on one model compose in the order the nodes apply them.
+hooks, UNet hooks (unet_patches.py, attention_patches.py) on its UNet patches, ModelSamplingDiscrete swaps
+its ModelSampling and DifferentialDiffusion sets its per-step inpainting mask. Patches on one model compose in
+the order the nodes apply them. PerpNegGuider is a GUIDER of its own (PerpNegGuidance).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from diffusion.attention_patches import (
 from diffusion.differential_diffusion import differential_mask_fn
 from diffusion.guidance import Conditioning
 from diffusion.guidance_patches import PerpNegGuidance, cfg_zero_star_hooks, perp_neg_hooks, rescale_cfg_hooks
-from diffusion.model_sampling import PREDICTION_TYPES, discrete_model_sampling
+from diffusion.model_sampling import DISCRETE_SAMPLINGS, discrete_model_sampling
 from diffusion.models import DiffusionModel
 from diffusion.unet_patches import RESIZE_METHODS, deep_shrink_patches, freeu_patches
 from graph.memory_estimate import MemoryEstimate
@@ -39,7 +40,7 @@ class ModelSamplingDiscrete(Node):
     python_module = "comfy_extras.nodes_model_advanced"
     description = ("Samples the model as another prediction type (eps, v, LCM, x0), optionally on a zero-terminal-SNR "
                    "schedule.")
-    inputs = [Socket("model", MODEL), Combo("sampling", list(PREDICTION_TYPES)), Boolean("zsnr", default=False)]
+    inputs = [Socket("model", MODEL), Combo("sampling", list(DISCRETE_SAMPLINGS)), Boolean("zsnr", default=False)]
     outputs = _MODEL_OUT
 
     def execute(self, model: DiffusionModel, sampling: str, zsnr: bool):
