@@ -207,7 +207,10 @@ class LoadImageOutput(LoadImage):
     description = "Load an image from the output folder."
     experimental = True
     image_path = staticmethod(_output_path)
-    inputs = [Combo("image", list_output_images, extra={"image_upload": True, "image_folder": "output"})]
+    inputs = [Combo("image", list_output_images, extra={
+        "image_upload": True, "image_folder": "output",
+        # the front end's refresh button re-reads the list from this route (server/routes_files.py)
+        "remote": {"control_after_refresh": "first", "refresh_button": True, "route": "/internal/files/output"}})]
 
     @classmethod
     def estimate_memory(cls, inputs, shapes, context):

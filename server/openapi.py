@@ -152,6 +152,11 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                        _query("token", "auth token, for <img> tags")],
         "responses": {"200": _ok("the file", {"type": "string", "format": "binary"}, "application/octet-stream"),
                       "400": BAD_NAME, "403": ERROR, "404": ERROR, "413": IMAGE_TOO_LARGE}},
+    ("GET", "/internal/files/{directory_type}"): {
+        "summary": "The images of input/, output/ or temp/ as LoadImage and LoadImageOutput offer them, newest "
+                   "first (the refresh button of ComfyUI's front end asks it)",
+        "parameters": [{**_path("directory_type"), "schema": {"enum": ["input", "output", "temp"]}}],
+        "responses": {"200": _ok("[name]", STRINGS), **ERRORS}},
     ("POST", "/upload/image"): {"summary": "Upload an image", "requestBody": UPLOAD_BODY,
                                 "responses": {"200": _ok("{name, subfolder, type}"), "400": BAD_NAME, "403": ERROR,
                                               "413": IMAGE_TOO_LARGE, "507": QUOTA}},

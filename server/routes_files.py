@@ -17,12 +17,14 @@ from pathlib import Path
 from aiohttp import web
 from PIL import Image
 
-from nodes.environment import UnsafePathError, safe_join
+from nodes.environment import UnsafePathError, list_files, safe_join
+from nodes.image_io import IMAGE_EXTENSIONS, list_input_images, list_output_images
 from server.file_names import (
     WORKFLOW_NAME_PATTERN,
     check_file_name,
     check_text,
     content_disposition,
+    folder_of,
     resolve,
     served_type,
 )
@@ -153,8 +155,34 @@ async def delete_workflow(request: web.Request) -> web.Response:
     return web.json_response({"deleted": path.name})
 
 
+# /internal/files --------------------------------------------------------------------------------------
+def _image_options(state: ServerState, kind: str) -> list[str]:
+    """The images of a folder as LoadImage (input), LoadImageOutput (output, `name [output]`) offer them,
+    newest first: what ComfyUI's front end puts in the combo when its refresh button asks this route."""
+    folder = folder_of(state, kind)
+    if kind == "input":
+        names = list_input_images(state.env)
+    elif kind == "output":
+        names = list_output_images(state.env)
+    else:
+        names = [name + " [temp]" for name in list_files(folder, IMAGE_EXTENSIONS)]
+
+    def modified(name: str) -> float:
+        try:
+            return (folder / re.sub(r" \[(output|temp)\]$", "", name)).stat().st_mtime
+        except OSError:
+            return 0.0
+    return sorted(names, key=modified, reverse=True)
+
+
+async def internal_files(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response(await asyncio.to_thread(_image_options, state, request.match_info["directory_type"]))
+
+
 ROUTES = [
     ("GET", "/view", view),
+    ("GET", "/internal/files/{directory_type}", internal_files),
     ("POST", "/upload/image", upload_image),
     ("POST", "/upload/mask", upload_mask),
     ("GET", "/workflows", list_workflows),

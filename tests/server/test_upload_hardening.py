@@ -243,3 +243,24 @@ def test_limit_flags_parse_and_refuse_negative_or_infinite_values(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", flag, value])
         assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_internal_files_lists_images_as_the_load_nodes_offer_them(server):
+    import os
+    import time
+
+    for name, age in (("old.png", 100), ("new.png", 0)):
+        path = server.data_dir / "output" / "listed" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png_bytes())
+        os.utime(path, (time.time() - age, time.time() - age))
+    (server.data_dir / "output" / "listed" / "notes.txt").write_text("not an image")
+    status, names = server.json("GET", "/internal/files/output")
+    assert status == 200 and names.index("listed/new.png [output]") < names.index("listed/old.png [output]")
+    assert not any(name.endswith(".txt [output]") for name in names)
+    status, info = server.json("GET", "/object_info/LoadImageOutput")
+    options = info["LoadImageOutput"]["input"]["required"]["image"]
+    assert "listed/new.png [output]" in str(options) and "/internal/files/output" in str(options)
+    assert server.json("GET", "/api/internal/files/input")[0] == 200
+    status, body = server.json("GET", "/internal/files/models")
+    assert status == 400 and body["error"]["type"] == "invalid_type"
