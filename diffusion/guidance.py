@@ -196,12 +196,10 @@ class CFGGuider:
         for j, chunk in zip(jobs, out.chunk(len(jobs)), strict=True):
             j.output = chunk
 
-    def __call__(self, x: Tensor, sigma: Tensor, model_options: dict[str, Any] | None = None, **_: Any) -> Tensor:
-        """The guided denoised estimate. `model_options["guidance_hooks"]` (a GuidanceHooks) adds hooks for this
-        call only, after the guider's own."""
-        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+    def _predict(self, lists: list[Conditioning], x: Tensor, sigma: Tensor) -> list[Tensor]:
+        """The weighted-average denoised estimate of each conditioning list: every entry of every list whose
+        inputs have equal shapes in one denoiser call."""
         level = float(sigma.max())
-        lists = [self.positive] if self.cfg == 1.0 or not self.negative else [self.positive, self.negative]
         jobs = [j for slot, entries in enumerate(lists) for e in entries if (j := self._resolve(slot, e, x, level))]
         groups: dict[tuple, list[_Job]] = {}
         for j in jobs:
@@ -214,8 +212,16 @@ class CFGGuider:
             h, w, y, x0 = j.area
             sums[j.slot][:, :, y : y + h, x0 : x0 + w] += j.output * j.weight
             weights[j.slot][:, :, y : y + h, x0 : x0 + w] += j.weight
-        cond = sums[0] / weights[0]
-        uncond = sums[1] / weights[1] if len(lists) == 2 else cond
+        return [total / weight for total, weight in zip(sums, weights, strict=True)]
+
+    def __call__(self, x: Tensor, sigma: Tensor, model_options: dict[str, Any] | None = None, **_: Any) -> Tensor:
+        """The guided denoised estimate. `model_options["guidance_hooks"]` (a GuidanceHooks) adds hooks for this
+        call only, after the guider's own."""
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+        lists = [self.positive] if self.cfg == 1.0 or not self.negative else [self.positive, self.negative]
+        predictions = self._predict(lists, x, sigma)
+        cond = predictions[0]
+        uncond = predictions[1] if len(lists) == 2 else cond
         hooks = self.hooks.merged((model_options or {}).get("guidance_hooks"))
         if len(lists) == 1 and not hooks.post:
             return cond

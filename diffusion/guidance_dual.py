@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .guidance import _EMPTY_WEIGHT, CFGGuider, Conditioning, ExtraCond, GuidanceHooks, GuidanceStep, _Job
+from .guidance import CFGGuider, Conditioning, ExtraCond, GuidanceHooks, GuidanceStep
 from .model_sampling import ModelSampling
 
 DUAL_CFG_STYLES = ("regular", "nested")
@@ -55,24 +55,6 @@ class DualCFGGuider(CFGGuider):
         self.middle = cond2
         self.cfg2 = float(cfg_cond2_negative)
         self.style = style
-
-    def _predict(self, lists: list[Conditioning], x: Tensor, sigma: Tensor) -> list[Tensor]:
-        """The weighted-average denoised estimate of each conditioning list (one batched pass)."""
-        level = float(sigma.max())
-        jobs: list[_Job] = [j for slot, entries in enumerate(lists) for e in entries
-                            if (j := self._resolve(slot, e, x, level))]
-        groups: dict[tuple, list[_Job]] = {}
-        for j in jobs:
-            groups.setdefault(j.batch_key(), []).append(j)
-        for group in groups.values():
-            self._run(group, x, sigma)
-        sums = [torch.zeros_like(x) for _ in lists]
-        weights = [torch.full_like(x, _EMPTY_WEIGHT) for _ in lists]
-        for j in jobs:
-            h, w, y, x0 = j.area
-            sums[j.slot][:, :, y : y + h, x0 : x0 + w] += j.output * j.weight
-            weights[j.slot][:, :, y : y + h, x0 : x0 + w] += j.weight
-        return [s / w for s, w in zip(sums, weights, strict=True)]
 
     def _cfg(self, cond: Tensor, uncond: Tensor, scale: float, x: Tensor, sigma: Tensor,
              hooks: GuidanceHooks) -> Tensor:

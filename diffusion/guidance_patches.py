@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .guidance import _EMPTY_WEIGHT, CFGGuider, Conditioning, ExtraCond, GuidanceHooks, GuidanceStep, _Job
+from .guidance import CFGGuider, Conditioning, ExtraCond, GuidanceHooks, GuidanceStep
 from .model_sampling import ModelSampling
 
 
@@ -100,23 +100,6 @@ class PerpNegGuidance(CFGGuider):
         super().__init__(denoiser, model_sampling, positive, negative, cfg, extra_cond, hooks)
         self.empty = empty
         self.neg_scale = float(neg_scale)
-
-    def _predict(self, lists: list[Conditioning], x: Tensor, sigma: Tensor) -> list[Tensor]:
-        """The weighted-average estimate of each list, all entries of equal shape in one denoiser call."""
-        jobs = [j for slot, entries in enumerate(lists) for e in entries
-                if (j := self._resolve(slot, e, x, float(sigma.max())))]
-        groups: dict[tuple, list[_Job]] = {}
-        for j in jobs:
-            groups.setdefault(j.batch_key(), []).append(j)
-        for group in groups.values():
-            self._run(group, x, sigma)
-        sums = [torch.zeros_like(x) for _ in lists]
-        weights = [torch.full_like(x, _EMPTY_WEIGHT) for _ in lists]
-        for j in jobs:
-            h, w, y, x0 = j.area
-            sums[j.slot][:, :, y:y + h, x0:x0 + w] += j.output * j.weight
-            weights[j.slot][:, :, y:y + h, x0:x0 + w] += j.weight
-        return [total / weight for total, weight in zip(sums, weights, strict=True)]
 
     def __call__(self, x: Tensor, sigma: Tensor, model_options: dict[str, Any] | None = None, **_: Any) -> Tensor:
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
