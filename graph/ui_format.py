@@ -26,7 +26,7 @@ from typing import Any
 from graph.node import Input
 from graph.registry import NodeRegistry
 from graph.subgraphs import expand_subgraphs
-from graph.types import COMBO, INT, types_compatible
+from graph.types import BOOLEAN, COMBO, FLOAT, INT, STRING, types_compatible
 from graph.workflow import WorkflowFormatError, is_ui_workflow
 
 MUTED, BYPASSED = 2, 4
@@ -41,15 +41,26 @@ def has_control_value(widget: Input) -> bool:
     return widget.control_after_generate or (widget.type == INT and widget.name in SEED_NAMES)
 
 
+# What the front end starts a widget at when its input declares no default (ComfyUI declares none for prompts
+# and primitives): an empty text, false, and 0 (brought within the input's range).
+EMPTY_WIDGET_VALUES: dict[str, Any] = {STRING: "", BOOLEAN: False, INT: 0, FLOAT: 0.0}
+
+
 def widget_default(widget: Input, env: Any = None) -> Any:
-    """The value the front end gives a widget that has no saved value: its default, else a combo's first option
-    (None when there is neither, or when the options are a model list and no environment is given)."""
+    """The value the front end gives a widget that has no saved value: its default, else a combo's first option,
+    else the type's empty value (None for a combo without options, or with a model list and no environment)."""
     if widget.default is not None:
         return widget.default
-    if widget.type == COMBO and (env is not None or not callable(widget.options)):
+    if widget.type == COMBO:
+        if env is None and callable(widget.options):
+            return None
         options = widget.resolve_options(env)
         return options[0] if options else None
-    return None
+    value = EMPTY_WIDGET_VALUES.get(widget.type)
+    if widget.type in (INT, FLOAT) and value is not None:
+        value = min(max(value, widget.min if widget.min is not None else value),
+                    widget.max if widget.max is not None else value)
+    return value
 
 
 def _links_table(workflow: dict[str, Any]) -> dict[int, tuple[str, int, str, int, str]]:

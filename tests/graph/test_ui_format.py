@@ -181,3 +181,15 @@ def test_primitive_feeding_several_widgets_and_reroute_chains():
     api = ui_to_api(workflow, REG)
     assert api["11"]["inputs"] == {"a": ["1", 0], "b": 40}  # through two Reroutes; the same primitive as node 3
     assert api["3"]["inputs"]["b"] == 40
+
+
+def test_widgets_without_a_declared_default_start_empty_within_their_range():
+    from graph.node import Boolean, Float, Int, String
+    from graph.ui_format import widget_default
+
+    assert widget_default(String("text", default=None)) == ""
+    assert widget_default(Boolean("flag", default=None)) is False
+    assert widget_default(Int("count", default=None, min=1, max=10)) == 1  # 0 is below the range
+    assert widget_default(Int("offset", default=None, min=-5, max=5)) == 0
+    assert widget_default(Float("scale", default=None, min=-3.0, max=-1.0)) == -1.0
+    assert widget_default(Int("steps", default=20, min=1)) == 20

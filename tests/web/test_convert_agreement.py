@@ -119,6 +119,12 @@ def variants() -> dict[str, dict]:
     node_of(short, "KSampler")["widgets_values"] = [7, 3, 2.5, "euler", "karras", 0.5]  # no control value
     node_of(short, "EmptyLatentImage")["widgets_values"] = {"width": 128, "height": 64, "batch_size": 2}
     out["no control value, dict values"] = short
+
+    blank = load("txt2img.json")
+    for node in blank["nodes"]:
+        if node["type"] in ("CLIPTextEncode", "KSampler"):
+            node.pop("widgets_values", None)  # prompts and sampler combos declare no default (as ComfyUI's)
+    out["no values where no default"] = blank
     return out
 
 
@@ -156,6 +162,9 @@ def test_converters_agree_on_canvas_only_rules(registry_and_info):
     short = by_name["no control value, dict values"]
     assert short["3"]["inputs"]["steps"] == 3 and short["3"]["inputs"]["scheduler"] == "karras"
     assert short["5"]["inputs"] == {"width": 128, "height": 64, "batch_size": 2}
+    blank = by_name["no values where no default"]
+    assert [blank[i]["inputs"]["text"] for i in ("6", "7")] == ["", ""]  # a prompt starts empty
+    assert blank["3"]["inputs"]["sampler_name"] == "euler" and blank["3"]["inputs"]["seed"] == 0
 
 
 def test_node_converter_reports_malformed_input(registry_and_info):

@@ -74,11 +74,24 @@ export function hasControlValue(name, spec) {
   return Boolean(spec[1]?.control_after_generate) || (specType(spec) === "INT" && SEED_NAMES.has(name));
 }
 
-/** The value a widget without a saved value gets: its default, else a combo's first option (undefined if none). */
+/** What a widget whose input declares no default starts at (as graph/ui_format.py's EMPTY_WIDGET_VALUES). */
+const EMPTY_WIDGET_VALUES = { STRING: "", BOOLEAN: false, INT: 0, FLOAT: 0 };
+
+/**
+ * The value a widget without a saved value gets: its default, else a combo's first option, else its type's
+ * empty value (0 brought within the input's range); undefined for a combo without options.
+ */
 export function widgetDefault(spec) {
   if (spec[1] && spec[1].default !== undefined && spec[1].default !== null) return spec[1].default;
-  const options = Array.isArray(spec[0]) ? spec[0] : specType(spec) === "COMBO" ? spec[1]?.options : undefined;
-  return Array.isArray(options) && options.length ? options[0] : undefined;
+  const type = specType(spec);
+  const options = Array.isArray(spec[0]) ? spec[0] : type === "COMBO" ? spec[1]?.options : undefined;
+  if (Array.isArray(spec[0]) || type === "COMBO") return Array.isArray(options) && options.length ? options[0] : undefined;
+  let value = EMPTY_WIDGET_VALUES[type];
+  if (typeof value === "number") {
+    if (typeof spec[1]?.min === "number") value = Math.max(value, spec[1].min);
+    if (typeof spec[1]?.max === "number") value = Math.min(value, spec[1].max);
+  }
+  return value;
 }
 
 /** Whether values[position] is the UI-only value after a widget (a control mode, an upload button's value). */
