@@ -19,7 +19,9 @@ function numberWidget(node, name, kind, config) {
   const step = config.step ?? (kind === "INT" ? 1 : 0.01);
   const precision = kind === "INT" ? 0 : Math.max(decimals(config.round ?? step), decimals(step));
   const options = { min: config.min, max: config.max, step: step * 10, step2: step, precision };
-  const widget = node.addWidget("number", name, config.default ?? 0, (value) => {
+  // no declared default: 0 brought within the range (as convert.js fills a missing value)
+  const start = config.default ?? Math.min(Math.max(0, config.min ?? -Infinity), config.max ?? Infinity);
+  const widget = node.addWidget("number", name, start, (value) => {
     let v = Number(value);
     if (kind === "INT") v = Math.round(v);
     else v = Number(v.toFixed(precision));
