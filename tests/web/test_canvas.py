@@ -341,3 +341,22 @@ def test_widget_to_input_and_back_and_image_dropped_on_load_image(page, data_dir
     drop_file(page, "dropped.png", "image/png", buffer.getvalue(), load_image, workflow=workflow)
     page.wait_for_function(f"loom.apiPrompt()['{load_image}'].inputs.image === 'dropped.png'", timeout=10_000)
     assert (data_dir / "input" / "dropped.png").read_bytes() == buffer.getvalue()
+
+
+def test_widgets_of_inputs_without_a_default_start_empty(page):
+    """ComfyUI declares no default for prompts and primitives: the canvas starts them at "", 0 and false (within
+    the input's range), as convert.js fills a value missing from a saved workflow."""
+    values = page.evaluate("""(() => {
+        const read = (type) => loom.addNode(type).widgets.map((w) => w.value);
+        return {text: read("CLIPTextEncode"), int: read("PrimitiveInt"), string: read("PrimitiveString"),
+                boolean: read("PrimitiveBoolean"), float: read("PrimitiveFloat")}; })()""")
+    assert values["text"][0] == "" and values["string"][0] == "" and values["boolean"][0] is False
+    assert values["int"][0] == 0 and values["float"][0] == 0
+    ranged = {"name": "Ranged", "display_name": "Ranged", "category": "test", "output_node": False, "output": [],
+              "output_name": [], "output_is_list": [], "description": "",
+              "input": {"required": {"count": ["INT", {"min": 3, "max": 9}], "low": ["FLOAT", {"min": -4, "max": -2}]}},
+              "input_order": {"required": ["count", "low"]}}
+    starts = page.evaluate("""(info) => import('/js/nodes.js').then((m) => {
+        m.registerNodes({Ranged: info}, loom);
+        return loom.addNode("Ranged").widgets.map((w) => w.value); })""", ranged)
+    assert starts == [3, -2]  # 0 brought within each input's range
