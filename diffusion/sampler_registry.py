@@ -38,6 +38,12 @@ STOCHASTIC_SAMPLERS = frozenset(
      "res_multistep_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"}
 )
 
+# SDE samplers whose sub-steps query overlapping intervals; ComfyUI gives them Brownian-tree noise.
+BROWNIAN_NOISE_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde_gpu",
+                                     "dpmpp_3m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu"})
+# Samplers that read the model's schedule (SA-Solver: the sigmas at 20 % and 80 % bound its noise window).
+MODEL_SAMPLING_SAMPLERS = frozenset({"sa_solver", "sa_solver_pece"})
+
 
 def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:

@@ -13,15 +13,14 @@ from torch import Tensor
 
 from .model_sampling import ModelSampling
 from .noise import BrownianNoiseSampler, seeded_noise_sampler
-from .sampler_registry import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, get_sampler
+from .sampler_registry import (
+    BROWNIAN_NOISE_SAMPLERS,
+    DISCARD_PENULTIMATE_SIGMA_SAMPLERS,
+    MODEL_SAMPLING_SAMPLERS,
+    get_sampler,
+)
 from .samplers_base import Callback
 from .schedules import DiscreteSchedule, calculate_sigmas
-
-# SDE samplers whose sub-steps query overlapping intervals; ComfyUI gives them Brownian-tree noise.
-BROWNIAN_NOISE_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde_gpu",
-                                     "dpmpp_3m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu"})
-# Samplers that read the model's schedule (SA-Solver: the sigmas at 20 % and 80 % bound its noise window).
-MODEL_SAMPLING_SAMPLERS = frozenset({"sa_solver", "sa_solver_pece"})
 
 
 def ksampler_sigmas(
