@@ -18,7 +18,7 @@ from aiohttp import web
 from PIL import Image
 
 from nodes.environment import UnsafePathError, list_files, safe_join
-from nodes.image_io import IMAGE_EXTENSIONS, list_input_images, list_output_images
+from nodes.image_io import IMAGE_EXTENSIONS, list_input_images
 from server.file_names import (
     WORKFLOW_NAME_PATTERN,
     check_file_name,
@@ -157,22 +157,18 @@ async def delete_workflow(request: web.Request) -> web.Response:
 
 # /internal/files --------------------------------------------------------------------------------------
 def _image_options(state: ServerState, kind: str) -> list[str]:
-    """The images of a folder as LoadImage (input), LoadImageOutput (output, `name [output]`) offer them,
+    """The images of a folder as LoadImage (input) and LoadImageOutput (output, `name [output]`) offer them,
     newest first: what ComfyUI's front end puts in the combo when its refresh button asks this route."""
     folder = folder_of(state, kind)
-    if kind == "input":
-        names = list_input_images(state.env)
-    elif kind == "output":
-        names = list_output_images(state.env)
-    else:
-        names = [name + " [temp]" for name in list_files(folder, IMAGE_EXTENSIONS)]
+    names = list_input_images(state.env) if kind == "input" else list_files(folder, IMAGE_EXTENSIONS)
 
     def modified(name: str) -> float:
         try:
-            return (folder / re.sub(r" \[(output|temp)\]$", "", name)).stat().st_mtime
+            return (folder / name).stat().st_mtime
         except OSError:
             return 0.0
-    return sorted(names, key=modified, reverse=True)
+    annotation = "" if kind == "input" else f" [{kind}]"
+    return [name + annotation for name in sorted(names, key=modified, reverse=True)]
 
 
 async def internal_files(request: web.Request) -> web.Response:
