@@ -90,7 +90,7 @@ def write_json(path: Path, value: dict) -> None:
 def write_diffusers_config(folder: Path) -> Path:
     """The SD1.5 diffusers folder layout, configs only (no weights): what from_single_file reads instead
     of the Hub. The tokenizer files are made from the project's own shipped CLIP BPE vocabulary."""
-    from diffusion.tokenizer import BOS_TOKEN, EOS_TOKEN, build_vocab, read_merges
+    from diffusion.text.tokenizer import BOS_TOKEN, EOS_TOKEN, build_vocab, read_merges
 
     write_json(folder / "unet" / "config.json", SD15_UNET)
     write_json(folder / "vae" / "config.json", SD15_VAE)
@@ -120,7 +120,7 @@ def write_diffusers_config(folder: Path) -> Path:
 
 
 def ensure_files(cache: Path) -> tuple[Path, Path]:
-    from diffusion.random_checkpoints import write_random_checkpoint
+    from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
 
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / "sd15-random-fp16.safetensors"
@@ -146,7 +146,7 @@ def child_load(which: str, path: str, config: str) -> dict:
     """Runs in a fresh process: one load, then one read of every weight (our loader is lazy: the read is
     where its file pages come in), timed and measured."""
     if which == "ours":
-        from diffusion.loader import load_checkpoint
+        from diffusion.checkpoints.loader import load_checkpoint
 
         def load():
             c = load_checkpoint(path)
@@ -162,7 +162,7 @@ def child_load(which: str, path: str, config: str) -> dict:
             return [pipe.unet, pipe.vae, pipe.text_encoder]
     import transformers  # noqa: F401
 
-    import diffusion.loader  # noqa: F401
+    import diffusion.checkpoints.loader  # noqa: F401
 
     baseline = peak_rss()
     start = time.perf_counter()
@@ -185,7 +185,7 @@ def measure_load(which: str, path: Path, config: Path) -> dict:
 def child_step(dtype_name: str, path: str, config: str, steps: int) -> dict:
     from diffusers import UNet2DConditionModel
 
-    from diffusion.loader import load_checkpoint
+    from diffusion.checkpoints.loader import load_checkpoint
 
     dtype = getattr(torch, dtype_name)
     ours = load_checkpoint(path, dtype=dtype).unet

@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import torch
 
-from diffusion.noise import BrownianNoiseSampler, seeded_noise_sampler
-from diffusion.sampler_registry import SAMPLER_NAMES, get_sampler
-from diffusion.sampling import BROWNIAN_NOISE_SAMPLERS
-from diffusion.schedules import DiscreteSchedule, calculate_sigmas
+from diffusion.sampling.ksampler import BROWNIAN_NOISE_SAMPLERS
+from diffusion.sampling.noise import BrownianNoiseSampler, seeded_noise_sampler
+from diffusion.sampling.sampler_registry import SAMPLER_NAMES, get_sampler
+from diffusion.sampling.schedules import DiscreteSchedule, calculate_sigmas
 
 log = logging.getLogger("bench.sampling")
 TARGET_MS = 1.0
@@ -53,7 +53,7 @@ def bench_one(name: str, x: torch.Tensor, sigmas: torch.Tensor, steps: int, repe
     best: tuple[float, ...] | None = None
     for _ in range(repeats):
         model = TimedModel()
-        brownian = name in BROWNIAN_NOISE_SAMPLERS  # as diffusion.sampling.sample chooses
+        brownian = name in BROWNIAN_NOISE_SAMPLERS  # as diffusion.sampling.ksampler.sample chooses
         noise = TimedNoise(BrownianNoiseSampler(x, 0) if brownian else seeded_noise_sampler(x, 0))
         start = time.perf_counter()
         get_sampler(name)(model, x, sigmas, noise_sampler=noise)

@@ -113,7 +113,7 @@ def run_batch(server, prompts: list[dict], timeout: float = 1800.0) -> float:
 
 
 def throughput(workers: int, folder: Path, args: argparse.Namespace) -> float:
-    from diffusion.random_checkpoints import write_random_checkpoint
+    from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
     from tests.server.ray_harness import RayHead, RayServer, ray_environment
 
     folder.mkdir(parents=True)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .devices import free_memory
-from .patcher import ModelPatcher
+from .patches.patcher import ModelPatcher
 from .sharing import ModuleGates
 
 log = logging.getLogger(__name__)

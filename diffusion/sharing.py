@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .patcher import ModelPatcher
+from .patches.patcher import ModelPatcher
 
 
 class SharingDeadlock(RuntimeError):

@@ -23,8 +23,8 @@ import logging
 import math
 from typing import Any
 
-from diffusion.unet import UNetConfig
-from diffusion.vae import VAEConfig
+from diffusion.models.unet import UNetConfig
+from diffusion.models.vae import VAEConfig
 from graph.memory_estimate import EstimateContext, MemoryEstimate, TensorSpec
 from nodes.image_limits import DEFAULT_MAX_FRAMES, frame_sizes
 
@@ -34,7 +34,7 @@ HOST_ITEMSIZE = 4  # IMAGE, MASK and LATENT tensors are float32 on the host
 LATENT_CHANNELS = 4
 SD_UNETS = (UNetConfig.sd1(), UNetConfig.sdxl())
 SD_VAE = VAEConfig()
-VAE_TILE_FALLBACK = 64  # latent units: diffusion.models.VAEModel.decode's tile when a whole image does not fit
+VAE_TILE_FALLBACK = 64  # latent units: diffusion.handles.VAEModel.decode's tile when a whole image does not fit
 # SDPA's math path, per score: the scores, their softmax and a scaled copy, in float32 whatever the inputs' dtype
 # (PyTorch reduces half precision in fp32 there unless allow_fp16_bf16_reduction_math_sdp is set)
 ATTENTION_SCORE_BYTES = 9

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
+from diffusion.checkpoints.loader import load_checkpoint, load_vae
 from diffusion.devices import pick_dtype
-from diffusion.loader import load_checkpoint, load_vae
-from diffusion.lora import load_lora, lora_patches
-from diffusion.models import ClipModel, DiffusionModel, VAEModel, wrap_checkpoint
-from diffusion.patcher import ModelPatcher
+from diffusion.handles import ClipModel, DiffusionModel, VAEModel, wrap_checkpoint
+from diffusion.patches.lora import load_lora, lora_patches
+from diffusion.patches.patcher import ModelPatcher
 from graph.node import Combo, Float, Int, Node, Output, Socket
 from graph.types import CLIP, MODEL, VAE
 from nodes.environment import Environment

@@ -1,9 +1,9 @@
 """Model merging and saving: weighted sums of models and text encoders, per block too; checkpoints, parts and
 extracted LoRAs written to the output folder.
 
-Merges return clones carrying merge patches (diffusion/merge.py): the inputs are unchanged, nothing is copied,
+Merges return clones carrying merge patches (diffusion/patches/merge.py): the inputs are unchanged, nothing is copied,
 and LoRAs loaded before a merge are merged with their model. Savers write the weights the patches make, in the
-original single-file layout (diffusion/model_save.py), as `<prefix>_<counter>_.safetensors` under the output
+original single-file layout (diffusion/checkpoints/saving.py), as `<prefix>_<counter>_.safetensors` under the output
 folder (the prefix may hold subfolders), with the workflow in the metadata as ComfyUI's savers keep it. A saver
 holds its models through the model manager while it reads them (`use`), so that no other prompt re-patches a
 shared module meanwhile; the modules then carry the patched weights, which are read as they are.
@@ -18,9 +18,17 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from diffusion.lora import kohya_text_names, kohya_unet_names
-from diffusion.lora_extract import LORA_TYPES, extract_layers
-from diffusion.merge import (
+from diffusion.checkpoints.saving import (
+    bare_text_encoder,
+    checkpoint_plan,
+    clip_heads,
+    config_metadata,
+    modelspec_metadata,
+    vae_plan,
+)
+from diffusion.patches.lora import kohya_text_names, kohya_unet_names
+from diffusion.patches.lora_extract import LORA_TYPES, extract_layers
+from diffusion.patches.merge import (
     CLIP_SKIPPED_SUFFIXES,
     MergeError,
     addition,
@@ -28,14 +36,6 @@ from diffusion.merge import (
     difference,
     interpolation,
     merge_patches,
-)
-from diffusion.model_save import (
-    bare_text_encoder,
-    checkpoint_plan,
-    clip_heads,
-    config_metadata,
-    modelspec_metadata,
-    vae_plan,
 )
 from graph.node import Boolean, Combo, Float, Int, Node, NodeOutput, Output, Socket, String
 from graph.types import CLIP, MODEL, VAE

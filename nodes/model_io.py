@@ -3,7 +3,7 @@
 CheckpointLoader takes an LDM config as ComfyUI's does, but our loader detects the family from the keys: the
 config is checked against what was found (a v1 config for an SD2 file is an error naming both) and supplies
 what shapes cannot tell, the prediction type and the clip skip. UNETLoader, CLIPLoader and DualCLIPLoader read
-a diffusion model or text encoders kept in files of their own (diffusion/part_files.py). `.latent` files are
+a diffusion model or text encoders kept in files of their own (diffusion/checkpoints/part_files.py). `.latent` files are
 ComfyUI's: safetensors with the raw latent as `latent_tensor` and an empty `latent_format_version_0` marker;
 files without the marker come from its first format, which stored latents multiplied by SD's 0.18215.
 """
@@ -19,12 +19,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from diffusion.checkpoints.ldm_config import KNOWN_CONFIGS, ConfigError, read_ldm_config
+from diffusion.checkpoints.loader import load_checkpoint
+from diffusion.checkpoints.part_files import load_text_encoders, load_unet_file
 from diffusion.devices import pick_dtype
-from diffusion.ldm_config import KNOWN_CONFIGS, ConfigError, read_ldm_config
-from diffusion.loader import load_checkpoint
-from diffusion.models import ClipModel, DiffusionModel, model_sampling_for, wrap_checkpoint
-from diffusion.part_files import load_text_encoders, load_unet_file
-from diffusion.patcher import ModelPatcher
+from diffusion.handles import ClipModel, DiffusionModel, model_sampling_for, wrap_checkpoint
+from diffusion.patches.patcher import ModelPatcher
 from graph.node import Combo, Node, NodeOutput, Output, Socket, String
 from graph.types import CLIP, LATENT, MODEL, VAE
 from nodes.environment import Environment, UnsafePathError, list_files, safe_join

@@ -14,18 +14,18 @@ from typing import Any
 
 import torch
 
-from diffusion.attention_patches import (
+from diffusion.handles import DiffusionModel
+from diffusion.patches.attention_patches import (
     hypertile_patches,
     perturbed_attention_hooks,
     self_attention_guidance_hooks,
     tome_patches,
 )
-from diffusion.differential_diffusion import differential_mask_fn
-from diffusion.guidance import Conditioning
-from diffusion.guidance_patches import PerpNegGuidance, cfg_zero_star_hooks, perp_neg_hooks, rescale_cfg_hooks
-from diffusion.model_sampling import DISCRETE_SAMPLINGS, discrete_model_sampling
-from diffusion.models import DiffusionModel
-from diffusion.unet_patches import RESIZE_METHODS, deep_shrink_patches, freeu_patches
+from diffusion.patches.differential_diffusion import differential_mask_fn
+from diffusion.patches.guidance_patches import PerpNegGuidance, cfg_zero_star_hooks, perp_neg_hooks, rescale_cfg_hooks
+from diffusion.patches.unet_patches import RESIZE_METHODS, deep_shrink_patches, freeu_patches
+from diffusion.sampling.guidance import Conditioning
+from diffusion.sampling.model_sampling import DISCRETE_SAMPLINGS, discrete_model_sampling
 from graph.memory_estimate import MemoryEstimate
 from graph.node import Boolean, Combo, Float, Int, Node, Output, Socket
 from graph.types import CONDITIONING, GUIDER, MODEL
@@ -85,7 +85,7 @@ class PerpNeg(Node):
 
 @dataclass
 class PerpNegGuiderChoice:
-    """GUIDER of PerpNegGuider (diffusion.guidance_patches.PerpNegGuidance)."""
+    """GUIDER of PerpNegGuider (diffusion.patches.guidance_patches.PerpNegGuidance)."""
 
     model: DiffusionModel
     positive: Conditioning

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from diffusion.sampler_registry import get_sampler
+from diffusion.sampling.sampler_registry import get_sampler
 from graph.node import Combo, Float, Input, Int, Node, Output, Socket
 from graph.types import BOOLEAN, MODEL, SAMPLER
 from nodes.sampling_custom import SamplerChoice

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from diffusion.guidance import Conditioning
-from diffusion.models import DiffusionModel
-from diffusion.noise import prepare_noise
-from diffusion.sampler_registry import SAMPLER_NAMES
-from diffusion.sampling import ksampler_sigmas, prepare_mask, sample, slice_sigmas
-from diffusion.schedules import SCHEDULER_NAMES
+from diffusion.handles import DiffusionModel
+from diffusion.sampling.guidance import Conditioning
+from diffusion.sampling.ksampler import ksampler_sigmas, prepare_mask, sample, slice_sigmas
+from diffusion.sampling.noise import prepare_noise
+from diffusion.sampling.sampler_registry import SAMPLER_NAMES
+from diffusion.sampling.schedules import SCHEDULER_NAMES
 from graph.node import Combo, Float, Int, Node, Output, Socket
 from graph.types import CONDITIONING, LATENT, MODEL
 from nodes.estimates import sampler_estimate
@@ -53,7 +53,7 @@ SAMPLER_ADVICE = ("use a smaller size (sample small, then upscale the latent and
 
 
 def cfg_batch(cfg: float) -> int:
-    """UNet batch entries per latent: cond and uncond run together unless cfg is 1 (diffusion.guidance)."""
+    """UNet batch entries per latent: cond and uncond run together unless cfg is 1 (diffusion.sampling.guidance)."""
     return 1 if cfg == 1.0 else 2
 
 

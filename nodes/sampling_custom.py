@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from diffusion.guidance import Conditioning
-from diffusion.guidance_dual import DUAL_CFG_STYLES, DualCFGGuider
-from diffusion.models import DiffusionModel
-from diffusion.schedules_extra import sigma_span
+from diffusion.handles import DiffusionModel
+from diffusion.sampling.guidance import Conditioning
+from diffusion.sampling.guidance_dual import DUAL_CFG_STYLES, DualCFGGuider
+from diffusion.sampling.schedules_extra import sigma_span
 from graph.memory_estimate import MemoryEstimate
 from graph.node import Boolean, Combo, Float, Node, Output, Socket
 from graph.types import CONDITIONING, GUIDER, LATENT, MODEL, NOISE, SAMPLER, SIGMAS
@@ -74,7 +74,7 @@ class Guider:
 @dataclass
 class DualGuider:
     """GUIDER of DualCFGGuider: two positive conditionings and a negative with two scales
-    (diffusion.guidance_dual)."""
+    (diffusion.sampling.guidance_dual)."""
 
     model: DiffusionModel
     cond1: Conditioning

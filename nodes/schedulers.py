@@ -3,9 +3,9 @@ the nodes that reshape a SIGMAS list (split, flip, set its first sigma). The mat
 
 from __future__ import annotations
 
-from diffusion.sampling import ksampler_sigmas
-from diffusion.schedules import beta_scheduler, exponential_sigmas, karras_sigmas
-from diffusion.schedules_extra import (
+from diffusion.sampling.ksampler import ksampler_sigmas
+from diffusion.sampling.schedules import beta_scheduler, exponential_sigmas, karras_sigmas
+from diffusion.sampling.schedules_extra import (
     AYS_NOISE_LEVELS,
     align_your_steps_sigmas,
     flip_sigmas,

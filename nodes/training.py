@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion.lora import kohya_unet_names, load_lora, save_lora
-from diffusion.models import ClipModel, DiffusionModel, VAEModel
-from diffusion.patcher import LoraDelta
+from diffusion.handles import ClipModel, DiffusionModel, VAEModel
+from diffusion.patches.lora import kohya_unet_names, load_lora, save_lora
+from diffusion.patches.patcher import LoraDelta
 from graph.node import Float, Input, Int, Node, Output, Socket, String
 from graph.types import CLIP, IMAGE, MODEL, STRING, VAE
 from nodes.environment import embedding_file_names, safe_join

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from transformers import CLIPTextModel
 
-from diffusion.clip_keys import from_transformers, to_hf_checkpoint
-from diffusion.text_encoders import TextEncoders
+from diffusion.checkpoints.clip_keys import from_transformers, to_hf_checkpoint
+from diffusion.models.text_encoders import TextEncoders
 
 from . import shapes
 from .recipe import TEXT_PREFIX

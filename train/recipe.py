@@ -22,14 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import CLIPTextModel
 
-from diffusion.checkpoint import write_safetensors
-from diffusion.clip_keys import from_transformers, to_hf_checkpoint
-from diffusion.families import CONFIG_METADATA_KEY, SCALING_FACTORS, UNET_PREFIX, VAE_PREFIX
-from diffusion.text_encoders import TextEncoderConfig
-from diffusion.tokenizer import CLIPTokenizer
-from diffusion.unet import UNetConfig, UNetModel
-from diffusion.unet_blocks import CrossAttention
-from diffusion.vae import AutoencoderKL, VAEConfig
+from diffusion.checkpoints.clip_keys import from_transformers, to_hf_checkpoint
+from diffusion.checkpoints.families import CONFIG_METADATA_KEY, SCALING_FACTORS, UNET_PREFIX, VAE_PREFIX
+from diffusion.checkpoints.files import write_safetensors
+from diffusion.models.text_encoders import TextEncoderConfig
+from diffusion.models.unet import UNetConfig, UNetModel
+from diffusion.models.unet_blocks import CrossAttention
+from diffusion.models.vae import AutoencoderKL, VAEConfig
+from diffusion.text.tokenizer import CLIPTokenizer
 
 TEXT_PREFIX = "cond_stage_model.transformer."
 SCALING_FACTOR = SCALING_FACTORS["sd1"]  # the loader applies SD1's factor; the VAE's latents are scaled to fit

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion.schedules import DiscreteSchedule
+from diffusion.sampling.schedules import DiscreteSchedule
 
 from . import data, shapes
 from .recipe import (

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusion.checkpoint import (
+from diffusion.checkpoints.files import (
     DTYPE_CODES,
     CheckpointError,
     read_metadata,

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from diffusion.checkpoint import read_metadata, read_state_dict
-from diffusion.families import CONFIG_METADATA_KEY, SD2_V_PROBE, FamilyError, detect_family
-from diffusion.random_checkpoints import checkpoint_spec, layout_shapes, write_random_checkpoint
-from diffusion.unet import UNetConfig
-from diffusion.vae import VAEConfig
+from diffusion.checkpoints.families import CONFIG_METADATA_KEY, SD2_V_PROBE, FamilyError, detect_family
+from diffusion.checkpoints.files import read_metadata, read_state_dict
+from diffusion.checkpoints.random_checkpoints import checkpoint_spec, layout_shapes, write_random_checkpoint
+from diffusion.models.unet import UNetConfig
+from diffusion.models.vae import VAEConfig
 
 CASES = [
     ("sd1", False, "eps"),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion.guidance import CFGGuider
-from diffusion.model_sampling import ModelSampling
-from diffusion.schedules import DiscreteSchedule
+from diffusion.sampling.guidance import CFGGuider
+from diffusion.sampling.model_sampling import ModelSampling
+from diffusion.sampling.schedules import DiscreteSchedule
 
 
 class FakeDenoiser:
@@ -130,7 +130,7 @@ def test_percentage_area_scales_to_the_latent(ms):
 
 
 def test_guidance_hooks_replace_the_combination_and_post_process_it():
-    from diffusion.guidance import GuidanceHooks
+    from diffusion.sampling.guidance import GuidanceHooks
 
     seen = []
 

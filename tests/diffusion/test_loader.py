@@ -16,13 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusion.checkpoint import CheckpointError, read_metadata, read_state_dict
-from diffusion.families import detect_family
-from diffusion.loader import build_modules, load_checkpoint, load_vae
-from diffusion.random_checkpoints import checkpoint_spec, write_random_checkpoint, write_random_vae
-from diffusion.text_encoders import TextEncoders
-from diffusion.unet import UNetModel, sdxl_adm, sdxl_refiner_adm
-from diffusion.vae import AutoencoderKL
+from diffusion.checkpoints.families import detect_family
+from diffusion.checkpoints.files import CheckpointError, read_metadata, read_state_dict
+from diffusion.checkpoints.loader import build_modules, load_checkpoint, load_vae
+from diffusion.checkpoints.random_checkpoints import checkpoint_spec, write_random_checkpoint, write_random_vae
+from diffusion.models.text_encoders import TextEncoders
+from diffusion.models.unet import UNetModel, sdxl_adm, sdxl_refiner_adm
+from diffusion.models.vae import AutoencoderKL
 
 FAMILIES = ["sd1", "sd2", "sdxl", "sdxl_refiner"]
 PROMPT = "a (red:1.2) fox in the snow"
@@ -252,8 +252,8 @@ def test_weights_that_do_not_fit_are_reported(tmp_path, files):
 # whole pytest process), while VmHWM belongs to this process's own address space.
 MEASURE = """
 import gc, sys, torch
-from diffusion.loader import load_checkpoint
-from diffusion.random_checkpoints import write_random_checkpoint
+from diffusion.checkpoints.loader import load_checkpoint
+from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
 write_random_checkpoint(sys.argv[2], "sd1")  # warm-up: lazy imports and the tokenizer join the baseline
 warm = load_checkpoint(sys.argv[2])
 warm.text.encode("warm up")

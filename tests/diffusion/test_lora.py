@@ -9,7 +9,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.torch import save_file
 
-from diffusion.lora import (
+from diffusion.models.text_encoders import ClipTextEncoder
+from diffusion.models.unet import UNetConfig, UNetModel
+from diffusion.patches.lora import (
     kohya_text_names,
     kohya_unet_names,
     load_lora,
@@ -19,9 +21,7 @@ from diffusion.lora import (
     save_lora,
     unet_aliases,
 )
-from diffusion.patcher import LoraDelta, ModelPatcher, WeightDiff
-from diffusion.text_encoders import ClipTextEncoder
-from diffusion.unet import UNetConfig, UNetModel
+from diffusion.patches.patcher import LoraDelta, ModelPatcher, WeightDiff
 from tests.diffusion.random_weights import relative_error
 from tests.diffusion.tiny_models import TINY_SD1, TINY_SDXL, clip_ids, tiny_clip, tiny_unet, unet_inputs
 
@@ -154,7 +154,7 @@ def test_kohya_sd1_lora_gives_hand_computed_weights(sd1, tmp_path, caplog):
     inputs = unet_inputs(TINY_SD1)
     with torch.no_grad():
         plain_out, plain_text = unet(*inputs), clip(input_ids=clip_ids()).last_hidden_state
-    with caplog.at_level(logging.WARNING, logger="diffusion.lora"):
+    with caplog.at_level(logging.WARNING, logger="diffusion.patches.lora"):
         model, clip_patcher, found = apply(load_lora(path), unet, clip)
     assert found.unmatched == sorted(NOWHERE)
     assert "test lora: 6 keys matched nothing" in caplog.text

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from diffusion.memory import ModelManager
-from diffusion.patcher import LoraDelta, ModelPatcher
+from diffusion.patches.patcher import LoraDelta, ModelPatcher
 from tests.diffusion.tiny_models import TINY_SD1, clip_ids, tiny_clip, tiny_unet, unet_inputs
 
 WIDTH, DEPTH = 16, 3

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion.lora_extract import extract_layers, low_rank_factors
-from diffusion.merge import (
+from diffusion.checkpoints.part_files import diffusers_unet_to_original
+from diffusion.checkpoints.unet_keys import diffusers_to_original_unet_keys
+from diffusion.patches.lora_extract import extract_layers, low_rank_factors
+from diffusion.patches.merge import (
     MergeError,
     addition,
     block_interpolation,
@@ -16,9 +18,7 @@ from diffusion.merge import (
     interpolation,
     merge_patches,
 )
-from diffusion.part_files import diffusers_unet_to_original
-from diffusion.patcher import LoraDelta, ModelPatcher
-from diffusion.unet_keys import diffusers_to_original_unet_keys
+from diffusion.patches.patcher import LoraDelta, ModelPatcher
 from tests.diffusion.tiny_models import TINY_SD1, TINY_SDXL, tiny_unet
 
 

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from diffusion.attention_patches import (
+from diffusion.models.unet import UNetConfig
+from diffusion.patches.attention_patches import (
     PERTURBED_MIDDLE,
     attention_mask,
     bipartite_merge,
@@ -18,13 +19,9 @@ from diffusion.attention_patches import (
     tile_count,
     tome_patches,
 )
-from diffusion.differential_diffusion import differential_mask, differential_mask_fn
-from diffusion.guidance import GuidanceStep
-from diffusion.guidance_patches import cfg_zero_star, optimized_scale, perp_neg, rescale_cfg
-from diffusion.model_sampling import DistilledModelSampling, discrete_model_sampling
-from diffusion.schedules import DiscreteSchedule
-from diffusion.unet import UNetConfig
-from diffusion.unet_patches import (
+from diffusion.patches.differential_diffusion import differential_mask, differential_mask_fn
+from diffusion.patches.guidance_patches import cfg_zero_star, optimized_scale, perp_neg, rescale_cfg
+from diffusion.patches.unet_patches import (
     Site,
     UNetPatches,
     deep_shrink_patches,
@@ -32,6 +29,9 @@ from diffusion.unet_patches import (
     freeu_patches,
     resize,
 )
+from diffusion.sampling.guidance import GuidanceStep
+from diffusion.sampling.model_sampling import DistilledModelSampling, discrete_model_sampling
+from diffusion.sampling.schedules import DiscreteSchedule
 from tests.diffusion.tiny_models import TINY_SD1, tiny_unet, unet_inputs
 
 
@@ -231,7 +231,7 @@ def test_zsnr_rescales_the_schedule_to_pure_noise_at_the_end():
 
 
 def _attention(dim=8, heads=2, seed=3):
-    from diffusion.unet_blocks import CrossAttention
+    from diffusion.models.unet_blocks import CrossAttention
     torch.manual_seed(seed)
     return CrossAttention(dim, heads, dim // heads).eval().requires_grad_(False)
 
@@ -326,7 +326,7 @@ class _FakeDenoiser:
 
 
 def test_pag_adds_the_difference_to_the_perturbed_prediction():
-    from diffusion.guidance import CFGGuider
+    from diffusion.sampling.guidance import CFGGuider
     ms = discrete_model_sampling("eps")
     positive, negative = [(torch.ones(1, 2, 4), {})], [(torch.zeros(1, 2, 4), {})]
     guider = CFGGuider(_FakeDenoiser(), ms, positive, negative, 3.0, hooks=perturbed_attention_hooks(2.0))
@@ -369,7 +369,7 @@ def test_differential_mask_threshold_falls_with_the_timestep():
 
 
 def test_differential_diffusion_in_sample_repaints_whole_pixels():
-    from diffusion.sampling import sample
+    from diffusion.sampling.ksampler import sample
     ms = discrete_model_sampling("eps")
     sigmas = torch.cat([ms.sigma(torch.tensor([999.0, 500.0])), torch.zeros(1)])
     latent = torch.zeros(1, 1, 1, 4)
@@ -388,8 +388,8 @@ def test_differential_diffusion_in_sample_repaints_whole_pixels():
 
 
 def test_perp_neg_guidance_evaluates_three_lists_in_one_batch():
-    from diffusion.guidance import GuidanceHooks
-    from diffusion.guidance_patches import PerpNegGuidance
+    from diffusion.patches.guidance_patches import PerpNegGuidance
+    from diffusion.sampling.guidance import GuidanceHooks
     calls = []
 
     def denoiser(x, sigma, context=None, **_):

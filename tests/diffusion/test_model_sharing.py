@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffusion.memory import ModelManager
-from diffusion.patcher import ModelPatcher
+from diffusion.patches.patcher import ModelPatcher
 from diffusion.sharing import ModuleGates, SharingDeadlock
 from tests.diffusion.test_memory import SIZE, WIDTH, lora_for, patchers
 

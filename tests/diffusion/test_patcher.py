@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion.patcher import LoraDelta, ModelPatcher, WeightDiff
+from diffusion.patches.patcher import LoraDelta, ModelPatcher, WeightDiff
 
 
 def tiny_net(seed=0, dtype=torch.float32):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusion.embeddings import EmbeddingError, load_embedding, resolve_embedding
-from diffusion.prompt import PromptTokenizer, chunk_groups, parse_prompt_weights
-from diffusion.tokenizer import CLIPTokenizer
+from diffusion.text.embeddings import EmbeddingError, load_embedding, resolve_embedding
+from diffusion.text.prompt import PromptTokenizer, chunk_groups, parse_prompt_weights
+from diffusion.text.tokenizer import CLIPTokenizer
 
 BOS, EOS = 49406, 49407
 CAT, DOG, COMMA = 2368, 1929, 267

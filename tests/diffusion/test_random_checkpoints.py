@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from diffusion.checkpoint import read_metadata, read_state_dict
-from diffusion.random_checkpoints import layout_shapes, write_random_checkpoint, write_random_vae
+from diffusion.checkpoints.files import read_metadata, read_state_dict
+from diffusion.checkpoints.random_checkpoints import layout_shapes, write_random_checkpoint, write_random_vae
 
 
 def test_same_seed_same_bytes_other_seed_other_values(tmp_path):
@@ -70,7 +70,7 @@ def test_real_layout_text_encoders(tmp_path):
 
 WRITE = """
 import sys, torch
-from diffusion.random_checkpoints import write_random_checkpoint
+from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
 def peak():
     with open("/proc/self/status") as f:
         return int(dict(line.split(":", 1) for line in f)["VmHWM"].split()[0]) * 1024

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.noise import BrownianNoiseSampler, seeded_noise_sampler
-from diffusion.sampler_registry import (
+from diffusion.sampling.ksampler import BROWNIAN_NOISE_SAMPLERS
+from diffusion.sampling.noise import BrownianNoiseSampler, seeded_noise_sampler
+from diffusion.sampling.sampler_registry import (
     DISCARD_PENULTIMATE_SIGMA_SAMPLERS,
     SAMPLER_NAMES,
     STOCHASTIC_SAMPLERS,
     get_sampler,
 )
-from diffusion.samplers_adams import adams_bashforth_coeffs
-from diffusion.sampling import BROWNIAN_NOISE_SAMPLERS
-from diffusion.schedules import DiscreteSchedule, calculate_sigmas
+from diffusion.sampling.samplers_adams import adams_bashforth_coeffs
+from diffusion.sampling.schedules import DiscreteSchedule, calculate_sigmas
 
 MU, STD = 0.3, 0.5
 SD_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
@@ -78,7 +78,7 @@ TOLERANCES.update({"seeds_2": (0.03, 0.03), "seeds_3": (0.03, 0.03), "sa_solver"
 def test_sampler_recovers_gaussian_data(name, schedule):
     sigmas = calculate_sigmas(schedule, "karras", 30)
     x = start_sample((16, 1, 16, 16), sigmas[0])
-    brownian = name in BROWNIAN_NOISE_SAMPLERS  # as diffusion.sampling.sample does
+    brownian = name in BROWNIAN_NOISE_SAMPLERS  # as diffusion.sampling.ksampler.sample does
     noise = BrownianNoiseSampler(x, 7) if brownian else seeded_noise_sampler(x, 7)
     out = get_sampler(name)(gaussian_denoiser, x, sigmas, noise_sampler=noise)
     tol_mean, tol_std = TOLERANCES.get(name, HIGH_ORDER_TOLERANCE)

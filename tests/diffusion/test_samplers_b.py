@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.model_sampling import ModelSampling
-from diffusion.noise import seeded_noise_sampler
-from diffusion.sampler_registry import STOCHASTIC_SAMPLERS, get_sampler
-from diffusion.samplers_adams import (
+from diffusion.sampling.model_sampling import ModelSampling
+from diffusion.sampling.noise import seeded_noise_sampler
+from diffusion.sampling.sampler_registry import STOCHASTIC_SAMPLERS, get_sampler
+from diffusion.sampling.samplers_adams import (
     _AB_WEIGHTS,
     adams_bashforth_coeffs,
     deis_coeffs,
     ipndm_v_coeffs,
     vp_time,
 )
-from diffusion.samplers_multistep import UNIPC_FINAL_SIGMA
-from diffusion.samplers_sa_solver import default_sde_interval, sde_interval, stochastic_adams_coeffs
-from diffusion.schedules import DiscreteSchedule, calculate_sigmas
+from diffusion.sampling.samplers_multistep import UNIPC_FINAL_SIGMA
+from diffusion.sampling.samplers_sa_solver import default_sde_interval, sde_interval, stochastic_adams_coeffs
+from diffusion.sampling.schedules import DiscreteSchedule, calculate_sigmas
 from tests.diffusion.test_samplers import (
     MU,
     SD_CONFIG,
@@ -464,9 +464,9 @@ def test_reproducible_bit_for_bit(name, schedule):
 
 @pytest.mark.parametrize("name", GROUP_B)
 def test_ksampler_flow_runs_each_sampler(name):
-    """Through diffusion.sampling.sample as KSampler calls it: seeded, extra_args reach every model call."""
-    from diffusion.noise import prepare_noise
-    from diffusion.sampling import ksampler_sigmas, sample
+    """Through diffusion.sampling.ksampler.sample as KSampler calls it: seeded, extra_args reach every model call."""
+    from diffusion.sampling.ksampler import ksampler_sigmas, sample
+    from diffusion.sampling.noise import prepare_noise
 
     ms = ModelSampling(DiscreteSchedule.from_config())
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -12,13 +12,18 @@ import pytest
 import torch
 from scipy import integrate
 
-from diffusion.guidance import CFGGuider, GuidanceHooks
-from diffusion.model_sampling import ModelSampling
-from diffusion.noise import BrownianNoiseSampler, seeded_noise_sampler
-from diffusion.sampler_registry import SAMPLER_NAMES, STOCHASTIC_SAMPLERS, get_sampler
-from diffusion.samplers_sde import DeviceBrownianNoiseSampler, er_sde_coefficients, er_sde_noise_scaler, on_device
-from diffusion.sampling import BROWNIAN_NOISE_SAMPLERS, sample
-from diffusion.schedules import DiscreteSchedule, calculate_sigmas
+from diffusion.sampling.guidance import CFGGuider, GuidanceHooks
+from diffusion.sampling.ksampler import BROWNIAN_NOISE_SAMPLERS, sample
+from diffusion.sampling.model_sampling import ModelSampling
+from diffusion.sampling.noise import BrownianNoiseSampler, seeded_noise_sampler
+from diffusion.sampling.sampler_registry import SAMPLER_NAMES, STOCHASTIC_SAMPLERS, get_sampler
+from diffusion.sampling.samplers_sde import (
+    DeviceBrownianNoiseSampler,
+    er_sde_coefficients,
+    er_sde_noise_scaler,
+    on_device,
+)
+from diffusion.sampling.schedules import DiscreteSchedule, calculate_sigmas
 from tests.diffusion.test_samplers import (
     MU,
     SD_CONFIG,

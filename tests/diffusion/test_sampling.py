@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion.model_sampling import Denoiser, ModelSampling
-from diffusion.noise import BrownianNoiseSampler, prepare_noise, seeded_noise_sampler
 from diffusion.preview import encode_preview_jpeg, fit_latent_rgb_projection, latent_preview_image
-from diffusion.sampling import ksampler_sigmas, sample, slice_sigmas
-from diffusion.schedules import DiscreteSchedule, calculate_sigmas
+from diffusion.sampling.ksampler import ksampler_sigmas, sample, slice_sigmas
+from diffusion.sampling.model_sampling import Denoiser, ModelSampling
+from diffusion.sampling.noise import BrownianNoiseSampler, prepare_noise, seeded_noise_sampler
+from diffusion.sampling.schedules import DiscreteSchedule, calculate_sigmas
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,7 @@ def test_preview_projection_inverts_a_linear_encoder():
 
 def test_sa_solver_gets_the_models_own_schedule(ms, monkeypatch):
     """Its noise window is the model's sigmas at 20 % and 80 %: KSampler passes the model's sampling."""
-    from diffusion import sampler_registry
+    from diffusion.sampling.ksampler import sampler_registry
 
     seen = {}
 

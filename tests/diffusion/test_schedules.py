@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffusion.schedules import (
+from diffusion.sampling.schedules import (
     SCHEDULER_NAMES,
     DiscreteSchedule,
     beta_ppf,

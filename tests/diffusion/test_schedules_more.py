@@ -10,8 +10,8 @@ import torch
 from diffusers import EulerAncestralDiscreteScheduler
 from diffusers.schedulers import AysSchedules
 
-from diffusion.schedules import DiscreteSchedule, exponential_sigmas
-from diffusion.schedules_extra import (
+from diffusion.sampling.schedules import DiscreteSchedule, exponential_sigmas
+from diffusion.sampling.schedules_extra import (
     AYS_NOISE_LEVELS,
     align_your_steps_sigmas,
     flip_sigmas,

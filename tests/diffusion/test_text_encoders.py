@@ -9,15 +9,15 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from diffusion.clip_keys import (
+from diffusion.checkpoints.clip_keys import (
     KeyLayoutError,
     from_open_clip,
     text_encoder_state_dict,
     to_hf_checkpoint,
     to_open_clip,
 )
-from diffusion.text_encoders import TextEncoderConfig, TextEncoders
-from diffusion.tokenizer import CLIPTokenizer
+from diffusion.models.text_encoders import TextEncoderConfig, TextEncoders
+from diffusion.text.tokenizer import CLIPTokenizer
 
 BOS, EOS = 49406, 49407
 CAT, DOG = 2368, 1929

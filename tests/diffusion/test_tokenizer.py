@@ -8,7 +8,7 @@ from importlib import resources
 
 import pytest
 
-from diffusion.tokenizer import CLIPTokenizer
+from diffusion.text.tokenizer import CLIPTokenizer
 
 
 @pytest.fixture(scope="module")

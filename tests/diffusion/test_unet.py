@@ -11,9 +11,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.models.embeddings import get_timestep_embedding
 
-from diffusion.unet import UNetConfig, UNetModel, sdxl_adm, sdxl_refiner_adm
-from diffusion.unet_blocks import timestep_embedding
-from diffusion.unet_keys import diffusers_to_original_unet_keys
+from diffusion.checkpoints.unet_keys import diffusers_to_original_unet_keys
+from diffusion.models.unet import UNetConfig, UNetModel, sdxl_adm, sdxl_refiner_adm
+from diffusion.models.unet_blocks import timestep_embedding
 from tests.diffusion.random_weights import randomize_, relative_error
 
 PREFIX = "model.diffusion_model."

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
+from diffusion.models.vae import AutoencoderKL, VAEConfig
 from diffusion.tiling import tile_spans, tiled_apply
-from diffusion.vae import AutoencoderKL, VAEConfig
 from tests.diffusion.random_weights import randomize_, relative_error
 
 PREFIX = "first_stage_model."

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from diffusion.unet import UNetConfig, UNetModel
+from diffusion.models.unet import UNetConfig, UNetModel
 from tests.diffusion.random_weights import randomize_
 
 TINY_SD1 = UNetConfig(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from diffusion.random_checkpoints import write_random_checkpoint
+from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
 from graph.executor import Executor
 from graph.validation import validate_prompt
 from nodes import build_registry

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion.guidance import GuidanceHooks
-from diffusion.guidance_dual import DualCFGGuider
-from diffusion.model_sampling import ModelSampling
-from diffusion.noise import prepare_noise
-from diffusion.schedules import DiscreteSchedule, beta_scheduler
-from diffusion.schedules_extra import align_your_steps_sigmas, sd_turbo_sigmas
+from diffusion.sampling.guidance import GuidanceHooks
+from diffusion.sampling.guidance_dual import DualCFGGuider
+from diffusion.sampling.model_sampling import ModelSampling
+from diffusion.sampling.noise import prepare_noise
+from diffusion.sampling.schedules import DiscreteSchedule, beta_scheduler
+from diffusion.sampling.schedules_extra import align_your_steps_sigmas, sd_turbo_sigmas
 from nodes.samplers_custom import PowerNoiseScaler, choose
 
 REFERENCE = Path(__file__).parents[1] / "data" / "comfyui_object_info.json"

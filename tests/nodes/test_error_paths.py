@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from diffusion.random_checkpoints import write_random_checkpoint
+from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
 from graph.executor import Executor
 from graph.validation import validate_prompt
 from nodes import build_registry

@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from diffusion.lora import kohya_text_names, kohya_unet_names, lora_patches, save_lora
-from diffusion.patcher import LoraDelta
+from diffusion.patches.lora import kohya_text_names, kohya_unet_names, lora_patches, save_lora
+from diffusion.patches.patcher import LoraDelta
 from nodes.loaders import apply_lora, load_checkpoint_handles
 
 NOWHERE = {"lora_unet_no_such_block.lora_up.weight": torch.zeros(4, 2),
@@ -50,12 +50,12 @@ def test_strength_zero_applies_and_reports_nothing(handles_and_lora, caplog):
         out_model, out_clip = apply_lora(model, clip, "style", {**tensors, **NOWHERE}, 0.0, 0.0)
         only_model = apply_lora(model, None, "style", {**tensors, **NOWHERE}, 0.0, 0.0)[0]
     assert out_model is model and out_clip is clip and only_model is model
-    assert not [r for r in caplog.records if r.name.startswith(("diffusion.lora", "nodes"))]
+    assert not [r for r in caplog.records if r.name.startswith(("diffusion.patches.lora", "nodes"))]
 
 
 def test_unet_only_does_not_report_text_encoder_keys(handles_and_lora, caplog):
     model, clip, tensors = handles_and_lora
-    with caplog.at_level(logging.WARNING, logger="diffusion.lora"):
+    with caplog.at_level(logging.WARNING, logger="diffusion.patches.lora"):
         patched, same_clip = apply_lora(model, clip, "style", tensors, 1.0, 0.0)  # LoraLoader, clip strength 0
         model_only = apply_lora(model, None, "style", tensors, 0.5, 0.0)[0]  # LoraLoaderModelOnly
     assert matched_nothing(caplog) == []
@@ -65,7 +65,7 @@ def test_unet_only_does_not_report_text_encoder_keys(handles_and_lora, caplog):
 
 def test_report_counts_only_keys_that_match_no_module(handles_and_lora, caplog):
     model, clip, tensors = handles_and_lora
-    with caplog.at_level(logging.WARNING, logger="diffusion.lora"):
+    with caplog.at_level(logging.WARNING, logger="diffusion.patches.lora"):
         apply_lora(model, None, "style", {**tensors, **NOWHERE}, 1.0, 0.0)
         apply_lora(model, clip, "style", {**tensors, **NOWHERE}, 0.0, 1.0)
     assert matched_nothing(caplog) == ["LoRA style: 2 keys matched nothing (e.g. "

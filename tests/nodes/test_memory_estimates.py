@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
+from diffusion.checkpoints.loader import load_checkpoint
+from diffusion.checkpoints.random_checkpoints import checkpoint_spec
 from diffusion.devices import pick_dtype
-from diffusion.loader import load_checkpoint
+from diffusion.handles import wrap_checkpoint
 from diffusion.memory import ModelManager
-from diffusion.models import wrap_checkpoint
-from diffusion.random_checkpoints import checkpoint_spec
-from diffusion.unet import UNetModel
+from diffusion.models.unet import UNetModel
 from graph.memory_estimate import EstimateContext, TensorSpec, estimate_prompt
 from graph.validation import validate_prompt
 from nodes.estimates import (

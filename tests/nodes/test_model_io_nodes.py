@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusion.checkpoint import read_metadata
-from diffusion.loader import load_checkpoint
-from diffusion.lora import kohya_unet_names, lora_patches
-from diffusion.patcher import LoraDelta, ModelPatcher
-from diffusion.random_checkpoints import write_random_checkpoint, write_random_vae
-from diffusion.unet_keys import diffusers_to_original_unet_keys
+from diffusion.checkpoints.files import read_metadata
+from diffusion.checkpoints.loader import load_checkpoint
+from diffusion.checkpoints.random_checkpoints import write_random_checkpoint, write_random_vae
+from diffusion.checkpoints.unet_keys import diffusers_to_original_unet_keys
+from diffusion.patches.lora import kohya_unet_names, lora_patches
+from diffusion.patches.patcher import LoraDelta, ModelPatcher
 from nodes import loaders, merging, model_io
 from tests.nodes.conftest import Engine
 

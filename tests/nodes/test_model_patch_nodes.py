@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import nodes.model_patches as model_patches
-from diffusion.sampling import ksampler_sigmas
-from diffusion.schedules import DiscreteSchedule
+from diffusion.sampling.ksampler import ksampler_sigmas
+from diffusion.sampling.schedules import DiscreteSchedule
 from tests.nodes.test_sd_nodes import txt2img
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "comfyui_object_info.json"  # ComfyUI's /object_info

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from diffusion.sampler_registry import SAMPLER_NAMES
+from diffusion.sampling.sampler_registry import SAMPLER_NAMES
 from nodes import build_registry
 from nodes.environment import Environment
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.loader import load_checkpoint
-from diffusion.lora import kohya_text_names, kohya_unet_names, save_lora
-from diffusion.models import wrap_checkpoint
-from diffusion.noise import prepare_noise
-from diffusion.patcher import LoraDelta
+from diffusion.checkpoints.loader import load_checkpoint
+from diffusion.handles import wrap_checkpoint
+from diffusion.patches.lora import kohya_text_names, kohya_unet_names, save_lora
+from diffusion.patches.patcher import LoraDelta
+from diffusion.sampling.noise import prepare_noise
 from nodes import loaders
 from nodes.loaders import load_checkpoint_handles
 
@@ -366,7 +366,7 @@ def test_basic_guider_and_disable_noise(engine):
 
 
 def test_vae_loader_standalone_file(engine):
-    from diffusion.random_checkpoints import write_random_vae
+    from diffusion.checkpoints.random_checkpoints import write_random_vae
 
     (engine.env.models_dir / "vae").mkdir(parents=True, exist_ok=True)
     write_random_vae(engine.env.models_dir / "vae" / "bare.safetensors", prefix=False, seed=4)

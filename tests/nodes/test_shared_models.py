@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import nodes.loaders
-from diffusion.lora import kohya_text_names, kohya_unet_names, save_lora
-from diffusion.patcher import LoraDelta
+from diffusion.patches.lora import kohya_text_names, kohya_unet_names, save_lora
+from diffusion.patches.patcher import LoraDelta
 from graph.executor import Executor
 from graph.validation import validate_prompt
 from nodes import build_registry

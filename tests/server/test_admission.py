@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from diffusion.random_checkpoints import write_random_checkpoint
+from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
 from graph.validation import validate_prompt
 from nodes import build_registry
 from nodes.environment import Environment

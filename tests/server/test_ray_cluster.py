@@ -23,7 +23,7 @@ pytest.importorskip("ray")
 
 import aiohttp
 
-from diffusion.random_checkpoints import write_random_checkpoint
+from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
 from tests.nodes.test_sd_nodes import txt2img
 from tests.server.harness import make_data_dir
 from tests.server.ray_harness import RayHead, RayServer, ray_environment, single_process_outputs

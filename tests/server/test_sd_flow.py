@@ -12,7 +12,7 @@ import uuid
 import aiohttp
 from PIL import Image
 
-from diffusion.random_checkpoints import write_random_checkpoint
+from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
 from tests.nodes.test_sd_nodes import txt2img
 from tests.server.harness import make_data_dir
 from tests.server.test_api_flow import collect, wait_history

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion.lora import load_lora
-from diffusion.random_checkpoints import write_random_checkpoint
+from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
+from diffusion.patches.lora import load_lora
 from graph.executor import Executor
 from graph.validation import validate_prompt
 from nodes import build_registry

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffusion.loader import load_checkpoint
+from diffusion.checkpoints.loader import load_checkpoint
+from diffusion.handles import wrap_checkpoint
 from diffusion.memory import ModelManager
-from diffusion.models import wrap_checkpoint
 from train import shapes
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "checkpoints" / "latentloom-shapes.safetensors"

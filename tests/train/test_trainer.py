@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from diffusion.checkpoint import read_metadata, read_state_dict
-from diffusion.loader import load_checkpoint
-from diffusion.unet_blocks import CrossAttention
+from diffusion.checkpoints.files import read_metadata, read_state_dict
+from diffusion.checkpoints.loader import load_checkpoint
+from diffusion.models.unet_blocks import CrossAttention
 from train import data, shapes
 from train.recipe import (
     build_text_encoder,

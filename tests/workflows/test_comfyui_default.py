@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from diffusion.random_checkpoints import write_random_checkpoint
+from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,9 +21,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.lora import kohya_text_names, kohya_unet_names, save_lora
-from diffusion.patcher import LoraDelta
-from diffusion.random_checkpoints import checkpoint_spec, write_random_checkpoint, write_random_vae
+from diffusion.checkpoints.random_checkpoints import checkpoint_spec, write_random_checkpoint, write_random_vae
+from diffusion.patches.lora import kohya_text_names, kohya_unet_names, save_lora
+from diffusion.patches.patcher import LoraDelta
 from graph.executor import Executor
 from graph.ui_format import ui_to_api
 from graph.validation import validate_prompt
@@ -89,7 +89,7 @@ CASES = [pytest.param(p, id=p.stem, marks=[pytest.mark.slow, pytest.mark.skipif(
 
 def write_lora(path: Path, checkpoint: Path, seed: int) -> None:
     """A random kohya LoRA on a few UNet and text-encoder layers of `checkpoint`."""
-    from diffusion.loader import load_checkpoint
+    from diffusion.checkpoints.loader import load_checkpoint
 
     loaded = load_checkpoint(checkpoint)
     gen = torch.Generator().manual_seed(seed)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.lora import kohya_unet_names, save_lora
-from diffusion.patcher import LoraDelta
-from diffusion.random_checkpoints import write_random_checkpoint
+from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
+from diffusion.patches.lora import kohya_unet_names, save_lora
+from diffusion.patches.patcher import LoraDelta
 from graph.ui_format import ui_to_api
 from nodes import build_registry
 
@@ -53,7 +53,7 @@ def data_dir(tmp_path_factory):
     rgba[..., 3] = 255
     rgba[40:, 40:, 3] = 0  # the transparent corner is the inpainting mask
     Image.fromarray(rgba, "RGBA").save(data / "input" / "example.png")
-    from diffusion.loader import load_checkpoint
+    from diffusion.checkpoints.loader import load_checkpoint
 
     unet = load_checkpoint(checkpoints / "latentloom-shapes.safetensors").unet
     params = dict(unet.named_parameters())

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, key_prefixes, read_metadata, read_state_dict, strip_prefix
+from ..models.text_encoders import FAMILIES as TEXT_FAMILIES
+from ..models.text_encoders import TextEncoders
+from ..models.unet import UNetModel
+from ..models.vae import AutoencoderKL, VAEConfig
 from .clip_keys import KeyLayoutError
 from .families import UNET_PREFIX, VAE_PREFIX, ModelFamily, config_metadata, detect_family
-from .text_encoders import FAMILIES as TEXT_FAMILIES
-from .text_encoders import TextEncoders
-from .unet import UNetModel
-from .vae import AutoencoderKL, VAEConfig
+from .files import CheckpointError, key_prefixes, read_metadata, read_state_dict, strip_prefix
 
 log = logging.getLogger(__name__)
 

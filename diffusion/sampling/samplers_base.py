@@ -61,7 +61,7 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
 
 def need_noise(noise_sampler: NoiseSampler | None, name: str) -> NoiseSampler:
     if noise_sampler is None:
-        raise ValueError(f"sampler {name!r} is stochastic and needs a noise_sampler (see diffusion.noise)")
+        raise ValueError(f"sampler {name!r} is stochastic and needs a noise_sampler (see diffusion.sampling.noise)")
     return noise_sampler
 
 

@@ -18,18 +18,18 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .families import ModelFamily
-from .guidance import CFGGuider, Conditioning, GuidanceHooks
-from .loader import LoadedCheckpoint
+from .checkpoints.families import ModelFamily
+from .checkpoints.loader import LoadedCheckpoint
 from .memory import ModelManager
-from .model_sampling import Denoiser, ModelSampling
-from .patcher import ModelPatcher
+from .models.text_encoders import TextEncoders
+from .models.unet import sdxl_adm, sdxl_refiner_adm
+from .models.vae import AutoencoderKL
+from .patches.patcher import ModelPatcher
+from .patches.unet_patches import UNetPatches
 from .preview import LatentRGBProjection, fit_latent_rgb_projection, latent_preview_image
-from .schedules import DiscreteSchedule
-from .text_encoders import TextEncoders
-from .unet import sdxl_adm, sdxl_refiner_adm
-from .unet_patches import UNetPatches
-from .vae import AutoencoderKL
+from .sampling.guidance import CFGGuider, Conditioning, GuidanceHooks
+from .sampling.model_sampling import Denoiser, ModelSampling
+from .sampling.schedules import DiscreteSchedule
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .unet import UNetConfig, UNetModel
+from ..models.unet import UNetConfig, UNetModel
 
 # Inside a ResBlock (ours) / ResnetBlock2D (diffusers) only the layer names differ.
 _RESNET_NAMES = {

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tiling import tiled_apply
+from ..tiling import tiled_apply
 from .unet_blocks import GroupNorm32
 
 

@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..checkpoints.unet_keys import diffusers_to_original_unet_keys
+from ..models.unet import UNetConfig
 from .patcher import LoraDelta, Patch, WeightDiff
-from .unet import UNetConfig
-from .unet_keys import diffusers_to_original_unet_keys
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .model_sampling import ModelSampling
+from ..sampling.model_sampling import ModelSampling
 
 # (sigma, mask, sigmas, model_sampling) -> the mask of the step at sigma
 DenoiseMaskFn = Callable[[Tensor, Tensor, Tensor, ModelSampling], Tensor]

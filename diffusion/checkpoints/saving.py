@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import write_safetensors
+from ..models.text_encoders import FAMILIES as TEXT_FAMILIES
+from ..patches.patcher import ModelPatcher
 from .clip_keys import from_transformers, to_hf_checkpoint, to_open_clip
 from .families import CONFIG_METADATA_KEY, UNET_PREFIX, VAE_PREFIX
-from .patcher import ModelPatcher
-from .text_encoders import FAMILIES as TEXT_FAMILIES
+from .files import write_safetensors
 
 Tensor = torch.Tensor
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from .clip_keys import PROJECTION, TEXT, text_encoder_state_dict
-from .prompt import Chunk, PromptTokenizer
-from .tokenizer import CLIPTokenizer
+from ..checkpoints.clip_keys import PROJECTION, TEXT, text_encoder_state_dict
+from ..text.prompt import Chunk, PromptTokenizer
+from ..text.tokenizer import CLIPTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import CheckpointError, key_prefixes, strip_prefix
-from .text_encoders import FAMILIES as TEXT_FAMILIES
-from .unet import UNetConfig
-from .vae import VAEConfig
+from ..models.text_encoders import FAMILIES as TEXT_FAMILIES
+from ..models.unet import UNetConfig
+from ..models.vae import VAEConfig
+from .files import CheckpointError, key_prefixes, strip_prefix
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .guidance import CFGGuider, Conditioning, ExtraCond, GuidanceHooks, GuidanceStep
-from .model_sampling import ModelSampling
+from ..sampling.guidance import CFGGuider, Conditioning, ExtraCond, GuidanceHooks, GuidanceStep
+from ..sampling.model_sampling import ModelSampling
 
 
 def _per_sample(sigma: Tensor, x: Tensor) -> Tensor:

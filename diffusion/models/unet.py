@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..patches.unet_patches import Site, UNetPatches
 from .unet_blocks import (
     Downsample,
     GroupNorm32,
@@ -22,7 +23,6 @@ from .unet_blocks import (
     Upsample,
     timestep_embedding,
 )
-from .unet_patches import Site, UNetPatches
 
 
 @dataclass(frozen=True)

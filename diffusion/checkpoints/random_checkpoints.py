@@ -20,13 +20,13 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from .checkpoint import write_safetensors
+from ..models.text_encoders import TextEncoderConfig
+from ..models.unet import UNetConfig, UNetModel
+from ..models.vae import AutoencoderKL, VAEConfig
+from ..text.tokenizer import CLIPTokenizer
 from .clip_keys import from_transformers, to_hf_checkpoint, to_open_clip
 from .families import CONFIG_METADATA_KEY, SD2_V_PROBE, UNET_PREFIX, VAE_PREFIX
-from .text_encoders import TextEncoderConfig
-from .tokenizer import CLIPTokenizer
-from .unet import UNetConfig, UNetModel
-from .vae import AutoencoderKL, VAEConfig
+from .files import write_safetensors
 
 Tensor = torch.Tensor
 

@@ -22,15 +22,15 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, key_prefixes, read_metadata, read_state_dict, strip_prefix
+from ..models.text_encoders import FAMILIES as TEXT_FAMILIES
+from ..models.text_encoders import TextEncoders
+from ..models.unet import UNetConfig, UNetModel
+from ..models.vae import VAEConfig
 from .clip_keys import PROJECTION, TEXT, KeyLayoutError, detect_layout, text_encoder_state_dict, to_hf_checkpoint
 from .families import SCALING_FACTORS, SD2_V_PROBE, UNET_PREFIX, ModelFamily, config_metadata
+from .files import CheckpointError, key_prefixes, read_metadata, read_state_dict, strip_prefix
 from .loader import _stored_dtype, fill_module
-from .text_encoders import FAMILIES as TEXT_FAMILIES
-from .text_encoders import TextEncoders
-from .unet import UNetConfig, UNetModel
 from .unet_keys import _RESNET_NAMES, _module_prefixes
-from .vae import VAEConfig
 
 log = logging.getLogger(__name__)
 

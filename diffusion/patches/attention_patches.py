@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .guidance import GuidanceHooks, GuidanceStep
+from ..sampling.guidance import GuidanceHooks, GuidanceStep
 from .guidance_patches import positive_only
 from .unet_patches import Attend, Site, UNetPatches, tokens_at_depth
 

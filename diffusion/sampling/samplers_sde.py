@@ -39,7 +39,7 @@ class DeviceBrownianNoiseSampler(BrownianNoiseSampler):
 
 def on_device(noise_sampler: NoiseSampler | None, x: Tensor) -> NoiseSampler | None:
     """The noise sampler a `_gpu` sampler uses: an unused CPU-generator Brownian sampler (what
-    diffusion.sampling.sample makes for these names) is remade on x's device with the same seed; anything
+    diffusion.sampling.ksampler.sample makes for these names) is remade on x's device with the same seed; anything
     else (a caller's own noise) is used as given."""
     if (isinstance(noise_sampler, BrownianNoiseSampler) and not isinstance(noise_sampler, DeviceBrownianNoiseSampler)
             and not noise_sampler.points):

@@ -1,0 +1,2 @@
+"""Model files: reading checkpoints safely, family detection, key layouts, loading parts, saving,
+random test checkpoints."""

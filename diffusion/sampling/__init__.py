@@ -1,0 +1,1 @@
+"""Sampling: noise schedules, sigma schedulers, samplers by ComfyUI's names, noise, guidance and the KSampler flow."""

@@ -1,0 +1,1 @@
+"""Prompt text: the CLIP tokenizer, ComfyUI's weight syntax, textual-inversion embeddings."""
