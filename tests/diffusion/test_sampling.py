@@ -201,7 +201,7 @@ def test_preview_projection_inverts_a_linear_encoder():
 
 def test_sa_solver_gets_the_models_own_schedule(ms, monkeypatch):
     """Its noise window is the model's sigmas at 20 % and 80 %: KSampler passes the model's sampling."""
-    from diffusion.sampling.ksampler import sampler_registry
+    from diffusion.sampling import sampler_registry
 
     seen = {}
 
