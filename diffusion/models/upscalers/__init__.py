@@ -1,0 +1,48 @@
+"""Image upscaling networks (UPSCALE_MODEL): one module per architecture, found from a file's keys and shapes.
+
+Protocol every architecture module here follows (the loader in `diffusion/checkpoints/upscale_models.py`
+relies on nothing else):
+
+    ARCH_NAME: str
+        A human name such as "ESRGAN (RRDBNet)", used in messages and logs.
+    detect(state_dict: dict[str, Tensor]) -> Config | None
+        None when the keys are not this architecture's. Config is a frozen dataclass with at least
+        `.scale` (int), `.in_channels` and `.out_channels`, all read from key names and tensor shapes.
+    build(config) -> torch.nn.Module
+        The network; building on the meta device is fine (the loader assigns the file's tensors).
+        forward(x [B, C, H, W] in 0..1) -> [B, C, H*scale, W*scale].
+    module_state_dict(state_dict, config) -> dict[str, Tensor]
+        File keys -> the module's attribute names (the identity for the module's native layout).
+
+`ARCHITECTURES` lists the modules in the order they are tried; the first whose `detect` answers wins,
+so put stricter detectors first. Wrapper keys (`params_ema`, `params`, `state_dict`, a `module.` prefix)
+are stripped by the loader before `detect` sees the dict.
+
+Why not spandrel (the library ComfyUI uses for these files): see the note at the end of this docstring.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+# Tried in order. A module named here that does not exist yet (being written) is skipped with a log line.
+_ARCHITECTURE_MODULES = ("rrdbnet", "srvgg")
+
+
+def _load_architectures() -> tuple[ModuleType, ...]:
+    found = []
+    for name in _ARCHITECTURE_MODULES:
+        try:
+            found.append(importlib.import_module(f"{__name__}.{name}"))
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            log.debug("upscaler architecture %s is not present", name)
+    return tuple(found)
+
+
+ARCHITECTURES: tuple[ModuleType, ...] = _load_architectures()
