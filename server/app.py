@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from graph.registry import NodeRegistry
-from server import openapi, routes_files, routes_info, routes_prompt
+from server import front_end, openapi, routes_files, routes_info, routes_prompt
 from server.state import LOOPBACK_NAMES, ROOT, STATE, ApiError, Handler, ServerConfig, ServerState, json_error
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def origin_middleware(config: ServerConfig) -> Any:
     return check_origin
 
 
-STATIC_ROUTE_NAMES = frozenset({"canvas-index", "canvas-static", "canvas-templates"})
+STATIC_ROUTE_NAMES = frozenset({"canvas-index", "canvas-static", "canvas-templates", "front-end-user-css"})
 
 
 def auth_middleware(token: str) -> Any:
@@ -215,6 +215,8 @@ def create_app(config: ServerConfig, registry: NodeRegistry | None = None) -> we
             if method == "GET" and path != "/ws":  # HEAD is GET without the body (aiohttp leaves it out)
                 app.router.add_route("HEAD", prefix + path, handler)
     app.router.add_get("/", canvas_index, name="canvas-index")
+    if config.front_end == "comfyui":  # what ComfyUI's page asks for besides the API (server/front_end.py)
+        app.router.add_get("/user.css", front_end.user_css, name="front-end-user-css")
     # The shipped workflows (the canvas opens templates/txt2img.json on first visit), read-only.
     if (ROOT / "workflows").is_dir():
         app.router.add_static("/templates", ROOT / "workflows", name="canvas-templates")

@@ -274,6 +274,9 @@ def add_serve_parser(sub: Any) -> None:
     serve.add_argument("--max-workflow-mb", type=limit_option(0, float), default=16,
                        help="size limit of one saved workflow in MiB (default 16; 0: only --max-upload-mb's)")
     serve.add_argument("--web-root", type=Path, default=None, help="folder of the canvas (default: web/)")
+    serve.add_argument("--front-end", choices=("latentloom", "comfyui"), default="latentloom",
+                       help="the page at /: our canvas (default), or ComfyUI's front end from the installed "
+                            "comfyui-frontend-package (pip install 'latentloom[comfyui]')")
     serve.add_argument("--workers", type=workers_option, default=None, metavar="N|ray|ray://HOST:PORT",
                        help="N worker threads (default: one per device), or run prompts on Ray actors, one per GPU "
                             "(per CPU where there is none): 'ray' starts a local Ray or joins $RAY_ADDRESS, "
@@ -351,6 +354,13 @@ def cmd_serve(args: argparse.Namespace, env: Environment, registry: NodeRegistry
                           max_input_files=args.max_input_files, max_workflows=args.max_workflows,
                           max_workflow_bytes=int(args.max_workflow_mb * (1 << 20)),
                           extra_model_dirs=env.extra_model_dirs, max_prompt_memory=args.max_prompt_memory)
+    if args.front_end == "comfyui":
+        from server.front_end import FrontEndMissing, comfyui_static_root
+
+        try:
+            config.web_root, config.front_end = comfyui_static_root(), "comfyui"
+        except FrontEndMissing as exc:
+            raise CliError(str(exc)) from None
     if args.web_root is not None:
         config.web_root = args.web_root
     if args.host not in LOOPBACK_NAMES and not args.auth_token:

@@ -48,6 +48,7 @@ class ServerConfig:
     max_workflows: int = 1000  # saved workflows in DATA_DIR/workflows; 0: no limit
     max_workflow_bytes: int = 16 << 20  # one PUT /workflows/{name} body
     web_root: Path = ROOT / "web"
+    front_end: str = "latentloom"  # or "comfyui": web_root is comfyui-frontend-package's static/ (server/front_end.py)
     workers: int | str | None = None  # None: one per compute device; "ray" or "ray://HOST:PORT": Ray actors
     extra_model_dirs: dict[str, list[Path]] = field(default_factory=dict)
     # --max-prompt-memory as written ("4GB", "512MB", "0.5", "off"); None: 75% of the device (server/admission.py)
