@@ -30,7 +30,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 # Tried in order. A module named here that does not exist yet (being written) is skipped with a log line.
-_ARCHITECTURE_MODULES = ("rrdbnet", "srvgg")
+_ARCHITECTURE_MODULES = ("rrdbnet", "srvgg", "swinir")
 
 
 def _load_architectures() -> tuple[ModuleType, ...]:
