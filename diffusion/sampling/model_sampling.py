@@ -1,12 +1,15 @@
-"""Turn a discrete-time network (eps- or v-prediction) into a denoiser D(x, sigma) -> x0 estimate.
+"""Turn a network (eps-, v- or EDM-prediction) into a denoiser D(x, sigma) -> x0 estimate.
 
-Samplers work on the variance-exploding sample x = x0 + sigma * noise. The network was trained on the
-variance-preserving sample sqrt(abar) * x0 + sqrt(1 - abar) * noise = x / sqrt(sigma^2 + 1), at the integer
-timestep whose sigma is nearest, hence c_in and the timestep conversion below.
+Samplers work on the variance-exploding sample x = x0 + sigma * noise. A discrete-time network was trained on
+the variance-preserving sample sqrt(abar) * x0 + sqrt(1 - abar) * noise = x / sqrt(sigma^2 + 1), at the integer
+timestep whose sigma is nearest, hence c_in and the timestep conversion below. A continuous-time network
+(`ContinuousModelSampling`: EDM, CosXL, Playground v2.5) takes any sigma in its range with Karras et al.'s
+preconditioning instead.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -168,3 +171,152 @@ class Denoiser:
             cond = {**cond, "sigma": sigma}
         out = self.net(ms.calculate_input(sigma, x), ms.timestep(sigma).to(x.device), **cond)
         return ms.calculate_denoised(sigma, out.to(x.dtype), x)
+
+
+# --- continuous-time models (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
+# Models", EDM) ----------------------------------------------------------------------------------------------
+
+# ModelSamplingContinuousEDM's choices, in ComfyUI's order.
+CONTINUOUS_EDM_SAMPLINGS = ("v_prediction", "edm", "edm_playground_v2.5", "eps", "cosmos_rflow")
+CONTINUOUS_V_SAMPLINGS = ("v_prediction",)
+# sigma_data of each choice: 1 for the CosXL kind (an SD-style eps/v network made continuous), 0.5 for EDM's own.
+SIGMA_DATA = {"v_prediction": 1.0, "eps": 1.0, "edm": 0.5}
+CONTINUOUS_LEVELS = 1000  # the size of the sigma table the table-based schedulers (simple, beta...) pick from
+
+
+class ContinuousSchedule(DiscreteSchedule):
+    """The noise levels of a continuous-time model, in the shape the schedulers expect of a DiscreteSchedule.
+
+    `sigmas` is a table of `levels` values log-spaced from sigma_min to sigma_max (what the table-based
+    schedulers, simple, ddim_uniform and beta, pick from). The "timestep" index u in [0, levels - 1] that the
+    time-based schedulers (normal, sgm_uniform) space evenly is linear in the model's own time variable
+    `time(sigma)`: for EDM's 1/4 ln sigma that is the table's log spacing exactly; for ContinuousV's arctan time
+    it is evenly spaced in arctan(sigma), as those schedulers space a model's timesteps."""
+
+    def __init__(self, sigma_min: float, sigma_max: float, time: Callable[[Tensor], Tensor] | None = None,
+                 inverse: Callable[[Tensor], Tensor] | None = None, levels: int = CONTINUOUS_LEVELS) -> None:
+        if not (math.isfinite(sigma_min) and math.isfinite(sigma_max) and 0 < sigma_min < sigma_max):
+            raise ValueError(f"a continuous model needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, "
+                             f"sigma_max={sigma_max}")
+        sigmas = torch.linspace(math.log(sigma_min), math.log(sigma_max), levels, dtype=torch.float64).exp()
+        super().__init__(1.0 / (1.0 + sigmas**2))
+        self.sigmas = sigmas.float()
+        self.log_sigmas = sigmas.log().float()
+        self._time = time or torch.log
+        self._inverse = inverse or torch.exp
+        ends = self._time(torch.tensor([sigma_min, sigma_max], dtype=torch.float64))
+        self._time_min, self._time_max = float(ends[0]), float(ends[1])
+        self._range = (float(sigma_min), float(sigma_max))
+
+    @property
+    def sigma_min(self) -> float:
+        return self._range[0]
+
+    @property
+    def sigma_max(self) -> float:
+        return self._range[1]
+
+    def sigma_to_t(self, sigma: Tensor | float, quantize: bool = False) -> Tensor:
+        """The index u of `sigma` (clamped to [0, levels - 1]); never quantized: the model takes any sigma."""
+        time = self._time(torch.as_tensor(sigma, dtype=torch.float64))
+        u = (time - self._time_min) / (self._time_max - self._time_min) * (len(self) - 1)
+        return u.clamp(0, len(self) - 1).float()
+
+    def t_to_sigma(self, t: Tensor | float) -> Tensor:
+        u = torch.as_tensor(t, dtype=torch.float64).clamp(0, len(self) - 1)
+        time = self._time_min + u / (len(self) - 1) * (self._time_max - self._time_min)
+        return self._inverse(time).float()
+
+
+def _edm_time(sigma: Tensor) -> Tensor:
+    return 0.25 * torch.as_tensor(sigma).log()
+
+
+def _edm_sigma(time: Tensor) -> Tensor:
+    return (4.0 * torch.as_tensor(time)).exp()
+
+
+def _arctan_time(sigma: Tensor) -> Tensor:
+    return torch.as_tensor(sigma).atan() * (2.0 / math.pi)
+
+
+def _arctan_sigma(time: Tensor) -> Tensor:
+    return (torch.as_tensor(time) * (math.pi / 2.0)).tan()
+
+
+class ContinuousModelSampling(ModelSampling):
+    """A network trained on every sigma in [sigma_min, sigma_max] with EDM's preconditioning:
+    D(x, sigma) = c_skip x + c_out F(c_in x, c_noise), c_in = 1 / sqrt(sigma^2 + sigma_data^2) and, by
+    prediction type,
+      eps:          c_skip = 1, c_out = -sigma (F predicts the noise);
+      v_prediction: c_skip = sigma_data^2 / (sigma^2 + sigma_data^2), c_out = -sigma sigma_data /
+                    sqrt(sigma^2 + sigma_data^2) (F predicts v; sigma_data = 1 gives the discrete v formula);
+      edm:          the same c_skip, c_out = +sigma sigma_data / sqrt(sigma^2 + sigma_data^2) (EDM's F).
+    c_noise is the model's time: EDM's 1/4 ln sigma, or (ModelSamplingContinuousV) arctan(sigma) * 2 / pi."""
+
+    def __init__(self, prediction: str, sigma_min: float, sigma_max: float, sigma_data: float = 1.0,
+                 time: str = "log") -> None:
+        if prediction not in SIGMA_DATA:
+            raise ValueError(f"unknown continuous prediction type {prediction!r}; expected one of "
+                             f"{tuple(SIGMA_DATA)}")
+        if time not in ("log", "arctan"):
+            raise ValueError(f"unknown continuous time {time!r}; expected 'log' or 'arctan'")
+        if time == "arctan" and sigma_max >= 1e7:
+            raise ValueError(f"sigma_max {sigma_max} is too large for arctan time (float precision)")
+        self._time, self._inverse = (_edm_time, _edm_sigma) if time == "log" else (_arctan_time, _arctan_sigma)
+        self.schedule = ContinuousSchedule(sigma_min, sigma_max, self._time, self._inverse)
+        self.prediction = prediction
+        self.sigma_data = float(sigma_data)
+        self.time = time
+        self.quantize_timesteps = False
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        return self._time(torch.as_tensor(sigma, dtype=torch.float32))
+
+    def sigma(self, timestep: Tensor) -> Tensor:
+        return self._inverse(torch.as_tensor(timestep, dtype=torch.float32))
+
+    def percent_to_sigma(self, percent: float) -> float:
+        """Log-linear between sigma_max (0 %) and sigma_min (100 %); inf before the start, 0 after the end."""
+        if percent <= 0.0:
+            return float("inf")
+        if percent >= 1.0:
+            return 0.0
+        log_min, log_max = math.log(self.sigma_min), math.log(self.sigma_max)
+        return math.exp(log_min + (1.0 - percent) * (log_max - log_min))
+
+    def calculate_input(self, sigma: Tensor, x: Tensor) -> Tensor:
+        return x / (_expand(sigma, x) ** 2 + self.sigma_data**2).sqrt()
+
+    def calculate_denoised(self, sigma: Tensor, model_output: Tensor, x: Tensor) -> Tensor:
+        s = _expand(sigma, x)
+        if self.prediction == "eps":
+            return x - s * model_output
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (s**2 + sd2)
+        c_out = s * self.sigma_data / (s**2 + sd2).sqrt()
+        sign = 1.0 if self.prediction == "edm" else -1.0
+        return c_skip * x + sign * c_out * model_output
+
+
+def continuous_edm_model_sampling(sampling: str, sigma_max: float, sigma_min: float) -> ContinuousModelSampling:
+    """ModelSamplingContinuousEDM's choice. `edm_playground_v2.5` (Playground v2.5 samples in its own latent
+    space: per-channel mean and std of the SDXL VAE's latents) and `cosmos_rflow` (a rectified-flow video
+    model's preconditioning) are refused: their models need more than a sigma mapping."""
+    if sampling == "edm_playground_v2.5":
+        raise ValueError("sampling 'edm_playground_v2.5' is not supported: Playground v2.5 samples in its own "
+                         "latent space (per-channel latent mean and std), which this MODEL does not carry; use "
+                         "'edm' only for models trained on the checkpoint's own latent scale")
+    if sampling == "cosmos_rflow":
+        raise ValueError("sampling 'cosmos_rflow' is not supported: it is the rectified-flow preconditioning of "
+                         "NVIDIA Cosmos video models, a model family this engine does not load")
+    if sampling not in CONTINUOUS_EDM_SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}; expected one of {CONTINUOUS_EDM_SAMPLINGS}")
+    return ContinuousModelSampling(sampling, sigma_min, sigma_max, SIGMA_DATA[sampling], time="log")
+
+
+def continuous_v_model_sampling(sampling: str, sigma_max: float, sigma_min: float) -> ContinuousModelSampling:
+    """ModelSamplingContinuousV's choice: v-prediction (sigma_data 1) fed arctan(sigma) * 2 / pi as its time."""
+    if sampling not in CONTINUOUS_V_SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}; expected one of {CONTINUOUS_V_SAMPLINGS}")
+    return ContinuousModelSampling(sampling, sigma_min, sigma_max, 1.0, time="arctan")
