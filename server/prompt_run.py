@@ -19,6 +19,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from server.progress_state import ENDS, ProgressStates
 from server.store import QueueItem, Store, history_entry
 from server.websocket import JPEG, PNG, Hub, Preview, text_message
 
@@ -118,6 +119,8 @@ class PromptPool:
     on_finished: FinishedCallback
     lock: threading.Lock
     cancelled: set[str]
+    # Node states of running prompts, by prompt id (unique across pools, so one registry serves them all).
+    progress_states = ProgressStates()
 
     def running(self) -> list[tuple[QueueItem, str | None]]:
         """(item, node executing now) of each running prompt; called with `lock` held."""
@@ -131,6 +134,18 @@ class PromptPool:
 
     def wake(self) -> None:
         self.work.set()
+
+    def send_event(self, event: str, data: dict[str, Any], client_id: str | None) -> None:
+        """An executor event to its client with the `progress_state` it changes (ComfyUI's front end outlines the
+        running node and draws its progress from those): after the event, but before the end of a prompt, as
+        ComfyUI finishes a node's progress before it announces the prompt's success or error."""
+        state = self.progress_states.update(event, data)
+        if state is None:
+            route_event(self.hub, text_message(event, data), event, client_id)
+            return
+        pair = [(event, data), ("progress_state", state)]
+        for name, body in reversed(pair) if event in ENDS else pair:
+            route_event(self.hub, text_message(name, body), name, client_id)
 
     def status(self) -> dict[str, Any]:
         return {"status": {"exec_info": {"queue_remaining": self.store.queue_remaining()}}}
@@ -178,6 +193,7 @@ class PromptPool:
 
     def announce_end(self, item: QueueItem, entry: dict[str, Any]) -> None:
         """After the history entry is committed: `executing null`, the queue status, waiters/webhooks."""
+        self.progress_states.forget(item.prompt_id)
         client_id = item.extra_data.get("client_id")
         if client_id:
             self.hub.publish_threadsafe(text_message("executing", {"node": None, "display_node": None,

@@ -34,13 +34,12 @@ from server.prompt_run import (
     interrupt_if_asked,
     now_ms,
     publish_preview,
-    route_event,
 )
 from server.ray_actor import PromptWorker, new_worker_id
 from server.ray_outputs import OutputLanding
 from server.scheduling import Job, Scheduler, WorkerView, prompt_checkpoints, worker_target
 from server.store import QueueItem, history_entry
-from server.websocket import Hub, text_message
+from server.websocket import Hub
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +336,7 @@ class RayWorkerPool(PromptPool):
         elif event == "executed":
             self.landing.land(worker.worker_id, files)
             data = dict(data, output=self.landing.rename_ui(worker.worker_id, data.get("output") or {}))
-        route_event(self.hub, text_message(event, data), event, client_id)
+        self.send_event(event, data, client_id)
 
     def _entry(self, worker: RemoteWorker, item: QueueItem, summary: dict[str, Any]) -> dict[str, Any]:
         retries = [["execution_retried", death] for death in self.attempts.get(item.prompt_id, [])]

@@ -27,11 +27,10 @@ from server.prompt_run import (
     interrupt_if_asked,
     is_preview,
     publish_preview,
-    route_event,
     validation_error,
 )
 from server.store import QueueItem, Store, history_entry
-from server.websocket import Hub, text_message
+from server.websocket import Hub
 
 log = logging.getLogger(__name__)
 
@@ -162,4 +161,4 @@ class Worker(threading.Thread):
         return history_entry(item, result.outputs, "success" if success else "error", success, result.messages)
 
     def _send(self, event: str, data: dict[str, Any], client_id: str | None) -> None:
-        route_event(self.pool.hub, text_message(event, data), event, client_id)
+        self.pool.send_event(event, data, client_id)
