@@ -207,9 +207,12 @@ def _first_line(e: BaseException) -> str:
 
 
 def _unwrap_state_dict(path: Path, loaded: object) -> dict[str, Tensor]:
-    """The tensor dict inside a loaded pickle: Lightning checkpoints keep it under "state_dict"."""
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
+    """The tensor dict inside a loaded pickle: Lightning checkpoints keep it under "state_dict", BasicSR's
+    (ESRGAN, Real-ESRGAN, SwinIR upscalers) under "params_ema" (the EMA weights, used for inference) or "params"."""
+    for wrapper in ("state_dict", "params_ema", "params"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
+            break
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{path}: not a checkpoint: the pickle holds a {type(loaded).__name__}, not a dict")
     tensors = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, Tensor)}

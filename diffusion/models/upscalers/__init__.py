@@ -14,11 +14,22 @@ relies on nothing else):
     module_state_dict(state_dict, config) -> dict[str, Tensor]
         File keys -> the module's attribute names (the identity for the module's native layout).
 
+Optional: `activation_elements(config, height, width) -> int`, the peak activation elements of one forward
+over a `height`×`width` input (memory estimates and tile sizing; a generic guess is used without it).
+`detect` may raise ValueError (with the reason) for a file that is clearly its architecture but a variant it
+cannot build; the loader reports that with the file's name.
+
 `ARCHITECTURES` lists the modules in the order they are tried; the first whose `detect` answers wins,
 so put stricter detectors first. Wrapper keys (`params_ema`, `params`, `state_dict`, a `module.` prefix)
 are stripped by the loader before `detect` sees the dict.
 
-Why not spandrel (the library ComfyUI uses for these files): see the note at the end of this docstring.
+Why the architectures are written here rather than taken from spandrel (MIT; the library ComfyUI loads these
+files with): spandrel 0.4.2 requires torchvision and imports it when `import spandrel` builds its registry (its
+RestoreFormer and LaMa architectures import `torchvision.transforms.functional` at module level). No torchvision
+build works with the torch this project pins on the CPU: 0.29.x requires torch >= 2.14, and 0.28.0, the one
+built for torch 2.13.0, is a CUDA build whose compiled operators fail to register against torch 2.13.0+cpu
+(`RuntimeError: operator torchvision::nms does not exist` on import). The networks themselves are small and
+fully described by their papers (ESRGAN, Real-ESRGAN, SwinIR), so each is written here from them.
 """
 
 from __future__ import annotations
