@@ -9,6 +9,7 @@ has `norm`, `proj_in`, `transformer_blocks.K`, `proj_out`. `nn.Sequential` indic
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -154,10 +155,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor, self_attention: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-        """`self_attention` (model patches) replaces the call of attn1 on the normed input when given."""
+    def forward(self, x: Tensor, context: Tensor, self_attention: Callable[[Tensor], Tensor] | None = None,
+                after_self_attention: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """`self_attention` (model patches) replaces the call of attn1 on the normed input when given;
+        `after_self_attention` (GLIGEN's fusers) transforms x between the self- and the cross-attention."""
         n = self.norm1(x)
         x = x + (self.attn1(n) if self_attention is None else self_attention(n))
+        if after_self_attention is not None:
+            x = after_self_attention(x)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -203,10 +208,13 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for k, block in enumerate(self.transformer_blocks):
-            run = None
+            run = after = None
             if patches and site is not None:
                 run = patches.attention_runner(block.attn1, dataclasses.replace(site, size=(h, w), transformer=k))
-            x = block(x, context, run)
+                if patches.after_self_attention:
+                    block_site = dataclasses.replace(site, size=(h, w), transformer=k, attention=block.attn1)
+                    after = functools.partial(patches.run_after_self_attention, site=block_site)
+            x = block(x, context, run, after)
         if self.use_linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).reshape(b, -1, h, w)

@@ -9,7 +9,9 @@ MODEL carries its own bundle. The hook points, in forward order:
 - `output_block(h, skip, site)` before output block i concatenates the backbone `h` with its `skip`;
 - `self_attention(x, kv, inner, site)` around every transformer block's self-attention: `x` is the normed
   [B, tokens, C] input the queries come from, `kv` what keys and values come from (None: x itself),
-  `inner(x, kv)` runs the attention (or the next wrapper), so wrappers nest in order.
+  `inner(x, kv)` runs the attention (or the next wrapper), so wrappers nest in order;
+- `after_self_attention(x, site)` in every transformer block after the self-attention's residual is added,
+  before the cross-attention (GLIGEN's gated self-attention runs there); `x` is the block's [B, tokens, C].
 
 Every hook gets a `Site` saying where it runs (block kind and index, transformer index, the feature map's
 size, the latent's shape and the timesteps), which is how a patch picks its blocks without knowing the
@@ -58,6 +60,7 @@ class UNetPatches:
     input_block_after_skip: tuple[BlockHook, ...] = ()
     output_block: tuple[OutputHook, ...] = ()
     self_attention: tuple[AttentionWrapper, ...] = ()
+    after_self_attention: tuple[BlockHook, ...] = ()
 
     def merged(self, other: UNetPatches | None) -> UNetPatches:
         """Both bundles' hooks, this one's first."""
@@ -77,6 +80,11 @@ class UNetPatches:
         for hook in self.output_block:
             h, skip = hook(h, skip, site)
         return h, skip
+
+    def run_after_self_attention(self, x: Tensor, site: Site) -> Tensor:
+        for hook in self.after_self_attention:
+            x = hook(x, site)
+        return x
 
     def attention_runner(self, attention: torch.nn.Module, site: Site) -> Attend | None:
         """`run(x)`: the self-attention `attention(x)` wrapped by every wrapper (the first outermost), or None

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..patches.gligen_patch import grounding_patches
 from .model_sampling import ModelSampling
 
 Conditioning = list[tuple[Tensor, dict[str, Any]]]
@@ -95,8 +96,9 @@ class _Job:
     """One conditioning entry resolved for the current step: where it applies, with what weight."""
 
     def __init__(self, slot: int, context: Tensor, area: tuple[int, int, int, int], weight: Tensor,
-                 kwargs: dict[str, Tensor]) -> None:
+                 kwargs: dict[str, Tensor], options: dict[str, Any] | None = None) -> None:
         self.slot, self.context, self.area, self.weight, self.kwargs = slot, context, area, weight, kwargs
+        self.options = options or {}
         self.output: Tensor | None = None
 
     def batch_key(self) -> tuple:
@@ -183,7 +185,7 @@ class CFGGuider:
             for name, value in kwargs.items():
                 if value.shape[0] not in (1, batch):
                     raise ValueError(f"extra_cond kwarg {name!r} has batch {value.shape[0]}, expected 1 or {batch}")
-        return _Job(slot, context.to(x.device, x.dtype), area, weight, kwargs)
+        return _Job(slot, context.to(x.device, x.dtype), area, weight, kwargs, opts)
 
     def _run(self, jobs: list[_Job], x: Tensor, sigma: Tensor) -> None:
         """Evaluate jobs of equal input shape in one batched call; store each output on its job."""
@@ -192,6 +194,10 @@ class CFGGuider:
         contexts = [c.expand(batch, -1, -1) for c in _lcm_repeat([j.context for j in jobs])]
         kwargs = {name: torch.cat([j.kwargs[name].expand(batch, *j.kwargs[name].shape[1:]) for j in jobs])
                   for name in jobs[0].kwargs}
+        # GLIGEN boxes on an entry become UNet patches of this call (null grounding for the entries without)
+        grounding = grounding_patches([j.options for j in jobs], batch, tuple(xs[0].shape[-2:]))
+        if grounding is not None:
+            kwargs["unet_patches"] = grounding
         out = self.denoiser(torch.cat(xs), sigma.repeat(len(jobs)), context=torch.cat(contexts), **kwargs)
         for j, chunk in zip(jobs, out.chunk(len(jobs)), strict=True):
             j.output = chunk
