@@ -1,9 +1,9 @@
 """Model patches: nodes that take a MODEL and return a patched clone (the input MODEL is left as it was).
 
 Each is a thin declaration over diffusion/: guidance rules (guidance_patches.py) go on the clone's guidance
-hooks, UNet hooks (unet_patches.py, attention_patches.py) on its UNet patches, ModelSamplingDiscrete swaps
-its ModelSampling and DifferentialDiffusion sets its per-step inpainting mask. Patches on one model compose in
-the order the nodes apply them. PerpNegGuider is a GUIDER of its own (PerpNegGuidance).
+hooks, UNet hooks (unet_patches.py, attention_patches.py) on its UNet patches, ModelSamplingDiscrete (and the
+continuous EDM and V ones) swaps its ModelSampling and DifferentialDiffusion sets its per-step inpainting mask.
+Patches on one model compose in the order the nodes apply them. PerpNegGuider is a GUIDER of its own (PerpNegGuidance).
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ from diffusion.patches.differential_diffusion import differential_mask_fn
 from diffusion.patches.guidance_patches import PerpNegGuidance, cfg_zero_star_hooks, perp_neg_hooks, rescale_cfg_hooks
 from diffusion.patches.unet_patches import RESIZE_METHODS, deep_shrink_patches, freeu_patches
 from diffusion.sampling.guidance import Conditioning
-from diffusion.sampling.model_sampling import DISCRETE_SAMPLINGS, discrete_model_sampling
+from diffusion.sampling.model_sampling import (
+    CONTINUOUS_EDM_SAMPLINGS,
+    CONTINUOUS_V_SAMPLINGS,
+    DISCRETE_SAMPLINGS,
+    continuous_edm_model_sampling,
+    continuous_v_model_sampling,
+    discrete_model_sampling,
+)
 from graph.memory_estimate import MemoryEstimate
 from graph.node import Boolean, Combo, Float, Int, Node, Output, Socket
 from graph.types import CONDITIONING, GUIDER, MODEL
@@ -45,6 +52,35 @@ class ModelSamplingDiscrete(Node):
 
     def execute(self, model: DiffusionModel, sampling: str, zsnr: bool):
         return (model.with_model_sampling(discrete_model_sampling(sampling, zsnr)),)
+
+
+def _sigma_input(name: str, default: float) -> Float:
+    return Float(name, default=default, min=0.0, max=1000.0, step=0.001, round=False)
+
+
+class ModelSamplingContinuousEDM(Node):
+    category = "advanced/model"
+    python_module = "comfy_extras.nodes_model_advanced"
+    description = ("Samples the model as a continuous-time network with EDM's preconditioning (CosXL: v_prediction "
+                   "or eps; EDM models: edm) between sigma_min and sigma_max.")
+    inputs = [Socket("model", MODEL), Combo("sampling", list(CONTINUOUS_EDM_SAMPLINGS)),
+              _sigma_input("sigma_max", 120.0), _sigma_input("sigma_min", 0.002)]
+    outputs = _MODEL_OUT
+
+    def execute(self, model: DiffusionModel, sampling: str, sigma_max: float, sigma_min: float):
+        return (model.with_model_sampling(continuous_edm_model_sampling(sampling, sigma_max, sigma_min)),)
+
+
+class ModelSamplingContinuousV(Node):
+    category = "advanced/model"
+    python_module = "comfy_extras.nodes_model_advanced"
+    description = "Samples the model as a continuous-time v-prediction network fed arctan(sigma) * 2 / pi as its time."
+    inputs = [Socket("model", MODEL), Combo("sampling", list(CONTINUOUS_V_SAMPLINGS)),
+              _sigma_input("sigma_max", 500.0), _sigma_input("sigma_min", 0.03)]
+    outputs = _MODEL_OUT
+
+    def execute(self, model: DiffusionModel, sampling: str, sigma_max: float, sigma_min: float):
+        return (model.with_model_sampling(continuous_v_model_sampling(sampling, sigma_max, sigma_min)),)
 
 
 class RescaleCFG(Node):
@@ -242,6 +278,7 @@ class DifferentialDiffusion(Node):
         return (dataclasses.replace(model.clone(), denoise_mask_fn=differential_mask_fn(strength)),)
 
 
-NODE_CLASSES = [ModelSamplingDiscrete, RescaleCFG, CFGZeroStar, PerpNeg, PerpNegGuider, FreeU, FreeU_V2,
+NODE_CLASSES = [ModelSamplingDiscrete, ModelSamplingContinuousEDM, ModelSamplingContinuousV, RescaleCFG, CFGZeroStar,
+                PerpNeg, PerpNegGuider, FreeU, FreeU_V2,
                 PatchModelAddDownscale, PerturbedAttentionGuidance, SelfAttentionGuidance, HyperTile, TomePatchModel,
                 DifferentialDiffusion]
