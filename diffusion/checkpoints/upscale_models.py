@@ -8,8 +8,9 @@ tensors are assigned into it (`loader.fill_module`: every key required, shapes c
 
 `UpscaleModel` is the handle nodes pass around. It runs the network through the model manager (so it moves to
 the compute device like any other model and leaves when memory is short) in overlapping tiles, 512 input
-pixels with 32 of overlap as ComfyUI does, halving the tile on out-of-memory down to 128; tiles are blended
-with `diffusion.tiling`'s linear ramps, so there are no seams.
+pixels with 32 of overlap as ComfyUI does, halving the tile on out-of-memory down to 128. Tiles are blended
+with `diffusion.tiling`'s linear ramps over the middle half of each overlap, each tile's outer quarter of it
+dropped (those pixels saw zero padding instead of their neighbours), so there are no seams.
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ class UpscaleModel:
                 return result
 
             for image in x:
-                outputs.append(tiled_apply(run_tile, image[None].float(), tile, overlap, up=self.scale))
+                outputs.append(tiled_apply(run_tile, image[None].float(), tile, overlap, up=self.scale,
+                                           trim=overlap // 4))
         return torch.cat(outputs)
 
 

@@ -70,8 +70,26 @@ CORE_MODULES = ("nodes", "comfy_extras", "comfy_api_nodes")
 SECTIONS = ("required", "optional", "hidden")
 
 
+def _v1_entry(name: str, display: str, category: str, module: str, required: dict[str, Any],
+              outputs: list[str]) -> dict[str, Any]:
+    return {"name": name, "display_name": display, "category": category, "python_module": module,
+            "input": {"required": required}, "input_order": {"required": list(required)}, "output": outputs,
+            "output_is_list": [False] * len(outputs), "output_name": outputs, "output_node": False}
+
+
+# ComfyUI core classes that the reference run's /object_info lacks, as ComfyUI declares them (its public node
+# documentation, and the node entries of its published templates that use them); compared like the rest.
+NOT_IN_REFERENCE = {
+    "UpscaleModelLoader": _v1_entry("UpscaleModelLoader", "Load Upscale Model", "loaders",
+                                    "comfy_extras.nodes_upscale_model", {"model_name": [[]]}, ["UPSCALE_MODEL"]),
+    "ImageUpscaleWithModel": _v1_entry("ImageUpscaleWithModel", "Upscale Image (using Model)", "image/upscaling",
+                                       "comfy_extras.nodes_upscale_model",
+                                       {"upscale_model": ["UPSCALE_MODEL"], "image": ["IMAGE"]}, ["IMAGE"]),
+}
+
+
 def load_reference() -> dict[str, dict[str, Any]]:
-    return json.loads(REFERENCE_PATH.read_text(encoding="utf-8"))
+    return {**NOT_IN_REFERENCE, **json.loads(REFERENCE_PATH.read_text(encoding="utf-8"))}
 
 
 def normalise_spec(spec: Any, v3: bool) -> tuple[str, list[Any] | None, dict[str, Any]]:
