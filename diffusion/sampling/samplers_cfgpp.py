@@ -7,9 +7,9 @@ eps_u = (x - U) / sigma, so that the sample stays on the data manifold the uncon
 
     x_next = D + sigma_next * eps_u = sigma_next / sigma * (x + D - U) + (1 - sigma_next / sigma) * D
 
-i.e. every CFG++ step is its base sampler's step taken from the shifted sample x + (D - U). Multistep and
-two-stage variants below keep that rule: the clean-image estimate and its history are the guided D's, the
-re-noising direction is this step's eps_u. With cfg = 1 (U = D) each sampler is exactly its base sampler.
+i.e. every CFG++ step is its base sampler's step taken from the shifted sample x + (D - U). The multistep and
+two-stage variants follow ComfyUI's forms (what a user switching expects to reproduce), which extrapolate from
+the unconditional estimates: see each docstring. With cfg = 1 (U = D) each sampler is exactly its base sampler.
 
 The guider reports U through a per-call post hook (`GuidanceHooks` in `model_options`). A model that cannot
 take `model_options` (a bare denoiser, no guidance) has U = D.
@@ -105,10 +105,10 @@ def dpmpp_2s_ancestral_cfg_pp(
     model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None, callback: Callback = None,
     noise_sampler: NoiseSampler | None = None, eta: float = 1.0, s_noise: float = 1.0,
 ) -> Tensor:
-    """DPM-Solver++(2S) ancestral with CFG++. From the shifted sample x' = x + D - U: a first-order step to the
-    log-midpoint sigma_mid = sqrt(sigma * sigma_down) gives x_2 and a second guided estimate D_2; the step to
-    sigma_down is x' * sigma_down / sigma + (1 - sigma_down / sigma) * D_2; then ancestral noise of std sigma_up.
-    The re-noising direction of the whole step is the one at its start."""
+    """DPM-Solver++(2S) ancestral with CFG++, in ComfyUI's form: the two-stage step to sigma_down is taken on the
+    unconditional estimates alone (U at x, then U_2 at the log-midpoint sigma_mid = sqrt(sigma * sigma_down) of
+    a first-order step), ancestral noise of std sigma_up is added, and then the guidance vector D - U of the
+    step's start:  x_next = step_U(x) + sigma_up * z + (D - U). A step whose sigma_down is 0 returns D."""
     sig = as_floats(sigmas)
     guided = UncondCapture(model, extra_args)
     for i in range(len(sig) - 1):
@@ -118,11 +118,9 @@ def dpmpp_2s_ancestral_cfg_pp(
         if sigma_down == 0:
             x = denoised
         else:
-            shifted = x + (denoised - uncond)
             sigma_mid = math.sqrt(sig[i] * sigma_down)
-            x_2 = _exp_step(shifted, sig[i], sigma_mid, denoised)
-            denoised_2, _ = guided(x_2, sigma_mid)
-            x = _exp_step(shifted, sig[i], sigma_down, denoised_2)
+            _, uncond_2 = guided(_exp_step(x, sig[i], sigma_mid, uncond), sigma_mid)
+            x = _exp_step(x, sig[i], sigma_down, uncond_2) + (denoised - uncond)
         if sig[i + 1] > 0 and sigma_up > 0:
             x = x + need_noise(noise_sampler, "dpmpp_2s_ancestral_cfg_pp")(sig[i], sig[i + 1]) * s_noise * sigma_up
     return x
@@ -132,24 +130,26 @@ def dpmpp_2m_cfg_pp(
     model: Model, x: Tensor, sigmas: Tensor, extra_args: dict | None = None, callback: Callback = None,
     noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
-    """DPM-Solver++(2M) with CFG++. With h = log(sigma / sigma_next), r = h_last / h:
-    x_next = e^{-h} (x + D - U) + (1 - e^{-h}) * ((1 + 1/(2r)) D - 1/(2r) D_prev)
-    (D_prev the previous step's guided estimate); first step first order, the step to 0 returns D."""
+    """DPM-Solver++(2M) with CFG++, in ComfyUI's form. With ratio = sigma_next / sigma = e^{-h} and
+    r = h_last / h, from the CFG++ Euler step D + ratio * (x - U) the second-order correction extrapolates
+    from the previous step's *unconditional* estimate U_prev:
+        x_next = D + ratio * (x - U) + (1 - ratio) / (2r) * (D - U_prev);
+    the first step is first order, the step to 0 returns D."""
     sig = as_floats(sigmas)
     guided = UncondCapture(model, extra_args)
-    old_denoised: Tensor | None = None
+    old_uncond: Tensor | None = None
     for i in range(len(sig) - 1):
         denoised, uncond = guided(x, sig[i])
         report(callback, x, i, sig[i], sig[i], denoised)
         if sig[i + 1] == 0:
             x = denoised
             continue
-        blend = denoised
-        if old_denoised is not None:
+        ratio = sig[i + 1] / sig[i]
+        step = denoised + ratio * (x - uncond)
+        if old_uncond is not None:
             r = (math.log(sig[i - 1]) - math.log(sig[i])) / (math.log(sig[i]) - math.log(sig[i + 1]))
-            blend = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-        x = _exp_step(x + (denoised - uncond), sig[i], sig[i + 1], blend)
-        old_denoised = denoised
+            step = step + ((1 - ratio) / (2 * r)) * (denoised - old_uncond)
+        x, old_uncond = step, uncond
     return x
 
 

@@ -43,11 +43,13 @@ def _res_multistep(
         phi_1(z) = (e^z - 1) / z,  phi_2(z) = (phi_1(z) - 1) / z,
     i.e. the paper's b_1 = phi_1 - phi_2 / c_2, b_2 = phi_2 / c_2 with c_2 = -h_last / h the previous node.
     The first step is first order (Euler in sigma), a step to 0 returns D. With eta > 0 each step goes to
-    sigma_down and adds noise of std sigma_up (ancestral); CFG++ steps from x + D - U.
+    sigma_down and adds noise of std sigma_up (ancestral). CFG++ (ComfyUI's form): the first step is
+    D + (sigma_down / sigma) (x - U), the later ones the RES step from x + D - U on the unconditional
+    estimates U and U_prev.
     """
     sig = as_floats(sigmas)
     evaluate = _evaluator(model, extra_args, cfg_pp)
-    old_denoised: Tensor | None = None
+    old_uncond: Tensor | None = None  # (U is D itself without CFG++)
     h_last = 0.0
     for i in range(len(sig) - 1):
         denoised, uncond = evaluate(x, sig[i])
@@ -60,14 +62,15 @@ def _res_multistep(
         else:
             h = math.log(sig[i]) - math.log(sigma_down)
             decay = math.exp(-h)
-            x = decay * start + (1 - decay) * denoised  # e^{-h} x + h phi_1(-h) D
-            if old_denoised is not None and h_last > 0 and h > 0:  # (a repeated sigma is a no-op step)
+            if old_uncond is not None and h_last > 0 and h > 0:  # (a repeated sigma is a no-op step)
                 phi_1 = -math.expm1(-h) / h
                 phi_2 = (1 - phi_1) / h  # phi_2(-h) = (phi_1(-h) - 1) / (-h)
-                x = x + (h * h * phi_2 / h_last) * (denoised - old_denoised)
+                x = decay * start + (1 - decay) * uncond + (h * h * phi_2 / h_last) * (uncond - old_uncond)
+            else:
+                x = decay * start + (1 - decay) * denoised  # e^{-h} x + h phi_1(-h) D
         if sig[i + 1] > 0 and sigma_up > 0:
             x = x + need_noise(noise_sampler, name)(sig[i], sig[i + 1]) * s_noise * sigma_up
-        old_denoised, h_last = denoised, h
+        old_uncond, h_last = uncond, h
     return x
 
 
@@ -116,8 +119,9 @@ def _gradient_estimation(
     d = (x - D) / sigma, whose error is reduced by combining it with the previous one,
         d_bar = gamma * d + (1 - gamma) * d_prev   (gamma = 2),
         x_next = x + (sigma_next - sigma) * d_bar;
-    the first step is Euler. CFG++ re-noises with the unconditional direction: from x + D - U with
-    d = (x - U) / sigma (and that history), which for the first step gives x_next = D + sigma_next * d.
+    the first step is Euler, the step to 0 returns D (as ComfyUI's does). CFG++ re-noises with the
+    unconditional direction: from x + D - U with d = (x - U) / sigma (and that history), which for the first
+    step gives x_next = D + sigma_next * d.
     """
     sig = as_floats(sigmas)
     evaluate = _evaluator(model, extra_args, cfg_pp)
@@ -128,7 +132,7 @@ def _gradient_estimation(
         d = to_d(x, sig[i], uncond)
         start = x + (denoised - uncond) if cfg_pp else x
         d_bar = d if old_d is None else gamma * d + (1 - gamma) * old_d
-        x = start + d_bar * (sig[i + 1] - sig[i])
+        x = denoised if sig[i + 1] == 0 else start + d_bar * (sig[i + 1] - sig[i])
         old_d = d
     return x
 

@@ -215,10 +215,11 @@ def test_gradient_estimation_against_its_definition(schedule):
     sig = sigmas.tolist()
     x = start_sample((2, 1, 8, 8), sigmas[0], seed=6)
     ref, eps_prev = x.clone(), None
-    for i in range(len(sig) - 1):  # Permenter & Yuan, Alg. 2 in the eps-prediction form
-        eps = (ref - wobbly_denoiser(ref, torch.tensor([sig[i]]))) / sig[i]
+    for i in range(len(sig) - 1):  # Permenter & Yuan, Alg. 2 in the eps-prediction form; to 0: D (as ComfyUI)
+        denoised = wobbly_denoiser(ref, torch.tensor([sig[i]]))
+        eps = (ref - denoised) / sig[i]
         eps_bar = eps if eps_prev is None else 2 * eps - eps_prev
-        ref, eps_prev = ref + (sig[i + 1] - sig[i]) * eps_bar, eps
+        ref, eps_prev = denoised if sig[i + 1] == 0 else ref + (sig[i + 1] - sig[i]) * eps_bar, eps
     out = get_sampler("gradient_estimation")(wobbly_denoiser, x, sigmas)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     euler = get_sampler("euler")(wobbly_denoiser, x, sigmas)
@@ -299,10 +300,11 @@ def branches(x, sigma, cfg):
 
 
 def reference_cfg_pp(name, x, sig, cfg, noise):
-    """CFG++ written as the paper states it (Chung et al. 2024, Alg. 1 for DDIM): in the variance-preserving
-    frame z = x / sqrt(1 + sigma^2), z_next = sqrt(abar_next) * x0_guided + sqrt(1 - abar_next) * eps_uncond,
-    and its extensions: the x0 estimate (and its history) is guided, the noise direction unconditional."""
-    old_d, old_eps = None, None
+    """CFG++ written out step by step: Euler (DDIM) as the paper states it (Chung et al. 2024, Alg. 1: in the
+    variance-preserving frame z = x / sqrt(1 + sigma^2), z_next = sqrt(abar_next) * x0_guided +
+    sqrt(1 - abar_next) * eps_uncond), and the multistep and two-stage samplers in ComfyUI's forms, which
+    extrapolate from the unconditional estimates U."""
+    old_u, old_eps = None, None
     h_last = 0.0
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
@@ -322,9 +324,8 @@ def reference_cfg_pp(name, x, sig, cfg, noise):
                 x = d
                 continue
             mid = math.sqrt(s * down)
-            d_2, _ = branches(d + mid * eps_u, mid, cfg)
-            # the second-order estimate D_2 blended with D as the exponential integrator weights them
-            x = d_2 + down * eps_u + (down / s) * (d - d_2)
+            _, u_2 = branches(u + mid * eps_u, mid, cfg)  # DPM-Solver++(2S) on U alone
+            x = u_2 + down * (x - u_2) / s + (d - u)  # then the guidance vector of the step's start
             if up > 0:
                 x = x + noise(s, s_next) * up
         elif name in ("dpmpp_2m_cfg_pp", "res_multistep_cfg_pp"):
@@ -332,18 +333,16 @@ def reference_cfg_pp(name, x, sig, cfg, noise):
                 x = d
                 continue
             h = math.log(s / s_next)
-            if old_d is None:
-                x0 = d
+            if old_u is None:
+                x = d + s_next * eps_u
             elif name == "dpmpp_2m_cfg_pp":
-                x0 = d + (d - old_d) * h / (2 * h_last)
-            else:  # the average of the linear-in-lambda x0 over the step, weighted e^{-(h - tau)}
-                weight = (h - 1 + math.exp(-h)) / (1 - math.exp(-h))
-                x0 = d + (d - old_d) * weight / h_last
-            x = x0 + s_next * eps_u + (s_next / s) * (d - x0)
-            old_d, h_last = d, h
+                x = d + s_next * eps_u + (1 - s_next / s) * (d - old_u) * h / (2 * h_last)
+            else:  # RES on U from x + D - U: U linear in lambda through U_prev, integrated against e^{-(h - tau)}
+                x = (s_next / s) * (x + d - u) + (1 - s_next / s) * u + (u - old_u) * (h - 1 + s_next / s) / h_last
+            old_u, h_last = u, h
         elif name == "gradient_estimation_cfg_pp":
             eps_bar = eps_u if old_eps is None else 2 * eps_u - old_eps
-            x = d + s * eps_u + (s_next - s) * eps_bar
+            x = d if s_next == 0 else d + s * eps_u + (s_next - s) * eps_bar
             old_eps = eps_u
     return x
 
