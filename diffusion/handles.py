@@ -24,6 +24,7 @@ from .memory import ModelManager
 from .models.text_encoders import TextEncoders
 from .models.unet import sdxl_adm, sdxl_refiner_adm
 from .models.vae import AutoencoderKL
+from .patches.control import ControlNetHandle, ControlRows, control_residuals, residual_patches, uncond_control
 from .patches.patcher import ModelPatcher
 from .patches.unet_patches import UNetPatches
 from .preview import LatentRGBProjection, fit_latent_rgb_projection, latent_preview_image
@@ -118,10 +119,17 @@ class DiffusionModel:
             device, dtype = self.manager.device, self.dtype
 
             def net(x_in: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
-                    unet_patches: UNetPatches | None = None, sigma: Tensor | None = None) -> Tensor:
+                    unet_patches: UNetPatches | None = None, sigma: Tensor | None = None,
+                    control: ControlRows | None = None) -> Tensor:
                 """`unet_patches` adds patches for this call only (e.g. guidance's perturbed prediction); the
-                patches see `sigma` (the sampler's, not the quantized timestep's)."""
+                patches see `sigma` (the sampler's, not the quantized timestep's). `control` (from the guider:
+                each entry's ControlNet chain and its rows) adds ControlNet residuals, run before other hooks."""
                 patches = self.unet_patches.merged(unet_patches)
+                if control is not None:
+                    residuals = control_residuals(control, x_in, t, context, y, sigma, self.model_sampling,
+                                                  self._check_control)
+                    if residuals is not None:
+                        patches = residual_patches(residuals).merged(patches)
                 extra = {"patches": patches, "sigmas": sigma} if patches else {}
                 if concat is not None:
                     if concat.shape[-2:] != x_in.shape[-2:]:
@@ -133,7 +141,11 @@ class DiffusionModel:
 
             yield Denoiser(net, self.model_sampling, pass_sigma=True)
 
+    def _check_control(self, handle: ControlNetHandle) -> None:
+        handle.check_fits(self.family.name, self.family.title, self.family.unet)
+
     def guider(self, denoiser: Denoiser, positive: Conditioning, negative: Conditioning, cfg: float) -> CFGGuider:
+        negative = uncond_control(positive, negative)  # old ControlNetApply's chains reach the uncond half too
         return CFGGuider(denoiser, self.model_sampling, positive, negative, cfg, extra_cond=self.extra_cond,
                          hooks=self.guidance_hooks)
 

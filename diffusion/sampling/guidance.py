@@ -198,6 +198,9 @@ class CFGGuider:
         grounding = grounding_patches([j.options for j in jobs], batch, tuple(xs[0].shape[-2:]))
         if grounding is not None:
             kwargs["unet_patches"] = grounding
+        controls = [j.options.get("control") for j in jobs]  # ControlNet chains: each entry's rows get their own
+        if any(controls):
+            kwargs["control"] = [(chain, batch) for chain in controls]
         out = self.denoiser(torch.cat(xs), sigma.repeat(len(jobs)), context=torch.cat(contexts), **kwargs)
         for j, chunk in zip(jobs, out.chunk(len(jobs)), strict=True):
             j.output = chunk
