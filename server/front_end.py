@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE = "comfyui_frontend_package"
 # The version the browser tests (tests/web/test_comfyui_frontend.py) ran against; pyproject's `comfyui` extra pins it.
-TESTED_VERSION = "1.27.10"
+TESTED_VERSION = "1.37.11"
 INSTALL_HINT = "pip install 'latentloom[comfyui]'"
 FRONT_ENDS = ("latentloom", "comfyui")
 
