@@ -21,7 +21,9 @@ from torch import Tensor
 from .checkpoints.families import ModelFamily
 from .checkpoints.loader import LoadedCheckpoint
 from .memory import ModelManager
+from .models.clip_vision import ClipVisionOutput, encode_image
 from .models.text_encoders import TextEncoders
+from .models.unclip import NoiseAugmentor, revision_pooled, unclip_adm
 from .models.unet import sdxl_adm, sdxl_refiner_adm
 from .models.vae import AutoencoderKL
 from .patches.control import ControlNetHandle, ControlRows, control_residuals, residual_patches, uncond_control
@@ -54,6 +56,8 @@ class DiffusionModel:
     unet_patches: UNetPatches = dataclasses.field(default_factory=UNetPatches)
     # Differential Diffusion: (sigma, mask, sigmas, model_sampling) -> the inpainting mask of each step.
     denoise_mask_fn: Callable[[Tensor, Tensor, Tensor, ModelSampling], Tensor] | None = None
+    # SD2.1 unCLIP: noises the image embeddings of unCLIPConditioning into the UNet's ADM input.
+    noise_augmentor: NoiseAugmentor | None = None
     _preview: dict[str, LatentRGBProjection] = dataclasses.field(default_factory=dict, repr=False)
 
     def with_guidance_hooks(self, hooks: GuidanceHooks) -> DiffusionModel:
@@ -82,13 +86,22 @@ class DiffusionModel:
         return self.manager.device
 
     def extra_cond(self, options: dict[str, Any], x: Tensor) -> dict[str, Tensor]:
-        """The SDXL `y` vector (pooled text embedding + size/crop/aesthetic embeddings) for one entry."""
+        """The SDXL `y` vector (pooled text embedding + size/crop/aesthetic embeddings) for one entry; for SD2.1
+        unCLIP the noised image embeddings of `unclip_conditioning`; on SDXL those stand in for the pooled text."""
         adm = self.family.unet.adm_in_channels
+        unclip = options.get("unclip_conditioning")
+        if self.family.unclip and self.noise_augmentor is not None:
+            return {"y": unclip_adm(unclip or [], self.noise_augmentor)}
         if adm is None:
+            if unclip:
+                raise ValueError(f"unCLIPConditioning does not apply to a {self.family.title} model: its UNet has no "
+                                 f"image-embedding input (use an SD2.1 unCLIP checkpoint, or SDXL for revision)")
             return {}
         height, width = x.shape[-2] * 8, x.shape[-1] * 8
         refiner = self.family.name == "sdxl_refiner"
         pooled = options.get("pooled_output")
+        if unclip:
+            pooled = revision_pooled(unclip, None if pooled is None else pooled.shape[-1])
         if pooled is None:
             raise ValueError(f"{self.family.title} conditioning needs a pooled text embedding; encode the prompt "
                              f"with this checkpoint's CLIP")
@@ -307,4 +320,19 @@ def wrap_checkpoint(loaded: LoadedCheckpoint, manager: ModelManager, name: str =
                            model_sampling_for(loaded.family), manager, unet_dtype, preview_encode=vae.encode)
     clip = ClipModel(loaded.text, {key: ModelPatcher(enc.model, device, offload_device, name=f"{name} clip_{key}")
                                    for key, enc in loaded.text.encoders.items()}, manager)
+    model.noise_augmentor = loaded.noise_augmentor
     return model, clip, vae
+
+
+@dataclasses.dataclass
+class ClipVisionModel:
+    """CLIP_VISION: a CLIP image encoder (models/clip_vision.py) that the model manager loads and evicts like
+    any other model."""
+
+    patcher: ModelPatcher
+    manager: ModelManager
+
+    def encode(self, image: Tensor, crop: bool = True) -> ClipVisionOutput:
+        """CLIP_VISION_OUTPUT of IMAGE [B, H, W, C]; `crop` False squeezes instead of cutting the middle."""
+        with self.manager.use([self.patcher]) as (model,):
+            return encode_image(model, image, crop)

@@ -58,11 +58,13 @@ class ModelFamily:
     scaling_factor: float
     text_family: str
     clip_heads: int | None = None
+    unclip: bool = False  # SD2.1 unCLIP: the UNet's ADM input takes a noised CLIP image embedding (models/unclip.py)
 
     @property
     def title(self) -> str:
         inpaint = " inpainting" if self.inpaint else ""
-        return f"{TITLES[self.name]}{inpaint} ({self.prediction}-prediction)"
+        unclip = " unCLIP" if self.unclip else ""
+        return f"{TITLES[self.name]}{unclip}{inpaint} ({self.prediction}-prediction)"
 
 
 def config_metadata(metadata: Mapping[str, str] | None) -> dict:
@@ -111,6 +113,7 @@ def detect_family(
         scaling_factor=SCALING_FACTORS[name],
         text_family=name,
         clip_heads=None if clip_heads is None else int(clip_heads),
+        unclip=name == "sd2" and unet.adm_in_channels is not None,
     )
 
 
@@ -163,8 +166,9 @@ def _has_text_encoders(sd: Mapping[str, Tensor], name: str) -> bool:
 
 
 def _family_name(sd: Mapping[str, Tensor], unet: UNetConfig, config: dict) -> str:
-    """An ADM input makes SDXL base or refiner, none SD1 or SD2; the text encoders present pick one."""
-    candidates = ("sdxl", "sdxl_refiner") if unet.adm_in_channels is not None else ("sd1", "sd2")
+    """An ADM input makes SDXL base or refiner (or SD2.1 unCLIP), none SD1 or SD2; the text encoders present
+    pick one."""
+    candidates = ("sdxl", "sdxl_refiner", "sd2") if unet.adm_in_channels is not None else ("sd1", "sd2")
     complete = [name for name in candidates if _has_text_encoders(sd, name)]
     guess = _guess_from_unet(unet, config)
     if complete:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..models.text_encoders import FAMILIES as TEXT_FAMILIES
 from ..models.text_encoders import TextEncoders
+from ..models.unclip import NoiseAugmentor
 from ..models.unet import UNetModel
 from ..models.vae import AutoencoderKL, VAEConfig
 from .clip_keys import KeyLayoutError
@@ -36,6 +37,7 @@ class LoadedCheckpoint:
     vae: AutoencoderKL
     text: TextEncoders
     metadata: dict[str, str]
+    noise_augmentor: NoiseAugmentor | None = None  # SD2.1 unCLIP checkpoints' image-embedding noiser
 
 
 def _cast(t: Tensor, dtype: torch.dtype | None, device: torch.device) -> Tensor:
@@ -140,8 +142,14 @@ def load_checkpoint(
         unet, vae, text = build_modules(sd, family, dtype=dtype, device=device)
     except CheckpointError as e:
         raise type(e)(f"{path}: {e}") from None
+    augmentor = None
+    if family.unclip:
+        try:
+            augmentor = NoiseAugmentor.from_state_dict(sd, family.unet.adm_in_channels // 2)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     log.info("loaded %s as %s", path, family.title)
-    return LoadedCheckpoint(family, unet, vae, text, metadata)
+    return LoadedCheckpoint(family, unet, vae, text, metadata, augmentor)
 
 
 def load_vae(
