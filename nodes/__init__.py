@@ -18,6 +18,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "nodes.image_ops", "nodes.image_filters", "nodes.compositing", "nodes.latent_ops", "nodes.strings",
     "nodes.schedulers", "nodes.samplers_custom", "nodes.controlnet",
     "nodes.upscale_models",
+    "nodes.gligen",
 )
 
 
