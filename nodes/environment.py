@@ -314,6 +314,15 @@ class Environment:
         return devices
 
 
+def model_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` strings of a safetensors model file ({} for other formats), from its header alone:
+    diffusion/checkpoints/files.py's reader, so no tensor is read and no pickle is ever loaded. A corrupt header
+    raises its CheckpointError (a ValueError) naming the file."""
+    from diffusion.checkpoints.files import read_metadata
+
+    return read_metadata(path)
+
+
 def ram_bytes() -> tuple[int, int]:
     """(total, available) physical memory in bytes, from /proc/meminfo where present."""
     try:

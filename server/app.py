@@ -17,8 +17,17 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from graph.registry import NodeRegistry
-from server import front_end, openapi, routes_files, routes_info, routes_prompt
-from server.state import LOOPBACK_NAMES, ROOT, STATE, ApiError, Handler, ServerConfig, ServerState, json_error
+from server import (
+    front_end,
+    global_subgraphs,
+    openapi,
+    routes_files,
+    routes_frontend,
+    routes_info,
+    routes_prompt,
+    routes_user,
+)
+from server.state import LOOPBACK_NAMES, STATE, ApiError, Handler, ServerConfig, ServerState, json_error
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +125,8 @@ def origin_middleware(config: ServerConfig) -> Any:
     return check_origin
 
 
-STATIC_ROUTE_NAMES = frozenset({"canvas-index", "canvas-static", "canvas-templates", "front-end-user-css"})
+STATIC_ROUTE_NAMES = frozenset({"canvas-index", "canvas-static", "canvas-templates", "canvas-templates-api",
+                                "front-end-user-css"})
 
 
 def auth_middleware(token: str) -> Any:
@@ -197,7 +207,8 @@ async def _on_cleanup(app: web.Application) -> None:
 
 
 def api_routes() -> list[tuple[str, str, Handler]]:
-    return [*routes_prompt.ROUTES, *routes_files.ROUTES, *routes_info.ROUTES, ("GET", "/openapi.json", openapi.handle),
+    return [*routes_prompt.ROUTES, *routes_files.ROUTES, *routes_info.ROUTES, *routes_user.ROUTES,
+            *routes_frontend.ROUTES, *global_subgraphs.ROUTES, ("GET", "/openapi.json", openapi.handle),
             ("GET", "/ws", websocket_handler)]
 
 
@@ -209,17 +220,20 @@ def create_app(config: ServerConfig, registry: NodeRegistry | None = None) -> we
     # Room for the multipart envelope around an upload of the maximum size.
     app = web.Application(middlewares=middlewares, client_max_size=config.max_upload_bytes + (64 << 10))
     app[STATE] = ServerState(config, registry)
+    routes_user.setup(app)  # the user directory (ComfyUI's front end keeps workflows and settings there)
+    routes_frontend.setup(app)  # the log buffer behind /internal/logs
+    if config.front_end == "comfyui":  # what ComfyUI's page asks for besides the API (server/front_end.py)
+        front_end.add_routes(app)
     for method, path, handler in api_routes():
         for prefix in ("", "/api"):
             app.router.add_route(method, prefix + path, handler)
             if method == "GET" and path != "/ws":  # HEAD is GET without the body (aiohttp leaves it out)
                 app.router.add_route("HEAD", prefix + path, handler)
     app.router.add_get("/", canvas_index, name="canvas-index")
-    if config.front_end == "comfyui":  # what ComfyUI's page asks for besides the API (server/front_end.py)
-        app.router.add_get("/user.css", front_end.user_css, name="front-end-user-css")
-    # The shipped workflows (the canvas opens templates/txt2img.json on first visit), read-only.
-    if (ROOT / "workflows").is_dir():
-        app.router.add_static("/templates", ROOT / "workflows", name="canvas-templates")
+    # The shipped workflows (the canvas opens templates/txt2img.json on first visit) and, for ComfyUI's template
+    # browser, their index and thumbnails; public like the page itself (no token).
+    for prefix, name in (("", "canvas-templates"), ("/api", "canvas-templates-api")):
+        app.router.add_get(prefix + "/templates/{file}", routes_frontend.template_file, name=name)
     # web/ holds the canvas and, in web/node_modules, the graph library npm installed (`npm ci --prefix web`).
     if config.web_root.is_dir():
         app.router.add_static("/", config.web_root, name="canvas-static")

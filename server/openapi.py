@@ -91,6 +91,17 @@ QUOTA = _error("quota_exceeded: the input folder would pass --max-input-mb or --
 IMAGE_TOO_LARGE = _error("too_large: over --max-upload-mb; image_too_large: all frames together over "
                          "--max-image-pixels, or more frames than --max-image-frames")
 
+
+# User files: a '/'-separated path in the user directory, no control character or '\\' (a path that leaves the
+# directory is a 403; a name over 255 bytes of UTF-8 a 400, a byte count a schema cannot state).
+USER_PATH = {"type": "string", "minLength": 1, "maxLength": 1024, "pattern": r"^[^\x00-\x1f\x7f-\x9f\\]*$",
+             "description": "a path in the user directory, e.g. workflows/a.json (URL-encoded in a path)"}
+SETTING_ID = {"type": "string", "minLength": 1, "maxLength": 256, "pattern": r"^[^\x00-\x1f\x7f-\x9f]*$"}
+MODEL_NAME = {"type": "string", "minLength": 1, "pattern": r"^[^\x00-\x1f\x7f-\x9f]*$",
+              "description": "a model's name in its folder (subfolders with '/')"}
+BAD_USER_PATH = _error("invalid_filename: empty, a control character, '\\', over 1024 bytes or a name over 255 "
+                       "bytes; not_a_folder")
+
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/prompt"): {
         "summary": "Queue a prompt (API or UI format). Body: prompt, client_id, prompt_id, extra_data (webhook), "
@@ -193,6 +204,136 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                            "responses": {"200": _ok("{supports_preview_metadata, max_upload_size}", _object(
                                ["supports_preview_metadata", "max_upload_size"],
                                supports_preview_metadata={"type": "boolean"}, max_upload_size={"type": "integer"}))}},
+    # ComfyUI's front end: user data and settings (server/routes_user.py), model library, logs, templates
+    # (server/routes_frontend.py).
+    ("GET", "/users"): {"summary": "User storage: one user, 'default', on the server (as ComfyUI without "
+                                   "--multi-user); migrated once the user directory exists",
+                        "responses": {"200": _ok("{storage: 'server', migrated}", _object(
+                            ["storage", "migrated"], storage={"enum": ["server"]}, migrated={"type": "boolean"}))}},
+    ("POST", "/users"): {"summary": "Create a user: refused (403 single_user), this server has one user",
+                         "requestBody": _body("{username}", _object(["username"], username=STRING)),
+                         "responses": {"400": ERROR, "403": _error("single_user"), "405": ERROR}},
+    ("GET", "/userdata"): {
+        "summary": "The files of a folder of the user directory, relative to it (hidden names left out)",
+        "parameters": [{**_query("dir", "the folder, e.g. workflows"), "required": True, "schema": USER_PATH},
+                       _query("recurse", "'true': subfolders too"), _query("full_info", "'true': {path, size, "
+                                                                                      "modified, created} each"),
+                       _query("split", "'true': [path, ...its parts] each (without full_info)")],
+        "responses": {"200": _ok("[path] | [[path, ...parts]] | [{path, size, modified, created}]",
+                                 {"type": "array"}),
+                      "400": BAD_USER_PATH, "403": ERROR, "404": ERROR, "405": ERROR}},
+    ("GET", "/v2/userdata"): {
+        "summary": "One folder of the user directory: its files and folders with their paths from the directory",
+        "parameters": [{**_query("path", "the folder ('' or absent: the user directory)"),
+                        "schema": {**USER_PATH, "minLength": 0}}],
+        "responses": {"200": _ok("[{name, path, type: file|directory, size?, modified?}]", {
+                          "type": "array", "items": _object(["name", "path", "type"], name=STRING, path=STRING,
+                                                            type={"enum": ["file", "directory"]})}),
+                      "400": BAD_USER_PATH, "403": ERROR, "404": ERROR, "405": ERROR}},
+    ("GET", "/userdata/{file}"): {
+        "summary": "A user file (URL-encoded path): JSON and images inline, anything else as a download",
+        "parameters": [{**_path("file"), "schema": USER_PATH}],
+        "responses": {"200": {"description": "the file", "content": {"*/*": {"schema": {}}}},
+                      "400": BAD_USER_PATH, "403": ERROR, "404": ERROR, "405": ERROR}},
+    ("POST", "/userdata/{file}"): {
+        "summary": "Store a user file atomically (the body as is, at most --max-workflow-mb)",
+        "parameters": [{**_path("file"), "schema": USER_PATH},
+                       _query("overwrite", "'false': 409 if the file exists (default: replace it)"),
+                       _query("full_info", "'true': answer the file's info instead of its path")],
+        "requestBody": {"required": False, "content": {"application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"}}}},
+        "responses": {"200": _ok("its path in the user directory, or {path, size, modified, created}",
+                                 {"type": ["string", "object"]}),
+                      "400": BAD_USER_PATH, "403": ERROR, "405": ERROR,
+                      "409": _error("file_exists: overwrite=false and the file exists; not_a_file"),
+                      "413": _error("too_large: over --max-workflow-mb"),
+                      "507": _error("quota_exceeded: a new file past --max-workflows files")}},
+    ("DELETE", "/userdata/{file}"): {
+        "summary": "Delete a user file", "parameters": [{**_path("file"), "schema": USER_PATH}],
+        "responses": {"204": DONE, "400": BAD_USER_PATH, "403": ERROR, "404": ERROR, "405": ERROR}},
+    ("POST", "/userdata/{file}/move/{dest}"): {
+        "summary": "Move (rename) a user file",
+        "parameters": [{**_path("file"), "schema": USER_PATH}, {**_path("dest"), "schema": USER_PATH},
+                       _query("overwrite", "'false': 409 if dest exists (default: replace it)"),
+                       _query("full_info", "'true': answer dest's info instead of its path")],
+        "responses": {"200": _ok("dest's path in the user directory, or {path, size, modified, created}",
+                                 {"type": ["string", "object"]}),
+                      "400": BAD_USER_PATH, "403": ERROR, "404": ERROR, "405": ERROR,
+                      "409": _error("file_exists: overwrite=false and dest exists; not_a_file"),
+                      "507": _error("quota_exceeded")}},
+    ("GET", "/settings"): {"summary": "Every setting of the user (comfy.settings.json)",
+                           "responses": {"200": _ok("{id: value}"), "500": _error("invalid_settings_file")}},
+    ("POST", "/settings"): {"summary": "Merge settings (ids given replace theirs, others are kept)",
+                            "requestBody": _body("{id: value}"),
+                            "responses": {"200": DONE, "400": ERROR, "405": ERROR,
+                                          "413": _error("too_large: over --max-workflow-mb"),
+                                          "500": _error("invalid_settings_file")}},
+    ("GET", "/settings/{id}"): {"summary": "One setting's value (null when unset)",
+                                "parameters": [{**_path("id"), "schema": SETTING_ID}],
+                                "responses": {"200": _ok("the value", {}), "400": ERROR, "405": ERROR,
+                                              "500": _error("invalid_settings_file")}},
+    ("POST", "/settings/{id}"): {"summary": "Store one setting (the body is its JSON value)",
+                                 "parameters": [{**_path("id"), "schema": SETTING_ID}],
+                                 "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
+                                 "responses": {"200": DONE, "400": ERROR, "405": ERROR,
+                                               "413": _error("too_large: over --max-workflow-mb"),
+                                               "500": _error("invalid_settings_file")}},
+    ("GET", "/i18n"): {"summary": "Node packs' translations by locale (none)", "responses": {"200": _ok("{}")}},
+    ("GET", "/extensions"): {"summary": "Front-end extension scripts of node packs (none)",
+                             "responses": {"200": _ok("[url]", STRINGS)}},
+    ("GET", "/workflow_templates"): {"summary": "Node packs' example workflows by pack (none)",
+                                     "responses": {"200": _ok("{pack: [name]}")}},
+    ("GET", "/experiment/models"): {
+        "summary": "Model folders and where each is looked for (public names)",
+        "responses": {"200": _ok("[{name, folders}]", {"type": "array", "items": _object(
+            ["name", "folders"], name=STRING, folders=STRINGS)})}},
+    ("GET", "/experiment/models/{folder}"): {
+        "summary": "The files of a model folder, each with the index of the folder it is in",
+        "parameters": [_path("folder")],
+        "responses": {"200": _ok("[{name, pathIndex}]", {"type": "array", "items": _object(
+            ["name", "pathIndex"], name=STRING, pathIndex={"type": "integer"})}), "404": ERROR, "405": ERROR}},
+    ("GET", "/experiment/models/preview/{folder}/{path_index}/{filename}"): {
+        "summary": "A model's preview (an image beside it, or a cover image in its metadata) as WebP",
+        "parameters": [_path("folder"), {**_path("path_index"), "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+                       {**_path("filename"), "schema": MODEL_NAME}],
+        "responses": {"200": _ok("the image", {"type": "string", "format": "binary"}, "image/webp"),
+                      "400": ERROR, "403": ERROR, "404": ERROR, "405": ERROR,
+                      "413": _error("image_too_large")}},
+    ("GET", "/view_metadata/{folder}"): {
+        "summary": "The __metadata__ of a .safetensors model file",
+        "parameters": [_path("folder"), {**_query("filename", "the model's name in the folder"), "required": True,
+                                         "schema": MODEL_NAME}],
+        "responses": {"200": _ok("{key: text}"), "400": ERROR, "403": ERROR, "404": ERROR, "405": ERROR}},
+    ("GET", "/internal/logs"): {"summary": "The recent server log as one text",
+                                "responses": {"200": _ok("text", STRING)}},
+    ("GET", "/internal/logs/raw"): {
+        "summary": "The recent server log lines",
+        "responses": {"200": _ok("{entries: [{t, m}], size: {cols, rows}}", _object(
+            ["entries", "size"], entries={"type": "array", "items": _object(["t", "m"], t=STRING, m=STRING)},
+            size=_object(["cols", "rows"], cols={"type": "integer"}, rows={"type": "integer"})))}},
+    ("PATCH", "/internal/logs/subscribe"): {
+        "summary": "Send (enabled) or stop sending new log lines to a WebSocket client as `logs` events",
+        "requestBody": _body("{clientId, enabled}", _object(
+            ["clientId", "enabled"], clientId={"type": "string", "minLength": 1, "maxLength": 200},
+            enabled={"type": "boolean"})),
+        "responses": {"200": DONE, "400": ERROR, "405": ERROR}},
+    ("GET", "/internal/folder_paths"): {"summary": "Where each kind of model is looked for (public names)",
+                                        "responses": {"200": _ok("{folder: [path]}")}},
+    ("GET", "/templates/{file}"): {
+        "summary": "The shipped workflows as templates: index.json (and index.<locale>.json), index_logo.json, "
+                   "<name>.json, the drawn thumbnail <name>-1.webp",
+        "parameters": [_path("file")],
+        "responses": {"200": {"description": "the index, a workflow or a thumbnail", "content": {
+            "application/json": {"schema": {}}, "image/webp": {"schema": {"type": "string", "format": "binary"}}}},
+            "404": ERROR, "405": ERROR}},
+    ("GET", "/global_subgraphs"): {
+        "summary": "Subgraph blueprints node packs ship (custom_nodes/<pack>/subgraphs/*.json), without their data",
+        "responses": {"200": _ok("{id: {source, name, info: {node_pack}}}")}},
+    ("GET", "/global_subgraphs/{id}"): {
+        "summary": "One subgraph blueprint, with `data`: its workflow JSON as text",
+        "parameters": [_path("id")],
+        "responses": {"200": _ok("{source, name, info: {node_pack}, data}"), "404": ERROR, "405": ERROR,
+                      "413": ERROR, "422": ERROR}},
     ("GET", "/openapi.json"): {"summary": "This document", "responses": {"200": _ok("OpenAPI 3.1")}},
     ("GET", "/ws"): {"summary": "WebSocket of events ({type, data} text frames, binary previews)",
                      "parameters": [_query("clientId", "resume this client's stream"),

@@ -22,7 +22,8 @@ EXAMPLES_PER_OPERATION = 200
 # may be refused there; everything else is still checked.
 SEMANTIC = {("POST", "/prompt"), ("POST", "/upload/image"), ("POST", "/upload/mask"), ("GET", "/ws"),
             ("GET", "/view"), ("GET", "/workflows/{name}"), ("PUT", "/workflows/{name}"),
-            ("DELETE", "/workflows/{name}")}
+            ("DELETE", "/workflows/{name}"), ("GET", "/userdata"), ("GET", "/v2/userdata"), ("GET", "/userdata/{file}"),
+            ("POST", "/userdata/{file}"), ("DELETE", "/userdata/{file}"), ("POST", "/userdata/{file}/move/{dest}")}
 # Every multipart value is text on the wire: a "wrong type" (0 for "0") cannot be told from a right one.
 MULTIPART = {("POST", "/upload/image"), ("POST", "/upload/mask")}
 
