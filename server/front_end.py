@@ -9,11 +9,15 @@ locates the files and adds the few static answers the page asks for that are no 
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 from aiohttp import web
+
+from server.state import STATE, ApiError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,53 @@ def installed_version() -> str | None:
         return version(PACKAGE)
     except PackageNotFoundError:
         return None
+
+
+# Files of the user directory the page asks for on every load, with what stands for them while the user has none.
+# ComfyUI answers a missing one with a 404, which the front end reads as "none" but the browser logs as an error (and,
+# for the stylesheet its index.html links, refuses unless served as text/css).
+PAGE_USER_FILES = {"user.css": ("text/css", b""), "comfy.templates.json": ("application/json", b"[]")}
+# Folders the front end lists on every load (a missing one is a 404 in ComfyUI too).
+PAGE_USER_FOLDERS = ("workflows", "subgraphs")
+MAX_PAGE_FILE_BYTES = 1 << 20
+
+
+def prepare_user_dir(user_dir: Path) -> None:
+    """The folders the front end lists on every load, so that a fresh data directory answers them (empty)."""
+    for name in PAGE_USER_FOLDERS:
+        (user_dir / name).mkdir(parents=True, exist_ok=True)
+
+
+def read_page_file(user_dir: Path, name: str) -> tuple[str, bytes]:
+    """(content type, bytes) of a PAGE_USER_FILES file: the user's own, else its stand-in. A file that leads out of
+    the user directory (a symlink) or is over MAX_PAGE_FILE_BYTES is refused, never read."""
+    content_type, empty = PAGE_USER_FILES[name]
+    path = user_dir / name
+    if not path.exists():
+        return content_type, empty
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, os.path.realpath(user_dir)]) != os.path.realpath(user_dir) or not path.is_file():
+        raise ApiError(403, "forbidden", f"user/default/{name} is not a file inside the user directory")
+    if path.stat().st_size > MAX_PAGE_FILE_BYTES:
+        raise ApiError(413, "too_large", f"user/default/{name} is over {MAX_PAGE_FILE_BYTES >> 20} MiB")
+    return content_type, path.read_bytes()
+
+
+async def page_user_file(request: web.Request) -> web.Response:
+    user_dir = request.app[STATE].config.data_dir / "user" / "default"
+    name = request.path.rsplit("/", 1)[-1]
+    content_type, body = await asyncio.to_thread(read_page_file, user_dir, name)
+    return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "no-cache"})
+
+
+def add_routes(app: web.Application) -> None:
+    """What the page needs besides the API. Added before the API's routes: `/userdata/user.css` and
+    `/userdata/comfy.templates.json` (GET) answer here, every other method and file goes on to /userdata/{file}."""
+    prepare_user_dir(app[STATE].config.data_dir / "user" / "default")
+    app.router.add_get("/user.css", user_css, name="front-end-user-css")
+    for prefix in ("", "/api"):
+        for name in PAGE_USER_FILES:
+            app.router.add_get(f"{prefix}/userdata/{name}", page_user_file)
 
 
 async def user_css(request: web.Request) -> web.Response:

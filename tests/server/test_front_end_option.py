@@ -57,6 +57,24 @@ def test_app_serves_comfyui_index_and_user_css(tmp_path):
             assert index.headers["Cache-Control"] == "no-cache"
             css = await client.get("/user.css")
             assert css.status == 200 and css.content_type == "text/css"
+            # the user's stylesheet and node templates: stand-ins while there are none, never a 404
+            for path, kind, body in [("/api/userdata/user.css", "text/css", b""),
+                                     ("/api/userdata/comfy.templates.json", "application/json", b"[]")]:
+                response = await client.get(path)
+                assert (response.status, response.content_type, await response.read()) == (200, kind, body), path
+            # writes still go to /userdata/{file}, and what was written is served back as a stylesheet
+            stored = await client.post("/api/userdata/user.css", data=b"body { color: red }")
+            assert stored.status == 200, await stored.text()
+            css = await client.get("/api/userdata/user.css")
+            assert css.content_type == "text/css" and await css.read() == b"body { color: red }"
+            user = tmp_path / "data" / "user" / "default"
+            assert (user / "workflows").is_dir() and (user / "subgraphs").is_dir()
+            listing = await client.get("/api/userdata?dir=workflows&recurse=true&split=false&full_info=true")
+            assert (listing.status, await listing.json()) == (200, [])
+            (user / "comfy.templates.json").unlink(missing_ok=True)
+            (tmp_path / "elsewhere.json").write_text("[1]")
+            (user / "comfy.templates.json").symlink_to(tmp_path / "elsewhere.json")
+            assert (await client.get("/api/userdata/comfy.templates.json")).status == 403
         finally:
             await client.close()
 
