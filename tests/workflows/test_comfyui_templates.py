@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 
 from diffusion.checkpoints.random_checkpoints import checkpoint_spec, write_random_checkpoint, write_random_vae
+from diffusion.models.gligen import write_random_gligen
+from diffusion.models.unet import UNetModel
 from diffusion.patches.lora import kohya_text_names, kohya_unet_names, save_lora
 from diffusion.patches.patcher import LoraDelta
 from graph.executor import Executor
@@ -47,6 +49,7 @@ CHECKPOINTS = {  # file name the templates reference → (family, options)
 }
 LORAS = ("blindbox_v1_mix.safetensors", "MoXinV1.safetensors")  # for the SD1 dreamshaper_8
 VAE = "vae-ft-mse-840000-ema-pruned.safetensors"
+GLIGEN = "gligen_sd14_textbox_pruned.safetensors"  # text-box GLIGEN for the SD1 checkpoints
 EMBEDDING = "SDA768.pt"  # A1111 textual inversion, for SD2's text encoder
 IMAGES = ("image2image_input_image.jpg", "inpaint_example_input_image.png",
           "inpaint_model_outpainting_input_image.png")
@@ -76,6 +79,9 @@ SMALL: dict[str, list[str]] = {  # template → --set overrides: sizes and step 
     "sdxl_simple_example": ["5.width=64", "5.height=64", "10.steps=3", "10.end_at_step=2", "11.steps=3",
                             "11.start_at_step=2"],
     "sdxlturbo_example": ["5.width=64", "5.height=64"],  # one step already
+    # 768 -> 96 pixels, the two boxes scaled with it (about 1/8, on the 8-pixel grid)
+    "gligen_textbox_example": ["5.width=96", "5.height=96", "21.width=24", "21.height=40", "21.x=24", "21.y=32",
+                               "27.width=16", "27.height=16", "27.x=56", "27.y=0", f"3.steps={FEW}"],
 }
 
 
@@ -113,13 +119,17 @@ def write_lora(path: Path, checkpoint: Path, seed: int) -> None:
 def data_dir(tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("templates") / "data"
     models = data / "models"
-    for folder in ("checkpoints", "loras", "vae", "embeddings"):
+    for folder in ("checkpoints", "loras", "vae", "embeddings", "gligen"):
         (models / folder).mkdir(parents=True)
     for seed, (name, (family, options)) in enumerate(CHECKPOINTS.items()):
         write_random_checkpoint(models / "checkpoints" / name, family, seed=seed, **options)
     for seed, name in enumerate(LORAS):
         write_lora(models / "loras" / name, models / "checkpoints" / "dreamshaper_8.safetensors", seed)
     write_random_vae(models / "vae" / VAE, seed=7)
+    sd1 = checkpoint_spec("sd1")
+    with torch.device("meta"):  # only the UNet's transformer layout is needed
+        sd1_unet = UNetModel(sd1.unet)
+    write_random_gligen(models / "gligen" / GLIGEN, sd1_unet, sd1.text[0].config.hidden_size, seed=8)
     width = checkpoint_spec("sd2").text[0].config.hidden_size
     torch.save({"string_to_param": {"*": torch.randn(2, width, generator=torch.Generator().manual_seed(3))}},
                models / "embeddings" / EMBEDDING)
