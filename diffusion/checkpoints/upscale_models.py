@@ -144,12 +144,13 @@ class UpscaleModel:
                 log.warning("%s ran out of memory; retrying with %d-pixel tiles", self.arch_name, tile)
                 if self.manager.device.type == "cuda":
                     torch.cuda.empty_cache()
+        out = out.clamp(0, 1)
         if channels == 1 and self.config.in_channels != 1:
             out = out.mean(dim=1, keepdim=True)
         if channels == self.config.in_channels + 1:  # alpha
             alpha = F.interpolate(images[..., -1:].movedim(-1, 1).float(), scale_factor=self.scale, mode="bicubic")
-            out = torch.cat([out, alpha], dim=1)
-        return out.clamp(0, 1).movedim(1, -1).contiguous()
+            out = torch.cat([out, alpha.clamp(0, 1)], dim=1)
+        return out.movedim(1, -1).contiguous()
 
     def _colour_input(self, images: Tensor) -> Tensor:
         expected, channels = self.config.in_channels, images.shape[-1]
