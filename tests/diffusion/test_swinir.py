@@ -250,8 +250,11 @@ def test_window_attention_equals_the_direct_computation(shift: int) -> None:
 
 def direct_swinir(sd: dict[str, torch.Tensor], x: torch.Tensor, window: int, scale: int) -> torch.Tensor:
     """The whole network straight from the file's tensors, as the paper and the official code compose it, for an
-    input whose sides are multiples of the window (1conv residuals, 3-channel mean, img_range 1)."""
+    input whose sides are multiples of the window (3-channel mean, img_range 1)."""
     def conv(name: str, t: torch.Tensor) -> torch.Tensor:
+        if f"{name}.0.weight" in sd:  # 3conv: 3×3, 1×1, 3×3 through a quarter of the channels, LeakyReLU 0.2
+            t = F.leaky_relu(conv(f"{name}.0", t), 0.2)
+            return conv(f"{name}.4", F.leaky_relu(conv(f"{name}.2", t), 0.2))
         weight = sd[f"{name}.weight"]
         return F.conv2d(t, weight, sd[f"{name}.bias"], padding=weight.shape[-1] // 2)
 
@@ -265,7 +268,7 @@ def direct_swinir(sd: dict[str, torch.Tensor], x: torch.Tensor, window: int, sca
     as_image = lambda t: t.transpose(1, 2).reshape(b, c, h, w)  # noqa: E731
     tokens = norm("patch_embed.norm", first.flatten(2).transpose(1, 2))
     i = 0
-    while f"layers.{i}.conv.weight" in sd:
+    while f"layers.{i}.residual_group.blocks.0.norm1.weight" in sd:
         skip, j = tokens, 0
         while (prefix := f"layers.{i}.residual_group.blocks.{j}.") + "norm1.weight" in sd:
             block = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -291,7 +294,8 @@ def direct_swinir(sd: dict[str, torch.Tensor], x: torch.Tensor, window: int, sca
     return out + mean
 
 
-@pytest.mark.parametrize("name", ["classical x4", "classical x3", "lightweight x4", "real-world x4", "real-world x2"])
+@pytest.mark.parametrize("name", ["classical x4", "classical x3", "lightweight x4", "real-world x4", "real-world x2",
+                                  "real-world large 3conv"])
 @torch.no_grad()
 def test_whole_network_equals_the_direct_computation(name: str) -> None:
     sd = official_state_dict(**VARIANTS[name], seed=5)
