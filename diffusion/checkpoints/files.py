@@ -171,7 +171,21 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 # --- legacy pickles --------------------------------------------------------------------------------
 
 
+def read_pickle(path: str | os.PathLike) -> object:
+    """Whatever a legacy torch pickle holds, as long as it is only tensors and plain containers (dicts with any
+    keys, lists, numbers, strings): for files that are not flat state dicts, such as A1111 hypernetworks
+    (integer keys, per-layer dicts, metadata). Pickles that need code are refused as `read_state_dict` does."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"file not found: {path}")
+    return _load_pickle(path)
+
+
 def _read_pickle(path: Path) -> dict[str, Tensor]:
+    return _unwrap_state_dict(path, _load_pickle(path))
+
+
+def _load_pickle(path: Path) -> object:
     zipped = zipfile.is_zipfile(path)  # torch.save's format since 1.6; only it can be memory-mapped
     if not zipped and not _starts_like_pickle(path):
         size = path.stat().st_size
@@ -185,7 +199,7 @@ def _read_pickle(path: Path) -> dict[str, Tensor]:
         ) from None
     except Exception as e:  # a damaged pickle can fail anywhere inside the unpickler
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from e
-    return _unwrap_state_dict(path, loaded)
+    return loaded
 
 
 def _starts_like_pickle(path: Path) -> bool:

@@ -100,7 +100,8 @@ class Upsample(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of x over `context` (over x itself when context is None)."""
+    """Multi-head attention of x over `context` (over x itself when context is None); `value`, when given, is
+    what the values are projected from instead of `context` (hypernetworks transform the two apart)."""
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None):
         super().__init__()
@@ -112,10 +113,11 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, value: Tensor | None = None) -> Tensor:
         context = x if context is None else context
+        value = context if value is None else value
         b, n, _ = x.shape
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(value)
         # [B, N, heads*d] -> [B, heads, N, d]
         q, k, v = (t.view(b, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
@@ -156,14 +158,20 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor, self_attention: Callable[[Tensor], Tensor] | None = None,
-                after_self_attention: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                after_self_attention: Callable[[Tensor], Tensor] | None = None,
+                kv: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """`self_attention` (model patches) replaces the call of attn1 on the normed input when given;
-        `after_self_attention` (GLIGEN's fusers) transforms x between the self- and the cross-attention."""
+        `after_self_attention` (GLIGEN's fusers) transforms x between the self- and the cross-attention;
+        `kv(attention, source)` (hypernetworks) gives each attention its keys' and values' inputs."""
         n = self.norm1(x)
-        x = x + (self.attn1(n) if self_attention is None else self_attention(n))
+        if self_attention is not None:
+            x = x + self_attention(n)
+        else:
+            x = x + (self.attn1(n) if kv is None else self.attn1(n, *kv(self.attn1, n)))
         if after_self_attention is not None:
             x = after_self_attention(x)
-        x = x + self.attn2(self.norm2(x), context)
+        n = self.norm2(x)
+        x = x + (self.attn2(n, context) if kv is None else self.attn2(n, *kv(self.attn2, context)))
         return x + self.ff(self.norm3(x))
 
 
@@ -208,13 +216,14 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for k, block in enumerate(self.transformer_blocks):
-            run = after = None
+            run = after = kv = None
             if patches and site is not None:
                 run = patches.attention_runner(block.attn1, dataclasses.replace(site, size=(h, w), transformer=k))
                 if patches.after_self_attention:
                     block_site = dataclasses.replace(site, size=(h, w), transformer=k, attention=block.attn1)
                     after = functools.partial(patches.run_after_self_attention, site=block_site)
-            x = block(x, context, run, after)
+                kv = patches.kv_inputs(dataclasses.replace(site, size=(h, w), transformer=k))
+            x = block(x, context, run, after, kv)
         if self.use_linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).reshape(b, -1, h, w)

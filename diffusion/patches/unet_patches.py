@@ -12,6 +12,10 @@ MODEL carries its own bundle. The hook points, in forward order:
   `inner(x, kv)` runs the attention (or the next wrapper), so wrappers nest in order;
 - `after_self_attention(x, site)` in every transformer block after the self-attention's residual is added,
   before the cross-attention (GLIGEN's gated self-attention runs there); `x` is the block's [B, tokens, C].
+- `attention_kv(k_in, v_in, site)` in every attention (self and cross; `site.attention` is the module) on
+  what its keys and values are projected from: `k_in`, `v_in` [B, tokens, C] (both the normed x for
+  self-attention, both the text context for cross-attention); hooks chain, each taking the last one's pair
+  (hypernetworks).
 
 Every hook gets a `Site` saying where it runs (block kind and index, transformer index, the feature map's
 size, the latent's shape and the timesteps), which is how a patch picks its blocks without knowing the
@@ -50,6 +54,7 @@ BlockHook = Callable[[Tensor, Site], Tensor]
 OutputHook = Callable[[Tensor, Tensor, Site], tuple[Tensor, Tensor]]
 Attend = Callable[[Tensor, Tensor | None], Tensor]  # (queries' input, keys' and values' input or None) -> out
 AttentionWrapper = Callable[[Tensor, Tensor | None, Attend, Site], Tensor]
+KVHook = Callable[[Tensor, Tensor, Site], tuple[Tensor, Tensor]]  # (keys' input, values' input, site) -> both
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class UNetPatches:
     input_block_after_skip: tuple[BlockHook, ...] = ()
     output_block: tuple[OutputHook, ...] = ()
     self_attention: tuple[AttentionWrapper, ...] = ()
+    attention_kv: tuple[KVHook, ...] = ()
     after_self_attention: tuple[BlockHook, ...] = ()
 
     def merged(self, other: UNetPatches | None) -> UNetPatches:
@@ -86,6 +92,18 @@ class UNetPatches:
             x = hook(x, site)
         return x
 
+    def run_kv(self, k_in: Tensor, v_in: Tensor, site: Site) -> tuple[Tensor, Tensor]:
+        for hook in self.attention_kv:
+            k_in, v_in = hook(k_in, v_in, site)
+        return k_in, v_in
+
+    def kv_inputs(self, site: Site) -> Callable[[torch.nn.Module, Tensor], tuple[Tensor, Tensor]] | None:
+        """`kv(attention, source)`: the (keys' input, values' input) pair of `attention` whose keys and values
+        come from `source`, through every `attention_kv` hook; None when there are none."""
+        if not self.attention_kv:
+            return None
+        return lambda attention, source: self.run_kv(source, source, dataclasses.replace(site, attention=attention))
+
     def attention_runner(self, attention: torch.nn.Module, site: Site) -> Attend | None:
         """`run(x)`: the self-attention `attention(x)` wrapped by every wrapper (the first outermost), or None
         when there are none (the block calls its attention directly)."""
@@ -93,6 +111,10 @@ class UNetPatches:
             return None
         site = dataclasses.replace(site, attention=attention)
         run: Attend = attention
+        if self.attention_kv:  # the innermost call projects keys and values from the hooks' inputs
+            def run(x: Tensor, kv: Tensor | None = None) -> Tensor:
+                source = x if kv is None else kv
+                return attention(x, *self.run_kv(source, source, site))
 
         def wrap(wrapper: AttentionWrapper, inner: Attend) -> Attend:
             return lambda x, kv=None: wrapper(x, kv, inner, site)
