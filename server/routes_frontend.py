@@ -19,7 +19,15 @@ from pathlib import Path
 from aiohttp import web
 from PIL import Image
 
-from nodes.environment import MODEL_FOLDERS, UnsafePathError, check_name_parts, list_files, model_metadata, safe_join
+from nodes.environment import (
+    MODEL_FOLDERS,
+    UnsafePathError,
+    check_name_parts,
+    list_files,
+    model_metadata,
+    name_paths,
+    safe_join,
+)
 from server import workflow_templates
 from server.file_names import check_text
 from server.log_buffer import LOG_BUFFER, LogBuffer
@@ -120,9 +128,10 @@ def _metadata(state: ServerState, kind: str, name: str) -> dict[str, str]:
         if path is not None:
             try:
                 return model_metadata(path)
-            except ValueError as exc:
+            except ValueError as exc:  # the reader's message names the file: publicly, never by absolute path
+                reason = name_paths(str(exc), state.env.folder_names())
                 raise ApiError(400, "invalid_model", f"{kind} model {name!r} has an unreadable header: "
-                                                     f"{state.env.public_name(path)}: {str(exc)[-200:]}") from None
+                                                     f"{reason[-300:]}", path=name) from None
     raise ApiError(404, "not_found", f"{kind} model {name!r} not found", path=name)
 
 

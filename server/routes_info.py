@@ -11,6 +11,7 @@ import torch
 from aiohttp import web
 
 from nodes.environment import MODEL_FOLDERS, list_files, ram_bytes
+from server.front_end import TESTED_VERSION
 from server.state import STATE, ApiError, ServerState
 
 # The version of ComfyUI whose wire contract this server follows (clients read it from /system_stats).
@@ -35,6 +36,8 @@ def system_stats_data(state: ServerState) -> dict:
     total, free = ram_bytes()
     return {
         "system": {"os": sys.platform, "ram_total": total, "ram_free": free, "comfyui_version": CONTRACT_VERSION,
+                   # ComfyUI's front end warns when it is older than this: the version our browser tests ran
+                   "required_frontend_version": TESTED_VERSION,
                    "python_version": sys.version, "pytorch_version": torch.__version__,
                    "embedded_python": False, "argv": sys.argv, "platform": platform.platform()},
         "devices": state.env.device_stats(),

@@ -34,7 +34,7 @@ def shipped(folder: Path) -> dict[str, Path]:
     """The shipped workflows by template name (the file name without `.json`), only names safe in a URL."""
     if not folder.is_dir():
         return {}
-    return {path.stem: path for path in sorted(folder.glob("*.json"))
+    return {path.stem: path for path in sorted(folder.glob("*.json"), key=lambda p: p.stem)
             if path.is_file() and TEMPLATE_NAME.fullmatch(path.stem)}
 
 
