@@ -261,3 +261,18 @@ def test_guider_batches_grounded_and_plain_entries_in_one_call() -> None:
     # no boxes anywhere: no patches passed
     CFGGuider(recorder, guider.model_sampling, plain, plain, 7.0)(torch.zeros(1, 4, 8, 8), torch.tensor(1.0))
     assert "unet_patches" not in recorder.calls[-1]
+
+
+@torch.no_grad()
+def test_half_precision_unet_with_a_float32_gligen() -> None:
+    """The UNet may run in bf16/fp16 while the GLIGEN file loaded in fp32: the fusers run in the UNet's dtype."""
+    unet = randomize_(UNetModel(SD1), 0).eval()
+    handle = GLIGENHandle(random_gligen(unet, phrase_dim=24, seed=3), "g.safetensors")
+    gen = torch.Generator().manual_seed(9)
+    x, context = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 5, 24, generator=gen)
+    t = torch.tensor([100.0, 500.0])
+    options = [{"gligen": ("position", handle, [(torch.randn(1, 24, generator=gen), 4, 4, 0, 2)])}, {}]
+    full = unet(x, t, context, patches=grounding_patches(options, 1, (8, 8)))
+    half = unet.to(torch.bfloat16)(x.bfloat16(), t, context.bfloat16(), patches=grounding_patches(options, 1, (8, 8)))
+    assert half.dtype == torch.bfloat16 and next(handle.model.parameters()).dtype == torch.float32
+    assert relative_error(half.float(), full) < 0.05
