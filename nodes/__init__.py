@@ -16,6 +16,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "nodes.sampling_custom", "nodes.image", "nodes.image_io", "nodes.mask", "nodes.utility", "nodes.animation",
     "nodes.training", "nodes.model_patches", "nodes.model_io", "nodes.merging",
     "nodes.image_ops", "nodes.image_filters", "nodes.compositing", "nodes.latent_ops", "nodes.strings",
+    "nodes.hypernetwork",
     "nodes.schedulers", "nodes.samplers_custom", "nodes.controlnet",
     "nodes.upscale_models", "nodes.clip_vision",
     "nodes.gligen",

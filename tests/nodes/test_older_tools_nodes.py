@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 
+from diffusion.patches.hypernetwork import attention_input_widths
 from graph.executor import Executor
 from graph.validation import validate_prompt
 from nodes.schedulers import BasicScheduler
+from tests.diffusion.test_hypernetwork import Payload, write_hypernetwork
 from tests.nodes.test_model_patch_nodes import latent, patched
 from tests.nodes.test_sd_nodes import txt2img
 
@@ -68,3 +70,54 @@ def test_refused_continuous_settings_are_named(engine, inputs, words):
     for word in words:
         assert word in error["exception_message"], error["exception_message"]
     assert "Traceback" not in error["exception_message"]
+
+
+# --- HypernetworkLoader -----------------------------------------------------------------------------------------
+
+
+def hypernetwork_prompt(name="style.pt", strength=1.0, chain=(), ckpt="sd1.safetensors"):
+    nodes = [("HypernetworkLoader", {"hypernetwork_name": name, "strength": strength})]
+    nodes += [("HypernetworkLoader", {"hypernetwork_name": n, "strength": s}) for n, s in chain]
+    return patched(nodes, ckpt=ckpt)
+
+
+@pytest.fixture
+def sd1_widths(engine):
+    model = engine.outputs(txt2img(), "4")[0][0]
+    return sorted(attention_input_widths(model.patcher.model)), model.family.unet.context_dim
+
+
+def test_hypernetwork_loader_changes_the_clone_only(engine, sd1_widths):
+    widths, context_dim = sd1_widths
+    folder = engine.env.models_dir / "hypernetworks"
+    write_hypernetwork(folder / "style.pt", widths=(context_dim,))
+    write_hypernetwork(folder / "all.pt", widths=widths, seed=7)
+    plain = latent(engine, txt2img())
+    styled = latent(engine, hypernetwork_prompt())
+    assert torch.isfinite(styled).all() and not torch.allclose(styled, plain, atol=1e-4)
+    both = latent(engine, hypernetwork_prompt(chain=[("all.pt", 0.5)]))
+    assert not torch.allclose(both, styled, atol=1e-4)
+    torch.testing.assert_close(latent(engine, hypernetwork_prompt(strength=0.0)), plain, rtol=0, atol=0)
+    engine.executor.cache.clear()  # the shared MODEL, run again without the hypernetwork: as before
+    torch.testing.assert_close(latent(engine, txt2img()), plain, rtol=0, atol=0)
+
+
+def test_hypernetwork_errors_name_the_node_and_the_file(engine, sd1_widths):
+    _, context_dim = sd1_widths
+    folder = engine.env.models_dir / "hypernetworks"
+    write_hypernetwork(folder / "other.pt", widths=(context_dim + 8,))
+    error = failed(engine, hypernetwork_prompt("other.pt"))
+    assert error["node_type"] == "HypernetworkLoader"
+    assert f"no attention input of width {context_dim + 8}" in error["exception_message"]
+    torch.save({context_dim: [Payload(), {}]}, folder / "evil.pt")
+    error = failed(engine, hypernetwork_prompt("evil.pt"))
+    message = error["exception_message"]
+    assert "models/hypernetworks/evil.pt" in message and "needs code" in message
+    assert str(engine.env.data_dir) not in message
+    (folder / "text.pt").write_text("not a pickle")
+    assert "text.pt" in failed(engine, hypernetwork_prompt("text.pt"))["exception_message"]
+
+
+def test_a_hypernetwork_name_outside_its_folder_is_refused(engine):
+    validation = validate_prompt(hypernetwork_prompt("../checkpoints/sd1.safetensors"), engine.registry, engine.env)
+    assert not validation.ok and "hypernetwork_name" in str(validation.response())
