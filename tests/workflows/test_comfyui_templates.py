@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from diffusion.checkpoints.random_checkpoints import checkpoint_spec, write_random_checkpoint, write_random_vae
+from diffusion.models.clip_vision import write_random_clip_vision
 from diffusion.models.gligen import write_random_gligen
 from diffusion.models.unet import UNetModel
 from diffusion.patches.lora import kohya_text_names, kohya_unet_names, save_lora
@@ -51,8 +52,10 @@ LORAS = ("blindbox_v1_mix.safetensors", "MoXinV1.safetensors")  # for the SD1 dr
 VAE = "vae-ft-mse-840000-ema-pruned.safetensors"
 GLIGEN = "gligen_sd14_textbox_pruned.safetensors"  # text-box GLIGEN for the SD1 checkpoints
 EMBEDDING = "SDA768.pt"  # A1111 textual inversion, for SD2's text encoder
+CLIP_VISION = "clip_vision_g.safetensors"  # a tiny tower whose image embedding is as wide as tiny SDXL's pooled text
 IMAGES = ("image2image_input_image.jpg", "inpaint_example_input_image.png",
-          "inpaint_model_outpainting_input_image.png")
+          "inpaint_model_outpainting_input_image.png", "sdxl_revision_text_prompts_ref_image1.png",
+          "sdxl_revision_text_prompts_ref_image2.png")
 
 FEW = 2  # sampler steps when a template's own count is forced down
 SMALL: dict[str, list[str]] = {  # template → --set overrides: sizes and step counts only
@@ -79,6 +82,7 @@ SMALL: dict[str, list[str]] = {  # template → --set overrides: sizes and step 
     "sdxl_simple_example": ["5.width=64", "5.height=64", "10.steps=3", "10.end_at_step=2", "11.steps=3",
                             "11.start_at_step=2"],
     "sdxlturbo_example": ["5.width=64", "5.height=64"],  # one step already
+    "sdxl_revision_text_prompts": ["5.width=64", "5.height=64", f"3.steps={FEW}"],
     # 768 -> 96 pixels, the two boxes scaled with it (about 1/8, on the 8-pixel grid)
     "gligen_textbox_example": ["5.width=96", "5.height=96", "21.width=24", "21.height=40", "21.x=24", "21.y=32",
                                "27.width=16", "27.height=16", "27.x=56", "27.y=0", f"3.steps={FEW}"],
@@ -126,6 +130,9 @@ def data_dir(tmp_path_factory) -> Path:
     for seed, name in enumerate(LORAS):
         write_lora(models / "loras" / name, models / "checkpoints" / "dreamshaper_8.safetensors", seed)
     write_random_vae(models / "vae" / VAE, seed=7)
+    (models / "clip_vision").mkdir()
+    write_random_clip_vision(models / "clip_vision" / CLIP_VISION, seed=9,
+                             projection_dim=checkpoint_spec("sdxl").text[-1].config.projection_dim)
     sd1 = checkpoint_spec("sd1")
     with torch.device("meta"):  # only the UNet's transformer layout is needed
         sd1_unet = UNetModel(sd1.unet)
