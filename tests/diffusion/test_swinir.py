@@ -345,3 +345,25 @@ def test_registered_and_found_first_among_the_upscalers() -> None:
         sd = official_state_dict(**VARIANTS[name])
         found = next(arch for arch in upscalers.ARCHITECTURES if arch.detect(dict(sd)) is not None)
         assert found is swinir, name
+
+
+def peak_cpu_bytes(fn) -> int:
+    """The most bytes `fn` holds allocated at once on the CPU, from the profiler's allocation and free events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+@pytest.mark.parametrize("name", ["classical x4", "classical x8", "lightweight x4", "real-world x4",
+                                  "real-world large 3conv", "jpeg window 7"])
+@torch.no_grad()
+def test_activation_estimate_bounds_the_measured_peak(name: str) -> None:
+    model = load(official_state_dict(**VARIANTS[name]))
+    x = torch.rand(1, model.config.in_channels, 21, 30)
+    measured = peak_cpu_bytes(lambda: model(x)) / 4
+    estimate = swinir.activation_elements(model.config, 21, 30)
+    assert measured <= estimate <= 2.5 * measured

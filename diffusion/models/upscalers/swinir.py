@@ -168,6 +168,21 @@ def build(config: SwinIRConfig) -> SwinIR:
     return SwinIR(config)
 
 
+def activation_elements(config: SwinIRConfig, height: int, width: int) -> int:
+    """Peak activation elements of one forward over a [1, C, height, width] input under no_grad (the loader's
+    memory estimate), per pixel of the window-padded input: the input twice and the shallow features and the
+    running tokens, plus the larger of a Swin block (norm, roll, windows, q/k/v, attention output, the MLP's hidden
+    maps and, when attention is not fused, the scores: heads × window² per pixel) and the tail at the output size
+    (pixelshuffle: a conv's output and its shuffled copy beside the previous stage's; nearest+conv: the upsampled
+    map, its conv and activation beside the previous one; direct: one conv and its shuffled copy)."""
+    c = config
+    pixels = -(-height // c.window_size) * c.window_size * -(-width // c.window_size) * c.window_size
+    block = 6 * c.embed_dim + 2 * c.mlp_hidden + max(c.num_heads) * c.window_size**2
+    tail = {"pixelshuffle": 3 * c.num_feat, "nearest+conv": 4 * c.num_feat,
+            "pixelshuffledirect": 2 * c.out_channels}.get(c.upsampler, 0) * c.scale**2
+    return pixels * (2 * c.in_channels + 2 * c.embed_dim + max(block, tail))
+
+
 def module_state_dict(state_dict: dict[str, Tensor], config: SwinIRConfig) -> dict[str, Tensor]:
     """The file's parameters under the module's names (the same names), without the buffers the official
     modules save: the relative-position index is checked against ours, the training-size attention masks are
