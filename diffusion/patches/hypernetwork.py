@@ -123,7 +123,7 @@ def _mlp(state: Mapping[str, object], width: int, activation: str, activate_outp
     for key, tensor in state.items():
         if key in ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"):
             stem, kind = key.split(".")
-            index, kind = _NOVELAI_KEYS[stem], kind
+            index = _NOVELAI_KEYS[stem]
         else:
             match = _LAYER_KEY.fullmatch(str(key))
             if match is None:
@@ -179,8 +179,7 @@ def _check_structure(structure: object, width: int, outs: list[int], where: str)
 
 def attention_input_widths(unet: nn.Module) -> set[int]:
     """The feature counts every attention of `unet` projects its keys from (block widths and context dims)."""
-    return {m.in_features for name, m in unet.named_modules() if name.endswith((".to_k",)) and
-            isinstance(m, nn.Linear)}
+    return {m.in_features for name, m in unet.named_modules() if name.endswith(".to_k") and isinstance(m, nn.Linear)}
 
 
 def check_hypernetwork_fits(hypernetwork: Hypernetwork, widths: Iterable[int], model_title: str) -> None:
