@@ -99,8 +99,13 @@ class ImageUpscaleWithModel(Node):
             device = 3 * 64 * tile_h * tile_w * scale**2 * compute_itemsize(context, for_vae=True)
         else:
             device = activation_bytes(arch, config, tile_h, tile_w, compute_itemsize(context, for_vae=True))
-        # the blended float32 result and its weight plane, per image, beside the output batch
-        host = (out.nbytes // max(batch, 1)) + height * width * scale**2 * 4
+        # blending one image (diffusion.tiling.tiled_apply): its float32 accumulator, a weighted tile and the weight
+        # plane, alive while tiles run; then the batch of results before it becomes the output's layout
+        per_image = height * width * scale**2 * 4
+        blending = 2 * per_image * min(channels, 3) + per_image
+        host = blending + out.nbytes
+        if context.device_type == "cpu":  # one memory: the activations and the blending buffers coexist
+            device += blending
         return MemoryEstimate(outputs=(out,), device_bytes=device, host_bytes=host, what=describe_image(out))
 
     def execute(self, upscale_model, image, context):

@@ -144,7 +144,7 @@ class UpscaleModel:
                 log.warning("%s ran out of memory; retrying with %d-pixel tiles", self.arch_name, tile)
                 if self.manager.device.type == "cuda":
                     torch.cuda.empty_cache()
-        out = out.clamp(0, 1)
+        out = out.clamp_(0, 1)
         if channels == 1 and self.config.in_channels != 1:
             out = out.mean(dim=1, keepdim=True)
         if channels == self.config.in_channels + 1:  # alpha

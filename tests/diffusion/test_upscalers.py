@@ -364,6 +364,6 @@ def test_activation_estimates_grow_with_the_tile_and_cover_the_full_size_maps():
     config = rrdbnet.RRDBConfig(3, 3, 64, 23, 32)
     small, large = (rrdbnet.activation_elements(config, s, s) for s in (64, 128))
     assert large == 4 * small
-    assert small >= 3 * 64 * (64 * 4) ** 2  # three 64-channel maps at the 256×256 output
+    assert small >= 3 * 64 * (64 * 4) ** 2  # at least three 64-channel maps at the 256×256 output
     compact = srvgg.SRVGGConfig(3, 3, 64, 32, 4)
     assert srvgg.activation_elements(compact, 64, 64) >= 2 * 64 * 64 * 64

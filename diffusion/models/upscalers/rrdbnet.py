@@ -195,10 +195,11 @@ def module_state_dict(state_dict: dict[str, Tensor], config: RRDBConfig) -> dict
 
 def activation_elements(config: RRDBConfig, height: int, width: int) -> int:
     """Peak activation elements of one forward over a [1, C, height, width] input, under no_grad: a dense
-    block's growing concatenation with its inputs at the low resolution, or three num_feat maps (upsampled,
-    conv output, activation) at the full output size, whichever is larger."""
+    block's growing concatenation with its inputs at the low resolution, or at the full output size the
+    features, conv_hr's output and its activation plus a map's worth of convolution workspace (four num_feat
+    maps; measured on the CPU: tests/nodes/test_upscale_nodes.py), whichever is larger."""
     c = config
     low_pixels = -(-height // c.unshuffle) * -(-width // c.unshuffle)
     low = low_pixels * (2 * (c.num_feat + 4 * c.num_grow) + 4 * c.num_feat)
-    high = 3 * c.num_feat * height * width * c.scale**2
+    high = 4 * c.num_feat * height * width * c.scale**2
     return max(low, high)
