@@ -13,6 +13,8 @@ from transformers import CLIPVisionModelWithProjection
 
 from diffusion.checkpoints.files import read_state_dict
 from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
+from diffusion.handles import ClipVisionModel
+from diffusion.memory import ModelManager
 from diffusion.models.clip_vision import (
     PRESETS,
     ClipVisionError,
@@ -25,6 +27,7 @@ from diffusion.models.clip_vision import (
     write_random_clip_vision,
 )
 from diffusion.models.clip_vision_preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
+from diffusion.patches.patcher import ModelPatcher, module_nbytes
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -167,3 +170,19 @@ def test_a_tower_without_projection_or_with_stray_keys_is_refused():
         to_transformers_layout(without)
     with pytest.raises(ClipVisionError, match="unexpected key"):
         to_transformers_layout({**layout, "visual.attnpool.c_proj.weight": torch.zeros(1)})
+
+
+def test_the_model_manager_loads_and_evicts_clip_vision_like_any_model(tmp_path):
+    models = []
+    for seed in range(2):
+        write_random_clip_vision(tmp_path / f"v{seed}.safetensors", seed=seed)
+        models.append(load_clip_vision(tmp_path / f"v{seed}.safetensors"))
+    size = module_nbytes(models[0])
+    manager = ModelManager("cpu", "cpu", budget_bytes=size + size // 2)  # room for one tower
+    handles = [ClipVisionModel(ModelPatcher(m, "cpu", "cpu", name=f"v{i}"), manager) for i, m in enumerate(models)]
+    first = handles[0].encode(image())
+    assert manager.loaded() == [("v0", size)]
+    handles[1].encode(image())
+    assert manager.loaded() == [("v1", size)]  # the first was evicted to make room
+    assert torch.equal(handles[0].encode(image()).image_embeds, first.image_embeds)
+    assert manager.loaded() == [("v0", size)]
