@@ -144,6 +144,10 @@ def test_sampling_the_gaussian_denoiser_converges(sampling, scheduler):
     out = sample(denoiser, "heun", sigmas, latent + mean, noise, model_sampling=ms, seed=0)
     assert abs(float(out.mean()) - mean) < 0.02, float(out.mean())
     assert abs(float(out.std()) - std) < 0.02, float(out.std())
+    # sample by sample: the exact flow of a Gaussian, x(s) - mean proportional to sqrt(std^2 + s^2)
+    start = latent + mean + noise * math.sqrt(1 + float(sigmas[0]) ** 2)
+    exact = mean + (start - mean) * std / math.sqrt(std**2 + float(sigmas[0]) ** 2)
+    assert float((out - exact).abs().max()) < 0.05
 
 
 def test_refused_choices_name_the_value():
