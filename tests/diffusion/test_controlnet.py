@@ -204,8 +204,7 @@ def sd1(tmp_path_factory):
     path = tmp_path_factory.mktemp("cn") / "sd1.safetensors"
     write_random_checkpoint(path, "sd1", seed=5)
     manager = ModelManager("cpu")
-    model, clip, vae = wrap_checkpoint(load_checkpoint(path, dtype=torch.float32), manager)
-    return model
+    return wrap_checkpoint(load_checkpoint(path, dtype=torch.float32), manager)[0]
 
 
 def handle(model, seed: int = 0, family: str = "sd1"):
@@ -249,8 +248,11 @@ def test_two_controlnets_chain_their_residuals_add(sd1) -> None:
     both = control_residuals([((a, b), 1)], x, t, ctx, None, sigma, sd1.model_sampling)
     one = control_residuals([((a,), 1)], x, t, ctx, None, sigma, sd1.model_sampling)
     two = control_residuals([((b,), 1)], x, t, ctx, None, sigma, sd1.model_sampling)
-    for r, p, q in zip(both, one, two, strict=True):
+    half = control_residuals([((dataclasses.replace(a, strength=0.4),), 1)], x, t, ctx, None, sigma,
+                             sd1.model_sampling)
+    for r, p, q, h in zip(both, one, two, half, strict=True):
         torch.testing.assert_close(r, p + q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(h, p / 2, rtol=1e-5, atol=1e-6)  # strength scales the residuals
     assert not torch.allclose(denoise(sd1, chained), denoise(sd1, apply_control(conditioning(sd1), a)))
 
 

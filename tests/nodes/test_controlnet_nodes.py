@@ -148,3 +148,10 @@ def test_canny_finds_thin_edges_where_the_shape_is(engine):
         assert mask[:, x].sum() == 2
     (faint,) = node.execute(image * 0.05, 0.4, 0.8)
     assert not faint.any()  # a step of 0.02 in luma is below the thresholds
+
+
+def test_inpainting_model_with_a_controlnet(engine):
+    """The ControlNet sees the 4 latent channels; the inpainting UNet its 9 (mask and masked image appended)."""
+    write_random_controlnet(controlnet_dir(engine) / "cn.safetensors", "sd1", seed=1)
+    plain = latent(engine, sampled(None, ckpt="sd1-inpaint.safetensors"))
+    assert (latent(engine, sampled(ckpt="sd1-inpaint.safetensors")) - plain).abs().max() > 1e-3
