@@ -96,6 +96,7 @@ IMAGE_TOO_LARGE = _error("too_large: over --max-upload-mb; image_too_large: all 
 # directory is a 403; a name over 255 bytes of UTF-8 a 400, a byte count a schema cannot state).
 USER_PATH = {"type": "string", "minLength": 1, "maxLength": 1024, "pattern": r"^[^\x00-\x1f\x7f-\x9f\\]*$",
              "description": "a path in the user directory, e.g. workflows/a.json (URL-encoded in a path)"}
+ANY_JSON = {"type": ["object", "array", "string", "number", "boolean", "null"]}
 SETTING_ID = {"type": "string", "minLength": 1, "maxLength": 256, "pattern": r"^[^\x00-\x1f\x7f-\x9f]*$"}
 MODEL_NAME = {"type": "string", "minLength": 1, "pattern": r"^[^\x00-\x1f\x7f-\x9f]*$",
               "description": "a model's name in its folder (subfolders with '/')"}
@@ -270,7 +271,8 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                                           "500": _error("invalid_settings_file")}},
     ("GET", "/settings/{id}"): {"summary": "One setting's value (null when unset)",
                                 "parameters": [{**_path("id"), "schema": SETTING_ID}],
-                                "responses": {"200": _ok("the value", {}), "400": ERROR, "405": ERROR,
+                                "responses": {"200": _ok("the value (any JSON)", ANY_JSON), "400": ERROR,
+                                              "405": ERROR,
                                               "500": _error("invalid_settings_file")}},
     ("POST", "/settings/{id}"): {"summary": "Store one setting (the body is its JSON value)",
                                  "parameters": [{**_path("id"), "schema": SETTING_ID}],
