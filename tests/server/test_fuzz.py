@@ -39,6 +39,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @schema.parametrize()
+@pytest.mark.timeout(1800)  # one test for every operation (about 60): past the suite's 600 s on a busy machine
 @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 def test_every_route_answers_as_documented(case):
