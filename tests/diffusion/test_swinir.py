@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffusion.checkpoints.files import CheckpointError, write_safetensors
+from diffusion.checkpoints.upscale_models import load_upscaler
 from diffusion.models import upscalers
 from diffusion.models.upscalers import swinir
 from diffusion.models.upscalers.swinir_blocks import SwinBlock, border_masks, relative_position_index
@@ -367,3 +369,32 @@ def test_activation_estimate_bounds_the_measured_peak(name: str) -> None:
     measured = peak_cpu_bytes(lambda: model(x)) / 4
     estimate = swinir.activation_elements(model.config, 21, 30)
     assert measured <= estimate <= 2.5 * measured
+
+
+@torch.no_grad()
+def test_released_file_forms_load_through_the_upscaler_loader(tmp_path) -> None:
+    """A BasicSR pickle under `params_ema` with the int64 index and mask buffers (as the real-world release ships),
+    and a flat half-precision safetensors file without them, give the network of the state dict itself."""
+    sd = official_state_dict(**VARIANTS["real-world x4"], seed=7)
+    x = torch.rand(1, 3, 10, 7, generator=torch.Generator().manual_seed(0))
+    expected = load(sd)(x)
+    torch.save({"params_ema": sd}, tmp_path / "003_realSR_BSRGAN_DFO_s64w8_SwinIR-M_x4_GAN.pth")
+    module, config, arch = load_upscaler(tmp_path / "003_realSR_BSRGAN_DFO_s64w8_SwinIR-M_x4_GAN.pth")
+    assert arch is swinir and (config.upsampler, config.scale) == ("nearest+conv", 4)
+    torch.testing.assert_close(module(x), expected, **TOL)
+
+    half = {k: v.half() for k, v in sd.items() if not k.endswith(("relative_position_index", "attn_mask"))}
+    write_safetensors(tmp_path / "swinir.safetensors", {k: (v.dtype, tuple(v.shape)) for k, v in half.items()},
+                      half.__getitem__)
+    module, _, _ = load_upscaler(tmp_path / "swinir.safetensors")
+    assert next(module.parameters()).dtype == torch.float32
+    rounded = load({k: v.half().float() if v.is_floating_point() else v for k, v in sd.items()})(x)
+    torch.testing.assert_close(module(x), rounded, **TOL)
+
+
+def test_a_broken_file_is_refused_naming_the_file_and_key(tmp_path) -> None:
+    sd = official_state_dict()
+    del sd["layers.1.conv.weight"]
+    torch.save(sd, tmp_path / "broken_SwinIR.pth")
+    with pytest.raises(CheckpointError, match=r"broken_SwinIR\.pth.*SwinIR.*layers\.1\.conv\.weight"):
+        load_upscaler(tmp_path / "broken_SwinIR.pth")
