@@ -131,7 +131,7 @@ def test_sdxl_revision_replaces_the_pooled_text_embedding(tmp_path):
     path = tmp_path / "sdxl.safetensors"
     write_random_checkpoint(path, "sdxl")
     model, clip, _ = wrap_checkpoint(load_checkpoint(path, dtype=torch.float32), ModelManager("cpu"))
-    cond, pooled = clip.encode("a car")
+    _, pooled = clip.encode("a car")
     output = vision_output(pooled.shape[-1], seed=6)
     x = torch.zeros(1, 4, 8, 8)
     plain = model.extra_cond({"pooled_output": pooled}, x)["y"]
