@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from diffusion.checkpoints.random_checkpoints import checkpoint_spec, write_random_checkpoint, write_random_vae
+from diffusion.checkpoints.upscale_models import write_random_upscale_model
 from diffusion.models.clip_vision import write_random_clip_vision
 from diffusion.models.gligen import write_random_gligen
 from diffusion.models.unet import UNetModel
@@ -52,6 +53,7 @@ LORAS = ("blindbox_v1_mix.safetensors", "MoXinV1.safetensors")  # for the SD1 dr
 VAE = "vae-ft-mse-840000-ema-pruned.safetensors"
 GLIGEN = "gligen_sd14_textbox_pruned.safetensors"  # text-box GLIGEN for the SD1 checkpoints
 EMBEDDING = "SDA768.pt"  # A1111 textual inversion, for SD2's text encoder
+UPSCALE_MODELS = {"RealESRGAN_x4plus.safetensors": ("rrdbnet", 4)}  # a tiny RRDBNet x4 in Real-ESRGAN's layout
 CLIP_VISION = "clip_vision_g.safetensors"  # a tiny tower whose image embedding is as wide as tiny SDXL's pooled text
 IMAGES = ("image2image_input_image.jpg", "inpaint_example_input_image.png",
           "inpaint_model_outpainting_input_image.png", "sdxl_revision_text_prompts_ref_image1.png",
@@ -82,6 +84,9 @@ SMALL: dict[str, list[str]] = {  # template → --set overrides: sizes and step 
     "sdxl_simple_example": ["5.width=64", "5.height=64", "10.steps=3", "10.end_at_step=2", "11.steps=3",
                             "11.start_at_step=2"],
     "sdxlturbo_example": ["5.width=64", "5.height=64"],  # one step already
+    "esrgan_example": ["5.width=64", "5.height=64", f"3.steps={FEW}"],
+    "hiresfix_esrgan_workflow": ["5.width=64", "5.height=64", "24.width=96", "24.height=96", f"3.steps={FEW}",
+                                 f"11.steps={FEW}"],
     "sdxl_revision_text_prompts": ["5.width=64", "5.height=64", f"3.steps={FEW}"],
     # 768 -> 96 pixels, the two boxes scaled with it (about 1/8, on the 8-pixel grid)
     "gligen_textbox_example": ["5.width=96", "5.height=96", "21.width=24", "21.height=40", "21.x=24", "21.y=32",
@@ -130,6 +135,9 @@ def data_dir(tmp_path_factory) -> Path:
     for seed, name in enumerate(LORAS):
         write_lora(models / "loras" / name, models / "checkpoints" / "dreamshaper_8.safetensors", seed)
     write_random_vae(models / "vae" / VAE, seed=7)
+    (models / "upscale_models").mkdir()
+    for seed, (name, (arch, scale)) in enumerate(UPSCALE_MODELS.items()):
+        write_random_upscale_model(models / "upscale_models" / name, arch, scale, seed=seed)
     (models / "clip_vision").mkdir()
     write_random_clip_vision(models / "clip_vision" / CLIP_VISION, seed=9,
                              projection_dim=checkpoint_spec("sdxl").text[-1].config.projection_dim)
