@@ -21,6 +21,11 @@ from .guidance_patches import positive_only
 from .unet_patches import Attend, Site, UNetPatches, tokens_at_depth
 
 
+def with_patches(cond: dict, patches: UNetPatches) -> dict:
+    """The model call's keyword arguments with `patches` added to the UNet patches it already carries (GLIGEN's
+    grounding, for one), so a guidance patch's extra evaluation keeps them."""
+    return {**cond, "unet_patches": patches.merged(cond.get("unet_patches"))}
+
 def _attention_probabilities(attention: torch.nn.Module, x: Tensor, kv: Tensor | None) -> tuple[Tensor, Tensor]:
     """(output, softmax(q k^T / sqrt(d)) [B, heads, N, M]) of a CrossAttention computed explicitly."""
     kv = x if kv is None else kv
@@ -61,7 +66,7 @@ def perturbed_attention_hooks(scale: float) -> GuidanceHooks:
         guider = step.guider
 
         def perturbed(x: Tensor, sigma: Tensor, **cond: Tensor) -> Tensor:
-            return guider.denoiser(x, sigma, unet_patches=PERTURBED_MIDDLE, **cond)
+            return guider.denoiser(x, sigma, **with_patches(cond, PERTURBED_MIDDLE))
 
         worse = positive_only(guider, guider.positive, perturbed)(step.x, step.sigma)
         return step.denoised + (step.cond - worse) * scale
@@ -123,7 +128,7 @@ def self_attention_guidance_hooks(scale: float, blur_sigma: float) -> GuidanceHo
         patches = UNetPatches(self_attention=(capture,))
 
         def capturing(x: Tensor, sigma: Tensor, **cond: Tensor) -> Tensor:
-            return guider.denoiser(x, sigma, unet_patches=patches, **cond)
+            return guider.denoiser(x, sigma, **with_patches(cond, patches))
 
         d_u = positive_only(guider, uncond, capturing)(step.x, step.sigma)
         if not maps:

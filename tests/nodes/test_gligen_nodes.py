@@ -99,3 +99,22 @@ def test_loader_rejects_a_file_that_is_not_gligen(engine):
     assert "not a GLIGEN" in error["exception_message"], error["exception_message"]
     validation = validate_prompt(grounded("../checkpoints/sd1.safetensors", boxes=1), engine.registry, engine.env)
     assert not validation.ok and "gligen_name" in str(validation.response())
+
+
+def with_attention_guidance(prompt: dict, patch: str, **inputs) -> dict:
+    """The grounded txt2img with `patch` (PAG or SAG) between the checkpoint and the KSampler."""
+    prompt["30"] = {"class_type": patch, "inputs": {"model": ["4", 0], **inputs}}
+    prompt["3"]["inputs"]["model"] = ["30", 0]
+    return prompt
+
+
+def test_grounding_survives_the_extra_evaluation_of_attention_guidance(engine):
+    """PAG and SAG evaluate the model once more with their own UNet patches; GLIGEN's grounding patches must
+    stay on that call (they used to collide: 'multiple values for keyword argument unet_patches')."""
+    write_gligen(engine, "g.safetensors")
+    for patch, inputs in (("PerturbedAttentionGuidance", {"scale": 3.0}),
+                          ("SelfAttentionGuidance", {"scale": 0.5, "blur_sigma": 2.0})):
+        grounded_run = engine.outputs(with_attention_guidance(grounded(), patch, **inputs), "3")[0][0]["samples"]
+        plain_run = engine.outputs(with_attention_guidance(grounded(boxes=0), patch, **inputs), "3")[0][0]["samples"]
+        assert torch.isfinite(grounded_run).all(), patch
+        assert (grounded_run - plain_run).abs().max() > 1e-3, patch
