@@ -153,6 +153,20 @@ def test_both_rrdbnet_key_layouts_load_to_the_same_output(tmp_path):
     assert set(random_upscaler_state("rrdbnet", 4, num_block=2, old_layout=True)) == set(old)
 
 
+def test_esrgan_layout_indices_for_other_upsampling_depths():
+    """×8 (three upsample stages: model.3, .6, .9, then .11 and .13) and a 1x model with no upsampling and no
+    unshuffle (model.2 and model.4), as community ESRGAN files have them."""
+    x8 = random_upscaler_state("rrdbnet", 8, old_layout=True)
+    assert {"model.9.weight", "model.11.weight", "model.13.weight"} <= set(x8) and "model.12.weight" not in x8
+    assert rrdbnet.detect(x8) == rrdbnet.RRDBConfig(3, 3, 8, 1, 4, upsamples=3, unshuffle=1, old_layout=True)
+    one = rrdbnet.RRDBConfig(3, 3, 8, 2, 4, upsamples=0, unshuffle=1, old_layout=True)
+    with torch.device("meta"):
+        names = rrdbnet.build(one).state_dict()
+    keys = {rrdbnet.esrgan_key(k, one): v for k, v in names.items()}
+    assert {"model.0.weight", "model.1.sub.2.weight", "model.2.weight", "model.4.weight"} <= set(keys)
+    assert rrdbnet.detect(keys) == one and rrdbnet.detect(keys).scale == 1
+
+
 def test_odd_sizes_through_an_unshuffling_model_come_back_at_exactly_scale_times(tmp_path):
     write_random_upscale_model(tmp_path / "x2.safetensors", "rrdbnet", 2)
     module, _, _ = load_upscaler(tmp_path / "x2.safetensors", dtype=torch.float32)
