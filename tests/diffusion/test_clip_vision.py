@@ -186,3 +186,23 @@ def test_the_model_manager_loads_and_evicts_clip_vision_like_any_model(tmp_path)
     assert manager.loaded() == [("v1", size)]  # the first was evicted to make room
     assert torch.equal(handles[0].encode(image()).image_embeds, first.image_embeds)
     assert manager.loaded() == [("v0", size)]
+
+
+@pytest.mark.parametrize("layout", ["hf", "open_clip"])
+def test_the_tower_holds_the_files_tensors_without_a_copy(tmp_path, layout):
+    from diffusion.models.clip_vision import clip_vision_from_state_dict
+
+    path = tmp_path / "vision.safetensors"
+    write_random_clip_vision(path, layout=layout)
+    sd = read_state_dict(path)
+    model = clip_vision_from_state_dict(sd)
+    file_bytes = {t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size() for t in sd.values()}
+    starts = {p.data_ptr() for p in model.parameters()}
+    if layout == "hf":
+        assert starts <= file_bytes  # every parameter is a file tensor itself
+    weight = model.vision_model.encoder.layers[0].self_attn.q_proj.weight
+    source = sd["vision_model.encoder.layers.0.self_attn.q_proj.weight" if layout == "hf"
+                else "visual.transformer.resblocks.0.attn.in_proj_weight"]
+    assert weight.data_ptr() == source.data_ptr()  # q is a view of the fused in-projection, not a copy
+    assert model.visual_projection.weight.untyped_storage().data_ptr() == \
+        sd["visual_projection.weight" if layout == "hf" else "visual.proj"].untyped_storage().data_ptr()
