@@ -318,7 +318,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "requestBody": _body("{clientId, enabled}", _object(
             ["clientId", "enabled"], clientId={"type": "string", "minLength": 1, "maxLength": 200},
             enabled={"type": "boolean"})),
-        "responses": {"200": DONE, "400": ERROR, "405": ERROR}},
+        "responses": {"200": DONE, "400": ERROR, "405": ERROR, "413": _error("too_large: over --max-workflow-mb")}},
     ("GET", "/internal/folder_paths"): {"summary": "Where each kind of model is looked for (public names)",
                                         "responses": {"200": _ok("{folder: [path]}")}},
     ("GET", "/templates/{file}"): {

@@ -32,7 +32,8 @@ from server import workflow_templates
 from server.file_names import check_text
 from server.log_buffer import LOG_BUFFER, LogBuffer
 from server.routes_info import MODEL_EXTENSIONS
-from server.state import ROOT, STATE, ApiError, ServerState, read_json_object
+from server.routes_user import read_json_limited
+from server.state import ROOT, STATE, ApiError, ServerState
 from server.uploads import open_checked
 
 TEMPLATES_DIR = ROOT / "workflows"
@@ -200,7 +201,9 @@ async def logs_raw(request: web.Request) -> web.Response:
 
 async def logs_subscribe(request: web.Request) -> web.Response:
     """`{clientId, enabled}`: send (or stop sending) new log lines to that WebSocket client as `logs` events."""
-    body = await read_json_object(request)
+    body = await read_json_limited(request, "the subscription")
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", "the body must be {\"clientId\": ID, \"enabled\": true|false}")
     client_id, enabled = body.get("clientId"), body.get("enabled")
     if not isinstance(client_id, str) or not 0 < len(client_id) <= 200:
         raise ApiError(400, "invalid_client_id", "'clientId' must be the WebSocket's client id (1 to 200 characters)")

@@ -47,7 +47,8 @@ async def read_body(request: web.Request, what: str) -> bytes:
     return bytes(data)
 
 
-async def _json_body(request: web.Request, what: str) -> object:
+async def read_json_limited(request: web.Request, what: str) -> object:
+    """The body as JSON checked by server/json_values.py, bounded like read_body; a 400 that says what is wrong."""
     raw = await read_body(request, what)
     if not raw.strip():
         raise ApiError(400, "invalid_json", f"{what} must be JSON (the body is empty)")
@@ -65,7 +66,7 @@ async def get_users(request: web.Request) -> web.Response:
 
 
 async def post_users(request: web.Request) -> web.Response:
-    body = await _json_body(request, "the new user")
+    body = await read_json_limited(request, "the new user")
     if not isinstance(body, dict) or not isinstance(body.get("username"), str):
         raise ApiError(400, "invalid_json", "the body must be {\"username\": NAME}")
     raise ApiError(403, "single_user", f"this server has one user, {USER_ID!r} (no multi-user mode): its files are "
@@ -145,7 +146,7 @@ async def get_setting(request: web.Request) -> web.Response:
 
 
 async def post_settings(request: web.Request) -> web.Response:
-    changes = await _json_body(request, "the settings")
+    changes = await read_json_limited(request, "the settings")
     if not isinstance(changes, dict):
         raise ApiError(400, "invalid_json", f"the settings must be a JSON object of id → value, not a "
                                             f"{type(changes).__name__}")
@@ -155,7 +156,7 @@ async def post_settings(request: web.Request) -> web.Response:
 
 async def post_setting(request: web.Request) -> web.Response:
     setting = _setting_id(request)
-    value = await _json_body(request, f"setting {setting!r}")
+    value = await read_json_limited(request, f"setting {setting!r}")
     await asyncio.to_thread(_user_data(request).update_settings, {setting: value})
     return web.Response(status=200)
 

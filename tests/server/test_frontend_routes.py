@@ -209,9 +209,11 @@ def test_subscribed_clients_get_new_lines_as_logs_events(server):
     assert any("live line one" in line for line in seen)
     assert not any("live line two" in line for line in after)
     for body in ({"clientId": "x"}, {"clientId": "", "enabled": True}, {"clientId": 5, "enabled": True},
-                 {"clientId": "x", "enabled": "yes"}):
+                 {"clientId": "x", "enabled": "yes"}, ["log-watcher", True]):
         status, answer = server.json("PATCH", "/internal/logs/subscribe", body)
         assert status == 400 and answer["error"]["type"] in ("invalid_json", "invalid_client_id"), body
+    status, answer = server.json("PATCH", "/internal/logs/subscribe", raw=b" " * (server.config.max_workflow_bytes + 1))
+    assert status == 413 and answer["error"]["type"] == "too_large"
 
 
 async def _logs_until(socket: aiohttp.ClientWebSocketResponse, text: str, timeout: float = 10.0) -> list[str]:
