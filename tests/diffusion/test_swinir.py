@@ -7,6 +7,7 @@ save), not taken from our module, so a renamed attribute or a misread shape fail
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -22,7 +23,8 @@ from diffusion.models.upscalers.swinir_blocks import SwinBlock, border_masks, re
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def official_index(window: int) -> torch.Tensor:
+@functools.cache
+def _official_index(window: int) -> torch.Tensor:
     """The relative-position index by its definition, one pair at a time."""
     n = window * window
     out = torch.empty(n, n, dtype=torch.long)
@@ -31,6 +33,10 @@ def official_index(window: int) -> torch.Tensor:
             (ri, ci), (rj, cj) = divmod(i, window), divmod(j, window)
             out[i, j] = (ri - rj + window - 1) * (2 * window - 1) + (ci - cj + window - 1)
     return out
+
+
+def official_index(window: int) -> torch.Tensor:
+    return _official_index(window).clone()
 
 
 def region_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
@@ -47,21 +53,24 @@ def region_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
 
 def official_state_dict(embed_dim=12, depths=(2, 2), heads=(2, 3), window=4, mlp_ratio=2.0, in_chans=3,
                         upsampler="pixelshuffle", scale=4, resi="1conv", num_feat=16, train_size=8,
-                        seed=0) -> dict[str, torch.Tensor]:
+                        seed=0, meta=False) -> dict[str, torch.Tensor]:
     """Random weights under the official `network_swinir.py` key names and shapes, with the stored buffers
-    (relative_position_index, and attn_mask of shifted blocks at the training size)."""
+    (relative_position_index, and attn_mask of shifted blocks at the training size); shapes alone with `meta`."""
     gen = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
 
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, device="meta") if meta else torch.randn(*shape, generator=gen)
+
     def put(name: str, *shape: int, bias: bool = True) -> None:
         fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
-        sd[f"{name}.weight"] = torch.randn(*shape, generator=gen) / math.sqrt(fan_in)
+        sd[f"{name}.weight"] = randn(*shape) / math.sqrt(fan_in)
         if bias:
-            sd[f"{name}.bias"] = torch.randn(shape[0], generator=gen) * 0.1
+            sd[f"{name}.bias"] = randn(shape[0]) * 0.1
 
     def norm(name: str, dim: int) -> None:
-        sd[f"{name}.weight"] = 1 + 0.1 * torch.randn(dim, generator=gen)
-        sd[f"{name}.bias"] = 0.1 * torch.randn(dim, generator=gen)
+        sd[f"{name}.weight"] = 1 + 0.1 * randn(dim)
+        sd[f"{name}.bias"] = 0.1 * randn(dim)
 
     def conv_block(name: str) -> None:
         if resi == "1conv":
@@ -77,7 +86,7 @@ def official_state_dict(embed_dim=12, depths=(2, 2), heads=(2, 3), window=4, mlp
         for j in range(depth):
             b = f"layers.{i}.residual_group.blocks.{j}"
             norm(f"{b}.norm1", embed_dim)
-            sd[f"{b}.attn.relative_position_bias_table"] = torch.randn((2 * window - 1) ** 2, nh, generator=gen)
+            sd[f"{b}.attn.relative_position_bias_table"] = randn((2 * window - 1) ** 2, nh)
             sd[f"{b}.attn.relative_position_index"] = official_index(window)
             put(f"{b}.attn.qkv", 3 * embed_dim, embed_dim)
             put(f"{b}.attn.proj", embed_dim, embed_dim)
@@ -85,7 +94,9 @@ def official_state_dict(embed_dim=12, depths=(2, 2), heads=(2, 3), window=4, mlp
             put(f"{b}.mlp.fc1", hidden, embed_dim)
             put(f"{b}.mlp.fc2", embed_dim, hidden)
             if j % 2:
-                sd[f"{b}.attn_mask"] = region_mask(train_size, train_size, window, window // 2)
+                windows, n = (train_size // window) ** 2, window * window
+                sd[f"{b}.attn_mask"] = (torch.empty(windows, n, n, device="meta") if meta
+                                        else region_mask(train_size, train_size, window, window // 2))
         conv_block(f"layers.{i}.conv")
     norm("norm", embed_dim)
     conv_block("conv_after_body")
@@ -120,6 +131,39 @@ VARIANTS = {
     "gray denoise": dict(upsampler="", scale=1, in_chans=1),
     "jpeg window 7": dict(upsampler="", scale=1, window=7, train_size=14),
 }
+
+
+# The official release's files, as main_test_swinir.py builds them: (file name, state dict arguments, expected
+# (embed_dim, depths, heads, window, upsampler, scale, resi_connection, in_channels, img_range)).
+RELEASED = [
+    ("001_classicalSR_DF2K_s64w8_SwinIR-M_x4.pth", dict(embed_dim=180, depths=(6,) * 6, heads=(6,) * 6, window=8,
+     upsampler="pixelshuffle", scale=4, num_feat=64, train_size=64),
+     (180, (6,) * 6, (6,) * 6, 8, "pixelshuffle", 4, "1conv", 3, 1.0)),
+    ("001_classicalSR_DIV2K_s48w8_SwinIR-M_x3.pth", dict(embed_dim=180, depths=(6,) * 6, heads=(6,) * 6, window=8,
+     upsampler="pixelshuffle", scale=3, num_feat=64, train_size=48),
+     (180, (6,) * 6, (6,) * 6, 8, "pixelshuffle", 3, "1conv", 3, 1.0)),
+    ("002_lightweightSR_DIV2K_s64w8_SwinIR-S_x4.pth", dict(embed_dim=60, depths=(6,) * 4, heads=(6,) * 4, window=8,
+     upsampler="pixelshuffledirect", scale=4, train_size=64),
+     (60, (6,) * 4, (6,) * 4, 8, "pixelshuffledirect", 4, "1conv", 3, 1.0)),
+    ("003_realSR_BSRGAN_DFO_s64w8_SwinIR-M_x4_GAN.pth", dict(embed_dim=180, depths=(6,) * 6, heads=(6,) * 6,
+     window=8, upsampler="nearest+conv", scale=4, num_feat=64, train_size=64),
+     (180, (6,) * 6, (6,) * 6, 8, "nearest+conv", 4, "1conv", 3, 1.0)),
+    ("003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth", dict(embed_dim=240, depths=(6,) * 9, heads=(8,) * 9,
+     window=8, upsampler="nearest+conv", scale=4, num_feat=64, resi="3conv", train_size=64),
+     (240, (6,) * 9, (8,) * 9, 8, "nearest+conv", 4, "3conv", 3, 1.0)),
+    ("006_CAR_DFWB_s126w7_SwinIR-M_jpeg10.pth", dict(embed_dim=180, depths=(6,) * 6, heads=(6,) * 6, window=7,
+     upsampler="", scale=1, in_chans=1, train_size=126),
+     (180, (6,) * 6, (6,) * 6, 7, "", 1, "1conv", 1, 255.0)),
+]
+
+
+@pytest.mark.parametrize(("name", "args", "expected"), RELEASED, ids=[r[0] for r in RELEASED])
+def test_released_model_shapes_are_detected_as_the_official_script_builds_them(name, args, expected) -> None:
+    c = swinir.detect(official_state_dict(**args, meta=True))
+    assert c is not None
+    assert (c.embed_dim, c.depths, c.num_heads, c.window_size, c.upsampler, c.scale, c.resi_connection,
+            c.in_channels, c.img_range) == expected
+    assert c.mlp_ratio == 2.0 and c.out_channels == c.in_channels
 
 
 def load(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
