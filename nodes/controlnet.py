@@ -100,8 +100,8 @@ def _step(control_net: ControlNetHandle, image: Any, strength: float, start: flo
           node: str) -> ControlStep:
     if image.ndim != 4:
         raise ValueError(f"{node}: image must be an IMAGE [B, H, W, C], got {list(image.shape)}")
-    if start > end:
-        raise ValueError(f"{node}: start_percent {start} is after end_percent {end}")
+    if start > end:  # ComfyUI runs such a workflow: the ControlNet then never acts
+        log.warning("%s: start_percent %s is after end_percent %s: the ControlNet will not act", node, start, end)
     return ControlStep(control_net, image.detach().float().cpu(), float(strength), float(start), float(end))
 
 

@@ -20,7 +20,7 @@ def controlnet_dir(engine):
 
 def sampled(control: str | None = "cn.safetensors", strength: float = 1.0, node: str = "ControlNetApplyAdvanced",
             ckpt: str = "sd1.safetensors", hint_batch: int = 1, latent_batch: int = 1,
-            loader: str = "ControlNetLoader"):
+            loader: str = "ControlNetLoader", start: float = 0.0, end: float = 1.0):
     """txt2img (2 steps, cfg 5) whose conditioning goes through a ControlNet node (none when `control` is None)."""
     prompt = {
         "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
@@ -39,7 +39,7 @@ def sampled(control: str | None = "cn.safetensors", strength: float = 1.0, node:
         if node == "ControlNetApplyAdvanced":
             prompt["12"] = {"class_type": node, "inputs": {
                 "positive": positive, "negative": negative, "control_net": ["10", 0], "image": ["11", 0],
-                "strength": strength, "start_percent": 0.0, "end_percent": 1.0}}
+                "strength": strength, "start_percent": start, "end_percent": end}}
             positive, negative = ["12", 0], ["12", 1]
         else:
             prompt["12"] = {"class_type": node, "inputs": {
@@ -72,6 +72,9 @@ def test_controlnet_steers_sampling_and_strength_zero_changes_nothing(engine):
     advanced = latent(engine, sampled())
     old = latent(engine, sampled(node="ControlNetApply"))
     assert (advanced - plain).abs().max() > 1e-3 and (old - plain).abs().max() > 1e-3
+    assert torch.equal(latent(engine, sampled(start=0.6, end=0.2)), plain)  # an empty range: runs, never acts
+    second_half = latent(engine, sampled(start=0.5, end=1.0))  # acts on the second of the two steps only
+    assert not torch.equal(second_half, advanced) and not torch.equal(second_half, plain)
     # the old node's chain reaches the uncond half too (ComfyUI's control_apply_to_uncond): same as advanced
     torch.testing.assert_close(old, advanced, rtol=1e-4, atol=1e-4)
 
