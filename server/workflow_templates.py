@@ -1,9 +1,9 @@
 """Our shipped workflows (`workflows/*.json`) as the template browser of ComfyUI's front end reads templates.
 
-ComfyUI serves `/templates/index.json` (a list of categories `{moduleName, title, type, templates: [{name, title,
-description, mediaType, mediaSubtype}]}`), each template's workflow at `/templates/<name>.json` and a thumbnail at
-`/templates/<name>-1.<mediaSubtype>`. Our canvas opens the same `/templates/<name>.json` files. We ship no
-pictures, so the thumbnail is drawn from the workflow itself: its nodes where the workflow places them, titled,
+ComfyUI serves `/templates/index.json` (a list of categories `{moduleName, category, title, icon, type, templates:
+[{name, title, description, mediaType, mediaSubtype}]}`), each template's workflow at `/templates/<name>.json` and
+a thumbnail at `/templates/<name>-1.<mediaSubtype>`. Our canvas opens the same `/templates/<name>.json` files. We
+ship no pictures, so the thumbnail is drawn from the workflow itself: its nodes where the workflow places them, titled,
 with their links; drawn once per file version (a bounded cache keyed by path and modification time).
 """
 
@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 log = logging.getLogger(__name__)
 
 MODULE = "default"  # the front end fetches templates of this module from /templates/ (others: /workflow_templates)
-CATEGORY_TITLE = "Latent Loom"
+# The template browser's navigation lists a category under its `category` group (ComfyUI's own: "GENERATION TYPE")
+CATEGORY_GROUP, CATEGORY_TITLE, CATEGORY_ICON = "Latent Loom", "Shipped workflows", "icon-[lucide--image]"
 THUMBNAIL_SIZE = (512, 384)
 TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 TITLE_HEIGHT = 30  # litegraph draws a node's title bar above its `pos`, this tall
@@ -63,7 +64,8 @@ def index(folder: Path) -> list[dict[str, Any]]:
         templates.append({"name": name, "title": title_of(name),
                           "description": description if isinstance(description, str) else "",
                           "mediaType": "image", "mediaSubtype": "webp"})
-    return [{"moduleName": MODULE, "title": CATEGORY_TITLE, "type": "image", "templates": templates}]
+    return [{"moduleName": MODULE, "category": CATEGORY_GROUP, "title": CATEGORY_TITLE, "icon": CATEGORY_ICON,
+             "type": "image", "templates": templates}]
 
 
 # thumbnails ----------------------------------------------------------------------------------------------
