@@ -59,8 +59,8 @@ def _load(env: Environment, name: str, node: str, model: DiffusionModel | None =
         return load_controlnet_handle(net, info, manager, Path(name).stem)
 
     key = ("controlnet", *_file_key(path))
-    if diff:
-        key += (id(model.patcher.model), id(model.patcher.patch_token))
+    if diff:  # the objects themselves (hashed by identity, kept alive by the key): an id could be reused
+        key += (model.patcher.model, model.patcher.patch_token)
     return env.model_cache.load(key, load)
 
 
