@@ -206,3 +206,16 @@ def test_the_tower_holds_the_files_tensors_without_a_copy(tmp_path, layout):
     assert weight.data_ptr() == source.data_ptr()  # q is a view of the fused in-projection, not a copy
     assert model.visual_projection.weight.untyped_storage().data_ptr() == \
         sd["visual_projection.weight" if layout == "hf" else "visual.proj"].untyped_storage().data_ptr()
+
+
+def test_a_pickled_tower_loads_through_the_safe_reader(tmp_path):
+    """IP-Adapter's image encoders ship as pytorch_model.bin: read with weights_only, never running code."""
+    path = tmp_path / "vision.safetensors"
+    config = write_random_clip_vision(path, seed=5, num_heads=16)  # a pickle has no metadata: the real 16 heads
+    torch.save({k: v.clone() for k, v in read_state_dict(path).items()}, tmp_path / "pytorch_model.bin")
+    pickled = encode_image(load_clip_vision(tmp_path / "pytorch_model.bin"), image())
+    assert pickled.image_embeds.shape == (2, config.projection_dim)
+    assert torch.equal(pickled.image_embeds, encode_image(load_clip_vision(path), image()).image_embeds)
+    (tmp_path / "evil.bin").write_bytes(b"\x80\x02cos\nsystem\n(S'true'\ntR.")
+    with pytest.raises(ValueError, match=r"evil\.bin: refused: this pickle needs code to load"):
+        load_clip_vision(tmp_path / "evil.bin")
