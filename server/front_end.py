@@ -65,7 +65,8 @@ def installed_version() -> str | None:
 # Files of the user directory the page asks for on every load, with what stands for them while the user has none.
 # ComfyUI answers a missing one with a 404, which the front end reads as "none" but the browser logs as an error (and,
 # for the stylesheet its index.html links, refuses unless served as text/css).
-PAGE_USER_FILES = {"user.css": ("text/css", b""), "comfy.templates.json": ("application/json", b"[]")}
+PAGE_USER_FILES = {"user.css": ("text/css", b""), "comfy.templates.json": ("application/json", b"[]"),
+                   "workflows/.index.json": ("application/json", b'{"favorites": []}')}  # bookmarked workflows
 # Folders the front end lists on every load (a missing one is a 404 in ComfyUI too).
 PAGE_USER_FOLDERS = ("workflows", "subgraphs")
 MAX_PAGE_FILE_BYTES = 1 << 20
@@ -94,9 +95,22 @@ def read_page_file(user_dir: Path, name: str) -> tuple[str, bytes]:
 
 async def page_user_file(request: web.Request) -> web.Response:
     user_dir = request.app[STATE].config.data_dir / "user" / "default"
-    name = request.path.rsplit("/", 1)[-1]
+    name = request.match_info.route.resource.canonical.split("/userdata/", 1)[1].replace("%2F", "/")
     content_type, body = await asyncio.to_thread(read_page_file, user_dir, name)
     return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "no-cache"})
+
+
+# How the template browser's search (Fuse.js) weighs the fields of /templates/index.json. ComfyUI's templates package
+# ships this file; ours search what our index has: the title and description first, then the file name.
+TEMPLATE_SEARCH = {"keys": [{"name": "title", "weight": 0.5}, {"name": "description", "weight": 0.3},
+                            {"name": "name", "weight": 0.2}],
+                   "threshold": 0.35, "includeScore": True, "includeMatches": True}
+
+
+async def template_search_options(request: web.Request) -> web.Response:
+    """`/templates/fuse_options.json`: without it the template browser logs an error and searches with its own
+    defaults, which weigh fields (tags, models) our index does not have."""
+    return web.json_response(TEMPLATE_SEARCH, headers={"Cache-Control": "no-cache"})
 
 
 def add_routes(app: web.Application) -> None:
@@ -104,9 +118,12 @@ def add_routes(app: web.Application) -> None:
     `/userdata/comfy.templates.json` (GET) answer here, every other method and file goes on to /userdata/{file}."""
     prepare_user_dir(app[STATE].config.data_dir / "user" / "default")
     app.router.add_get("/user.css", user_css, name="front-end-user-css")
+    for prefix in ("", "/api"):  # public, like the template files themselves
+        app.router.add_get(f"{prefix}/templates/fuse_options.json", template_search_options,
+                           name=f"front-end-template-search{prefix.replace('/', '-')}")
     for prefix in ("", "/api"):
         for name in PAGE_USER_FILES:
-            app.router.add_get(f"{prefix}/userdata/{name}", page_user_file)
+            app.router.add_get(f"{prefix}/userdata/{name.replace('/', '%2F')}", page_user_file)
 
 
 async def user_css(request: web.Request) -> web.Response:

@@ -59,7 +59,9 @@ def test_app_serves_comfyui_index_and_user_css(tmp_path):
             assert css.status == 200 and css.content_type == "text/css"
             # the user's stylesheet and node templates: stand-ins while there are none, never a 404
             for path, kind, body in [("/api/userdata/user.css", "text/css", b""),
-                                     ("/api/userdata/comfy.templates.json", "application/json", b"[]")]:
+                                     ("/api/userdata/comfy.templates.json", "application/json", b"[]"),
+                                     ("/api/userdata/workflows%2F.index.json", "application/json",
+                                      b'{"favorites": []}')]:
                 response = await client.get(path)
                 assert (response.status, response.content_type, await response.read()) == (200, kind, body), path
             # writes still go to /userdata/{file}, and what was written is served back as a stylesheet
@@ -67,6 +69,9 @@ def test_app_serves_comfyui_index_and_user_css(tmp_path):
             assert stored.status == 200, await stored.text()
             css = await client.get("/api/userdata/user.css")
             assert css.content_type == "text/css" and await css.read() == b"body { color: red }"
+            search = await client.get("/templates/fuse_options.json")
+            assert search.status == 200 and {k["name"] for k in (await search.json())["keys"]} <= {
+                "title", "description", "name"}  # fields our /templates/index.json has
             user = tmp_path / "data" / "user" / "default"
             assert (user / "workflows").is_dir() and (user / "subgraphs").is_dir()
             listing = await client.get("/api/userdata?dir=workflows&recurse=true&split=false&full_info=true")
