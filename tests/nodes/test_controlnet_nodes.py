@@ -158,3 +158,22 @@ def test_inpainting_model_with_a_controlnet(engine):
     write_random_controlnet(controlnet_dir(engine) / "cn.safetensors", "sd1", seed=1)
     plain = latent(engine, sampled(None, ckpt="sd1-inpaint.safetensors"))
     assert (latent(engine, sampled(ckpt="sd1-inpaint.safetensors")) - plain).abs().max() > 1e-3
+
+
+def test_hires_fix_second_pass_and_the_optional_vae(engine):
+    """The same conditioning serves a second pass at another size (the hint is fitted to each); a connected VAE
+    changes nothing for these ControlNets, which take the hint as pixels."""
+    write_random_controlnet(controlnet_dir(engine) / "cn.safetensors", "sd1", seed=1)
+    prompt = sampled()
+    first = latent(engine, prompt)
+    prompt["12"]["inputs"]["vae"] = ["4", 2]
+    assert torch.equal(latent(engine, prompt), first)
+    prompt["13"] = {"class_type": "LatentUpscale", "inputs": {"samples": ["3", 0], "upscale_method": "nearest-exact",
+                                                              "width": 96, "height": 64, "crop": "disabled"}}
+    prompt["14"] = {"class_type": "KSampler", "inputs": {**prompt["3"]["inputs"], "latent_image": ["13", 0],
+                                                         "denoise": 0.5}}
+    prompt["9"]["inputs"]["samples"] = ["14", 0]
+    second = engine.outputs(prompt, "14")[0][0]["samples"]
+    assert second.shape == (1, 4, 8, 12) and torch.isfinite(second).all()
+    step = engine.outputs(prompt, "12")[0][0][0][1]["control"][-1]
+    assert {key[:2] for key in step._resized} >= {(48, 64), (64, 96)}
