@@ -12,6 +12,9 @@ MODEL carries its own bundle. The hook points, in forward order:
   `inner(x, kv)` runs the attention (or the next wrapper), so wrappers nest in order;
 - `after_self_attention(x, site)` in every transformer block after the self-attention's residual is added,
   before the cross-attention (GLIGEN's gated self-attention runs there); `x` is the block's [B, tokens, C].
+- `cross_attention_out(out, x, site)` in every transformer block after its cross-attention: `out` is what the
+  cross-attention returns (before its residual is added), `x` the normed [B, tokens, C] its queries come from,
+  `site.attention` the cross-attention module; returns the new `out` (IP-Adapter adds its image attention).
 - `attention_kv(k_in, v_in, site)` in every attention (self and cross; `site.attention` is the module) on
   what its keys and values are projected from: `k_in`, `v_in` [B, tokens, C] (both the normed x for
   self-attention, both the text context for cross-attention); hooks chain, each taking the last one's pair
@@ -20,13 +23,18 @@ MODEL carries its own bundle. The hook points, in forward order:
 Every hook gets a `Site` saying where it runs (block kind and index, transformer index, the feature map's
 size, the latent's shape and the timesteps), which is how a patch picks its blocks without knowing the
 architecture. Two bundles merge by concatenating their hook lists: patches compose.
+
+`uncond_rows()` says, during a UNet call made by a guider, which batch rows evaluate the negative
+(unconditional) list: patches that treat the two halves apart (IP-Adapter's negative image tokens) read it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +63,26 @@ OutputHook = Callable[[Tensor, Tensor, Site], tuple[Tensor, Tensor]]
 Attend = Callable[[Tensor, Tensor | None], Tensor]  # (queries' input, keys' and values' input or None) -> out
 AttentionWrapper = Callable[[Tensor, Tensor | None, Attend, Site], Tensor]
 KVHook = Callable[[Tensor, Tensor, Site], tuple[Tensor, Tensor]]  # (keys' input, values' input, site) -> both
+CrossOutHook = Callable[[Tensor, Tensor, Site], Tensor]  # (cross-attention output, its queries' input, site) -> out
+
+# One flag per batch row of the UNet call in progress: True where the row evaluates the negative list. Set by the
+# guider around each call (`batch_roles`); None outside a guider (every row then counts as conditional).
+_UNCOND_ROWS: ContextVar[tuple[bool, ...] | None] = ContextVar("latentloom_uncond_rows", default=None)
+
+
+@contextlib.contextmanager
+def batch_roles(uncond: tuple[bool, ...]) -> Iterator[None]:
+    """Within the block, `uncond_rows()` is `uncond` (one flag per batch row of the next UNet calls)."""
+    token = _UNCOND_ROWS.set(tuple(uncond))
+    try:
+        yield
+    finally:
+        _UNCOND_ROWS.reset(token)
+
+
+def uncond_rows() -> tuple[bool, ...] | None:
+    """The guider's flags of the UNet call in progress (True: a negative row), or None when no guider said."""
+    return _UNCOND_ROWS.get()
 
 
 @dataclass(frozen=True)
@@ -67,6 +95,7 @@ class UNetPatches:
     self_attention: tuple[AttentionWrapper, ...] = ()
     attention_kv: tuple[KVHook, ...] = ()
     after_self_attention: tuple[BlockHook, ...] = ()
+    cross_attention_out: tuple[CrossOutHook, ...] = ()
 
     def merged(self, other: UNetPatches | None) -> UNetPatches:
         """Both bundles' hooks, this one's first."""
@@ -91,6 +120,11 @@ class UNetPatches:
         for hook in self.after_self_attention:
             x = hook(x, site)
         return x
+
+    def run_cross_attention_out(self, out: Tensor, x: Tensor, site: Site) -> Tensor:
+        for hook in self.cross_attention_out:
+            out = hook(out, x, site)
+        return out
 
     def run_kv(self, k_in: Tensor, v_in: Tensor, site: Site) -> tuple[Tensor, Tensor]:
         for hook in self.attention_kv:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..patches.gligen_patch import grounding_patches
+from ..patches.unet_patches import batch_roles
 from .model_sampling import ModelSampling
 
 Conditioning = list[tuple[Tensor, dict[str, Any]]]
@@ -187,8 +188,9 @@ class CFGGuider:
                     raise ValueError(f"extra_cond kwarg {name!r} has batch {value.shape[0]}, expected 1 or {batch}")
         return _Job(slot, context.to(x.device, x.dtype), area, weight, kwargs, opts)
 
-    def _run(self, jobs: list[_Job], x: Tensor, sigma: Tensor) -> None:
-        """Evaluate jobs of equal input shape in one batched call; store each output on its job."""
+    def _run(self, jobs: list[_Job], x: Tensor, sigma: Tensor, uncond_slot: int = -1) -> None:
+        """Evaluate jobs of equal input shape in one batched call; store each output on its job. The UNet's
+        patches learn which rows evaluate `uncond_slot` (the negative list) through `uncond_rows()`."""
         batch = x.shape[0]
         xs = [x[:, :, j.area[2] : j.area[2] + j.area[0], j.area[3] : j.area[3] + j.area[1]] for j in jobs]
         contexts = [c.expand(batch, -1, -1) for c in _lcm_repeat([j.context for j in jobs])]
@@ -201,7 +203,8 @@ class CFGGuider:
         controls = [j.options.get("control") for j in jobs]  # ControlNet chains: each entry's rows get their own
         if any(controls):
             kwargs["control"] = [(chain, batch) for chain in controls]
-        out = self.denoiser(torch.cat(xs), sigma.repeat(len(jobs)), context=torch.cat(contexts), **kwargs)
+        with batch_roles(tuple(j.slot == uncond_slot for j in jobs for _ in range(batch))):
+            out = self.denoiser(torch.cat(xs), sigma.repeat(len(jobs)), context=torch.cat(contexts), **kwargs)
         for j, chunk in zip(jobs, out.chunk(len(jobs)), strict=True):
             j.output = chunk
 
@@ -213,8 +216,9 @@ class CFGGuider:
         groups: dict[tuple, list[_Job]] = {}
         for j in jobs:
             groups.setdefault(j.batch_key(), []).append(j)
+        uncond_slot = next((i for i, entries in enumerate(lists) if len(lists) > 1 and entries is self.negative), -1)
         for group in groups.values():
-            self._run(group, x, sigma)
+            self._run(group, x, sigma, uncond_slot)
         sums = [torch.zeros_like(x) for _ in lists]
         weights = [torch.full_like(x, _EMPTY_WEIGHT) for _ in lists]
         for j in jobs:

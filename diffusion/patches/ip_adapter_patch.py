@@ -1,0 +1,181 @@
+"""IP-Adapter's decoupled cross-attention, as a UNet patch carried by a MODEL clone.
+
+At every cross-attention of the UNet, with q the attention's queries:
+    out = Attn(q, K_text, V_text) + weight * Attn(q, to_k_ip(image tokens), to_v_ip(image tokens))
+(both through the attention's output projection; its bias is added once). The image tokens are the projection
+of the reference image's CLIP embedding for the rows that evaluate the positive conditioning, and of the
+negative embedding for the rows of the negative one (zeros for the plain variant, a black image's hidden
+states for "plus" and "full", or the embedding of a given negative image), as IP-Adapter's own pipeline does.
+The guider says which rows are which (`uncond_rows()`); a call outside a guider treats every row as positive.
+
+The patch acts while the sampler's sigma lies in [sigma_end, sigma_start] (from start/end percents) and, with
+a mask, only where the mask (resized to each attention's feature map) is nonzero: it multiplies the image
+attention's contribution token by token. Weight 0 or a step outside the range leaves the output bit for bit
+unchanged. Several reference images are combined before projection (`combine_embeds`) or, with "concat", each
+projected and their tokens concatenated.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models.ip_adapter import FAMILY_TITLES, IPAdapterError, IPAdapterModel, Where, cross_attention_numbers
+from .unet_patches import Site, UNetPatches, uncond_rows
+
+log = logging.getLogger(__name__)
+
+COMBINE_METHODS = ("concat", "add", "subtract", "average", "norm average")
+
+
+@dataclass(eq=False)
+class IPAdapterHandle:
+    """IPADAPTER: a loaded IP-Adapter and its file name (errors name it). `placed(device, dtype)` gives the
+    model on the UNet's device in its dtype; one such copy is kept (the original when it already fits)."""
+
+    model: IPAdapterModel
+    name: str
+    _placed: dict[tuple[str, torch.dtype], IPAdapterModel] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def placed(self, device: torch.device, dtype: torch.dtype) -> IPAdapterModel:
+        first = next(self.model.parameters())
+        if first.device == device and first.dtype == dtype:
+            return self.model
+        key = (str(device), dtype)
+        with self._lock:
+            if key not in self._placed:
+                self._placed.clear()
+                self._placed[key] = copy.deepcopy(self.model).to(device, dtype)
+            return self._placed[key]
+
+    def describe(self) -> str:
+        return f"IP-Adapter {self.name!r} ({self.model.info.title})"
+
+
+def combine_embeds(embeds: Tensor, method: str) -> Tensor:
+    """Several images' embeddings [N, ...] combined into [1, ...] (or kept, for "concat"): `add` sums them,
+    `subtract` takes the first minus the mean of the others, `average` their mean, `norm average` the mean of
+    the embeddings each scaled to unit length along the width, rescaled to the images' mean length."""
+    if method not in COMBINE_METHODS:
+        raise ValueError(f"combine_embeds {method!r} is not supported; expected one of {', '.join(COMBINE_METHODS)}")
+    if method == "concat" or embeds.shape[0] == 1:
+        return embeds
+    if method == "add":
+        return embeds.sum(0, keepdim=True)
+    if method == "subtract":
+        return embeds[:1] - embeds[1:].mean(0, keepdim=True)
+    if method == "average":
+        return embeds.mean(0, keepdim=True)
+    norms = embeds.norm(dim=-1, keepdim=True)
+    return (embeds / norms.clamp_min(1e-12)).mean(0, keepdim=True) * norms.mean(0, keepdim=True)
+
+
+@torch.no_grad()
+def image_tokens(model: IPAdapterModel, embeds: Tensor, method: str = "concat") -> Tensor:
+    """The image tokens [1, images * T, C] (fp32, CPU) of CLIP vision embeddings after `combine_embeds`."""
+    tokens = model.project(combine_embeds(embeds.float(), method))
+    return tokens.reshape(1, -1, tokens.shape[-1]).float().cpu()
+
+
+def check_fits(handle: IPAdapterHandle, unet: nn.Module, family_title: str,
+               node: str = "IPAdapter") -> dict[Where, tuple[int, int]]:
+    """Each cross-attention of `unet` → its (number, width), after checking the adapter has a projection of that
+    width for every one of them; a clear error naming both families otherwise."""
+    info = handle.model.info
+    numbers = cross_attention_numbers(unet)
+    first = next((m for m in unet.modules() if hasattr(m, "transformer_blocks")), None)
+    context_dim = first.transformer_blocks[0].attn2.to_k.in_features if first is not None else 0
+    if context_dim != info.cross_attention_dim:
+        theirs = FAMILY_TITLES.get(info.family or "", f"{info.cross_attention_dim}-wide text")
+        raise IPAdapterError(f"{node}: {handle.describe()} is for {theirs} models ({info.cross_attention_dim}-wide "
+                             f"text context); this model is {family_title} ({context_dim}-wide)")
+    projections = dict(handle.model.ip_adapter.items())
+    for where, (n, width) in numbers.items():
+        kv = projections.get(str(n))
+        if kv is None or kv.to_k_ip.out_features != width:
+            has = "none" if kv is None else f"{kv.to_k_ip.out_features} wide"
+            raise IPAdapterError(f"{node}: {handle.describe()} does not fit this {family_title} model: its "
+                                 f"cross-attention {where} ({width} wide) would take ip_adapter.{n} ({has})")
+    return numbers
+
+
+class IPAttentionHook:
+    """`cross_attention_out` hook adding the image attention at every cross-attention (see the module doc)."""
+
+    def __init__(self, handle: IPAdapterHandle, numbers: dict[Where, tuple[int, int]], cond: Tensor,
+                 uncond: Tensor, weight: float, sigma_start: float, sigma_end: float,
+                 sigma_of: Callable[[Tensor], Tensor], mask: Tensor | None = None) -> None:
+        if mask is not None and mask.ndim == 2:
+            mask = mask[None]
+        if mask is not None and mask.ndim != 3:
+            raise IPAdapterError(f"IPAdapter: attn_mask must be a MASK [B, H, W], got {list(mask.shape)}")
+        self.handle, self.numbers, self.cond, self.uncond = handle, numbers, cond, uncond
+        self.weight, self.sigma_start, self.sigma_end, self.sigma_of = weight, sigma_start, sigma_end, sigma_of
+        self.mask = None if mask is None else mask.float().cpu()
+
+    def active(self, site: Site) -> bool:
+        if self.weight == 0:
+            return False
+        if site.sigmas is not None:
+            sigma = float(torch.as_tensor(site.sigmas).reshape(-1)[0])
+        else:
+            sigma = float(self.sigma_of(site.timesteps.reshape(-1)[:1].float().cpu()))
+        return self.sigma_end <= sigma <= self.sigma_start
+
+    def _mask(self, rows: int, size: tuple[int, int], like: Tensor) -> Tensor | None:
+        """[rows, h*w, 1]: the mask at this attention's feature size; mask i for rows i, i + M, ..."""
+        if self.mask is None:
+            return None
+        m = F.interpolate(self.mask[:, None], size=size, mode="bilinear", align_corners=False)
+        m = m.flatten(1)[..., None].to(like.device, like.dtype)
+        if rows % m.shape[0]:
+            raise IPAdapterError(f"IPAdapter: attn_mask has {m.shape[0]} masks for a batch of {rows} rows; give one "
+                                 f"mask or one per latent")
+        return m.repeat(rows // m.shape[0], 1, 1)
+
+    def __call__(self, out: Tensor, x: Tensor, site: Site) -> Tensor:
+        if not self.active(site):
+            return out
+        where = (site.block[0], site.block[1], site.transformer)
+        if where not in self.numbers:
+            raise IPAdapterError(f"{self.handle.describe()}: no projection for the cross-attention at {where}")
+        attention = site.attention
+        kv = self.handle.placed(x.device, x.dtype).ip_adapter[str(self.numbers[where][0])]
+        rows, heads = x.shape[0], attention.heads
+        q = attention.to_q(x)
+        flags = uncond_rows()
+        if flags is None or len(flags) != rows:
+            flags = (False,) * rows
+        ip = torch.empty_like(q)
+        for negative, tokens in ((False, self.cond), (True, self.uncond)):
+            index = [r for r in range(rows) if flags[r] == negative]
+            if not index:
+                continue
+            t = tokens.to(x.device, x.dtype)
+            k, v = kv.to_k_ip(t), kv.to_v_ip(t)
+            sel = q if len(index) == rows else q[index]
+            b = sel.shape[0]
+            qh = sel.view(b, -1, heads, sel.shape[-1] // heads).transpose(1, 2)
+            kh, vh = (p.view(1, -1, heads, p.shape[-1] // heads).transpose(1, 2).expand(b, -1, -1, -1) for p in (k, v))
+            res = F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(b, -1, sel.shape[-1])
+            if len(index) == rows:
+                ip = res
+            else:
+                ip[index] = res
+        ip = ip * self.weight
+        mask = self._mask(rows, site.size, ip)
+        if mask is not None:
+            ip = ip * mask
+        return out + F.linear(ip, attention.to_out[0].weight)
+
+
+def ip_adapter_patches(hook: IPAttentionHook) -> UNetPatches:
+    return UNetPatches(cross_attention_out=(hook,))
