@@ -40,6 +40,7 @@ from diffusion.patches.control import (
     uncond_control,
 )
 from diffusion.patches.patcher import ModelPatcher
+from diffusion.preprocessors import canny, hysteresis
 from tests.diffusion.random_weights import randomize_, relative_error
 from tests.diffusion.test_unet import TINY, adm_inputs, diffusers_config, tiny_pair
 
@@ -354,3 +355,35 @@ def test_applying_shares_the_controlnet_and_the_hint(sd1) -> None:
     assert step.hint.data_ptr() == hint.data_ptr()
     info = ControlNetInfo("sd1", "original", False, cn.info.config)
     assert info.title == "SD1.x"
+
+
+# --- Canny ---------------------------------------------------------------------------------------------------
+
+
+def grow_rings(strong: torch.Tensor, weak: torch.Tensor) -> torch.Tensor:
+    """Hysteresis the slow, obvious way: grow the strong pixels one ring at a time through weak ones."""
+    edges = strong & weak
+    while True:
+        grown = (torch.nn.functional.max_pool2d(edges.float(), 3, 1, 1) > 0) & weak
+        if torch.equal(grown, edges):
+            return edges
+        edges = grown
+
+
+def test_hysteresis_labelling_equals_growing_rings() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for density in (0.3, 0.5, 0.7):
+        weak = torch.rand(2, 1, 37, 41, generator=gen) < density
+        strong = torch.rand(2, 1, 37, 41, generator=gen) < 0.02
+        assert torch.equal(hysteresis(strong, weak), grow_rings(strong, weak))
+
+
+def test_canny_keeps_a_faint_edge_connected_to_a_strong_one() -> None:
+    image = torch.zeros(1, 96, 64, 3)
+    image[0, :, 32:] = torch.linspace(1.0, 0.2, 96)[:, None, None]  # one edge, strong at the top, faint below
+    edges = canny(image, 0.4, 0.8)[0, ..., 0] > 0
+    assert edges[:, 31].sum() + edges[:, 32].sum() >= 94  # the whole line (the ends blur), one pixel wide
+    assert edges.sum(1).max() == 1
+    alone = image.clone()
+    alone[0, :, 32:] = 0.2  # the faint part without its strong end: below the high threshold, no edge
+    assert not canny(alone, 0.4, 0.8).any()
