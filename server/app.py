@@ -126,7 +126,8 @@ def origin_middleware(config: ServerConfig) -> Any:
 
 
 STATIC_ROUTE_NAMES = frozenset({"canvas-index", "canvas-static", "canvas-templates", "canvas-templates-api",
-                                "front-end-user-css", "front-end-template-search", "front-end-template-search-api"})
+                                "front-end-user-css", "front-end-favicon", "front-end-template-search",
+                                "front-end-template-search-api"})
 
 
 def auth_middleware(token: str) -> Any:

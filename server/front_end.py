@@ -94,7 +94,7 @@ def read_page_file(user_dir: Path, name: str) -> tuple[str, bytes]:
 
 
 async def page_user_file(request: web.Request) -> web.Response:
-    user_dir = request.app[STATE].config.data_dir / "user" / "default"
+    user_dir = request.app[STATE].config.user_root / "default"
     name = request.match_info.route.resource.canonical.split("/userdata/", 1)[1].replace("%2F", "/")
     content_type, body = await asyncio.to_thread(read_page_file, user_dir, name)
     return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "no-cache"})
@@ -116,14 +116,23 @@ async def template_search_options(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     """What the page needs besides the API. Added before the API's routes: `/userdata/user.css` and
     `/userdata/comfy.templates.json` (GET) answer here, every other method and file goes on to /userdata/{file}."""
-    prepare_user_dir(app[STATE].config.data_dir / "user" / "default")
+    prepare_user_dir(app[STATE].config.user_root / "default")
     app.router.add_get("/user.css", user_css, name="front-end-user-css")
+    app.router.add_get("/favicon.ico", favicon, name="front-end-favicon")
     for prefix in ("", "/api"):  # public, like the template files themselves
         app.router.add_get(f"{prefix}/templates/fuse_options.json", template_search_options,
                            name=f"front-end-template-search{prefix.replace('/', '-')}")
     for prefix in ("", "/api"):
         for name in PAGE_USER_FILES:
             app.router.add_get(f"{prefix}/userdata/{name.replace('/', '%2F')}", page_user_file)
+
+
+async def favicon(request: web.Request) -> web.StreamResponse:
+    """`/favicon.ico`, which browsers ask for on their own: the front end's icon (it lives under assets/)."""
+    icon = request.app[STATE].config.web_root / "assets" / "favicon.ico"
+    if not icon.is_file():
+        return web.Response(status=204)
+    return web.FileResponse(icon, headers={"Cache-Control": "max-age=86400"})
 
 
 async def user_css(request: web.Request) -> web.Response:

@@ -69,6 +69,8 @@ def test_app_serves_comfyui_index_and_user_css(tmp_path):
             assert stored.status == 200, await stored.text()
             css = await client.get("/api/userdata/user.css")
             assert css.content_type == "text/css" and await css.read() == b"body { color: red }"
+            icon = await client.get("/favicon.ico")
+            assert icon.status == 200 and await icon.read() == (root / "assets" / "favicon.ico").read_bytes()
             search = await client.get("/templates/fuse_options.json")
             assert search.status == 200 and {k["name"] for k in (await search.json())["keys"]} <= {
                 "title", "description", "name"}  # fields our /templates/index.json has
