@@ -61,8 +61,9 @@ class T2IAdapterConfig:
 
     @property
     def hint_channels(self) -> int:
-        """The name ControlNet configs give the hint's channels (the apply nodes check hints against it)."""
-        return self.in_channels
+        """Channels of the IMAGE the hint is taken from (the name ControlNet configs use, which the apply path
+        reads): RGB, even for one-channel adapters, which get the mean of the three (as ComfyUI feeds them)."""
+        return 3
 
     @property
     def family(self) -> str:

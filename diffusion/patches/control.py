@@ -32,6 +32,7 @@ from ..models.controlnet import ControlNet
 from ..models.unet import UNetConfig
 from ..sampling.model_sampling import ModelSampling
 from .patcher import ModelPatcher
+from .t2i_adapter_control import ControlResiduals, T2IAdapterHandle, intrablock_patches
 from .unet_patches import Site, UNetPatches
 
 Conditioning = list[tuple[Tensor, dict[str, Any]]]
@@ -179,12 +180,17 @@ def control_residuals(control: ControlRows, x: Tensor, t: Tensor, context: Tenso
         for step in chain or ():
             steps.setdefault(step, []).append(span)
     total: list[Tensor] | None = None
+    adapters: dict[int | str, Tensor] = {}  # T2I-Adapters' residuals inside the encoder (t2i_adapter_control.py)
     for step, spans in steps.items():
         if step.strength == 0 or (sigma is not None and not step.active(level, model_sampling)):
             continue
         handle = step.control_net
         if fits is not None:
             fits(handle)
+        if isinstance(handle, T2IAdapterHandle):
+            for site, r in handle.intrablock_residuals(step, spans, x).items():
+                adapters[site] = adapters[site] + r if site in adapters else r
+            continue
         index = torch.cat([torch.arange(s, s + n, device=x.device) for s, n in spans])
         every = index.numel() == x.shape[0]
         with handle.manager.use([handle.patcher]) as (net,), torch.no_grad():
@@ -202,7 +208,7 @@ def control_residuals(control: ControlRows, x: Tensor, t: Tensor, context: Tenso
                 acc += r
             else:
                 acc.index_add_(0, index, r)
-    return total
+    return ControlResiduals(total or [], adapters) if adapters else total
 
 
 def residual_patches(residuals: list[Tensor]) -> UNetPatches:
@@ -210,6 +216,10 @@ def residual_patches(residuals: list[Tensor]) -> UNetPatches:
     the middle block's output, as ControlNet's UNet does. The middle one is added where output block 0 takes the
     backbone (nothing runs in between; being the first output hook, it comes before FreeU's, as in ControlNet's
     UNet). A feature map that a patch resized (deep shrink) gets the residual resized bilinearly to it."""
+    intrablock = getattr(residuals, "intrablock", None)  # T2I-Adapters' (ControlResiduals)
+    if intrablock:
+        patches = intrablock_patches(intrablock)
+        return patches.merged(residual_patches(list(residuals))) if residuals else patches
     skips, middle = residuals[:-1], residuals[-1]
 
     def fit(r: Tensor, like: Tensor) -> Tensor:
