@@ -19,7 +19,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "nodes.hypernetwork",
     "nodes.schedulers", "nodes.samplers_custom", "nodes.controlnet",
     "nodes.upscale_models", "nodes.clip_vision",
-    "nodes.gligen",
+    "nodes.gligen", "nodes.ip_adapter",
 )
 
 
@@ -33,5 +33,5 @@ def build_registry(env: Environment | None = None, plugins: bool = True) -> Node
     if plugins:
         registry.discover_entry_points()
         if env is not None:
-            registry.discover_folder(env.custom_nodes_dir)
+            registry.discover_folder(env.custom_nodes_dir, env)
     return registry

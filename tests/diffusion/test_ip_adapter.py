@@ -262,3 +262,26 @@ def test_adapter_for_another_family_names_both() -> None:
     other_layout = random_ip_adapter(UNetModel(SDXL_LIKE), "plain", clip_dim=CLIP)
     with pytest.raises(IPAdapterError, match=r"does not fit this SD1\.x model"):
         check_fits(IPAdapterHandle(other_layout, "x.safetensors"), sd1, "SD1.x")
+
+
+def test_the_guider_marks_the_negative_rows() -> None:
+    """CFGGuider tells the UNet patches which rows of its batched call evaluate the negative list."""
+    from diffusion.patches.unet_patches import uncond_rows
+    from diffusion.sampling.guidance import CFGGuider
+    from diffusion.sampling.model_sampling import ModelSampling
+    from diffusion.sampling.schedules import DiscreteSchedule
+
+    seen = []
+
+    def denoiser(x, sigma, context, **kwargs):
+        seen.append(uncond_rows())
+        return x
+
+    ms = ModelSampling(DiscreteSchedule.from_config(), "eps")
+    positive = [(torch.zeros(1, 3, 8), {})]
+    negative = [(torch.ones(1, 3, 8), {})]
+    x = torch.zeros(2, 4, 8, 8)
+    CFGGuider(denoiser, ms, positive, negative, 5.0)(x, torch.tensor(1.0))
+    CFGGuider(denoiser, ms, positive, negative, 1.0)(x, torch.tensor(1.0))  # cfg 1: the negative is not evaluated
+    assert seen == [(False, False, True, True), (False, False)]
+    assert uncond_rows() is None

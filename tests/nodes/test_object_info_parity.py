@@ -59,6 +59,9 @@ EXTENSIONS = {
 OURS_ONLY = frozenset({
     "PromptSchedule",  # prompt travel over a batch of frames
     "TrainLoraFromImages",  # LoRA training from a folder of images
+    # the ComfyUI_IPAdapter_plus node pack's interfaces (checked in tests/nodes/test_ip_adapter_nodes.py)
+    "IPAdapter", "IPAdapterAdvanced", "IPAdapterEmbeds", "IPAdapterEncoder", "IPAdapterModelLoader",
+    "IPAdapterUnifiedLoader",
 })
 
 # Keys ComfyUI's /object_info can give a node; we always give all of them.
