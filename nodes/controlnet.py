@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from diffusion.checkpoints.controlnet_files import build_controlnet, is_diff_controlnet, read_controlnet
+from diffusion.checkpoints.t2i_adapter_files import is_t2i_adapter_file, load_t2i_adapter
 from diffusion.devices import pick_dtype
 from diffusion.handles import DiffusionModel
 from diffusion.patches.control import ControlNetHandle, ControlStep, apply_control, load_controlnet_handle
+from diffusion.patches.t2i_adapter_control import load_t2i_adapter_handle
 from diffusion.preprocessors import canny
 from graph.node import Combo, Float, Node, Output, Socket
 from graph.types import CONDITIONING, IMAGE, MODEL, VAE
@@ -43,6 +45,9 @@ def _load(env: Environment, name: str, node: str, model: DiffusionModel | None =
         manager = env.model_manager()
         try:
             with env.naming_files():
+                if is_t2i_adapter_file(path):  # T2I-Adapters load here too, as in ComfyUI (never diff files)
+                    adapter, adapter_info = load_t2i_adapter(path, dtype=pick_dtype(manager.device))
+                    return load_t2i_adapter_handle(adapter, adapter_info, manager, Path(name).stem)
                 sd, info = read_controlnet(path)
                 base = None
                 if diff:
