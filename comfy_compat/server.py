@@ -1,0 +1,76 @@
+"""ComfyUI's `server` module for packs: `PromptServer.instance` with `routes` (an aiohttp RouteTableDef a pack
+adds its HTTP routes to at import), `send_sync` (a message to the WebSocket clients) and `client_id` (the
+client of the prompt running now).
+
+The routes are mounted when our server starts (server/extensions.py calls `comfy_compat.attach`), at `/path`
+and `/api/path`, behind the same middlewares as our own routes: the origin check and, when configured, the
+bearer token.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from comfy_compat._state import STATE, context
+
+log = logging.getLogger(__name__)
+
+
+class BinaryEventTypes:
+    PREVIEW_IMAGE = 1
+    UNENCODED_PREVIEW_IMAGE = 2
+    TEXT = 3
+
+
+class PromptServer:
+    """The one server object packs talk to (`PromptServer.instance`)."""
+
+    instance: PromptServer
+
+    def __init__(self) -> None:
+        self.routes = web.RouteTableDef()
+        self.app: web.Application | None = None
+        self.last_node_id: str | None = None
+        self._mounted: set[int] = set()
+
+    @property
+    def client_id(self) -> str | None:
+        ctx = context()
+        return (getattr(ctx, "extra_data", None) or {}).get("client_id") if ctx is not None else None
+
+    def attach(self, app: web.Application, publish: Any) -> None:
+        """Mount the routes packs declared (once per app) and deliver messages through `publish`."""
+        STATE.publish = publish
+        self.app = app
+        if id(app) in self._mounted:
+            return
+        self._mounted.add(id(app))
+        for route in self.routes:
+            if not isinstance(route, web.RouteDef):
+                log.warning("pack route %r is not a plain route and was not mounted", route)
+                continue
+            for prefix in ("", "/api"):
+                app.router.add_route(route.method, prefix + route.path, route.handler, **route.kwargs)
+
+    def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
+        """Send `{"type": event, "data": data}` to the client `sid`, or to every client when None (as ComfyUI).
+        Without a server (a prompt run from the CLI) the message is logged at debug level and dropped."""
+        if isinstance(event, int):
+            log.debug("binary message %s from a pack dropped (not supported)", event)
+            return
+        if STATE.publish is None:
+            log.debug("pack message %s dropped: no server", event)
+            return
+        STATE.publish(event, data, sid)
+
+    async def send_json(self, event: str, data: Any, sid: str | None = None) -> None:
+        self.send_sync(event, data, sid)
+
+    def add_on_prompt_handler(self, handler: Any) -> None:
+        log.warning("a pack's on-prompt handler was not installed: Latent Loom does not offer it")
+
+
+PromptServer.instance = PromptServer()
