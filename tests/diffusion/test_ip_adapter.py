@@ -285,3 +285,56 @@ def test_the_guider_marks_the_negative_rows() -> None:
     CFGGuider(denoiser, ms, positive, negative, 1.0)(x, torch.tensor(1.0))  # cfg 1: the negative is not evaluated
     assert seen == [(False, False, True, True), (False, False)]
     assert uncond_rows() is None
+
+
+def _meta(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+
+
+def _released(numbers, proj: dict[str, tuple[int, ...]], context: int) -> dict[str, torch.Tensor]:
+    """A released file's shapes: the projection's and one key/value pair per cross-attention."""
+    shapes = {f"image_proj.{k}": s for k, s in proj.items()}
+    for n, width in numbers.values():
+        shapes[f"ip_adapter.{n}.to_k_ip.weight"] = shapes[f"ip_adapter.{n}.to_v_ip.weight"] = (width, context)
+    return _meta(shapes)
+
+
+def test_real_sizes_numbering_detection_and_families() -> None:
+    """Real-size UNets (built on the meta device) number 16 (SD1.x: 1..31) and 70 (SDXL: 1..139) cross-attentions,
+    as the released files do; the released variants' shapes are read as what they are."""
+    from diffusion.models.ip_adapter import detect
+    from diffusion.models.unet import UNetConfig
+
+    with torch.device("meta"):
+        sd1, xl = UNetModel(UNetConfig.sd1()), UNetModel(UNetConfig.sdxl())
+    n1, nx = cross_attention_numbers(sd1), cross_attention_numbers(xl)
+    assert sorted(n for n, _ in n1.values()) == list(range(1, 32, 2))
+    assert sorted(n for n, _ in nx.values()) == list(range(1, 140, 2))
+    assert n1[("input", 1, 0)] == (1, 320) and n1[("middle", 0, 0)] == (31, 1280)
+    assert nx[("input", 4, 0)] == (1, 640) and nx[("output", 0, 0)][1] == 1280 and nx[("middle", 0, 9)][0] == 139
+
+    plain, _ = detect(_released(n1, {"proj.weight": (3072, 1024), "proj.bias": (3072,), "norm.weight": (768,),
+                                     "norm.bias": (768,)}, 768))
+    assert (plain.variant, plain.clip_dim, plain.tokens, plain.family, plain.embeds) == (
+        "plain", 1024, 4, "sd1", "image_embeds")
+    resampler = {"latents": (1, 16, 1280), "proj_in.weight": (1280, 1280), "proj_in.bias": (1280,),
+                 "proj_out.weight": (2048, 1280), "proj_out.bias": (2048,), "norm_out.weight": (2048,),
+                 "norm_out.bias": (2048,)}
+    for i in range(4):
+        resampler.update({f"layers.{i}.0.norm1.weight": (1280,), f"layers.{i}.0.norm1.bias": (1280,),
+                          f"layers.{i}.0.norm2.weight": (1280,), f"layers.{i}.0.norm2.bias": (1280,),
+                          f"layers.{i}.0.to_q.weight": (1280, 1280), f"layers.{i}.0.to_kv.weight": (2560, 1280),
+                          f"layers.{i}.0.to_out.weight": (1280, 1280), f"layers.{i}.1.0.weight": (1280,),
+                          f"layers.{i}.1.0.bias": (1280,), f"layers.{i}.1.1.weight": (5120, 1280),
+                          f"layers.{i}.1.3.weight": (1280, 5120)})
+    plus_sd = _released(nx, resampler, 2048)
+    plus, _ = detect(plus_sd)
+    assert (plus.variant, plus.tokens, plus.heads, plus.depth, plus.family) == ("plus", 16, 20, 4, "sdxl")
+    plus_model = ip_adapter_from_state_dict(plus_sd, "ip-adapter-plus_sdxl_vit-h.safetensors")
+    assert check_fits(IPAdapterHandle(plus_model, "xl"), xl, "SDXL") == nx
+    with pytest.raises(IPAdapterError, match=r"is for SDXL models .* this model is SD1\.x \(768-wide\)"):
+        check_fits(IPAdapterHandle(plus_model, "ip-adapter-plus_sdxl_vit-h.safetensors"), sd1, "SD1.x")
+    full, _ = detect(_released(n1, {"proj.0.weight": (1280, 1280), "proj.0.bias": (1280,),
+                                    "proj.2.weight": (768, 1280), "proj.2.bias": (768,), "proj.3.weight": (768,),
+                                    "proj.3.bias": (768,)}, 768))
+    assert (full.variant, full.clip_dim, full.embeds) == ("full", 1280, "penultimate_hidden_states")
