@@ -48,10 +48,14 @@ class PromptServer:
         if id(app) in self._mounted:
             return
         self._mounted.add(id(app))
-        for route in self.routes:
+        latest: dict[tuple[str, str], web.RouteDef] = {}
+        for route in self.routes:  # a pack imported again (another registry) declares its routes again
             if not isinstance(route, web.RouteDef):
                 log.warning("pack route %r is not a plain route and was not mounted", route)
                 continue
+            latest.pop((route.method, route.path), None)
+            latest[(route.method, route.path)] = route
+        for route in latest.values():
             for prefix in ("", "/api"):
                 app.router.add_route(route.method, prefix + route.path, route.handler, **route.kwargs)
 

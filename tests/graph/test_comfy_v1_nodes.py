@@ -234,3 +234,63 @@ def test_folder_paths_maps_onto_the_data_directory(engine):
 def test_pack_calls_a_core_node(engine):
     latent = engine.value({"c": {"class_type": "V1CoreLatent", "inputs": {"width": 64}}, **show("c")}, "c")[0]
     assert tuple(latent["samples"].shape) == (1, 4, 8, 8)
+
+
+BROKEN = ("broken_import", "broken_exit.py", "broken_decls", "broken_web", "broken_runtime", "v1_pack")
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    data = tmp_path_factory.mktemp("broken")
+    (data / "custom_nodes").mkdir()
+    (data / "custom_nodes" / "broken_syntax.py").write_text("NODE_CLASS_MAPPINGS = {\n")
+    return PackEngine(data, BROKEN)
+
+
+def test_broken_packs_are_reported_and_skipped(broken, caplog):
+    errors = broken.registry.load_errors
+    assert "No module named 'definitely_missing_module_xyz'" in errors["custom_nodes/broken_import"]
+    assert "requirements not installed: definitely-missing-module-xyz>=1.0" in errors["custom_nodes/broken_import"]
+    assert "numpy" not in errors["custom_nodes/broken_import"]
+    assert errors["custom_nodes/broken_syntax.py"].startswith("SyntaxError")
+    assert errors["custom_nodes/broken_exit.py"].startswith("SystemExit")
+    assert "V1Options" in broken.registry  # a good pack in the same folder still loads
+
+
+def test_bad_declarations_are_skipped_one_by_one(broken):
+    errors = broken.registry.load_errors
+    label = "custom_nodes/broken_decls node "
+    assert "FUNCTION 'missing'" in errors[label + "BadFunction"]
+    assert "INPUT_TYPES exploded" in errors[label + "BadInputs"]
+    assert "RETURN_TYPES must be a tuple" in errors[label + "BadReturn"]
+    assert "options must be a dict" in errors[label + "BadOption"]
+    assert "not a class" in errors[label + "NotAClass"]
+    assert "built in and cannot be replaced" in errors[label + "EmptyLatentImage"]
+    assert broken.registry.get("EmptyLatentImage").__module__ == "nodes.latent"
+    assert "StillGood" in broken.registry and "BadFunction" not in broken.registry
+
+
+def test_web_directory_outside_the_pack_is_refused(broken):
+    assert "leaves the pack's folder" in broken.registry.load_errors["custom_nodes/broken_web WEB_DIRECTORY"]
+    assert broken.registry.packs["broken_web"].web_directory is None and "WebNode" in broken.registry
+    assert broken.registry.packs["v1_pack"].web_directory.name == "web"
+
+
+@pytest.mark.parametrize(("node", "message"), [
+    ("WrongCount", "returned 2 values but declares 1 outputs"),
+    ("NotATuple", "returned int, not a tuple of outputs"),
+    ("Expands", "node expansion ('expand' in the result) is not supported"),
+])
+def test_results_that_break_the_declaration(broken, node, message):
+    result = broken.run({"n": {"class_type": node, "inputs": {}}}, ok=False)
+    assert result.status == "error" and message in result.error["exception_message"]
+
+
+def test_missing_method_names_method_node_and_pack(broken):
+    prompt = {"s": {"class_type": "ThingSource", "inputs": {}},
+              "c": {"class_type": "CallsMissing", "inputs": {"model": ["s", 0]}}}
+    result = broken.run(prompt, ok=False)
+    assert result.error["node_id"] == "c"
+    assert result.error["exception_message"] == (
+        "node CallsMissing (pack broken_runtime) called MODEL.set_model_unet_function_wrapper on its input "
+        "'model', which Latent Loom's MODEL does not offer")
