@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.controlnet import ControlNet, ControlNetConfig
+from ..models.controlnet_union import UNION_KEYS, UnionConfig, UnionControlNet, is_union
 from ..models.unet import UNetConfig
 from .controlnet_keys import diffusers_to_original, original_to_diffusers
 from .families import CONFIG_METADATA_KEY, TITLES, config_metadata
@@ -45,6 +46,7 @@ class ControlNetInfo:
     layout: str
     diff: bool
     config: ControlNetConfig
+    union: UnionConfig | None = None  # a union ControlNet's extra parts (models/controlnet_union.py)
 
     @property
     def title(self) -> str:
@@ -63,9 +65,9 @@ def _not_a_controlnet(sd: Mapping[str, Tensor]) -> str:
     if any(k.startswith("model.diffusion_model.") for k in keys):
         what = "a full Stable Diffusion checkpoint (load it with a checkpoint loader)"
     elif "lora_controlnet" in keys:
-        what = "a Control-LoRA (not supported yet)"
+        what = "a Control-LoRA (read by control_lora.py, which composes it with a model)"
     elif any(k.startswith(("task_embedding", "control_add_embedding")) for k in keys):
-        what = "a union ControlNet (not supported yet)"
+        what = "a union ControlNet without its hint encoder"
     elif any(k.startswith(("adapter.", "body.", "conv_in.weight")) for k in keys) and "input_blocks" not in prefixes \
             and not any(k.startswith("down_blocks.") for k in keys):
         what = "a T2I-Adapter (not supported yet)"
@@ -91,8 +93,10 @@ def controlnet_state_dict(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], 
     bare = prefixed or {k: v for k, v in sd.items() if k != DIFF_MARKER}
     if "input_hint_block.0.weight" in bare and "zero_convs.0.0.weight" in bare:
         return bare, "original", diff
-    if "controlnet_cond_embedding.conv_in.weight" in bare:
-        return diffusers_to_original(bare), "diffusers", diff
+    if "controlnet_cond_embedding.conv_in.weight" in bare:  # a union file's own keys have one name in both layouts
+        union = {k: v for k, v in bare.items() if k.startswith(UNION_KEYS)}
+        rest = {k: v for k, v in bare.items() if k not in union}
+        return {**diffusers_to_original(rest), **union}, "diffusers", diff
     raise CheckpointError(_not_a_controlnet(sd))
 
 
@@ -132,7 +136,11 @@ def controlnet_info(sd: Mapping[str, Tensor], layout: str, diff: bool,
         raise CheckpointError(f"ControlNet encoder cannot be read: {e}") from None
     hint_channels, widths = _hint_shape(sd)
     cn = ControlNetConfig(unet, hint_channels, widths)
-    return ControlNetInfo(_family(unet, config), layout, diff, cn)
+    try:
+        union = UnionConfig.from_state_dict(sd) if is_union(sd) else None
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"union ControlNet cannot be read: {e}") from None
+    return ControlNetInfo(_family(unet, config), layout, diff, cn, union)
 
 
 def read_controlnet(path: str | os.PathLike) -> tuple[dict[str, Tensor], ControlNetInfo]:
@@ -162,8 +170,8 @@ def build_controlnet(sd: Mapping[str, Tensor], info: ControlNetInfo, *, dtype: t
         sd = _add_base(dict(sd), base)
     dtype = dtype or _stored_dtype(sd)
     with torch.device("meta"):
-        net = ControlNet(info.config)
-    fill_module(net, sd, f"{info.title} ControlNet", dtype, torch.device(device))
+        net = ControlNet(info.config) if info.union is None else UnionControlNet(info.config, info.union)
+    fill_module(net, sd, f"{info.title} {'union ' if info.union else ''}ControlNet", dtype, torch.device(device))
     return net
 
 
@@ -203,7 +211,9 @@ def write_controlnet_file(path: str | os.PathLike, sd: Mapping[str, Tensor], inf
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if prefix and layout != "original":
         raise ValueError("the control_model. prefix exists in the original layout only")
-    named = dict(sd) if layout == "original" else original_to_diffusers(sd, info.config)
+    union = {k: v for k, v in sd.items() if k.startswith(UNION_KEYS)}
+    rest = {k: v for k, v in sd.items() if k not in union}
+    named = {**(rest if layout == "original" else original_to_diffusers(rest, info.config)), **union}
     if prefix:
         named = {CONTROL_PREFIX + k: v for k, v in named.items()}
     if diff:

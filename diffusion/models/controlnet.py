@@ -104,29 +104,43 @@ class ControlNet(nn.Module):
         return [int(z[0].out_channels) for z in self.zero_convs] + [int(self.middle_block_out[0].out_channels)]
 
     def forward(self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Tensor,
-                y: Tensor | None = None) -> list[Tensor]:
+                y: Tensor | None = None, **options: object) -> list[Tensor]:
         """x [B, C, h, w] (the UNet's scaled input), hint [B, hint_channels, h·s, w·s] with s = hint_downscale
         (0..1 images as the released models were trained), timesteps [B] or one, context [B, T, dim], y [B, adm]
-        for SDXL."""
+        for SDXL. `options` are what a variant takes per use (a union ControlNet's `control_type`)."""
         self._check_inputs(x, hint, context, y)
+        self.check_options(options)
         c = self.config.unet
         if timesteps.numel() == 1:
             timesteps = timesteps.reshape(1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, c.model_channels).to(x.dtype))
         if y is not None:
             emb = emb + self.label_emb(y.to(emb.dtype))
+        emb = self.extra_embedding(emb, **options)
         context = context.to(x.dtype)
-        guided = self.input_hint_block(hint.to(x.dtype))
         residuals = []
         h = x
         for i, (block, zero) in enumerate(zip(self.input_blocks, self.zero_convs, strict=True)):
             h = block(h, emb, context)
             if i == 0:
-                h = h + guided
+                h = h + self.guided_hint(hint.to(x.dtype), h, **options)
             residuals.append(zero(h))
         h = self.middle_block(h, emb, context)
         residuals.append(self.middle_block_out(h))
         return residuals
+
+    def check_options(self, options: dict) -> None:
+        """A plain ControlNet takes no per-use options (variants override this and the two hooks below)."""
+        if options:
+            raise ValueError(f"this ControlNet takes no options, got {sorted(options)}")
+
+    def extra_embedding(self, emb: Tensor, **options: object) -> Tensor:
+        """The time (+ ADM) embedding, with what a variant adds to it."""
+        return emb
+
+    def guided_hint(self, hint: Tensor, h: Tensor, **options: object) -> Tensor:
+        """What is added to the first input block's output `h`: the encoded hint."""
+        return self.input_hint_block(hint)
 
     def _check_inputs(self, x: Tensor, hint: Tensor, context: Tensor, y: Tensor | None) -> None:
         c, s = self.config.unet, self.config.hint_downscale
