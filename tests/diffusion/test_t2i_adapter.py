@@ -385,3 +385,22 @@ def test_sd1_adapter_on_an_sdxl_model_names_both_families(models) -> None:
     xl_adapter = adapter_handle(models["sdxl"])
     with pytest.raises(ValueError, match=r"SDXL base T2I-Adapter and the model is SD1\.x"):
         denoise(models["sd1"], apply_control(conditioning(models["sd1"]), ControlStep(xl_adapter, hint_image(), 1.0)))
+
+
+def test_area_and_mask_conditioning_with_an_adapter(models) -> None:
+    from diffusion.patches.control import ControlStep, apply_control
+
+    sd1 = models["sd1"]
+    adapter = adapter_handle(sd1)
+    calls = counting(adapter)
+    pos = conditioning(sd1)
+    step = ControlStep(adapter, hint_image(), 1.0)
+    mask = torch.zeros(5, 6)
+    mask[:, :3] = 1
+    for cond in ([(pos[0][0], {"area": (3, 4, 1, 2)})], [(pos[0][0], {"mask": mask})]):
+        steered = denoise(sd1, apply_control(cond, step) + conditioning(sd1, 3))
+        plain = denoise(sd1, cond + conditioning(sd1, 3))
+        assert steered.shape == plain.shape and torch.isfinite(steered).all()
+        assert (steered - plain).abs().max() > 1e-4
+    # the area's features from the hint fitted to the area's size x 8, the masked entry's from the full latent's
+    assert [tuple(c.shape[-2:]) for c in calls] == [(24, 32), (40, 48)]
