@@ -7,13 +7,18 @@
 import { LGraph, LGraphCanvas, LGraphGroup, LiteGraph } from "@comfyorg/litegraph";
 import { Api, HttpError } from "./api.js";
 import { isApiWorkflow, isUiWorkflow, uiToApi } from "./convert.js";
+import { drawErrorLabels, nodeErrorEntries, renderErrorBox } from "./errors.js";
 import { download, layoutApiGraph, pngTextChunks } from "./files.js";
-import { registerNodes } from "./nodes.js";
-import { el, renderPalette, renderQueue, renderResults, renderWorkflows } from "./panels.js";
-import { applySeedControl } from "./widgets.js";
+import { PREVIEW_PROPERTY, registerNodes } from "./nodes.js";
+import { el, renderPalette, renderQueue, renderResults, renderTemplates, renderWorkflows } from "./panels.js";
+import { drawImageGrid, plainMenu, SlotTooltip } from "./view.js";
+import { applySeedControl, hideWidget, showWidget } from "./widgets.js";
 
 const STATE_KEY = "latentloom.workflow";
-const DEFAULT_WORKFLOW = "/templates/txt2img.json";
+const NAME_KEY = "latentloom.workflowName";
+const DEFAULT_TEMPLATE = "txt2img";
+const DEFAULT_TITLE = "Txt2img"; // as /templates/index.json titles it
+const DEFAULT_WORKFLOW = `/templates/${DEFAULT_TEMPLATE}.json`;
 const UNDO_LIMIT = 100;
 
 class App {
@@ -25,6 +30,15 @@ class App {
     this.canvas = new LGraphCanvas(this.canvasElement, this.graph);
     this.canvas.show_info = false;
     this.canvas.low_quality_zoom_threshold = 0.3;
+    // litegraph outlines the graph's origin rectangle (the canvas size at 1:1) in the grid: it matches nothing here
+    this.canvas.render_canvas_border = false;
+    // litegraph's own menus mark an entry with an emoji, an empty box where no emoji font is installed
+    this.graph.onGetNodeMenuOptions = (options) => plainMenu(options);
+    this.canvas.getExtraMenuOptions = (_canvas, options) => { plainMenu(options); };
+    this.canvas.onDrawOverlay = (ctx) => { this.errorLabels = drawErrorLabels(ctx, this.canvas, this.graph, this.errors); };
+    this.errorLabels = [];
+    this.fitted = null; // the view fitView set, while the user has not moved it: a resize fits again
+    this.previewSources = {}; // id of a PreviewImage added at queue time → [node id, output slot] it shows
     this.undo = [];
     this.redo = [];
     this.snapshot = null;
@@ -46,20 +60,40 @@ class App {
     let loaded = false;
     if (saved) {
       try {
-        this.loadWorkflow(JSON.parse(saved), { keepHistory: false });
+        this.loadWorkflow(JSON.parse(saved), { keepHistory: false, name: localStorage.getItem(NAME_KEY) || null });
         loaded = true;
       } catch (error) {
         console.warn("saved state could not be restored", error);
       }
     }
-    if (!loaded) this.loadWorkflow(await this.api.json(DEFAULT_WORKFLOW), { keepHistory: false });
+    if (!loaded) this.loadWorkflow(await this.api.json(DEFAULT_WORKFLOW), { keepHistory: false, name: DEFAULT_TITLE });
     this.refreshPanels();
     document.body.dataset.ready = "true";
   }
 
+  /** Fit the canvas to its area; a view that was fitted (and not moved since) is fitted again to the new size. */
   resize() {
     const box = this.canvasElement.parentElement.getBoundingClientRect();
+    const wasFitted = this.isFitted();
     this.canvas.resize(Math.floor(box.width), Math.floor(box.height));
+    if (wasFitted) this.fitView();
+  }
+
+  isFitted() {
+    const { ds } = this.canvas;
+    return this.fitted !== null && ds.scale === this.fitted.scale && ds.offset[0] === this.fitted.offset[0] &&
+      ds.offset[1] === this.fitted.offset[1];
+  }
+
+  /** The workflow's name in the toolbar and the window title. */
+  setName(name) {
+    this.workflowName = name;
+    const label = document.getElementById("workflow-name");
+    label.textContent = name ?? "unsaved workflow";
+    label.title = name ?? "";
+    if (name) localStorage.setItem(NAME_KEY, name);
+    else localStorage.removeItem(NAME_KEY);
+    document.title = name ? `${name} - Latent Loom` : "Latent Loom";
   }
 
   async loadObjectInfo() {
@@ -70,6 +104,7 @@ class App {
 
   /** Fresh combo lists (models, uploads) from the server, applied to the nodes on the canvas. */
   async refreshCombos() {
+    const before = JSON.stringify(this.comboValues());
     this.objectInfo = await this.api.json("/object_info");
     for (const node of this.graph._nodes) {
       const info = this.objectInfo[node.type];
@@ -80,6 +115,20 @@ class App {
     }
     registerNodes(this.objectInfo, this);
     this.canvas.setDirty(true, true);
+    const changed = JSON.stringify(this.comboValues()) !== before;
+    const count = new Set(Object.values(this.comboValues()).flat()).size;
+    this.toast(`Lists refreshed from the server (${count} choices on this graph${changed ? ", some new" : ", none changed"})`);
+  }
+
+  /** Every combo widget's choices on the canvas, by node and widget. */
+  comboValues() {
+    const values = {};
+    for (const node of this.graph._nodes) {
+      for (const widget of node.widgets ?? []) {
+        if (widget.type === "combo" && !widget.controls) values[`${node.id}.${widget.name}`] = [...(widget.options.values ?? [])];
+      }
+    }
+    return values;
   }
 
   // graph editing ---------------------------------------------------------------------------------
@@ -109,30 +158,74 @@ class App {
     this.graph.clear();
     this.canvas.ds.scale = 1;
     this.canvas.ds.offset = [0, 0];
-    this.workflowName = null;
-    document.getElementById("workflow-name").textContent = "unsaved workflow";
+    this.fitted = null;
+    this.clearRunState();
+    this.setName(null);
     this.changed();
     this.canvas.setDirty(true, true);
   }
 
+  /** "Convert to input": the widget hidden, a socket row in its place (see widgets.js hideWidget). */
   widgetToInput(node, widget) {
-    node.addInput(widget.name, widget.inputType ?? "*", { widget: { name: widget.name } });
+    const existing = node.inputs.find((slot) => slot.widget?.name === widget.name);
+    if (existing) {  // a saved input on the widget (ComfyUI's layout): the same socket, now a row
+      existing.convertedWidget = widget.name;
+      delete existing.widget;
+    } else {
+      const slot = node.addInput(widget.name, widget.inputType ?? "*");
+      slot.convertedWidget = widget.name;
+      slot.color_on = slot.color_off = LGraphCanvas.link_type_colors[slot.type];
+    }
+    hideWidget(widget);
+    node.setSize([node.size[0], node.computeSize()[1]]);
     this.changed();
+    this.canvas.setDirty(true, true);
   }
 
   inputToWidget(node, index) {
+    const name = node.inputs[index]?.convertedWidget ?? node.inputs[index]?.widget?.name;
     node.disconnectInput(index);
     node.removeInput(index);
+    const widget = node.widgets?.find((w) => w.name === name);
+    if (widget) showWidget(widget);
+    node.setSize([node.size[0], node.computeSize()[1]]);
     this.changed();
+    this.canvas.setDirty(true, true);
   }
 
+  /** A group around the selected nodes, its title kept in view; with nothing selected, say how to select. */
   groupSelected() {
     const nodes = [...this.canvas.selectedItems].filter((item) => item instanceof LiteGraph.LGraphNode || item.widgets !== undefined);
-    if (!nodes.length) return;
+    if (!nodes.length) {
+      this.toast("Group: select the nodes to group first (click a title, Ctrl+click for more, Ctrl+drag a box, Ctrl+A for all)");
+      return null;
+    }
     const group = new LGraphGroup("Group");
     this.graph.add(group);
     group.resizeTo(nodes);
+    const [, top] = this.canvas.convertOffsetToCanvas([group.pos[0], group.pos[1]]);
+    const [left] = this.canvas.convertOffsetToCanvas([group.pos[0], group.pos[1]]);
+    const [right, bottom] = this.canvas.convertOffsetToCanvas([group.pos[0] + group.size[0], group.pos[1] + group.size[1]]);
+    const { width, height } = this.canvasElement;
+    if (top < 0 || left < 0 || right > width || bottom > height) this.fitView();
     this.changed();
+    this.canvas.setDirty(true, true);
+    return group;
+  }
+
+  /** What a run or a loaded workflow leaves on screen: errors, images on nodes, the live preview. */
+  clearRunState() {
+    this.errors = {};
+    this.nodeImages = {};
+    this.previews = {};
+    this.renderErrors(null);
+    this.clearLivePreview();
+  }
+
+  clearLivePreview() {
+    const preview = document.getElementById("live-preview");
+    if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
+    preview.removeAttribute("src");
   }
 
   serialize() {
@@ -182,11 +275,8 @@ class App {
     } else {
       throw new Error("not a workflow: neither the UI format (nodes and links) nor the API format");
     }
-    this.errors = {};
-    this.nodeImages = {};
-    this.previews = {};
-    this.workflowName = name;
-    document.getElementById("workflow-name").textContent = name ?? "unsaved workflow";
+    this.clearRunState();
+    this.setName(name);
     if (!keepHistory) {
       this.undo = [];
       this.redo = [];
@@ -196,19 +286,21 @@ class App {
     this.fitView();
   }
 
-  /** Scale and offset so that every node is in view (at most 1:1). */
+  /** Scale and offset so that every node and group is in view (at most 1:1). */
   fitView() {
-    const nodes = this.graph._nodes;
-    if (!nodes.length) return;
     const title = LiteGraph.NODE_TITLE_HEIGHT;
-    const left = Math.min(...nodes.map((n) => n.pos[0])) - 20;
-    const top = Math.min(...nodes.map((n) => n.pos[1])) - title - 20;
-    const right = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 20;
-    const bottom = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 20;
+    const boxes = [...this.graph._nodes.map((n) => [n.pos[0], n.pos[1] - title, n.pos[0] + n.size[0], n.pos[1] + n.size[1]]),
+                   ...this.graph._groups.map((g) => [g.pos[0], g.pos[1], g.pos[0] + g.size[0], g.pos[1] + g.size[1]])];
+    if (!boxes.length) return;
+    const left = Math.min(...boxes.map((b) => b[0])) - 20;
+    const top = Math.min(...boxes.map((b) => b[1])) - 20;
+    const right = Math.max(...boxes.map((b) => b[2])) + 20;
+    const bottom = Math.max(...boxes.map((b) => b[3])) + 20;
     const { width, height } = this.canvasElement;
     const scale = Math.min(1, width / (right - left), height / (bottom - top));
     this.canvas.ds.scale = scale;
     this.canvas.ds.offset = [-left + (width / scale - (right - left)) / 2, -top];
+    this.fitted = { scale, offset: [...this.canvas.ds.offset] };
     this.canvas.setDirty(true, true);
   }
 
@@ -241,7 +333,7 @@ class App {
           const widget = target.widgets?.find((w) => w.name === name);
           if (!widget) continue;
           this.widgetToInput(target, widget);
-          slot = target.inputs.length - 1;
+          slot = target.inputs.findIndex((s) => s.name === name);
         }
         nodes[value[0]].connect(value[1], target, slot);
       }
@@ -260,19 +352,32 @@ class App {
     }
     if (!name.endsWith(".json")) name += ".json";
     await this.api.json(`/workflows/${encodeURIComponent(name)}`, { method: "PUT", body: this.serialize() });
-    this.workflowName = name;
-    document.getElementById("workflow-name").textContent = name;
+    this.setName(name);
     this.showPanel("workflows");
   }
 
+  /** A workflow file (JSON, or a PNG carrying one), named after the file. */
   async openFile(file) {
     if (file.type === "image/png" || file.name.toLowerCase().endsWith(".png")) {
       const chunks = pngTextChunks(await file.arrayBuffer());
-      if (chunks.workflow) return this.loadWorkflow(JSON.parse(chunks.workflow));
-      if (chunks.prompt) return this.loadWorkflow(JSON.parse(chunks.prompt));
+      if (chunks.workflow) return this.loadWorkflow(JSON.parse(chunks.workflow), { name: file.name });
+      if (chunks.prompt) return this.loadWorkflow(JSON.parse(chunks.prompt), { name: file.name });
       throw new Error(`${file.name} carries no workflow (no 'workflow' or 'prompt' text chunk)`);
     }
-    this.loadWorkflow(JSON.parse(await file.text()));
+    this.loadWorkflow(JSON.parse(await file.text()), { name: file.name });
+  }
+
+  /** A shipped workflow from /templates/, named by its title. */
+  async openTemplate(name, title = name) {
+    this.loadWorkflow(await this.api.json(`/templates/${encodeURIComponent(name)}.json`), { name: title });
+  }
+
+  /** Show (or stop showing) a node's IMAGE outputs on it after each run ("preview on node"). */
+  setPreviewOnNode(node, on) {
+    if (on) node.properties[PREVIEW_PROPERTY] = true;
+    else delete node.properties[PREVIEW_PROPERTY];
+    this.changed();
+    this.canvas.setDirty(true, false);
   }
 
   /** A file dropped on the canvas: an image onto a LoadImage-like node is uploaded, anything else is opened. */
@@ -321,16 +426,38 @@ class App {
     return uiToApi(this.serialize(), this.objectInfo);
   }
 
+  /**
+   * The API prompt as queued: the workflow's, plus a PreviewImage on every IMAGE output of a node marked "preview
+   * on node" (its id says which node and slot; its images are drawn on that node).
+   */
+  queuedPrompt(workflow) {
+    const prompt = uiToApi(workflow, this.objectInfo);
+    this.previewSources = {};
+    for (const node of this.graph._nodes) {
+      if (!node.properties?.[PREVIEW_PROPERTY] || !(String(node.id) in prompt)) continue;
+      node.outputs.forEach((output, slot) => {
+        if (output.type !== "IMAGE") return;
+        const id = `${node.id}-preview-${slot}`;
+        prompt[id] = { class_type: "PreviewImage", inputs: { images: [String(node.id), slot] },
+                       _meta: { title: `Preview of ${node.title}` } };
+        this.previewSources[id] = [String(node.id), slot];
+      });
+    }
+    return prompt;
+  }
+
   async queuePrompt() {
     const workflow = this.serialize();
-    const promptBody = { prompt: uiToApi(workflow, this.objectInfo), client_id: this.api.clientId,
+    const promptBody = { prompt: this.queuedPrompt(workflow), client_id: this.api.clientId,
                          extra_data: { extra_pnginfo: { workflow } } };
     this.errors = {};
     this.renderErrors(null);
     try {
       const result = await this.api.json("/prompt", { method: "POST", body: promptBody });
       if (Object.keys(result.node_errors ?? {}).length) this.showNodeErrors(result.node_errors, null);
-      for (const node of this.graph._nodes) for (const widget of node.widgets ?? []) if (widget.control) applySeedControl(widget);
+      for (const node of this.graph._nodes) {
+        for (const widget of node.widgets ?? []) if (widget.control && !widget.hidden) applySeedControl(widget);
+      }
       this.changed();
       this.refreshPanels();
       return result.prompt_id;
@@ -347,29 +474,16 @@ class App {
 
   /** Errors from the server on the node and input they concern (validation's node_errors). */
   showNodeErrors(nodeErrors, topError) {
-    this.errors = {};
-    for (const [id, entry] of Object.entries(nodeErrors)) {
-      this.errors[id] = (entry.errors ?? []).map((e) => ({ input: e.extra_info?.input_name ?? null,
-                                                         message: e.details ? `${e.message}: ${e.details}` : e.message }));
-    }
+    this.errors = nodeErrorEntries(nodeErrors);
     this.renderErrors(topError);
     this.canvas.setDirty(true, true);
   }
 
   renderErrors(topError) {
-    const box = document.getElementById("errors");
-    const items = [];
-    if (topError) items.push(el("div", { className: "error-top", textContent: `${topError.message}${topError.details ? ` — ${topError.details}` : ""}` }));
-    for (const [id, errors] of Object.entries(this.errors)) {
-      const node = this.graph.getNodeById(Number(id)) ?? this.graph.getNodeById(id);
-      for (const error of errors) {
-        items.push(el("div", { className: "error-node", dataset: { node: id, input: error.input ?? "" },
-                               textContent: `#${id} ${node?.title ?? ""}${error.input ? ` › ${error.input}` : ""}: ${error.message}`,
-                               onclick: () => node && this.canvas.centerOnNode(node) }));
-      }
-    }
-    box.replaceChildren(...items);
-    box.hidden = items.length === 0;
+    renderErrorBox(document.getElementById("errors"), topError, this.errors, this.graph, (node) => {
+      this.canvas.centerOnNode(node);
+      this.canvas.setDirty(true, true);
+    });
   }
 
   // events of a run ---------------------------------------------------------------------------------
@@ -391,6 +505,8 @@ class App {
       this.run.node = data.node;
       if (data.node === null) {
         this.setOverall(1);
+        this.previews = {}; // a sampler's last latent preview is not its result
+        this.clearLivePreview();
         this.refreshPanels();
       } else {
         this.setOverall();
@@ -404,8 +520,9 @@ class App {
     });
     on("executed", async (data) => {
       const images = data.output?.images ?? [];
-      this.nodeImages[String(data.node)] = await Promise.all(images.map((image) => loadImage(this.api.viewUrl(image))));
-      delete this.previews[String(data.node)];
+      const id = this.previewSources[String(data.node)]?.[0] ?? String(data.node);
+      this.nodeImages[id] = await Promise.all(images.map((image) => loadImage(this.api.viewUrl(image))));
+      delete this.previews[id];
       this.canvas.setDirty(true, false);
       this.refreshPanel("results");
     });
@@ -413,19 +530,24 @@ class App {
       this.errors[String(data.node_id)] = [{ input: null, message: `${data.exception_type}: ${data.exception_message}` }];
       this.renderErrors({ message: `Error in #${data.node_id} ${data.node_type}`, details: data.exception_message });
       this.run.node = null;
+      this.clearLivePreview();
       this.refreshPanels();
     });
     on("execution_interrupted", (data) => {
       this.toast(`Prompt ${data.prompt_id.slice(0, 8)} interrupted`);
       this.run.node = null;
+      this.clearLivePreview();
       this.refreshPanels();
     });
     on("b_preview", async ({ blob, meta }) => {
       const id = String(meta.node_id ?? meta.display_node_id ?? this.run.node);
       const url = URL.createObjectURL(blob);
       const image = await loadImage(url);
+      if (this.run.node === null) return URL.revokeObjectURL(url); // a frame that arrived after its run ended
       this.previews[id] = image;
-      document.getElementById("live-preview").src = url;
+      const preview = document.getElementById("live-preview");
+      if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
+      preview.src = url;
       this.canvas.setDirty(true, false);
     });
     on("reconnected", () => this.refreshPanels());
@@ -444,12 +566,8 @@ class App {
     const [width, height] = node.size;
     const title = LiteGraph.NODE_TITLE_HEIGHT;
     if (node.flags?.collapsed) return;
-    const image = this.previews[id] ?? this.nodeImages[id]?.[0];
-    if (image) {
-      const top = height + 6;
-      const scale = Math.min(width / image.width, 256 / image.height);
-      ctx.drawImage(image, (width - image.width * scale) / 2, top, image.width * scale, image.height * scale);
-    }
+    const images = this.previews[id] ? [this.previews[id]] : this.nodeImages[id];
+    if (images?.length) drawImageGrid(ctx, images, width, height + 6);
     if (String(this.run.node) === id) {
       ctx.strokeStyle = "#4caf50";
       ctx.lineWidth = 3;
@@ -465,9 +583,7 @@ class App {
       ctx.strokeStyle = "#ff4040";
       ctx.lineWidth = 3;
       ctx.strokeRect(-3, -title - 3, width + 6, height + title + 6);
-      ctx.fillStyle = "#ff6060";
-      ctx.font = "12px sans-serif";
-      errors.forEach((e, i) => ctx.fillText(`${e.input ? `${e.input}: ` : ""}${e.message}`.slice(0, 80), 0, -title - 8 - i * 14));
+      // the messages are drawn over every node by drawErrorLabels (errors.js), readable at any zoom
       for (const widget of node.widgets ?? []) {
         if (errors.some((e) => e.input === widget.name) && widget.last_y !== undefined) {
           ctx.strokeRect(10, widget.last_y, width - 20, LiteGraph.NODE_WIDGET_HEIGHT);
@@ -489,7 +605,7 @@ class App {
 
   refreshPanel(name) {
     const container = document.querySelector(`[data-panel="${name}"]`);
-    const render = { queue: renderQueue, results: renderResults, workflows: renderWorkflows }[name];
+    const render = { queue: renderQueue, results: renderResults, workflows: renderWorkflows, templates: renderTemplates }[name];
     render(container, this.api, this).catch((error) => this.toast(error.message));
   }
 
@@ -539,7 +655,7 @@ class App {
     byId("open-file").onclick = () => byId("file-input").click();
     byId("file-input").onchange = (e) => e.target.files[0] && this.openFile(e.target.files[0]).catch((err) => this.toast(err.message));
     byId("new").onclick = () => this.newWorkflow();
-    byId("load-default").onclick = async () => this.loadWorkflow(await this.api.json(DEFAULT_WORKFLOW));
+    byId("load-default").onclick = () => this.openTemplate(DEFAULT_TEMPLATE, DEFAULT_TITLE).catch((e) => this.toast(e.message));
     byId("refresh").onclick = () => this.refreshCombos().catch((e) => this.toast(e.message));
     byId("undo").onclick = () => this.undoStep();
     byId("redo").onclick = () => this.redoStep();
@@ -552,6 +668,7 @@ class App {
       const file = e.dataTransfer?.files?.[0];
       if (file) this.dropFile(file, e).catch((err) => this.toast(err.message));
     });
+    this.slotTooltip = new SlotTooltip(this, document.getElementById("slot-tooltip"));
     // changes are picked up after every gesture: pointer and key releases
     this.canvasElement.addEventListener("pointerup", () => setTimeout(() => this.changed(), 0));
     document.addEventListener("keyup", () => setTimeout(() => this.changed(), 0));

@@ -1,12 +1,15 @@
 /**
  * Node classes for litegraph, one per entry of /object_info: sockets for typed inputs and outputs, widgets for
- * values, a colour per socket type, the "convert to input" menu, and drawing of the run's state on the node
- * (running outline and progress, the error outline, output images and live previews).
+ * values, a colour per socket type, the "convert to input" and "preview on node" menu entries, and drawing of the
+ * run's state on the node (running outline and progress, the error outline, output images and live previews).
  */
 
 import { LGraphNode, LGraphCanvas, LiteGraph } from "@comfyorg/litegraph";
 import { declaredInputs, isWidgetSpec, specType } from "./convert.js";
-import { addInputWidget } from "./widgets.js";
+import { addInputWidget, hideWidget } from "./widgets.js";
+
+/** node.properties key: the IMAGE outputs shown on the node after a run (ComfyUI's "preview on node"). */
+export const PREVIEW_PROPERTY = "Preview image outputs";
 
 const TYPE_COLOURS = {
   MODEL: "#b39ddb", CLIP: "#ffd500", VAE: "#ff6e6e", CONDITIONING: "#ffa931", LATENT: "#ff9cf9",
@@ -64,22 +67,51 @@ function makeNodeClass(type, info, app) {
       this.size = [Math.max(width, 260), height];
     }
 
+    /**
+     * Inputs saved with `widget: {name}` (a converted widget): a linked one becomes a socket row and its widget is
+     * hidden, as "Convert to input" leaves it; an unlinked one stays on its widget (litegraph shows its socket
+     * under the pointer, as ComfyUI's current front end does).
+     */
     onConfigure() {
+      for (const slot of this.inputs) {
+        const widget = slot.widget && this.widgets?.find((w) => w.name === slot.widget.name);
+        if (widget && slot.link != null) {
+          slot.convertedWidget = widget.name;
+          delete slot.widget;
+          hideWidget(widget);
+        }
+      }
       for (const slot of [...this.inputs, ...this.outputs]) colourSlot(slot);
     }
 
-    getExtraMenuOptions(_canvas, options) {
+    /** The UI format keeps `widget: {name}` on a converted widget's input (convert.js and ComfyUI read it). */
+    onSerialize(data) {
+      this.inputs.forEach((slot, i) => {
+        if (!slot.convertedWidget || !data.inputs?.[i]) return;
+        data.inputs[i].widget = { name: slot.convertedWidget };
+        delete data.inputs[i].pos;
+      });
+    }
+
+    /** Our entries, returned and not pushed: litegraph puts the returned list before its own entries. */
+    getExtraMenuOptions() {
+      const entries = [];
       for (const widget of this.widgets ?? []) {
         const spec = info.input?.required?.[widget.name] ?? info.input?.optional?.[widget.name];
         if (!spec || !isWidgetSpec(spec)) continue;
-        const index = this.inputs.findIndex((s) => s.widget?.name === widget.name);
-        if (index < 0) {
-          options.push({ content: `Convert ${widget.name} to input`, callback: () => app.widgetToInput(this, widget) });
+        const index = this.inputs.findIndex((s) => s.convertedWidget === widget.name || s.widget?.name === widget.name);
+        if (index < 0 || !this.inputs[index].convertedWidget) {
+          entries.push({ content: `Convert ${widget.name} to input`, callback: () => app.widgetToInput(this, widget) });
         } else {
-          options.push({ content: `Convert ${widget.name} to widget`, callback: () => app.inputToWidget(this, index) });
+          entries.push({ content: `Convert ${widget.name} to widget`, callback: () => app.inputToWidget(this, index) });
         }
       }
-      return options;
+      if (!info.output_node && (info.output ?? []).includes("IMAGE")) {
+        const on = Boolean(this.properties?.[PREVIEW_PROPERTY]);
+        entries.push({ content: on ? "Stop previewing the image on the node" : "Preview the image on the node",
+                       callback: () => app.setPreviewOnNode(this, !on) });
+      }
+      return entries;
     }
 
     onDrawForeground(ctx) {

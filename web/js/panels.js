@@ -1,7 +1,11 @@
 /**
  * The DOM around the canvas: the node palette (searchable, grouped by category), the queue panel, the results
- * panel (this session's and earlier runs from /history) and the server-side workflows panel.
+ * panel (this session's and earlier runs from /history: prompt, seed, time taken, images), the server-side
+ * workflows panel and the shipped templates (from /templates/index.json, with their drawn thumbnails).
+ * Labels are plain text, never emoji: a machine without an emoji font draws those as empty boxes.
  */
+
+import { formatDuration, summarize } from "./history.js";
 
 const el = (tag, { dataset = {}, ...props } = {}, ...children) => {
   const node = Object.assign(document.createElement(tag), props);
@@ -29,8 +33,14 @@ export function renderPalette(container, objectInfo, onPick) {
       const items = byCategory[category].filter(([type, info]) => !query ||
         [type, info.display_name, category, info.description].some((t) => String(t ?? "").toLowerCase().includes(query)));
       if (!items.length) continue;
+      // the caret is ours (not the list marker) so it stays on the first line; long names wrap after a "/"
+      const name = el("span", { className: "palette-name" });
+      category.split("/").forEach((part, i, parts) => {
+        name.append(part + (i < parts.length - 1 ? "/" : ""));
+        if (i < parts.length - 1) name.append(el("wbr"));
+      });
       const group = el("details", { className: "palette-group", open: Boolean(query) },
-                       el("summary", { textContent: category }));
+                       el("summary", { title: category }, el("span", { className: "palette-caret" }), name));
       for (const [type, info] of items.sort((a, b) => (a[1].display_name || a[0]).localeCompare(b[1].display_name || b[0]))) {
         const tooltip = [info.description, `(${type})`].filter(Boolean).join("\n");
         group.append(el("button", { className: "palette-item", textContent: info.display_name || type,
@@ -54,7 +64,8 @@ export async function renderQueue(container, api) {
       renderQueue(container, api);
     } });
     return el("li", { className: running ? "running" : "pending", dataset: { promptId } },
-              el("span", { textContent: `${running ? "▶ running" : "⏳ pending"} #${number} ${promptId.slice(0, 8)}` }),
+              el("span", { className: `badge ${running ? "running" : "pending"}`, textContent: running ? "running" : "pending" }),
+              el("span", { className: "queue-id", textContent: `#${number} ${promptId.slice(0, 8)}` }),
               cancel);
   };
   const items = [...queue.queue_running.map((i) => row(i, true)), ...queue.queue_pending.map((i) => row(i, false))];
@@ -82,8 +93,13 @@ export async function renderResults(container, api) {
                 el("figcaption", {}, el("a", { href: full, download: image.filename, textContent: "download" })));
     });
     const message = (entry.status?.messages ?? []).find(([kind]) => kind === "execution_error")?.[1]?.exception_message;
-    return el("div", { className: `history-entry status-${status}`, dataset: { promptId } },
-              el("div", { className: "history-head", textContent: `${promptId.slice(0, 8)} — ${status}` }),
+    const { positive, seed, seconds } = summarize(entry);
+    const facts = [["history-seed", seed !== undefined ? `seed ${seed}` : null],
+                   ["history-time", seconds !== undefined ? formatDuration(seconds) : null], ["history-status", status]];
+    return el("div", { className: `history-entry status-${status}`, dataset: { promptId }, title: `prompt ${promptId}` },
+              positive !== undefined ? el("div", { className: "history-prompt", textContent: positive || "(empty prompt)" }) : null,
+              el("div", { className: "history-head" },
+                 ...facts.filter(([, text]) => text).map(([className, textContent]) => el("span", { className, textContent }))),
               message ? el("div", { className: "error-text", textContent: message }) : null,
               el("div", { className: "thumbs" }, ...thumbs));
   });
@@ -96,7 +112,7 @@ export async function renderWorkflows(container, api, app) {
   const names = await api.json("/workflows");
   const items = names.map((name) => el("li", { dataset: { name } },
     el("button", { className: "open", textContent: name, onclick: () => app.openSaved(name) }),
-    el("button", { className: "delete", textContent: "✕", title: `delete ${name}`, onclick: async () => {
+    el("button", { className: "delete", textContent: "Delete", title: `delete ${name}`, onclick: async () => {
       if (!confirm(`Delete ${name}?`)) return;
       await api.json(`/workflows/${encodeURIComponent(name)}`, { method: "DELETE" });
       renderWorkflows(container, api, app);
@@ -106,4 +122,20 @@ export async function renderWorkflows(container, api, app) {
   container.replaceChildren(el("div", { className: "panel-actions" }, save, saveAs),
                             items.length ? el("ul", { className: "workflow-list" }, ...items)
                               : el("p", { className: "empty", textContent: "No saved workflows." }));
+}
+
+/** The shipped workflows (the server's /templates/index.json): thumbnail, title, description; a click opens one. */
+export async function renderTemplates(container, api, app) {
+  const index = await api.json("/templates/index.json");
+  const cards = index.flatMap((category) => (category.templates ?? []).map((template) => {
+    const thumbnail = template.mediaSubtype ? `/templates/${encodeURIComponent(template.name)}-1.${template.mediaSubtype}` : null;
+    return el("button", { className: "template", dataset: { name: template.name }, title: `open ${template.name}`,
+                          onclick: () => app.openTemplate(template.name, template.title || template.name)
+                            .catch((error) => app.toast(error.message)) },
+              thumbnail ? el("img", { className: "template-thumb", src: thumbnail, alt: "", loading: "lazy" }) : null,
+              el("span", { className: "template-title", textContent: template.title || template.name }),
+              el("span", { className: "template-description", textContent: template.description ?? "" }));
+  }));
+  container.replaceChildren(cards.length ? el("div", { className: "template-list" }, ...cards)
+    : el("p", { className: "empty", textContent: "No shipped workflows." }));
 }

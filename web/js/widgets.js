@@ -124,3 +124,29 @@ export function applySeedControl(widget) {
   else if (mode === "decrement") widget.value = Math.max(min, widget.value - step2);
   else if (mode === "randomize") widget.value = min + Math.floor(Math.random() * Math.min(top - min + 1, 2 ** 50));
 }
+
+/**
+ * A widget converted to an input: hidden and taking no room (its companion control widget too), its value still
+ * in widgets_values at its place. The input is an ordinary socket row, always drawn; litegraph would otherwise lay
+ * an input that names a widget over that widget and draw it only under the pointer. The `widget: {name}` that the
+ * UI format keeps on such an input is written back when the node is serialised (nodes.js).
+ */
+export function hideWidget(widget) {
+  for (const w of [widget, widget.control].filter(Boolean)) {
+    if (w.hidden) continue;
+    w.hidden = true;
+    w.shownComputeSize = Object.getOwnPropertyDescriptor(w, "computeSize") ?? null;
+    w.computeSize = () => [0, -4];
+  }
+}
+
+/** Show a widget hidden by hideWidget again. */
+export function showWidget(widget) {
+  for (const w of [widget, widget.control].filter(Boolean)) {
+    if (!w.hidden) continue;
+    w.hidden = false;
+    if (w.shownComputeSize) Object.defineProperty(w, "computeSize", w.shownComputeSize);
+    else delete w.computeSize;
+    delete w.shownComputeSize;
+  }
+}
