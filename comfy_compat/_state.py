@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from graph.comfy_v1 import current_run
@@ -12,7 +12,8 @@ from graph.comfy_v1 import current_run
 class CompatState:
     env: Any = None
     registry: Any = None
-    publish: Any = None  # (event, data, client_id or None) -> None, set when a server attaches
+    # (event, data, client_id or None) -> None of each server that attached (one per process outside tests)
+    publishers: list[Any] = field(default_factory=list)
 
 
 STATE = CompatState()

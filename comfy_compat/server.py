@@ -42,11 +42,17 @@ class PromptServer:
         return (getattr(ctx, "extra_data", None) or {}).get("client_id") if ctx is not None else None
 
     def attach(self, app: web.Application, publish: Any) -> None:
-        """Mount the routes packs declared (once per app) and deliver messages through `publish`."""
-        STATE.publish = publish
+        """Mount the routes packs declared (once per app) and deliver messages through `publish` too."""
         self.app = app
         if id(app) in self._mounted:
             return
+        STATE.publishers.append(publish)
+
+        async def detach(app: web.Application) -> None:
+            if publish in STATE.publishers:
+                STATE.publishers.remove(publish)
+
+        app.on_cleanup.append(detach)
         self._mounted.add(id(app))
         latest: dict[tuple[str, str], web.RouteDef] = {}
         for route in self.routes:  # a pack imported again (another registry) declares its routes again
@@ -61,14 +67,15 @@ class PromptServer:
 
     def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
         """Send `{"type": event, "data": data}` to the client `sid`, or to every client when None (as ComfyUI).
-        Without a server (a prompt run from the CLI) the message is logged at debug level and dropped."""
+        Without a server (a prompt run from the CLI) the message is logged at debug level and dropped; every
+        server of the process gets it (a client id is one server's)."""
         if isinstance(event, int):
             log.debug("binary message %s from a pack dropped (not supported)", event)
             return
-        if STATE.publish is None:
+        if not STATE.publishers:
             log.debug("pack message %s dropped: no server", event)
-            return
-        STATE.publish(event, data, sid)
+        for publish in STATE.publishers:  # one server per process, but tests start several
+            publish(event, data, sid)
 
     async def send_json(self, event: str, data: Any, sid: str | None = None) -> None:
         self.send_sync(event, data, sid)

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from graph.registry import NodeRegistry
 from server import (
+    extensions,
     front_end,
     global_subgraphs,
     openapi,
@@ -127,7 +128,7 @@ def origin_middleware(config: ServerConfig) -> Any:
 
 STATIC_ROUTE_NAMES = frozenset({"canvas-index", "canvas-static", "canvas-templates", "canvas-templates-api",
                                 "front-end-user-css", "front-end-favicon", "front-end-template-search",
-                                "front-end-template-search-api"})
+                                "front-end-template-search-api", "pack-web"})
 
 
 def auth_middleware(token: str) -> Any:
@@ -223,6 +224,7 @@ def create_app(config: ServerConfig, registry: NodeRegistry | None = None) -> we
     app[STATE] = ServerState(config, registry)
     routes_user.setup(app)  # the user directory (ComfyUI's front end keeps workflows and settings there)
     routes_frontend.setup(app)  # the log buffer behind /internal/logs
+    extensions.setup(app)  # node packs' web folders and HTTP routes (before the catch-all static route)
     if config.front_end == "comfyui":  # what ComfyUI's page asks for besides the API (server/front_end.py)
         front_end.add_routes(app)
     for method, path, handler in api_routes():

@@ -29,6 +29,7 @@ from nodes.environment import (
     safe_join,
 )
 from server import workflow_templates
+from server.extensions import script_urls
 from server.file_names import check_text
 from server.log_buffer import LOG_BUFFER, LogBuffer
 from server.routes_info import MODEL_EXTENSIONS
@@ -66,9 +67,9 @@ async def i18n(request: web.Request) -> web.Response:
 
 
 async def extensions(request: web.Request) -> web.Response:
-    """The node packs' front-end extension scripts to import: we serve none (the front end's own core
-    extensions are bundled in it and skipped by it)."""
-    return web.json_response([])
+    """The node packs' front-end extension scripts to import (their WEB_DIRECTORY, server/extensions.py; the
+    front end's own core extensions are bundled in it and skipped by it)."""
+    return web.json_response(script_urls(request.app))
 
 
 async def workflow_templates_of_packs(request: web.Request) -> web.Response:
