@@ -1,6 +1,6 @@
 """IP-Adapter nodes with the interfaces of the ComfyUI_IPAdapter_plus node pack (class names, inputs, defaults,
 ranges and outputs as its workflows save them): IPAdapterModelLoader, IPAdapterUnifiedLoader, IPAdapter,
-IPAdapterAdvanced, IPAdapterEncoder, IPAdapterEmbeds.
+IPAdapterAdvanced, IPAdapterEncoder, IPAdapterEmbeds, IPAdapterCombineEmbeds.
 
 A reference image is encoded by a CLIP vision model (nodes/clip_vision.py's CLIP_VISION), projected by the
 IP-Adapter into image tokens and attended to at every cross-attention of the UNet of a MODEL clone
@@ -23,9 +23,11 @@ from diffusion.handles import ClipVisionModel, DiffusionModel
 from diffusion.models.ip_adapter import load_ip_adapter
 from diffusion.patches.ip_adapter_patch import (
     COMBINE_METHODS,
+    EMBEDS_COMBINE_METHODS,
     IPAdapterHandle,
     IPAttentionHook,
     check_fits,
+    combine_embeds,
     image_tokens,
     ip_adapter_patches,
 )
@@ -289,5 +291,23 @@ class IPAdapterEmbeds(Node):
                                  "concat", embeds_scaling, attn_mask, node),)
 
 
+class IPAdapterCombineEmbeds(Node):
+    display_name = "IPAdapter Combine Embeds"
+    category = "ipadapter/embeds"
+    description = ("Several EMBEDS as one: concatenated (each image keeps its tokens) or combined element by element "
+                   "(add, subtract the mean of the others from the first, average, norm average, max, min).")
+    inputs = [Socket("embed1", EMBEDS), Combo("method", list(EMBEDS_COMBINE_METHODS)),
+              *(Socket(f"embed{i}", EMBEDS, optional=True) for i in range(2, 6))]
+    outputs = [Output(EMBEDS)]
+
+    def execute(self, embed1, method, embed2=None, embed3=None, embed4=None, embed5=None):
+        embeds = [e for e in (embed1, embed2, embed3, embed4, embed5) if e is not None]
+        shapes = {tuple(e.shape[1:]) for e in embeds}
+        if len(shapes) > 1:
+            raise ValueError(f"IPAdapterCombineEmbeds: the embeds differ in shape ({sorted(shapes)}): they come from "
+                             f"different CLIP vision models or IP-Adapter variants")
+        return (combine_embeds(torch.cat(embeds), method),)
+
+
 NODE_CLASSES = [IPAdapterUnifiedLoader, IPAdapterModelLoader, IPAdapter, IPAdapterAdvanced, IPAdapterEncoder,
-                IPAdapterEmbeds]
+                IPAdapterEmbeds, IPAdapterCombineEmbeds]

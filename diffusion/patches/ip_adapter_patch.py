@@ -33,6 +33,7 @@ from .unet_patches import Site, UNetPatches, uncond_rows
 log = logging.getLogger(__name__)
 
 COMBINE_METHODS = ("concat", "add", "subtract", "average", "norm average")
+EMBEDS_COMBINE_METHODS = (*COMBINE_METHODS, "max", "min")  # IPAdapterCombineEmbeds has two more
 
 
 @dataclass(eq=False)
@@ -63,9 +64,11 @@ class IPAdapterHandle:
 def combine_embeds(embeds: Tensor, method: str) -> Tensor:
     """Several images' embeddings [N, ...] combined into [1, ...] (or kept, for "concat"): `add` sums them,
     `subtract` takes the first minus the mean of the others, `average` their mean, `norm average` the mean of
-    the embeddings each scaled to unit length along the width, rescaled to the images' mean length."""
-    if method not in COMBINE_METHODS:
-        raise ValueError(f"combine_embeds {method!r} is not supported; expected one of {', '.join(COMBINE_METHODS)}")
+    the embeddings each scaled to unit length along the width, rescaled to the images' mean length; `max` and
+    `min` element by element."""
+    if method not in EMBEDS_COMBINE_METHODS:
+        raise ValueError(f"combine method {method!r} is not supported; expected one of "
+                         f"{', '.join(EMBEDS_COMBINE_METHODS)}")
     if method == "concat" or embeds.shape[0] == 1:
         return embeds
     if method == "add":
@@ -74,6 +77,8 @@ def combine_embeds(embeds: Tensor, method: str) -> Tensor:
         return embeds[:1] - embeds[1:].mean(0, keepdim=True)
     if method == "average":
         return embeds.mean(0, keepdim=True)
+    if method in ("max", "min"):
+        return embeds.amax(0, keepdim=True) if method == "max" else embeds.amin(0, keepdim=True)
     norms = embeds.norm(dim=-1, keepdim=True)
     return (embeds / norms.clamp_min(1e-12)).mean(0, keepdim=True) * norms.mean(0, keepdim=True)
 

@@ -155,8 +155,10 @@ def test_combine_embeds() -> None:
     # unit directions averaged, scaled to the mean length (1, 2, 2.83)
     direction = (torch.tensor([1.0, 0.0]) + torch.tensor([0.0, 1.0]) + torch.tensor([1.0, 1.0]) / 2**0.5) / 3
     torch.testing.assert_close(combine_embeds(three, "norm average")[0], direction * (1 + 2 + 8**0.5) / 3)
-    with pytest.raises(ValueError, match="'max'"):
-        combine_embeds(three, "max")
+    torch.testing.assert_close(combine_embeds(three, "max"), torch.tensor([[2.0, 2.0]]))
+    torch.testing.assert_close(combine_embeds(three, "min"), torch.tensor([[0.0, 0.0]]))
+    with pytest.raises(ValueError, match="'median'"):
+        combine_embeds(three, "median")
 
 
 @torch.no_grad()

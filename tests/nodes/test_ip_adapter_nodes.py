@@ -193,5 +193,39 @@ def test_interfaces_match_the_node_pack(engine):
     unified = info["IPAdapterUnifiedLoader"]
     assert unified["output"] == ["MODEL", "IPADAPTER"] and unified["output_name"] == ["model", "ipadapter"]
     assert unified["input"]["required"]["preset"][0][0] == "LIGHT - SD1.5 only (low strength)"
+    combine = info["IPAdapterCombineEmbeds"]
+    assert list(combine["input"]["required"]) == ["embed1", "method"]
+    assert combine["input"]["required"]["method"][0] == ["concat", "add", "subtract", "average", "norm average",
+                                                         "max", "min"]
+    assert list(combine["input"]["optional"]) == ["embed2", "embed3", "embed4", "embed5"]
+    assert combine["output"] == ["EMBEDS"] and combine["category"] == "ipadapter/embeds"
     loader = info["IPAdapterModelLoader"]
     assert list(loader["input"]["required"]) == ["ipadapter_file"] and loader["category"] == "ipadapter/loaders"
+
+
+def test_weighted_embeds_combined(engine, model_dir):
+    """Two encoders with their own weights, averaged by IPAdapterCombineEmbeds, into IPAdapterEmbeds (the pack's
+    weighted-embeds recipe): the average of the weighted embeddings."""
+    setup_files(engine, model_dir)
+    nodes = advanced("plus.bin")
+    for node, image, weight in (("22", "30", 1.5), ("26", "31", 0.6)):
+        nodes[node] = {"class_type": "IPAdapterEncoder", "inputs": {
+            "ipadapter": ["20", 0], "image": [image, 0], "weight": weight, "clip_vision": ["40", 0]}}
+    nodes["27"] = {"class_type": "IPAdapterCombineEmbeds", "inputs": {"embed1": ["22", 0], "method": "average",
+                                                                      "embed2": ["26", 0]}}
+    nodes["23"] = {"class_type": "IPAdapterEmbeds", "inputs": {
+        "model": ["4", 0], "ipadapter": ["20", 0], "pos_embed": ["27", 0], "neg_embed": ["22", 1],
+        "weight": 0.8, "weight_type": "linear", "start_at": 0.0, "end_at": 1.0, "embeds_scaling": "V only"}}
+    prompt = with_adapter(nodes, "23")
+    a, b = engine.outputs(prompt, "22")[0][0], engine.outputs(prompt, "26")[0][0]
+    combined = engine.outputs(prompt, "27")[0][0]
+    torch.testing.assert_close(combined, (a + b) / 2)
+    assert (samples(engine, prompt) - samples(engine, base_prompt())).abs().max() > 1e-3
+    nodes["27"]["inputs"]["method"] = "max"
+    torch.testing.assert_close(engine.outputs(with_adapter(nodes, "23"), "27")[0][0], torch.maximum(a, b))
+    nodes["27"]["inputs"]["embed2"] = ["22", 1]  # [1, tokens, width] besides [1, tokens, width]: same shape, fine
+    nodes["28"] = {"class_type": "IPAdapterEncoder", "inputs": {
+        "ipadapter": ["29", 0], "image": ["31", 0], "weight": 1.0, "clip_vision": ["40", 0]}}
+    nodes["29"] = {"class_type": "IPAdapterModelLoader", "inputs": {"ipadapter_file": "ip-adapter_sd15.safetensors"}}
+    nodes["27"]["inputs"]["embed3"] = ["28", 0]  # image embeds [1, 24] among hidden states
+    assert "differ in shape" in error_of(engine, with_adapter(nodes, "23"))

@@ -61,7 +61,7 @@ OURS_ONLY = frozenset({
     "TrainLoraFromImages",  # LoRA training from a folder of images
     # the ComfyUI_IPAdapter_plus node pack's interfaces (checked in tests/nodes/test_ip_adapter_nodes.py)
     "IPAdapter", "IPAdapterAdvanced", "IPAdapterEmbeds", "IPAdapterEncoder", "IPAdapterModelLoader",
-    "IPAdapterUnifiedLoader",
+    "IPAdapterUnifiedLoader", "IPAdapterCombineEmbeds",
 })
 
 # Keys ComfyUI's /object_info can give a node; we always give all of them.
