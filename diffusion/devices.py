@@ -27,9 +27,13 @@ def pick_device(
     *,
     cuda: bool | None = None,
     mps: bool | None = None,
+    cuda_count: int | None = None,
 ) -> torch.device:
     """The compute device: `preference` ("cuda", "cuda:1", "mps", "cpu") when given, else CUDA, then MPS,
-    then the CPU. Asking for a device that is not there is an error, not a silent fall back to the CPU."""
+    then the CPU. Asking for a device that is not there (no CUDA, or `cuda:N` past the last GPU) is an error, not a
+    silent fall back to the CPU."""
+    if cuda_count is None and cuda is None:  # the machine's own GPUs (given `cuda`, the count is not checked)
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     cuda = torch.cuda.is_available() if cuda is None else cuda
     mps = has_mps() if mps is None else mps
     if preference is None:
@@ -40,6 +44,9 @@ def pick_device(
         raise ValueError(f"unknown device {preference!r}; use 'cuda', 'cuda:N', 'mps' or 'cpu'") from e
     if device.type == "cuda" and not cuda:
         raise ValueError(f"device {preference!r} asked for, but CUDA is not available")
+    if device.type == "cuda" and cuda_count is not None and device.index is not None and device.index >= cuda_count:
+        raise ValueError(f"device {preference!r} asked for, but this machine has {cuda_count} CUDA device(s) "
+                         f"(cuda:0 to cuda:{cuda_count - 1})")
     if device.type == "mps" and not mps:
         raise ValueError(f"device {preference!r} asked for, but MPS is not available")
     if device.type not in ("cuda", "mps", "cpu"):
@@ -91,6 +98,46 @@ def pick_dtype(
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_fast_bf16(cpu_flags) else torch.float32
     raise ValueError(f"no dtype rule for device type {device.type!r}")
+
+
+# What --precision (and ComfyUI's --force-fp32/--force-fp16/--bf16-unet/--fp32-vae) may name.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Which models a dtype choice is made for: the diffusion model, text encoders, the VAE, image-space networks
+# (upscalers: fp16 overflows there as in a VAE), and every other network (ControlNet, CLIP vision, GLIGEN, ...).
+MODEL_ROLES = ("unet", "text", "vae", "image", "model")
+
+
+def model_dtype(
+    device: torch.device | str,
+    role: str = "model",
+    *,
+    precision: str | None = None,
+    unet_precision: str | None = None,
+    vae_precision: str | None = None,
+    cuda_bf16: bool | None = None,
+    cpu_flags: Iterable[str] | None = None,
+) -> torch.dtype:
+    """The weight dtype of a model of `role` on `device`, honouring what the user forced.
+
+    `precision` ("fp32", "bf16", "fp16"; None: pick_dtype's rule) is for every model; `unet_precision` and
+    `vae_precision` override it for the diffusion model and the VAE alone. A VAE or an image-space network
+    never runs in fp16 unless `vae_precision` says so (its activations overflow fp16's range): asked for fp16
+    everywhere, it gets fp32. Passing the choice in, rather than reading a global, lets two environments in one
+    process (tests, a planning host) differ."""
+    if role not in MODEL_ROLES:
+        raise ValueError(f"unknown model role {role!r}; one of {', '.join(MODEL_ROLES)}")
+    for name in (precision, unet_precision, vae_precision):
+        if name is not None and name not in PRECISIONS:
+            raise ValueError(f"unknown precision {name!r}; use {', '.join(PRECISIONS)}")
+    if role == "unet" and unet_precision is not None:
+        return PRECISIONS[unet_precision]
+    if role == "vae" and vae_precision is not None:
+        return PRECISIONS[vae_precision]
+    pixels = role in ("vae", "image")
+    if precision is not None:
+        dtype = PRECISIONS[precision]
+        return torch.float32 if pixels and dtype == torch.float16 else dtype
+    return pick_dtype(device, for_vae=pixels, cuda_bf16=cuda_bf16, cpu_flags=cpu_flags)
 
 
 def meminfo(path: str = "/proc/meminfo") -> dict[str, int]:

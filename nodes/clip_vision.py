@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from diffusion.checkpoints.files import read_metadata, read_state_dict
-from diffusion.devices import pick_dtype
 from diffusion.handles import ClipVisionModel
 from diffusion.models.clip_vision import clip_vision_from_state_dict, load_clip_vision
 from diffusion.models.style_model import StyleModel, load_style_model
@@ -52,7 +51,7 @@ class CLIPVisionLoader(_ModelFileNode):
 
         def load() -> ClipVisionModel:
             with env.naming_files():
-                model = load_clip_vision(path, dtype=pick_dtype(env.model_manager().device))
+                model = load_clip_vision(path, dtype=env.model_dtype())
             return _clip_vision_handle(env, model, Path(clip_name).stem)
 
         return (env.model_cache.load(("clip_vision", *_file_key(path)), load),)
@@ -87,7 +86,7 @@ class unCLIPCheckpointLoader(_ModelFileNode):
                 sd = read_state_dict(path)
                 try:
                     vision = clip_vision_from_state_dict(sd, read_metadata(path), what="unCLIP image encoder",
-                                                         dtype=pick_dtype(env.model_manager().device))
+                                                         dtype=env.model_dtype())
                 except ValueError as e:
                     raise ValueError(f"{path}: {e} (is this an unCLIP checkpoint? it was read as "
                                      f"{model.family.title})") from None
@@ -130,7 +129,7 @@ class StyleModelLoader(_ModelFileNode):
         def load() -> StyleModel:
             manager = env.model_manager()
             with env.naming_files():
-                model = load_style_model(path, dtype=pick_dtype(manager.device))
+                model = load_style_model(path, dtype=env.model_dtype())
             return StyleModel(ModelPatcher(model, manager.device, "cpu", name=Path(style_model_name).stem), manager)
 
         return (env.model_cache.load(("style_model", *_file_key(path)), load),)

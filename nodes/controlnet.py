@@ -14,7 +14,6 @@ from typing import Any
 
 from diffusion.checkpoints.controlnet_files import build_controlnet, is_diff_controlnet, read_controlnet
 from diffusion.checkpoints.t2i_adapter_files import is_t2i_adapter_file, load_t2i_adapter
-from diffusion.devices import pick_dtype
 from diffusion.handles import DiffusionModel
 from diffusion.patches.control import ControlNetHandle, ControlStep, apply_control, load_controlnet_handle
 from diffusion.patches.t2i_adapter_control import load_t2i_adapter_handle
@@ -58,7 +57,7 @@ def _load(env: Environment, name: str, node: str, model: DiffusionModel | None =
                     def base(key: str):  # the MODEL's weights, its own patches (LoRA) applied
                         return model.patcher.patched_weight(key, "cpu") if key in params else None
 
-                net = build_controlnet(sd, info, dtype=pick_dtype(manager.device), base=base)
+                net = build_controlnet(sd, info, dtype=env.model_dtype(), base=base)
         except ValueError as exc:
             raise ValueError(f"{node}: control_net_name {name!r}: {exc}") from None
         return load_controlnet_handle(net, info, manager, Path(name).stem)

@@ -182,7 +182,16 @@ class Environment:
     # Loaded models by (kind, path, options), shared by the loader nodes across prompts; /free empties it.
     model_cache: ModelCache = field(default_factory=ModelCache)  # each file loaded once, even by threads at once
     device: str | None = None  # "cuda", "cuda:1", "mps", "cpu"; None picks the best available
-    low_memory: bool = False  # stream layers of models larger than the device's free memory
+    # "normal"; "low" (--lowvram): stream layers of models larger than the device's free memory; "no" (--novram):
+    # stream every layer; "high" (--highvram): models rest on the compute device, never moved back to RAM.
+    vram: str = "normal"
+    # Weight dtypes (diffusion.devices.model_dtype): `precision` for every model ("fp32", "bf16", "fp16"; None: the
+    # device's rule), `unet_precision` and `vae_precision` for the diffusion model and the VAE alone.
+    precision: str | None = None
+    unet_precision: str | None = None
+    vae_precision: str | None = None
+    input_dir_override: Path | None = None  # --input-directory
+    temp_dir_override: Path | None = None  # --temp-directory (its temp/ folder, as ComfyUI)
     max_image_pixels: int | None = None  # all frames of an image together; None: nodes/image_limits.py's default
     max_image_frames: int | None = None
     _manager: Any = field(default=None, init=False, repr=False)
@@ -199,8 +208,16 @@ class Environment:
                 from diffusion.memory import ModelManager
 
                 device = pick_device(self.device)
-                self._manager = ModelManager(device, "cpu", low_memory=self.low_memory)
+                self._manager = ModelManager(device, **manager_options(self.vram, device))
         return self._manager
+
+    def model_dtype(self, role: str = "model") -> Any:
+        """The torch dtype a loader gives a model of `role` ("unet", "text", "vae", "image", "model") on this
+        environment's device: the forced precisions when set, else the device's rule (diffusion.devices)."""
+        from diffusion.devices import model_dtype
+
+        return model_dtype(self.model_manager().device, role, precision=self.precision,
+                           unet_precision=self.unet_precision, vae_precision=self.vae_precision)
 
     def list_models(self, kind: str) -> list[str]:
         """Model files of a kind, as names relative to their folder (subfolders with "/"), read afresh
@@ -242,6 +259,8 @@ class Environment:
         labels: list[tuple[str | Path, str]] = [(self.data_dir, ""), (bundled_models_dir(), "<bundled models>")]
         if self.output_dir_override is not None:
             labels.append((self.output_dir_override, "output"))
+        labels += [(folder, label) for folder, label in ((self.input_dir_override, "input"),
+                                                         (self.temp_dir_override, "temp")) if folder is not None]
         for kind, folders in self.extra_model_dirs.items():
             labels += [(folder, f"<extra {kind}: {Path(folder).name}>") for folder in folders]
         return folder_names(labels)
@@ -262,7 +281,7 @@ class Environment:
 
     @property
     def input_dir(self) -> Path:
-        return self.data_dir / "input"
+        return self.input_dir_override or self.data_dir / "input"
 
     @property
     def output_dir(self) -> Path:
@@ -270,7 +289,7 @@ class Environment:
 
     @property
     def temp_dir(self) -> Path:
-        return self.data_dir / "temp"
+        return self.temp_dir_override or self.data_dir / "temp"
 
     @property
     def custom_nodes_dir(self) -> Path:
@@ -299,8 +318,10 @@ class Environment:
     def device_stats(self) -> list[dict[str, Any]]:
         """The compute devices in /system_stats' shape (bytes)."""
         devices = []
-        if torch.cuda.is_available():
-            for index in range(torch.cuda.device_count()):
+        chosen = torch.device(self.device) if self.device else None  # --device: that device's workers alone
+        if torch.cuda.is_available() and (chosen is None or chosen.type == "cuda"):
+            indices = range(torch.cuda.device_count()) if chosen is None or chosen.index is None else [chosen.index]
+            for index in indices:
                 free, total = torch.cuda.mem_get_info(index)
                 devices.append({"name": torch.cuda.get_device_name(index), "type": "cuda", "index": index,
                                 "vram_total": total, "vram_free": free,
@@ -312,6 +333,19 @@ class Environment:
             devices.append({"name": "cpu", "type": "cpu", "index": None, "vram_total": total, "vram_free": free,
                             "torch_vram_total": 0, "torch_vram_free": 0})
         return devices
+
+
+VRAM_MODES = ("normal", "low", "no", "high")
+
+
+def manager_options(vram: str, device: Any) -> dict[str, Any]:
+    """ModelManager's arguments for a --lowvram/--novram/--highvram choice on `device`: low streams the layers
+    that do not fit; no keeps no layer resident (a budget of 0 bytes); high makes the compute device the offload
+    device too, so a model once there is never moved back to RAM."""
+    if vram not in VRAM_MODES:
+        raise ValueError(f"unknown vram mode {vram!r}; one of {', '.join(VRAM_MODES)}")
+    return {"offload_device": device if vram == "high" else "cpu", "low_memory": vram in ("low", "no"),
+            "budget_bytes": 0 if vram == "no" else None}
 
 
 def model_metadata(path: str | Path) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from diffusion.devices import pick_dtype
 from diffusion.models.gligen import load_gligen
 from diffusion.patches.gligen_patch import GLIGENHandle, append_box
 from graph.node import Combo, Int, Node, Output, Socket, String
@@ -38,7 +37,7 @@ class GLIGENLoader(_ModelFileNode):
         path = env.find_model("gligen", gligen_name)
 
         def load() -> GLIGENHandle:
-            dtype = pick_dtype(env.model_manager().device)
+            dtype = env.model_dtype()
             with env.naming_files():
                 return GLIGENHandle(load_gligen(path, dtype=dtype), Path(gligen_name).name)
 

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from diffusion.checkpoints.loader import load_checkpoint, load_vae
-from diffusion.devices import pick_dtype
 from diffusion.handles import ClipModel, DiffusionModel, VAEModel, wrap_checkpoint
 from diffusion.patches.lora import load_lora, lora_patches
 from diffusion.patches.patcher import ModelPatcher
@@ -64,7 +63,8 @@ def load_checkpoint_handles(env: Environment, name: str) -> tuple[DiffusionModel
     def load() -> tuple[DiffusionModel, ClipModel, VAEModel]:
         manager = env.model_manager()
         with env.naming_files():  # diffusion's errors name the file by its absolute path
-            loaded = load_checkpoint(path, dtype=pick_dtype(manager.device))
+            loaded = load_checkpoint(path, dtype=env.model_dtype("unet"), text_dtype=env.model_dtype("text"),
+                                     autoencoder_dtype=env.model_dtype("vae"))
         loaded.text.embedding_dirs = [str(d) for d in env.model_dirs("embeddings")]
         return wrap_checkpoint(loaded, manager, name=Path(name).stem)
 
@@ -100,7 +100,7 @@ class VAELoader(_ModelFileNode):
         def load() -> VAEModel:
             manager = env.model_manager()
             with env.naming_files():
-                vae = load_vae(path, dtype=pick_dtype(manager.device, for_vae=True))
+                vae = load_vae(path, dtype=env.model_dtype("vae"))
             dtype = next(vae.parameters()).dtype
             patcher = ModelPatcher(vae, manager.device, "cpu", name=Path(vae_name).stem)
             return VAEModel(patcher, manager, dtype, vae.config.downscale)

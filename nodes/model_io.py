@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_file
 from diffusion.checkpoints.ldm_config import KNOWN_CONFIGS, ConfigError, read_ldm_config
 from diffusion.checkpoints.loader import load_checkpoint
 from diffusion.checkpoints.part_files import load_text_encoders, load_unet_file
-from diffusion.devices import pick_dtype
 from diffusion.handles import ClipModel, DiffusionModel, model_sampling_for, wrap_checkpoint
 from diffusion.patches.patcher import ModelPatcher
 from graph.node import Combo, Node, NodeOutput, Output, Socket, String
@@ -87,7 +86,8 @@ class CheckpointLoader(_ModelFileNode):
         def load() -> tuple[DiffusionModel, ClipModel, Any]:
             manager = env.model_manager()
             with env.naming_files():
-                loaded = load_checkpoint(path, dtype=pick_dtype(manager.device), prediction=config.prediction)
+                loaded = load_checkpoint(path, dtype=env.model_dtype("unet"), prediction=config.prediction,
+                                         text_dtype=env.model_dtype("text"), autoencoder_dtype=env.model_dtype("vae"))
             if loaded.family.name != config.family or loaded.family.inpaint != config.inpaint:
                 wanted = config.family + (" inpainting" if config.inpaint else "")
                 raise ValueError(f"CheckpointLoader: config {config_name!r} describes an {wanted} model but "
@@ -119,7 +119,7 @@ class UNETLoader(_ModelFileNode):
         def load() -> DiffusionModel:
             manager = env.model_manager()
             with env.naming_files():
-                unet, family = load_unet_file(path, dtype=pick_dtype(manager.device),
+                unet, family = load_unet_file(path, dtype=env.model_dtype("unet"),
                                               round_to=FP8_DTYPES.get(weight_dtype))
             patcher = ModelPatcher(unet, manager.device, "cpu", name=Path(unet_name).stem)
             dtype = next(unet.parameters()).dtype
@@ -134,7 +134,7 @@ def _load_clip(env: Environment, names: list[str], clip_type: str) -> ClipModel:
     def load() -> ClipModel:
         manager = env.model_manager()
         with env.naming_files():
-            text = load_text_encoders(paths, clip_type, dtype=pick_dtype(manager.device))
+            text = load_text_encoders(paths, clip_type, dtype=env.model_dtype("text"))
         text.embedding_dirs = [str(d) for d in env.model_dirs("embeddings")]
         stem = "+".join(Path(name).stem for name in names)
         patchers = {key: ModelPatcher(enc.model, manager.device, "cpu", name=f"{stem} clip_{key}")

@@ -19,7 +19,6 @@ from diffusion.checkpoints.upscale_models import (
     load_upscale_model,
     peek_config,
 )
-from diffusion.devices import pick_dtype
 from graph.memory_estimate import MemoryEstimate
 from graph.node import Combo, Node, Output, Socket
 from graph.types import IMAGE
@@ -67,7 +66,7 @@ class UpscaleModelLoader(_ModelFileNode):
         def load() -> UpscaleModel:
             manager = env.model_manager()
             with env.naming_files():  # errors name the file as the user knows it, not by its absolute path
-                return load_upscale_model(path, manager, dtype=pick_dtype(manager.device, for_vae=True),
+                return load_upscale_model(path, manager, dtype=env.model_dtype("image"),
                                           name=Path(model_name).stem)
 
         return (env.model_cache.load(("upscale_model", *_file_key(path)), load),)

@@ -84,13 +84,6 @@ def memory_limit_option(text: str) -> str:
     return text
 
 
-def add_memory_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-prompt-memory", type=memory_limit_option, default=None, metavar="SIZE|FRACTION|off",
-                        help="refuse a workflow whose estimated peak memory is above this: a size (4GB, 512MB), a "
-                             "fraction of the device's memory (0.5) or 'off' (default: 0.75 of the device: the "
-                             "GPU's memory on a GPU, the RAM on a CPU)")
-
-
 @dataclass(frozen=True)
 class Budget:
     """The limits a prompt is held to: `limit` for the device (on a CPU: for everything), `host_limit` for

@@ -3,44 +3,46 @@
     latentloom run WORKFLOW.json [--set NODE_ID.INPUT=VALUE ...] [--output DIR]
     latentloom validate WORKFLOW.json
     latentloom nodes [--json]
-    latentloom serve [--host 127.0.0.1] [--port 8188] [--data-dir DIR] [--auth-token TOKEN] [--cache ...]
-                     [--workers N|ray|ray://HOST:PORT]
+    latentloom serve [--host 127.0.0.1 | --listen [ADDR]] [--port 8188] [--data-dir DIR] [--auth-token TOKEN]
+                     [--cache ...] [--workers N|ray|ray://HOST:PORT]
 
-Every user error (missing file, invalid JSON, unknown node, invalid value) ends in one clear line on
-stderr and a non-zero exit status, never a traceback.
+plus the device, precision, memory and folder flags of server/cli_options.py (ComfyUI's names among them), before
+or after the command. Every user error (missing file, invalid JSON, unknown node, invalid value, contradicting
+flags) ends in one clear line on stderr and a non-zero exit status, never a traceback.
+
+The engine (torch, the nodes) is imported only once a command runs: `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
-import importlib.util
 import json
 import logging
 import os
-import signal
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from graph.executor import Executor
-from graph.registry import NodeRegistry
-from graph.ui_format import to_api_prompt
-from graph.validation import Validation, validate_prompt
-from graph.workflow import WorkflowFormatError, is_ui_workflow
-from nodes import build_registry
-from nodes.environment import Environment
-from nodes.model_paths import ModelPathsError, read_extra_model_paths
-from server.admission import add_memory_option, cli_refusal
+from server.cli_options import (
+    CliError,
+    add_engine_options,
+    add_memory_option,
+    resolve_device,
+    resolve_folders,
+    resolve_host,
+    resolve_precision,
+    resolve_vram,
+)
+from server.cli_serve import add_serve_parser, cmd_serve
+
+if TYPE_CHECKING:
+    from graph.registry import NodeRegistry
+    from graph.validation import Validation
+    from nodes.environment import Environment
 
 EXIT_INVALID = 1
 EXIT_USAGE = 2
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
 
 
 def default_data_dir() -> Path:
@@ -99,6 +101,9 @@ def load(path: str, registry: NodeRegistry, overrides: list[str] | None = None,
          env: Environment | None = None) -> tuple[Any, dict[str, Any]]:
     """The file's JSON as read, and the API-format prompt (converted, with overrides applied). `env` lists the
     model files a model combo saved without a value defaults to (the first, as ComfyUI's front end picks)."""
+    from graph.ui_format import to_api_prompt
+    from graph.workflow import WorkflowFormatError
+
     data = read_workflow(path)
     try:
         prompt = to_api_prompt(data, registry, env)
@@ -156,6 +161,11 @@ def output_lines(outputs: dict[str, dict[str, Any]], env: Environment, prompt: d
 
 
 def cmd_run(args: argparse.Namespace, env: Environment, registry: NodeRegistry) -> int:
+    from graph.executor import Executor
+    from graph.validation import validate_prompt
+    from graph.workflow import is_ui_workflow
+    from server.admission import cli_refusal
+
     data, prompt = load(args.workflow, registry, args.set, env)
     validation = validate_prompt(prompt, registry, env)
     if not validation.ok:
@@ -181,6 +191,9 @@ def cmd_run(args: argparse.Namespace, env: Environment, registry: NodeRegistry) 
 
 
 def cmd_validate(args: argparse.Namespace, env: Environment, registry: NodeRegistry) -> int:
+    from graph.validation import validate_prompt
+    from server.admission import cli_refusal
+
     _, prompt = load(args.workflow, registry, env=env)
     validation = validate_prompt(prompt, registry, env)
     for line in describe_errors(validation):
@@ -219,10 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="models, input, output, temp and custom_nodes live here (default: ./data, "
                              "or $LATENTLOOM_DATA_DIR)")
-    parser.add_argument("--extra-model-paths", type=Path, default=None, metavar="FILE",
-                        help="YAML or TOML file of extra model folders (ComfyUI's extra_model_paths.yaml format); "
-                             "default: DATA_DIR/extra_model_paths.yaml when present")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    add_engine_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a workflow (API or UI format) headless")
     run.add_argument("workflow")
@@ -230,168 +241,51 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override an input (VALUE as JSON, else a string); repeatable")
     run.add_argument("--output", type=Path, help="write outputs here instead of DATA_DIR/output")
     add_memory_option(run)
+    add_engine_options(run, suppress=True)
     validate = sub.add_parser("validate", help="check a workflow and print its errors")
     validate.add_argument("workflow")
     add_memory_option(validate)
+    add_engine_options(validate, suppress=True)
     nodes = sub.add_parser("nodes", help="list the node types and their inputs")
     nodes.add_argument("--json", action="store_true", help="print /object_info's JSON")
     add_serve_parser(sub)
     return parser
 
 
-def add_serve_parser(sub: Any) -> None:
-    serve = sub.add_parser("serve", help="run the HTTP + WebSocket server (ComfyUI-compatible API)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
-    serve.add_argument("--port", type=int, default=8188, help="port (0: any free port; the line "
-                                                                "'listening on URL' says which)")
-    serve.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS, help="as the global --data-dir")
-    serve.add_argument("--auth-token", default=os.environ.get("LATENTLOOM_AUTH_TOKEN") or None,
-                       help="require 'Authorization: Bearer TOKEN' on every route but the canvas "
-                            "(default: $LATENTLOOM_AUTH_TOKEN)")
-    serve.add_argument("--cache", choices=("workflow", "lru", "none"), default="workflow",
-                       help="node output cache: keep what the current workflow uses (default), an LRU bounded "
-                            "by --cache-bytes, or nothing")
-    serve.add_argument("--cache-bytes", type=int, default=None, help="byte budget of --cache lru")
-    serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
-                       help="let web pages from ORIGIN (e.g. http://localhost:5173, or *) call the API; repeatable")
-    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                       help="another name of a loopback-bound server that requests may use as Host (e.g. a "
-                            "hosts-file alias); repeatable. Others are refused (DNS rebinding)")
-    serve.add_argument("--webhook-host", action="append", default=None, metavar="HOST",
-                       help="hosts extra_data.webhook may call (default: loopback only); repeatable, * for any")
-    serve.add_argument("--max-upload-mb", type=float, default=100.0, help="request size limit (default 100)")
-    serve.add_argument("--max-image-pixels", type=int, default=64 << 20,
-                       help="refuse images whose frames together hold more pixels than this, in uploads and "
-                            "LoadImage (default 64 Mi)")
-    serve.add_argument("--max-image-frames", type=limit_option(1), default=1024,
-                       help="refuse images of more frames than this (default 1024)")
-    serve.add_argument("--max-input-mb", type=limit_option(0, float), default=2048,
-                       help="uploads may not take the input folder past this many MiB (default 2048; 0: no limit)")
-    serve.add_argument("--max-input-files", type=limit_option(), default=10_000,
-                       help="uploads may not take the input folder past this many files (default 10000; 0: no limit)")
-    serve.add_argument("--max-workflows", type=limit_option(), default=1000,
-                       help="saved workflows at most (default 1000; 0: no limit)")
-    serve.add_argument("--max-workflow-mb", type=limit_option(0, float), default=16,
-                       help="size limit of one saved workflow in MiB (default 16; 0: only --max-upload-mb's)")
-    serve.add_argument("--web-root", type=Path, default=None, help="folder of the canvas (default: web/)")
-    serve.add_argument("--front-end", choices=("latentloom", "comfyui"), default="latentloom",
-                       help="the page at /: our canvas (default), or ComfyUI's front end from the installed "
-                            "comfyui-frontend-package (pip install 'latentloom[comfyui]')")
-    serve.add_argument("--workers", type=workers_option, default=None, metavar="N|ray|ray://HOST:PORT",
-                       help="N worker threads (default: one per device), or run prompts on Ray actors, one per GPU "
-                            "(per CPU where there is none): 'ray' starts a local Ray or joins $RAY_ADDRESS, "
-                            "ray://HOST:PORT connects to a cluster (pip install 'latentloom[ray]')")
-    add_memory_option(serve)
+def read_model_paths(args: argparse.Namespace, data_dir: Path) -> dict[str, list[Path]]:
+    """Extra model folders from each --extra-model-paths file in turn (a later file's folders after an earlier
+    one's), else from the data directory's extra_model_paths.yaml (or .toml) when there is one."""
+    from nodes.model_paths import ModelPathsError, read_extra_model_paths
 
-
-def limit_option(minimum: int = 0, kind: type = int) -> Any:
-    """An argparse type for a count (int) or size (float, MiB) limit of at least `minimum`."""
-    def parse(value: str) -> Any:
+    files = args.extra_model_paths or []
+    if not files:
+        files = [p for p in (data_dir / "extra_model_paths.yaml", data_dir / "extra_model_paths.toml")
+                 if p.is_file()][:1]
+    extra: dict[str, list[Path]] = {}
+    for file in files:
         try:
-            number = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-        if not minimum <= number < float("inf"):
-            raise argparse.ArgumentTypeError(f"expected a finite number of at least {minimum}, got {value}")
-        return number
-    return parse
-
-
-def workers_option(value: str) -> int | str:
-    """`--workers`: a count of threads, `ray`, or `ray://HOST:PORT`."""
-    if value == "ray" or (value.startswith("ray://") and len(value) > len("ray://")):
-        return value
-    try:
-        count = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, 'ray' or 'ray://HOST:PORT', got {value!r}") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"the number of workers must be at least 1, got {count}")
-    return count
-
-
-async def _serve(app: Any, host: str, port: int) -> None:
-    from aiohttp import web
-
-    from server.state import STATE
-
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    # What exists now (torch, the node registry, the app) lives as long as the process. Freezing it keeps the
-    # collector's full passes to objects made since: a full pass over the ~400k start-up objects holds the GIL
-    # for 200+ ms, a stall for every request in flight (bench/server.py's p99 was 300 ms because of it).
-    gc.collect()
-    gc.freeze()
-    address = runner.addresses[0]
-    app[STATE].config.port = int(address[1])  # --port 0: the port bound (the webhook rules refuse it)
-    shown = f"[{address[0]}]" if ":" in str(address[0]) else address[0]
-    print(f"listening on http://{shown}:{address[1]}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-
-
-def cmd_serve(args: argparse.Namespace, env: Environment, registry: NodeRegistry) -> int:
-    from server.app import create_app
-    from server.state import LOOPBACK_NAMES, ServerConfig
-
-    if isinstance(args.workers, str) and importlib.util.find_spec("ray") is None:
-        raise CliError(f"--workers {args.workers} needs Ray: pip install 'latentloom[ray]'")
-    config = ServerConfig(data_dir=env.data_dir, host=args.host, port=args.port, auth_token=args.auth_token,
-                          cache=args.cache, cache_bytes=args.cache_bytes, allow_origins=args.allow_origin,
-                          allow_hosts=args.allow_host,
-                          webhook_hosts=args.webhook_host,
-                          max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
-                          max_image_pixels=args.max_image_pixels, workers=args.workers,
-                          max_image_frames=args.max_image_frames, max_input_bytes=int(args.max_input_mb * (1 << 20)),
-                          max_input_files=args.max_input_files, max_workflows=args.max_workflows,
-                          max_workflow_bytes=int(args.max_workflow_mb * (1 << 20)),
-                          extra_model_dirs=env.extra_model_dirs, max_prompt_memory=args.max_prompt_memory)
-    if args.front_end == "comfyui":
-        from server.front_end import FrontEndMissing, comfyui_static_root
-
-        try:
-            config.web_root, config.front_end = comfyui_static_root(), "comfyui"
-        except FrontEndMissing as exc:
+            for kind, folders in read_extra_model_paths(file).items():
+                extra.setdefault(kind, []).extend(f for f in folders if f not in extra.get(kind, []))
+        except ModelPathsError as exc:
             raise CliError(str(exc)) from None
-    if args.web_root is not None:
-        config.web_root = args.web_root
-    if args.host not in LOOPBACK_NAMES and not args.auth_token:
-        logging.getLogger("latentloom").warning("listening on %s without --auth-token: anyone who can reach "
-                                                "this address can run workflows", args.host)
-    try:
-        app = create_app(config, registry)
-    except OSError as exc:
-        raise CliError(f"cannot open the data directory {env.data_dir}: {exc}") from None
-    try:
-        asyncio.run(_serve(app, args.host, args.port))
-    except ConnectionError as exc:  # --workers ray: the cluster cannot be reached
-        raise CliError(str(exc)) from None
-    except OSError as exc:
-        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
-    return 0
+    return extra
 
 
 def make_environment(args: argparse.Namespace) -> Environment:
-    """The data directory plus extra model folders from --extra-model-paths, else from the data directory's
-    extra_model_paths.yaml (or .toml) when there is one."""
+    """The data directory, its folder overrides, extra model folders, and the device, precision and memory
+    flags (server/cli_options.py). A device that is not there is a user error here, before anything loads."""
+    from nodes.environment import Environment
+
     data_dir = args.data_dir or default_data_dir()
-    config = args.extra_model_paths
-    if config is None:
-        config = next((p for p in (data_dir / "extra_model_paths.yaml", data_dir / "extra_model_paths.toml")
-                       if p.is_file()), None)
-    try:
-        extra = read_extra_model_paths(config) if config is not None else {}
-    except ModelPathsError as exc:
-        raise CliError(str(exc)) from None
-    return Environment(data_dir, output_dir_override=getattr(args, "output", None), extra_model_dirs=extra)
+    device, device_flag = resolve_device(args)
+    env = Environment(data_dir, extra_model_dirs=read_model_paths(args, data_dir), device=device,
+                      vram=resolve_vram(args), **resolve_precision(args), **resolve_folders(args))
+    if device is not None:
+        try:
+            env.model_manager()
+        except ValueError as exc:
+            raise CliError(f"{device_flag}: {exc}") from None
+    return env
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "nodes": cmd_nodes, "serve": cmd_serve}
@@ -402,7 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "serve":
+            resolve_host(args)  # contradicting flags fail before the engine loads
         env = make_environment(args)
+        from nodes import build_registry
+
         registry = build_registry(env)
         return COMMANDS[args.command](args, env, registry)
     except CliError as exc:

@@ -25,7 +25,7 @@ CHUNK = 1 << 16
 def setup(app: web.Application) -> None:
     """Give the app its user directory (bounded as the saved workflows are)."""
     config = app[STATE].config
-    app[USER_DATA] = UserData(config.data_dir, max_files=config.max_workflows)
+    app[USER_DATA] = UserData(config.data_dir, max_files=config.max_workflows, user_dir=config.user_root)
 
 
 def _user_data(request: web.Request) -> UserData:

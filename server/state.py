@@ -53,6 +53,22 @@ class ServerConfig:
     extra_model_dirs: dict[str, list[Path]] = field(default_factory=dict)
     # --max-prompt-memory as written ("4GB", "512MB", "0.5", "off"); None: 75% of the device (server/admission.py)
     max_prompt_memory: str | None = None
+    # The engine flags (server/cli_options.py), passed on to the Environment: compute device (None: the best
+    # present), vram mode, weight precisions (None: the device's rule), folders (None: under data_dir).
+    device: str | None = None
+    vram: str = "normal"
+    precision: str | None = None
+    unet_precision: str | None = None
+    vae_precision: str | None = None
+    output_dir: Path | None = None
+    input_dir: Path | None = None
+    temp_dir: Path | None = None
+    user_dir: Path | None = None  # --user-directory: the front end's files in user_dir/default (DATA_DIR/user)
+    preview_method: str = "latent2rgb"  # "none": no sampler previews are made or sent
+
+    @property
+    def user_root(self) -> Path:
+        return self.user_dir if self.user_dir is not None else self.data_dir / "user"
 
 
 class ServerState:
@@ -61,7 +77,11 @@ class ServerState:
     def __init__(self, config: ServerConfig, registry: NodeRegistry | None = None) -> None:
         self.config = config
         self.env = Environment(config.data_dir, extra_model_dirs=config.extra_model_dirs,
-                               max_image_pixels=config.max_image_pixels, max_image_frames=config.max_image_frames)
+                               max_image_pixels=config.max_image_pixels, max_image_frames=config.max_image_frames,
+                               device=config.device, vram=config.vram, precision=config.precision,
+                               unet_precision=config.unet_precision, vae_precision=config.vae_precision,
+                               output_dir_override=config.output_dir, input_dir_override=config.input_dir,
+                               temp_dir_override=config.temp_dir)
         self.env.ensure_dirs()
         self.workflows_dir.mkdir(parents=True, exist_ok=True)
         self.registry = registry if registry is not None else build_registry(self.env)
@@ -85,7 +105,8 @@ class ServerState:
             if config.workers:
                 devices = [devices[i % len(devices)] for i in range(int(config.workers))]
             self.pool = WorkerPool(self.store, self.registry, self.env, self.hub,
-                                   lambda: make_cache(config.cache, config.cache_bytes), devices, self._finished)
+                                   lambda: make_cache(config.cache, config.cache_bytes), devices, self._finished,
+                                   previews=config.preview_method != "none")
         self.webhooks = WebhookSender(config)
         self.loop: asyncio.AbstractEventLoop | None = None
         # Validation is Python holding the GIL: two threads keep the event loop free without trading time slices

@@ -92,8 +92,8 @@ class UserData:
 
     The lock serialises read-modify-write of the settings and quota checks with the write that follows them."""
 
-    def __init__(self, data_dir: Path, max_files: int = 0) -> None:
-        self.root = Path(data_dir) / "user" / USER_ID
+    def __init__(self, data_dir: Path, max_files: int = 0, user_dir: Path | None = None) -> None:
+        self.root = Path(user_dir if user_dir is not None else Path(data_dir) / "user") / USER_ID  # --user-directory
         self.max_files = max_files  # files in the user directory together; 0: no limit
         self.lock = threading.Lock()
 

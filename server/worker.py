@@ -40,14 +40,15 @@ class WorkerPool(PromptPool):
 
     def __init__(self, store: Store, registry: NodeRegistry, env: Environment, hub: Hub,
                  make_cache: Callable[[], Cache], devices: list[dict[str, Any]],
-                 on_finished: FinishedCallback) -> None:
+                 on_finished: FinishedCallback, previews: bool = True) -> None:
         self.store, self.registry, self.env, self.hub = store, registry, env, hub
         self.on_finished = on_finished
         self.work = threading.Event()
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.cancelled: set[str] = set()
-        self.workers = [Worker(self, device, Executor(env=env, cache=make_cache(), previews=True))
+        # previews False (--preview-method none): samplers make no preview images at all
+        self.workers = [Worker(self, device, Executor(env=env, cache=make_cache(), previews=previews))
                         for device in devices]
 
     def start(self) -> None:

@@ -104,8 +104,11 @@ def build_modules(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    text_dtype: torch.dtype | None = None,
+    autoencoder_dtype: torch.dtype | None = None,
 ) -> tuple[UNetModel, AutoencoderKL, TextEncoders]:
-    """The three modules of a checkpoint state dict whose family is known."""
+    """The three modules of a checkpoint state dict whose family is known. `text_dtype` and `autoencoder_dtype`
+    (None: follow the UNet's, see load_checkpoint) set the text encoders' and the VAE's dtypes apart."""
     device = torch.device(device)
     unet_sd = strip_prefix(sd, UNET_PREFIX)
     dtype = dtype or _stored_dtype(unet_sd)
@@ -115,8 +118,8 @@ def build_modules(
     except ValueError as e:  # e.g. GroupNorm groups that do not divide a non-standard width
         raise CheckpointError(f"the {family.title} modules cannot be built from the detected shapes: {e}") from None
     fill_module(unet, unet_sd, "UNet", dtype, device)
-    fill_module(vae, strip_prefix(sd, VAE_PREFIX), "VAE", vae_dtype(dtype), device)
-    text_sd = {k: _cast(v, dtype, device) for k, v in _text_keys(sd, family.text_family).items()}
+    fill_module(vae, strip_prefix(sd, VAE_PREFIX), "VAE", autoencoder_dtype or vae_dtype(dtype), device)
+    text_sd = {k: _cast(v, text_dtype or dtype, device) for k, v in _text_keys(sd, family.text_family).items()}
     try:
         text = TextEncoders.from_state_dict(text_sd, family.text_family, num_heads=family.clip_heads)
     except (KeyLayoutError, KeyError, ValueError) as e:
@@ -131,15 +134,19 @@ def load_checkpoint(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     prediction: str | None = None,
+    text_dtype: torch.dtype | None = None,
+    autoencoder_dtype: torch.dtype | None = None,
 ) -> LoadedCheckpoint:
     """UNet, VAE and text encoders of a single-file checkpoint (.safetensors, or a legacy pickle loaded
     without running code). dtype None keeps the UNet's stored dtype; text encoders follow the UNet, the
-    VAE too except that fp16 becomes fp32. `prediction` forces "eps" or "v"."""
+    VAE too except that fp16 becomes fp32, unless `text_dtype` or `autoencoder_dtype` say otherwise (--bf16-unet,
+    --fp32-vae). `prediction` forces "eps" or "v"."""
     sd = read_state_dict(path)
     metadata = read_metadata(path)
     try:
         family = detect_family(sd, metadata, prediction=prediction)
-        unet, vae, text = build_modules(sd, family, dtype=dtype, device=device)
+        unet, vae, text = build_modules(sd, family, dtype=dtype, device=device, text_dtype=text_dtype,
+                                        autoencoder_dtype=autoencoder_dtype)
     except CheckpointError as e:
         raise type(e)(f"{path}: {e}") from None
     augmentor = None

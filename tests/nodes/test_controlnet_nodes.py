@@ -10,8 +10,6 @@ from diffusion.checkpoints.files import read_state_dict, strip_prefix
 from diffusion.checkpoints.random_checkpoints import write_random_vae
 from graph.executor import Executor
 from graph.validation import validate_prompt
-from nodes import controlnet as controlnet_nodes
-from nodes import loaders
 
 
 def controlnet_dir(engine):
@@ -93,8 +91,7 @@ def test_loaded_once_and_shared(engine):
 def test_diff_controlnet_gets_the_models_weights(engine, model_dir, monkeypatch):
     # fp32 whatever the CPU: (diff + base) then equals the full weights to float32 rounding, which 2 steps of a
     # random model keep small (bf16 rounding of the sum is amplified past any useful tolerance)
-    for module in (loaders, controlnet_nodes):
-        monkeypatch.setattr(module, "pick_dtype", lambda device, **_: torch.float32)
+    engine.env.precision = "fp32"  # --force-fp32
     full, info = random_controlnet("sd1", seed=2)
     base = strip_prefix(read_state_dict(model_dir / "sd1.safetensors"), "model.diffusion_model.")
     diff = {k: v - base[k] if k in base else v for k, v in full.items()}

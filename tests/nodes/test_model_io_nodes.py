@@ -27,9 +27,8 @@ F32 = torch.float32
 def eng(tmp_path, model_dir, monkeypatch):
     """An engine whose models load in float32 (hand-computed references agree to float32 rounding), with a second
     SD1 checkpoint and a kohya LoRA for it in its data folder."""
-    for module in (loaders, model_io):
-        monkeypatch.setattr(module, "pick_dtype", lambda device, **_: F32)
     engine = Engine(tmp_path / "data", model_dir)
+    engine.env.precision = "fp32"  # --force-fp32
     write_random_checkpoint(engine.env.models_dir / "checkpoints" / "sd1-b.safetensors", "sd1", seed=99)
     return engine
 

@@ -15,7 +15,6 @@ from diffusion.handles import wrap_checkpoint
 from diffusion.patches.lora import kohya_text_names, kohya_unet_names, save_lora
 from diffusion.patches.patcher import LoraDelta
 from diffusion.sampling.noise import prepare_noise
-from nodes import loaders
 from nodes.loaders import load_checkpoint_handles
 
 
@@ -273,7 +272,7 @@ def v_model_reference(unet, cond, uncond, schedule, noise, steps, cfg, predictio
 
 def test_sd2_v_prediction_and_inpainting_model(engine, monkeypatch):
     # fp32 whatever the CPU, so that the hand-written reference below agrees to float32 rounding
-    monkeypatch.setattr(loaders, "pick_dtype", lambda device, **_: torch.float32)
+    engine.env.precision = "fp32"  # --force-fp32
     steps, cfg = 3, 5.0
     out = latent_of(engine, txt2img(ckpt="sd2-v.safetensors", steps=steps, cfg=cfg))
     model, clip, _ = load_checkpoint_handles(engine.env, "sd2-v.safetensors")

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from server.cli import build_parser, workers_option
+from server.cli import build_parser
+from server.cli_serve import workers_option
 from server.cluster_store import ClusterStore
 from server.scheduling import worker_target
 from tests.server.harness import ROOT
