@@ -33,7 +33,8 @@ def _load(env: Environment, name: str, node: str, model: DiffusionModel | None =
     added (and is cached per model)."""
     path = env.find_model("controlnet", name)
     try:
-        diff = is_diff_controlnet(path)
+        adapter = is_t2i_adapter_file(path)  # T2I-Adapters load here too, as in ComfyUI (never diff files)
+        diff = not adapter and is_diff_controlnet(path)
     except ValueError as exc:
         raise ValueError(f"{node}: control_net_name {name!r}: {exc}") from None
     if diff and model is None:
@@ -44,9 +45,9 @@ def _load(env: Environment, name: str, node: str, model: DiffusionModel | None =
         manager = env.model_manager()
         try:
             with env.naming_files():
-                if is_t2i_adapter_file(path):  # T2I-Adapters load here too, as in ComfyUI (never diff files)
-                    adapter, adapter_info = load_t2i_adapter(path, dtype=pick_dtype(manager.device))
-                    return load_t2i_adapter_handle(adapter, adapter_info, manager, Path(name).stem)
+                if adapter:
+                    t2i, t2i_info = load_t2i_adapter(path, dtype=env.model_dtype())
+                    return load_t2i_adapter_handle(t2i, t2i_info, manager, Path(name).stem)
                 sd, info = read_controlnet(path)
                 base = None
                 if diff:

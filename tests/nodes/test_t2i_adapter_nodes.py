@@ -106,8 +106,10 @@ def test_every_layout_and_variant_loads(engine):
     write_adapter(engine, "canny.safetensors", in_channels=1, layout="diffusers", seed=2)
     write_adapter(engine, "xl.safetensors", family="sdxl", layout="diffusers", seed=3)
     torch.save(random_t2i_adapter(adapter_config(), seed=4), engine.env.models_dir / "controlnet" / "v1.pth")
+    torch.save({"adapter": random_t2i_adapter(adapter_config(), seed=5)},  # a training checkpoint's wrapper
+               engine.env.models_dir / "controlnet" / "wrapped.pth")
     plain = latent(engine, sampled())
-    for name in ("light.safetensors", "canny.safetensors", "v1.pth"):
+    for name in ("light.safetensors", "canny.safetensors", "v1.pth", "wrapped.pth"):
         assert (latent(engine, sampled([(name, 1.0, 0.0, 1.0)])) - plain).abs().max() > 1e-3, name
     plain_xl = latent(engine, sampled(ckpt="sdxl.safetensors"))
     steered_xl = latent(engine, sampled([("xl.safetensors", 1.0, 0.0, 1.0)], ckpt="sdxl.safetensors"))
