@@ -404,3 +404,25 @@ def test_area_and_mask_conditioning_with_an_adapter(models) -> None:
         assert (steered - plain).abs().max() > 1e-4
     # the area's features from the hint fitted to the area's size x 8, the masked entry's from the full latent's
     assert [tuple(c.shape[-2:]) for c in calls] == [(24, 32), (40, 48)]
+
+
+def test_the_model_manager_loads_and_evicts_the_adapter(models) -> None:
+    from diffusion.memory import ModelManager
+    from diffusion.patches.control import ControlStep, apply_control
+    from diffusion.patches.patcher import ModelPatcher
+
+    sd1 = models["sd1"]
+    unet_bytes = sd1.patcher.model_nbytes()
+    manager = ModelManager("cpu", "cpu", budget_bytes=10 * unet_bytes)
+    model = dataclasses.replace(sd1, manager=manager)
+    adapter = adapter_handle(model)
+    pos = apply_control(conditioning(model), ControlStep(adapter, hint_image(), 1.0))
+    first = denoise(model, pos)
+    assert adapter.patcher.name in [name for name, _ in manager.loaded()]
+    big = ModelPatcher(torch.nn.Linear(1, 1), "cpu", name="big")
+    manager.budget_bytes = unet_bytes + adapter.patcher.model_nbytes() + 8
+    big.model_nbytes = lambda: manager.budget_bytes - 8  # needs all the room: both are evicted
+    with manager.use([big]):
+        assert adapter.patcher.name not in [name for name, _ in manager.loaded()]
+    manager.budget_bytes = 10 * unet_bytes
+    torch.testing.assert_close(denoise(model, pos), first, rtol=0, atol=0)  # cached features: same result
