@@ -27,7 +27,7 @@ from .models.unclip import NoiseAugmentor, revision_pooled, unclip_adm
 from .models.unet import sdxl_adm, sdxl_refiner_adm
 from .models.vae import AutoencoderKL
 from .patches.control import ControlNetHandle, ControlRows, control_residuals, residual_patches, uncond_control
-from .patches.patcher import ModelPatcher
+from .patches.patcher import ModelPatcher, WeightDiff
 from .patches.unet_patches import UNetPatches
 from .preview import LatentRGBProjection, fit_latent_rgb_projection, latent_preview_image
 from .sampling.guidance import CFGGuider, Conditioning, GuidanceHooks
@@ -74,6 +74,50 @@ class DiffusionModel:
 
     def clone(self) -> DiffusionModel:
         return dataclasses.replace(self, patcher=self.patcher.clone())
+
+    # What ComfyUI node packs call on a MODEL (ModelPatcher's names), mapped onto the hooks and patches above. They
+    # change this handle in place, as ComfyUI's do: packs call them on a clone.
+    def set_model_sampler_cfg_function(self, fn: Callable[[dict[str, Any]], Tensor],
+                                       disable_cfg1_optimization: bool = False) -> None:
+        """ComfyUI's cfg function: `fn(args)` returns `x - denoised`, its `cond`/`uncond` are `x` minus the
+        predictions (ComfyUI's convention); it becomes the guidance hooks' `combine`."""
+        self.guidance_hooks = self.guidance_hooks.merged(
+            GuidanceHooks(combine=lambda step: step.x - fn(_cfg_args(self, step))))
+
+    def set_model_sampler_post_cfg_function(self, fn: Callable[[dict[str, Any]], Tensor],
+                                            disable_cfg1_optimization: bool = False) -> None:
+        """ComfyUI's post-cfg function: `fn(args)` with `args["denoised"]` returns the new denoised estimate."""
+        self.guidance_hooks = self.guidance_hooks.merged(
+            GuidanceHooks(post=[lambda step: fn(_cfg_args(self, step) | {"denoised": step.denoised})]))
+
+    def add_patches(self, patches: dict[str, Any], strength_patch: float = 1.0,
+                    strength_model: float = 1.0) -> list[str]:
+        """Weight differences keyed `diffusion_model.<checkpoint key>` (a tensor, `(tensor,)` or
+        `("diff", (tensor,))`, ComfyUI's forms); returns the keys this UNet has. Other patch kinds are refused by
+        name (LoRA files go through LoraLoader)."""
+        if strength_model != 1.0:
+            raise ValueError(f"add_patches: strength_model={strength_model} (scaling the model's own weights) is "
+                             "not supported")
+        diffs = {}
+        for key, value in patches.items():
+            if isinstance(value, tuple) and len(value) == 2 and value[0] == "diff":
+                value = value[1]
+            if isinstance(value, tuple) and len(value) == 1:
+                value = value[0]
+            if not isinstance(value, Tensor):
+                kind = value[0] if isinstance(value, tuple) and value and isinstance(value[0], str) else "unknown"
+                raise ValueError(f"add_patches: patch {key!r} of kind {kind!r} is not supported (only weight diffs)")
+            diffs[key.removeprefix("diffusion_model.")] = WeightDiff(value)
+        applied = self.patcher.add_patches(diffs, strength_patch)
+        return [f"diffusion_model.{key}" for key in applied]
+
+    def get_model_object(self, name: str) -> Any:
+        """`model_sampling`, `diffusion_model` or a submodule of it by dotted name (ComfyUI's names)."""
+        if name == "model_sampling":
+            return self.model_sampling
+        if name == "diffusion_model" or name.startswith("diffusion_model."):
+            return self.patcher.model.get_submodule(name.removeprefix("diffusion_model").lstrip("."))
+        raise AttributeError(f"MODEL has no object {name!r} (offered: model_sampling, diffusion_model[.<name>])")
 
     @property
     def latent_scale(self) -> float:
@@ -204,14 +248,39 @@ class ClipModel:
     def encode(self, text: str | dict[str, str]) -> tuple[Tensor, Tensor]:
         """(cond [1, 77·k, dim], pooled [1, dim]) on the CPU, in fp32. `text` may give each encoder its own
         prompt ({"g": ..., "l": ...} for SDXL); their chunk lists are padded to equal length."""
+        return self.encode_from_tokens(self.tokenize(text), return_pooled=True)
+
+    def tokenize(self, text: str | dict[str, str], return_word_ids: bool = False) -> dict[str, list]:
+        """Weighted token chunks per encoder, `{"l": [[(token, weight), ...], ...], "g": ...}` (ComfyUI's shape)."""
         texts = text if isinstance(text, dict) else dict.fromkeys(self.text.encoders, text)
-        chunks = {name: self.text.tokenize(texts[name])[name] for name in self.text.encoders}
+        return {name: self.text.tokenize(texts[name])[name] for name in self.text.encoders}
+
+    def encode_from_tokens(self, tokens: dict[str, list], return_pooled: bool = False,
+                           return_dict: bool = False) -> Any:
+        """cond, or (cond, pooled), or ComfyUI's `{"cond", "pooled_output"}`, from `tokenize`'s chunks (padded
+        to equal length across encoders)."""
+        chunks = dict(tokens)
         longest = max(len(c) for c in chunks.values())
         for name, encoder in self.text.encoders.items():
             chunks[name] = chunks[name] + [encoder.empty_chunk()] * (longest - len(chunks[name]))
         with self.manager.use(list(self.patchers.values())), torch.no_grad():
             cond, pooled = self.text.encode_chunks(chunks)
-        return cond.float().cpu(), pooled.float().cpu()
+        cond, pooled = cond.float().cpu(), pooled.float().cpu()
+        if return_dict:
+            return {"cond": cond, "pooled_output": pooled}
+        return (cond, pooled) if return_pooled else cond
+
+    def encode_from_tokens_scheduled(self, tokens: dict[str, list]) -> Conditioning:
+        """A CONDITIONING of one entry, as ComfyUI's CLIPTextEncode makes it."""
+        cond, pooled = self.encode_from_tokens(tokens, return_pooled=True)
+        return [(cond, {"pooled_output": pooled})]
+
+
+def _cfg_args(model: DiffusionModel, step: Any) -> dict[str, Any]:
+    """A guidance step as ComfyUI's cfg functions take it (`cond`/`uncond` are `x` minus the predictions)."""
+    return {"cond": step.x - step.cond, "uncond": step.x - step.uncond, "cond_scale": step.cond_scale,
+            "timestep": step.sigma, "input": step.x, "sigma": step.sigma, "cond_denoised": step.cond,
+            "uncond_denoised": step.uncond, "model": model, "model_options": {}}
 
 
 OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "not enough memory")  # CUDA, CPU (Linux, Windows)
@@ -262,6 +331,13 @@ class VAEModel:
                     torch.cuda.empty_cache()
                 outputs = [tiled(x[i:i + 1].to(device, self.dtype)).float().cpu() for i in range(x.shape[0])]
             return torch.cat(outputs)
+
+    def spacial_compression_decode(self) -> int:
+        """Pixels per latent pixel (ComfyUI's name, spelling included: packs size their tiles with it)."""
+        return self.downscale
+
+    def spacial_compression_encode(self) -> int:
+        return self.downscale
 
     def decode(self, samples: Tensor) -> Tensor:
         z = samples

@@ -20,6 +20,8 @@ PACKS = Path(__file__).resolve().parents[1] / "packs"
 
 
 class PackEngine:
+    core_modules: tuple = (latent,)  # the built-in node modules registered (all of them cost seconds of imports)
+
     def __init__(self, data_dir: Path, packs: tuple[str, ...] = ("v1_pack",)) -> None:
         self.env = Environment(data_dir)
         self.env.ensure_dirs()
@@ -30,10 +32,10 @@ class PackEngine:
                 shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
             else:
                 shutil.copy(source, target)
-        # The core nodes a pack here calls, then the packs (all built-ins would cost seconds of imports).
         self.registry = NodeRegistry()
-        for cls in latent.NODE_CLASSES:
-            self.registry.register(cls, builtin=True)
+        for module in self.core_modules:
+            for cls in module.NODE_CLASSES:
+                self.registry.register(cls, builtin=True)
         self.registry.discover_folder(self.env.custom_nodes_dir, self.env)
         self.executor = Executor(env=self.env)
         self.events: list[tuple[str, dict]] = []
