@@ -2,7 +2,9 @@
 
 The result says which output nodes may run: an output whose branch holds an invalid node is dropped,
 while valid outputs still run. Each error names the node, the input and the value. The caller's JSON is
-never mutated: literals are cast into a new `ValidatedPrompt`.
+never mutated: literals are cast into a new `ValidatedPrompt`. A combo whose options callable has
+`explain_missing(env, value)` (the lists of files) says in a not-in-list error's `details` where the value was
+looked for and what to do, in place of the list; the error's `type` stays ComfyUI's.
 """
 
 from __future__ import annotations
@@ -119,7 +121,11 @@ def _check_literal(name: str, value: Any, spec: Input, env: Any) -> Any:
         options = spec.resolve_options(env)
         if cast not in options:
             shown = options if len(options) <= 20 else f"(list of length {len(options)})"
-            raise _Invalid(error("value_not_in_list", "Value not in list", f"{name}: '{cast}' not in {shown}",
+            # Options that list files explain a missing one: where it was looked for, what to do.
+            explain = getattr(spec.options, "explain_missing", None)
+            explained = explain(env, cast) if callable(explain) else None
+            details = f"{name}: '{cast}' {explained}" if explained else f"{name}: '{cast}' not in {shown}"
+            raise _Invalid(error("value_not_in_list", "Value not in list", details,
                                  input_name=name, input_config=config if len(options) <= 20 else None,
                                  received_value=cast))
     return cast

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from nodes.missing_files import missing_input_text, missing_model_text, model_word
 from nodes.model_cache import ModelCache
-from nodes.model_paths import bundled_models_dir
+from nodes.model_paths import bundled_inputs_dir, bundled_models_dir
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +228,36 @@ class Environment:
             names.update(list_files(folder, MODEL_EXTENSIONS))
         return sorted(names)
 
-    def list_input_files(self, extensions: Iterable[str]) -> list[str]:
-        """Files of the input folder (not its subfolders) with one of the extensions; never a symlink leading out."""
-        return list_files(self.input_dir, extensions, recursive=False)
+    def list_input_files(self, extensions: Iterable[str], examples: bool = True) -> list[str]:
+        """Files of the input folder (not its subfolders) with one of the extensions, then (`examples`) the
+        repository's example inputs of other names; never a symlink leading out."""
+        names = set(list_files(self.input_dir, extensions, recursive=False))
+        if examples:
+            names.update(list_files(bundled_inputs_dir(), extensions, recursive=False))
+        return sorted(names)
+
+    def input_file(self, name: str, extensions: Iterable[str]) -> Path | None:
+        """The data directory's `input/name`, else the shipped example of that name (one of the extensions);
+        None when neither exists. Raises UnsafePathError for a name that would leave its folder."""
+        path = safe_join(self.input_dir, name)
+        if path.is_file():
+            return path
+        if Path(name).suffix.lower() in {e.lower() for e in extensions}:
+            shipped = safe_join(bundled_inputs_dir(), name)
+            if shipped.is_file():
+                return shipped
+        return None
+
+    def find_input(self, name: str, extensions: Iterable[str], what: str = "image") -> Path:
+        """The input file for a name from a workflow (see input_file). A missing file's error says where it was
+        looked for and what to do (nodes/missing_files.py)."""
+        try:
+            path = self.input_file(name, extensions)
+        except UnsafePathError as exc:
+            raise ValueError(f"{what} {name!r}: {exc}") from None
+        if path is None:
+            raise ValueError(f"{what} {name!r} {missing_input_text(self, extensions, what)}")
+        return path
 
     def find_model(self, kind: str, name: str) -> Path:
         """The file for a model name from a workflow, from the first folder that has it; never outside the
@@ -249,14 +277,14 @@ class Environment:
                 return path
         if refused is not None:
             raise ValueError(f"{kind} model {name!r}: {refused}")
-        shown = ", ".join(self.public_name(d) for d in self.model_dirs(kind))
-        raise ValueError(f"{kind} model {name!r} not found in {shown}")
+        raise ValueError(f"{model_word(kind)} {name!r} {missing_model_text(self, kind)}")
 
     def folder_names(self) -> list[tuple[str, str, str]]:
         """How messages name this environment's folders: the data directory's files relative to it
         (`models/checkpoints/x.safetensors`, `input/a.png`), extra model folders by kind and folder name
         (`<extra checkpoints: Stable-diffusion>/x.safetensors`), the repository's models as `<bundled models>`."""
-        labels: list[tuple[str | Path, str]] = [(self.data_dir, ""), (bundled_models_dir(), "<bundled models>")]
+        labels: list[tuple[str | Path, str]] = [(self.data_dir, ""), (bundled_models_dir(), "<bundled models>"),
+                                                (bundled_inputs_dir(), "<shipped examples>")]
         if self.output_dir_override is not None:
             labels.append((self.output_dir_override, "output"))
         labels += [(folder, label) for folder, label in ((self.input_dir_override, "input"),

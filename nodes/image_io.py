@@ -26,13 +26,14 @@ from graph.node import Combo, Node, NodeOutput, Output, Socket, String
 from graph.types import IMAGE, MASK
 from nodes.environment import Environment, UnsafePathError, list_files, message_naming, safe_join
 from nodes.image_limits import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS, ImageLimitError, check_frames, human, limits_of
+from nodes.missing_files import InputFiles
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def list_input_images(env: Environment | None) -> list[str]:
-    """The input folder's images, never a symlink that leads out of it (see Environment.list_input_files)."""
-    return env.list_input_files(IMAGE_EXTENSIONS) if env is not None else []
+# LoadImage's options: the input folder's images, then the shipped examples of other names (never a symlink that
+# leads out); a missing one is explained in validation's error (nodes/missing_files.py).
+list_input_images = InputFiles(IMAGE_EXTENSIONS, "image")
 
 
 def open_image(path: Path, name: str, max_pixels: int, max_frames: int) -> Image.Image:
@@ -108,13 +109,8 @@ def load_image_file(path: Path, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 
 def _input_path(env: Environment, name: str) -> Path:
-    try:
-        path = safe_join(env.input_dir, name)
-    except UnsafePathError as exc:
-        raise ValueError(f"image {name!r}: {exc}") from None
-    if not path.is_file():
-        raise ValueError(f"image {name!r} does not exist in the input folder")
-    return path
+    """The input folder's file `name`, else the shipped example of that name (Environment.find_input)."""
+    return env.find_input(name, IMAGE_EXTENSIONS, "image")
 
 
 OUTPUT_ANNOTATION = " [output]"

@@ -22,6 +22,7 @@ from diffusion.patches.patcher import ModelPatcher
 from graph.node import Combo, Float, Int, Node, Output, Socket
 from graph.types import CLIP, MODEL, VAE
 from nodes.environment import Environment
+from nodes.missing_files import ModelFiles
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,10 @@ def _file_key(path: Path) -> tuple[str, int, int]:
     return str(path), stat.st_size, stat.st_mtime_ns
 
 
-def _models(kind: str):
-    def options(env: Environment | None) -> list[str]:
-        return env.list_models(kind) if env is not None else []
-
-    return options
+def _models(kind: str) -> ModelFiles:
+    """A model-file combo's options: the files of `kind`, read afresh; a missing file's validation error says
+    where it was looked for and what is there (nodes/missing_files.py)."""
+    return ModelFiles(kind)
 
 
 class _ModelFileNode(Node):

@@ -39,6 +39,13 @@ def bundled_models_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "models"
 
 
+def bundled_inputs_dir() -> Path:
+    """The repository's example inputs (`examples/input/`, the image the img2img, inpaint and outpaint workflows
+    load), searched after the data directory's `input/` as `models/` is after its models: a fresh clone's
+    workflows find them, and a user's own file of the same name wins."""
+    return Path(__file__).resolve().parent.parent / "examples" / "input"
+
+
 def read_extra_model_paths(path: str | Path) -> dict[str, list[Path]]:
     """Folders per model kind from a YAML or TOML config; relative paths are relative to `base_path`, which is
     itself relative to the config file's folder."""

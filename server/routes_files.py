@@ -70,6 +70,8 @@ async def view(request: web.Request) -> web.StreamResponse:
     if suffix:
         filename, kind = filename[:suffix.start()], suffix.group(1)
     path = resolve(state, kind, request.query.get("subfolder", ""), filename)
+    if not path.is_file() and kind == "input" and not request.query.get("subfolder"):
+        path = state.env.input_file(filename, IMAGE_EXTENSIONS) or path  # a shipped example, as LoadImage lists
     if not path.is_file():
         raise ApiError(404, "not_found", f"{filename!r} does not exist in the {kind} folder")
     channel = request.query.get("channel", "rgba")

@@ -57,8 +57,8 @@ def run_cli(data_dir: Path, workflow: Path, *extra: str) -> list[Path]:
 
 def with_hole(rgb: np.ndarray) -> Image.Image:
     """The image as RGBA, opaque but for HOLE (alpha 0): the region the inpaint workflow repaints."""
-    rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, dtype=np.uint8)], axis=-1)
-    rgba[HOLE + (3,)] = 0
+    rgba = np.concatenate([rgb, np.full((*rgb.shape[:2], 1), 255, dtype=np.uint8)], axis=-1)
+    rgba[(*HOLE, 3)] = 0
     return Image.fromarray(rgba, "RGBA")
 
 

@@ -131,7 +131,7 @@ def test_validation_errors_name_no_folder(env):
     registry = build_registry(env, plugins=False)
     for prompt in (sampled(lora="missing.safetensors"), load_image("missing.png")):
         assert_no_paths(validate_prompt(prompt, registry, env).response(), env.data_dir)
-    with pytest.raises(ValueError, match="not found in models/loras") as caught:
+    with pytest.raises(ValueError, match="not found in data/models/loras/") as caught:
         env.find_model("loras", "missing.safetensors")
     assert_no_paths(str(caught.value), env.data_dir)
 

@@ -45,7 +45,7 @@ def test_load_without_alpha_and_multiframe(env):
     image, mask = LoadImage().execute("anim.gif", ctx(env))
     assert image.shape[0] == 3 and mask.shape[0] == 3
     (env.input_dir / "notes.txt").write_text("not listed")
-    assert list_input_images(env) == ["anim.gif", "b.jpg"]
+    assert list_input_images(env) == ["anim.gif", "b.jpg", "example.png"]  # then the shipped example
 
 
 def test_fingerprint_follows_file_content(env):

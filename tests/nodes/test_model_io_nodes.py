@@ -270,7 +270,7 @@ def test_errors_name_the_node_file_and_folder(eng):
         model_io.UNETLoader().execute("a-vae.safetensors", "default", context=c)
     assert "models/diffusion_models/a-vae.safetensors" in str(info.value) and "not a diffusion model" in str(info.value)
     assert str(eng.env.data_dir) not in str(info.value)
-    assert "diffusion_models model 'none.safetensors' not found in models/diffusion_models, models/unet" in \
+    assert "diffusion_model 'none.safetensors' not found in data/models/diffusion_models/ (or unet/)" in \
         model_io.UNETLoader.validate_inputs({"unet_name": "none.safetensors"}, eng.env)
     with pytest.raises(ValueError, match="CLIPLoader type 'sd3' is not supported"):
         model_io.CLIPLoader().execute("x.safetensors", "sd3", context=c)

@@ -86,7 +86,7 @@ def test_input_listing_and_loading_leave_out_links_that_lead_out(data):
     env, _ = data
     registry = build_registry(env, plugins=False)
     options = registry.object_info(env)["LoadImage"]["input"]["required"]["image"][0]
-    assert options == ["real.png", "same.png"]
+    assert options == ["example.png", "real.png", "same.png"]  # the shipped example too
     assert registry.object_info(env)["LoadImageMask"]["input"]["required"]["image"][0] == options
     for name, ok in [("real.png", True), ("same.png", True), ("leak.png", False), ("passwd.png", False)]:
         prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": name}},

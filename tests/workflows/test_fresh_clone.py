@@ -1,8 +1,10 @@
 """Every shipped workflow runs on a fresh clone with an EMPTY data directory: the repository's own model, LoRA and
-example inputs are all it has (house rule). The clone is the working tree's files as git would give them (tracked
-and not-ignored files, hard-linked into a scratch folder, so an ignored or stray local file cannot help), run
-through the CLI with fewer steps. Workflows that need files the project cannot ship are listed with the reason and
-must fail with the error that says where the file was looked for and where to put it.
+example inputs are all it has (house rule). By default through the CLI's main in this process, on the repository
+itself, the files it loads checked to be in git; with LATENTLOOM_SLOW=1 also as a fresh clone would: the working
+tree's files as git would give them (tracked and not-ignored files, hard-linked into a scratch folder, so an
+ignored or stray local file cannot help), a CLI process per workflow. Steps are fewer (`--set`). Workflows that
+need files the project cannot ship are listed with the reason and must fail with the error that says where the
+file was looked for and where to put it.
 
 tests/workflows/test_shipped_workflows.py runs the same workflows on tiny random checkpoints (faster, every
 family); this file runs the real shipped files.
@@ -10,17 +12,21 @@ family); this file runs the real shipped files.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from server import cli
 from tests.workflows.test_shipped_workflows import EXPECTED
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +36,8 @@ CANNOT_SHIP = {
     "txt2img-sdxl": ("Stability's SDXL base and refiner checkpoints (about 7 GB each, their licence)",
                      "sd_xl_base_1.0.safetensors", "data/models/checkpoints/"),
 }
+RUN_SLOW = os.environ.get("LATENTLOOM_SLOW") == "1"
+Runner = Callable[..., tuple[int, str, str]]  # (data directory, CLI arguments...) -> (status, stdout, stderr)
 # What the runnable workflows load from the repository, which must therefore be in git, not just on this disk.
 SHIPPED_FILES = ["models/checkpoints/latentloom-shapes.safetensors", "examples/input/example.png",
                  "models/loras/latentloom-shapes-new-colour.safetensors"]
@@ -74,29 +82,48 @@ def test_the_shipped_files_are_in_git():
     assert (ROOT / "models" / "loras" / "latentloom-shapes-new-colour.safetensors").stat().st_size < 4 << 20
 
 
-def test_the_clone_runs_its_own_code(clone, tmp_path):
+@pytest.mark.slow
+@pytest.mark.skipif(not RUN_SLOW, reason="the clone is for the slow runs: set LATENTLOOM_SLOW=1")
+def test_the_clone_runs_its_own_code(clone):
     proc = subprocess.run([sys.executable, "-c", "import nodes.model_paths as m; print(m.bundled_models_dir())"],
                           cwd=clone, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(clone)})
     assert proc.stdout.strip() == str((clone / "models").resolve())
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_runs_with_an_empty_data_directory(path, clone, tmp_path):
+def run_in_process(data: Path, *args: str) -> tuple[int, str, str]:
+    """`latentloom --data-dir DATA ARGS...` in this process (the CLI's own main; no second torch import)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(["--data-dir", str(data), *args])
+    return status, out.getvalue(), err.getvalue()
+
+
+def run_from_clone(clone: Path) -> Runner:
+    def run(data: Path, *args: str) -> tuple[int, str, str]:
+        proc = run_cli(clone, data, *args)
+        return proc.returncode, proc.stdout, proc.stderr
+    return run
+
+
+def check_workflow(path: Path, run: Runner, workflows: Path, tmp_path: Path) -> None:
+    """Run a shipped workflow with an empty data directory: its output is written (size, frames, a picture, the
+    workflow in the PNG), the user's folders stay empty; the LoRA turns the picture orange; a workflow that needs
+    files we cannot ship fails, saying where the file was looked for and where to put it."""
     data = tmp_path / "data"
     data.mkdir()
-    workflow = clone / "workflows" / path.name
+    workflow = workflows / path.name
     if path.stem in CANNOT_SHIP:
         _, missing, folder = CANNOT_SHIP[path.stem]
-        proc = run_cli(clone, data, "run", str(workflow))
-        assert proc.returncode == 1, proc.stderr[-2000:]
-        assert f"'{missing}' not found in {folder}" in proc.stderr and f"put it in {folder}" in proc.stderr
-        assert str(tmp_path) not in proc.stdout + proc.stderr
+        status, out, err = run(data, "run", str(workflow))
+        assert status == 1, err[-2000:]
+        assert f"'{missing}' not found in {folder}" in err and f"put it in {folder}" in err
+        assert str(tmp_path) not in out + err
         return
     size, frames, overrides = EXPECTED[path.stem]
     args = ["run", str(workflow), *[arg for item in overrides for arg in ("--set", item)]]
-    proc = run_cli(clone, data, *args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    files = [Path(line.split(": ", 1)[1]) for line in proc.stdout.splitlines() if ": " in line]
+    status, out, err = run(data, *args)
+    assert status == 0, err[-3000:]
+    files = [Path(line.split(": ", 1)[1]) for line in out.splitlines() if ": " in line]
     assert len(files) == 1 and files[0].is_file() and files[0].parent == data / "output"
     with Image.open(files[0]) as image:
         assert image.size == size and getattr(image, "n_frames", 1) == frames
@@ -108,10 +135,22 @@ def test_workflow_runs_with_an_empty_data_directory(path, clone, tmp_path):
         assert not folder.exists() or not [p for p in folder.rglob("*") if p.is_file()]
     if path.stem == "lora":  # the shipped LoRA teaches the colour the base model never saw
         assert orange_share(pixels) > 0.1
-        proc = run_cli(clone, data, *args, "--set", "10.strength_model=0", "--set", "10.strength_clip=0")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        without = Path(proc.stdout.splitlines()[-1].split(": ", 1)[1])
+        status, out, err = run(data, *args, "--set", "10.strength_model=0", "--set", "10.strength_clip=0")
+        assert status == 0, err[-3000:]
+        without = Path(out.splitlines()[-1].split(": ", 1)[1])
         assert orange_share(np.asarray(Image.open(without).convert("RGB"), dtype=np.float32)) < 0.02
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_with_an_empty_data_directory(path, tmp_path):
+    check_workflow(path, run_in_process, ROOT / "workflows", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not RUN_SLOW, reason="a process per workflow (~100 s in all): set LATENTLOOM_SLOW=1")
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_from_a_clone_with_an_empty_data_directory(path, clone, tmp_path):
+    check_workflow(path, run_from_clone(clone), clone / "workflows", tmp_path)
 
 
 def orange_share(pixels: np.ndarray) -> float:
