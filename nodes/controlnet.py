@@ -8,14 +8,18 @@ sampler's guider hands to each UNet call.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
+from diffusion.checkpoints.control_lora import is_control_lora_file, read_control_lora
 from diffusion.checkpoints.controlnet_files import build_controlnet, is_diff_controlnet, read_controlnet
 from diffusion.checkpoints.t2i_adapter_files import is_t2i_adapter_file, load_t2i_adapter
 from diffusion.handles import DiffusionModel
+from diffusion.models.controlnet_union import UNION_TYPES
 from diffusion.patches.control import ControlNetHandle, ControlStep, apply_control, load_controlnet_handle
+from diffusion.patches.control_lora_handle import ControlLoraHandle
 from diffusion.patches.t2i_adapter_control import load_t2i_adapter_handle
 from diffusion.preprocessors import canny
 from graph.node import Combo, Float, Node, Output, Socket
@@ -48,6 +52,9 @@ def _load(env: Environment, name: str, node: str, model: DiffusionModel | None =
                 if adapter:
                     t2i, t2i_info = load_t2i_adapter(path, dtype=env.model_dtype())
                     return load_t2i_adapter_handle(t2i, t2i_info, manager, Path(name).stem)
+                if is_control_lora_file(path):  # composed with the model it is applied to when sampling
+                    lora, lora_info = read_control_lora(path)
+                    return ControlLoraHandle(lora, lora_info, manager, env.model_dtype(), Path(name).stem)
                 sd, info = read_controlnet(path)
                 base = None
                 if diff:
@@ -146,6 +153,30 @@ class ControlNetApplyAdvanced(Node):
         return (apply_control(positive, step), apply_control(negative, step))
 
 
+class SetUnionControlNetType(Node):
+    display_name = "SetUnionControlNetType"
+    category = "conditioning/controlnet"
+    description = ("Tells a union ControlNet (controlnet-union-sdxl) which kind of hint it is given; auto lets it "
+                   "take the hint as it is.")
+    inputs = [Socket("control_net", CONTROL_NET), Combo("type", ["auto", *UNION_TYPES])]
+    outputs = [Output(CONTROL_NET)]
+
+    def execute(self, control_net, type):
+        if type != "auto" and type not in UNION_TYPES:
+            raise ValueError(f"SetUnionControlNetType: type must be auto or one of {list(UNION_TYPES)}, got {type!r}")
+        union = getattr(getattr(control_net, "info", None), "union", None)
+        if union is None:  # ComfyUI passes the type on and a plain ControlNet ignores it
+            log.warning("SetUnionControlNetType: %s is not a union ControlNet; the type %r has no effect",
+                        getattr(control_net, "title", "the ControlNet"), type)
+            return (control_net,)
+        index = None if type == "auto" else UNION_TYPES.index(type)
+        if index is not None and index >= union.control_types:
+            raise ValueError(f"SetUnionControlNetType: {control_net.title} knows {union.control_types} control types "
+                             f"({', '.join(UNION_TYPES[:union.control_types])}), not {type!r}")
+        # a copy sharing the loaded network: other uses of the same ControlNet keep their own type
+        return (dataclasses.replace(control_net, options={**control_net.options, "control_type": index}),)
+
+
 class Canny(Node):
     category = "image/preprocessors"
     description = "Canny edge detection: white edges on black, a hint for edge ControlNets."
@@ -160,4 +191,5 @@ class Canny(Node):
         return (canny(image, low_threshold, high_threshold),)
 
 
-NODE_CLASSES = [ControlNetLoader, DiffControlNetLoader, ControlNetApply, ControlNetApplyAdvanced, Canny]
+NODE_CLASSES = [ControlNetLoader, DiffControlNetLoader, ControlNetApply, ControlNetApplyAdvanced,
+                SetUnionControlNetType, Canny]

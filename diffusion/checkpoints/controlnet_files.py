@@ -89,6 +89,9 @@ def _not_a_controlnet(sd: Mapping[str, Tensor]) -> str:
 def controlnet_state_dict(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str, bool]:
     """(the weights under our names, the layout they were stored in, whether they are a diff ControlNet)."""
     diff = DIFF_MARKER in sd
+    if "lora_controlnet" in sd or CONTROL_PREFIX + "lora_controlnet" in sd:
+        raise CheckpointError("this is a Control-LoRA (low-rank differences to a model's UNet): ControlNetLoader "
+                              "composes it with the model it is applied to (checkpoints/control_lora.py)")
     prefixed = strip_prefix(sd, CONTROL_PREFIX)
     bare = prefixed or {k: v for k, v in sd.items() if k != DIFF_MARKER}
     if "input_hint_block.0.weight" in bare and "zero_convs.0.0.weight" in bare:

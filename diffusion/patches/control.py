@@ -49,6 +49,9 @@ class ControlNetHandle:
     manager: ModelManager
     dtype: torch.dtype
     name: str
+    # what the network's forward takes per use (a union ControlNet's control_type: SetUnionControlNetType sets it
+    # on a copy of the handle, which shares the loaded network)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def title(self) -> str:
@@ -164,10 +167,13 @@ def _rows(v: Tensor, index: Tensor, every: bool) -> Tensor:
 
 def control_residuals(control: ControlRows, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None,
                       sigma: Tensor | None, model_sampling: ModelSampling,
-                      fits: Any = None) -> list[Tensor] | None:
+                      fits: Any = None, model: Any = None) -> list[Tensor] | None:
     """Summed strength × residuals [N, C_i, h_i, w_i] of every active step over the N rows of one UNet call (x is
     the UNet's scaled input, without inpainting channels); None when no step acts now. `fits(handle)` raises when
-    a ControlNet does not fit the model."""
+    a ControlNet does not fit the model. `model` (default: the object `fits` is a method of, the DiffusionModel
+    whose call this is) is what a Control-LoRA is composed with (`bind`, control_lora_handle.py)."""
+    if model is None:
+        model = getattr(fits, "__self__", None)
     offsets, start = [], 0
     for _, rows in control:
         offsets.append((start, rows))
@@ -191,6 +197,8 @@ def control_residuals(control: ControlRows, x: Tensor, t: Tensor, context: Tenso
             for site, r in handle.intrablock_residuals(step, spans, x).items():
                 adapters[site] = adapters[site] + r if site in adapters else r
             continue
+        if hasattr(handle, "bind"):  # a Control-LoRA: its ControlNet is made of the model it is applied to
+            handle = handle.bind(model)
         index = torch.cat([torch.arange(s, s + n, device=x.device) for s, n in spans])
         every = index.numel() == x.shape[0]
         with handle.manager.use([handle.patcher]) as (net,), torch.no_grad():
@@ -199,7 +207,7 @@ def control_residuals(control: ControlRows, x: Tensor, t: Tensor, context: Tenso
             out = net(_rows(x, index, every).to(device, dtype), hint,
                       _rows(t.expand(x.shape[0]), index, every).to(device),
                       _rows(context, index, every).to(device, dtype),
-                      None if y is None else _rows(y, index, every).to(device, dtype))
+                      None if y is None else _rows(y, index, every).to(device, dtype), **handle.options)
         if total is None:
             total = [torch.zeros(x.shape[0], *r.shape[1:], device=x.device, dtype=x.dtype) for r in out]
         for acc, r in zip(total, out, strict=True):
