@@ -184,12 +184,12 @@ def apply_ip_adapter(model: DiffusionModel, handle: IPAdapterHandle, positive: t
         numbers = check_fits(handle, model.patcher.model, model.family.title, node)
         cond = image_tokens(handle.model, positive, combine)
         uncond = image_tokens(handle.model, negative, combine)
+        ms = model.model_sampling
+        hook = IPAttentionHook(handle, numbers, cond, uncond, weight, ms.percent_to_sigma(start_at),
+                               ms.percent_to_sigma(end_at), ms.sigma, attn_mask)
     except ValueError as exc:
         message = str(exc)
-        raise ValueError(message if message.startswith(node) else f"{node}: {message}") from None
-    ms = model.model_sampling
-    hook = IPAttentionHook(handle, numbers, cond, uncond, weight, ms.percent_to_sigma(start_at),
-                           ms.percent_to_sigma(end_at), ms.sigma, attn_mask)
+        raise ValueError(message if message.startswith(node + ":") else f"{node}: {message}") from None
     log.debug("%s: %s, %d image tokens, weight %s, %s..%s", node, handle.describe(), cond.shape[1], weight,
               start_at, end_at)
     return model.with_unet_patches(ip_adapter_patches(hook))

@@ -120,8 +120,9 @@ class IPAttentionHook:
                  sigma_of: Callable[[Tensor], Tensor], mask: Tensor | None = None) -> None:
         if mask is not None and mask.ndim == 2:
             mask = mask[None]
-        if mask is not None and mask.ndim != 3:
-            raise IPAdapterError(f"IPAdapter: attn_mask must be a MASK [B, H, W], got {list(mask.shape)}")
+        if mask is not None and (mask.ndim != 3 or mask.shape[0] != 1):
+            raise IPAdapterError(f"attn_mask must be one MASK [1, H, W] (it applies to every latent of the "
+                                 f"batch), got {list(mask.shape)}")
         self.handle, self.numbers, self.cond, self.uncond = handle, numbers, cond, uncond
         self.weight, self.sigma_start, self.sigma_end, self.sigma_of = weight, sigma_start, sigma_end, sigma_of
         self.mask = None if mask is None else mask.float().cpu()
@@ -135,16 +136,12 @@ class IPAttentionHook:
             sigma = float(self.sigma_of(site.timesteps.reshape(-1)[:1].float().cpu()))
         return self.sigma_end <= sigma <= self.sigma_start
 
-    def _mask(self, rows: int, size: tuple[int, int], like: Tensor) -> Tensor | None:
-        """[rows, h*w, 1]: the mask at this attention's feature size; mask i for rows i, i + M, ..."""
+    def _mask(self, size: tuple[int, int], like: Tensor) -> Tensor | None:
+        """[1, h*w, 1]: the mask at this attention's feature size (bilinear), for every row."""
         if self.mask is None:
             return None
         m = F.interpolate(self.mask[:, None], size=size, mode="bilinear", align_corners=False)
-        m = m.flatten(1)[..., None].to(like.device, like.dtype)
-        if rows % m.shape[0]:
-            raise IPAdapterError(f"IPAdapter: attn_mask has {m.shape[0]} masks for a batch of {rows} rows; give one "
-                                 f"mask or one per latent")
-        return m.repeat(rows // m.shape[0], 1, 1)
+        return m.flatten(1)[..., None].to(like.device, like.dtype)
 
     def __call__(self, out: Tensor, x: Tensor, site: Site) -> Tensor:
         if not self.active(site):
@@ -176,7 +173,7 @@ class IPAttentionHook:
             else:
                 ip[index] = res
         ip = ip * self.weight
-        mask = self._mask(rows, site.size, ip)
+        mask = self._mask(site.size, ip)
         if mask is not None:
             ip = ip * mask
         return out + F.linear(ip, attention.to_out[0].weight)

@@ -229,3 +229,31 @@ def test_weighted_embeds_combined(engine, model_dir):
     nodes["29"] = {"class_type": "IPAdapterModelLoader", "inputs": {"ipadapter_file": "ip-adapter_sd15.safetensors"}}
     nodes["27"]["inputs"]["embed3"] = ["28", 0]  # image embeds [1, 24] among hidden states
     assert "differ in shape" in error_of(engine, with_adapter(nodes, "23"))
+
+
+def test_attn_mask_on_the_apply_node(engine, model_dir):
+    """A zero mask leaves the sampler's result exactly as without the adapter, a full one exactly as without a
+    mask, a half mask in between; several masks are refused."""
+    setup_files(engine, model_dir)
+    plain = samples(engine, base_prompt())
+    unmasked = samples(engine, with_adapter(advanced()))
+
+    def masked(value: float) -> dict:
+        nodes = advanced(attn_mask=["50", 0])
+        nodes["50"] = {"class_type": "SolidMask", "inputs": {"value": value, "width": 64, "height": 64}}
+        return with_adapter(nodes)
+
+    assert torch.equal(samples(engine, masked(0.0)), plain)
+    assert torch.equal(samples(engine, masked(1.0)), unmasked)
+    half = samples(engine, masked(0.5))
+    assert (half - plain).abs().max() > 1e-4 and (half - unmasked).abs().max() > 1e-4
+    three = masked(1.0)
+    three["51"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}}
+    three["52"] = {"class_type": "MaskComposite", "inputs": {"destination": ["50", 0], "source": ["51", 0], "x": 0,
+                                                             "y": 0, "operation": "add"}}
+    three["53"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["54", 0], "amount": 3}}
+    three["54"] = {"class_type": "MaskToImage", "inputs": {"mask": ["52", 0]}}
+    three["55"] = {"class_type": "ImageToMask", "inputs": {"image": ["53", 0], "channel": "red"}}
+    three["21"]["inputs"]["attn_mask"] = ["55", 0]
+    message = error_of(engine, three)
+    assert "IPAdapterAdvanced: attn_mask must be one MASK [1, H, W]" in message and "[3, 64, 64]" in message
