@@ -3,8 +3,10 @@
 The front end is the PyPI package `comfyui-frontend-package` (static files: `index.html`, `assets/`, ...). It is
 GPL-3.0, so it is never part of this repository: the user installs it (`pip install 'latentloom[comfyui]'`, which
 pins the version the browser tests run against) and the server finds its `static/` folder through the import
-system, as ComfyUI does. Everything it calls over HTTP is an ordinary API route (routes_*.py); this module only
-locates the files and adds the few static answers the page asks for that are no API's business (`/user.css`).
+system, as ComfyUI does. Everything it calls over HTTP is an ordinary API route (routes_*.py); this module locates
+the files and adds what the page asks for on every load besides the API, so that a fresh data directory loads with
+no failed request: `/user.css`, `/favicon.ico`, the template browser's search options, and stand-ins for the user
+files and folders it reads before the user has any (where ComfyUI answers 404, which the browser logs as an error).
 """
 
 from __future__ import annotations
