@@ -148,6 +148,17 @@ def test_errors_name_node_value_and_file(engine, model_dir):
     assert "IPAdapterAdvanced" in message and "'xl.safetensors'" in message and "this model is SD1.x" in message
     message = error_of(engine, with_adapter(advanced("notes.safetensors")))
     assert "IPAdapterModelLoader" in message and "notes.safetensors" in message
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"image_proj": {"proj.weight": torch.ones(1)}, "ip_adapter": Evil()},
+               engine.env.models_dir / "ipadapter" / "evil.bin")
+    message = error_of(engine, with_adapter(advanced("evil.bin")))
+    assert "IPAdapterModelLoader" in message and "evil.bin" in message and "refused" in message
+    assert str(engine.env.models_dir) not in message  # named relative to the data directory
+    traversal = validate_prompt(with_adapter(advanced("../checkpoints/x.safetensors")), engine.registry, engine.env)
+    assert not traversal.ok and "ipadapter_file" in str(traversal.response())
     message = error_of(engine, with_adapter(advanced(weight_type="style transfer")))
     assert "IPAdapterAdvanced" in message and "'style transfer'" in message
     message = error_of(engine, with_adapter(advanced(embeds_scaling="K+V")))
