@@ -10,9 +10,9 @@ The guider says which rows are which (`uncond_rows()`); a call outside a guider 
 
 The patch acts while the sampler's sigma lies in [sigma_end, sigma_start] (from start/end percents) and, with
 a mask, only where the mask (resized to each attention's feature map) is nonzero: it multiplies the image
-attention's contribution token by token. Weight 0 or a step outside the range leaves the output bit for bit
-unchanged. Several reference images are combined before projection (`combine_embeds`) or, with "concat", each
-projected and their tokens concatenated.
+attention's contribution token by token (one mask, for every latent of the batch). Weight 0 or a step outside
+the range leaves the output bit for bit unchanged. Several reference images are combined before projection
+(`combine_embeds`) or, with "concat", each projected and their tokens concatenated.
 """
 
 from __future__ import annotations
@@ -180,4 +180,6 @@ class IPAttentionHook:
 
 
 def ip_adapter_patches(hook: IPAttentionHook) -> UNetPatches:
+    """The UNet patches of one applied IP-Adapter (a MODEL clone merges them after its earlier ones, so several
+    adapters add their image attentions in turn)."""
     return UNetPatches(cross_attention_out=(hook,))
