@@ -4,12 +4,10 @@ A pack writes `import folder_paths`, `import comfy.utils`, `import nodes` or `fr
 The first two kinds of name are not ours: the compatibility layer's modules are entered in `sys.modules` under
 them (`folder_paths`, `comfy`, `comfy.*`, `node_helpers`, `latent_preview`, `comfy_api`, ...), so any import
 form finds them. `nodes` and `server` are also the names of our own top-level packages, and `sys.modules` can
-hold one module per name; so those two are resolved per module instead: every module of a pack (the pack's
-package, its submodules, and modules a pack imports from its own folder after putting it on `sys.path`) runs
-with its own `__builtins__`, whose `__import__` maps `nodes`/`server` (and the other aliases) to the
-compatibility layer. Our code keeps the normal `__import__` and never sees the aliases; a pack never reaches
-our `nodes` or `server` packages through an import statement. (`importlib.import_module("nodes")` or
-`sys.modules["nodes"]` in a pack still reach ours: those bypass `__import__`; no pack we know does that.)
+hold one module per name; so those two are resolved by who imports them (PackImports): an import statement in
+a file inside a pack folder gets the compatibility layer's `nodes`/`server`, every other file ours. A pack
+never reaches our `nodes` or `server` packages through an import statement. (`importlib.import_module("nodes")`
+or `sys.modules["nodes"]` in a pack still reach ours: those bypass `__import__`; no pack we tried does that.)
 
 The compatibility layer is a package of its own (see ALIASES in it) that nothing of ours imports; the registry
 imports it by name, only when it loads packs from a folder.
@@ -20,15 +18,12 @@ from __future__ import annotations
 import builtins
 import contextlib
 import importlib
-import importlib.abc
-import importlib.machinery
 import importlib.metadata
 import importlib.util
 import logging
 import os
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -38,73 +33,41 @@ log = logging.getLogger(__name__)
 PACKS_PACKAGE = "latentloom_custom_nodes"  # the package our custom_nodes/ modules are imported under
 
 
-def pack_import_function(aliases: dict[str, str]) -> Callable[..., Any]:
-    """An `__import__` that resolves the alias names (absolute imports only) to the compatibility layer."""
-    real = builtins.__import__
+class PackImports:
+    """Resolves `nodes` and `server` to the compatibility layer for code in the pack folders, and imports packs.
 
-    def pack_import(name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0) -> Any:
-        if level == 0:
-            top, _, rest = name.partition(".")
-            target = aliases.get(top)
-            if target is not None:
-                module = importlib.import_module(f"{target}.{rest}" if rest else target)
-                if not fromlist:
-                    return importlib.import_module(target)
-                for item in fromlist:
-                    if item != "*" and not hasattr(module, item):
-                        # `from x import missing` then fails with ImportError, as it should
-                        with contextlib.suppress(ModuleNotFoundError):
-                            importlib.import_module(f"{module.__name__}.{item}")
-                return module
-        return real(name, globals, locals, fromlist, level)
-
-    return pack_import
-
-
-class _PackLoader(importlib.abc.Loader):
-    """Runs a pack's module with the packs' `__builtins__`; everything else is the wrapped loader's."""
-
-    def __init__(self, inner: Any, pack_builtins: dict[str, Any]) -> None:
-        self._inner = inner
-        self._builtins = pack_builtins
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        module.__dict__["__builtins__"] = self._builtins
-        self._inner.exec_module(module)
-
-
-class PackFinder(importlib.abc.MetaPathFinder):
-    """Finds pack modules (under PACKS_PACKAGE, or in a pack's folder put on sys.path) and gives them the packs'
-    builtins. Installed once, first on `sys.meta_path`; looks only at paths inside the pack folders."""
+    It wraps `builtins.__import__` once per process: an import statement hands `__import__` the importing
+    module's globals, so whichever way a pack's module was loaded (as our package, from its folder put on
+    sys.path, or by the pack's own `spec_from_file_location`, which several popular packs use), its
+    `import server` is recognised by the module's `__file__` lying in a pack folder. Every other import goes
+    straight to the original `__import__` after one set lookup."""
 
     def __init__(self, aliases: dict[str, str]) -> None:
+        self.aliases = aliases
         self.roots: list[str] = []
-        self.builtins = dict(builtins.__dict__, __import__=pack_import_function(aliases))
+        self._real_import = builtins.__import__
+        builtins.__import__ = self._import
 
     def add_root(self, folder: Path) -> None:
-        real = os.path.realpath(folder)
-        if real not in self.roots:
-            self.roots.append(real)
+        for root in (os.path.abspath(folder), os.path.realpath(folder)):
+            if root not in self.roots:
+                self.roots.append(root)
 
-    def inside(self, path: str) -> bool:
-        real = os.path.realpath(path)
-        return any(real == root or real.startswith(root + os.sep) for root in self.roots)
+    def is_pack_code(self, module_globals: Any) -> bool:
+        if not isinstance(module_globals, dict):
+            return False
+        if str(module_globals.get("__name__") or "").startswith(PACKS_PACKAGE + "."):
+            return True
+        file = module_globals.get("__file__")
+        return isinstance(file, str) and any(file.startswith(root + os.sep) for root in self.roots)
 
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        entries = [p for p in (path if path is not None else sys.path) if isinstance(p, str) and self.inside(p)]
-        if not entries:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, entries)
-        if spec is None or spec.loader is None or not isinstance(spec.loader, importlib.machinery.SourceFileLoader):
-            return spec
-        spec.loader = _PackLoader(spec.loader, self.builtins)
-        return spec
+    def _import(self, name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0) -> Any:
+        if level == 0:
+            top, _, rest = name.partition(".")
+            target = self.aliases.get(top)
+            if target is not None and self.is_pack_code(globals):
+                return _aliased(target, rest, fromlist)
+        return self._real_import(name, globals, locals, fromlist, level)
 
     def import_pack(self, source: Path, folder: Path) -> ModuleType:
         """Import one pack (a package folder or a single file) as `latentloom_custom_nodes.<name>`."""
@@ -117,7 +80,6 @@ class PackFinder(importlib.abc.MetaPathFinder):
             name, source, submodule_search_locations=[str(folder)] if is_package else None)
         if spec is None or spec.loader is None:
             raise ImportError(f"cannot import {source}")
-        spec.loader = _PackLoader(spec.loader, self.builtins)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         try:
@@ -128,6 +90,20 @@ class PackFinder(importlib.abc.MetaPathFinder):
         return module
 
 
+def _aliased(target: str, rest: str, fromlist: Any) -> ModuleType:
+    """What `__import__` returns for an aliased name: the top module, or with a fromlist the named one (its
+    submodules in the fromlist imported, as the real `__import__` does)."""
+    module = importlib.import_module(f"{target}.{rest}" if rest else target)
+    if not fromlist:
+        return importlib.import_module(target)
+    for item in fromlist:
+        if item != "*" and not hasattr(module, item):
+            # `from x import missing` then fails with ImportError, as it should
+            with contextlib.suppress(ModuleNotFoundError):
+                importlib.import_module(f"{module.__name__}.{item}")
+    return module
+
+
 def _packs_package() -> None:
     """An empty namespace parent for the packs, so that `latentloom_custom_nodes.<pack>` has a parent module."""
     if PACKS_PACKAGE not in sys.modules:
@@ -136,15 +112,14 @@ def _packs_package() -> None:
         sys.modules[PACKS_PACKAGE] = parent
 
 
-_FINDERS: dict[str, PackFinder] = {}
+_INSTALLED: dict[str, PackImports] = {}
 
 
-def install_compat(package: str) -> tuple[ModuleType, PackFinder]:
+def install_compat(package: str) -> tuple[ModuleType, PackImports]:
     """Import the compatibility layer `package`, enter its modules in sys.modules under their ComfyUI names
-    (except names of our own packages, which only pack modules resolve), and put the pack finder on
-    sys.meta_path. Idempotent."""
+    except the names of our own packages, which only pack code resolves (PackImports). Idempotent."""
     compat = importlib.import_module(package)
-    finder = _FINDERS.get(package)
+    finder = _INSTALLED.get(package)
     if finder is None:
         aliases: dict[str, str] = dict(compat.ALIASES)
         ours = set(getattr(compat, "OUR_NAMES", ()))
@@ -155,9 +130,8 @@ def install_compat(package: str) -> tuple[ModuleType, PackFinder]:
             sys.modules.setdefault(alias, module)
             for sub in getattr(compat, "SUBMODULES", {}).get(alias, ()):
                 sys.modules.setdefault(f"{alias}.{sub}", importlib.import_module(f"{target}.{sub}"))
-        finder = PackFinder(aliases)
-        sys.meta_path.insert(0, finder)
-        _FINDERS[package] = finder
+        finder = PackImports({alias: aliases[alias] for alias in ours})
+        _INSTALLED[package] = finder
     return compat, finder
 
 

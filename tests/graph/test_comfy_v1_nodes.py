@@ -205,6 +205,8 @@ def test_pack_modules_resolve_to_the_compatibility_layer(engine):
     result = engine.run({"h": {"class_type": "V1Hello", "inputs": {"sampler": "euler", "scheduler": "normal"}}})
     assert result.outputs["h"]["modules"] == ["comfy_compat.nodes", "comfy_compat.server",
                                               "comfy_compat.folder_paths"]
+    where = engine.run({"w": {"class_type": "V1WhereFrom", "inputs": {}}}).outputs["w"]
+    assert where == {"by_path": ["comfy_compat.nodes", "comfy_compat.server"], "on_sys_path": ["comfy_compat.server"]}
     import nodes
     import server
 
