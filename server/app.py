@@ -131,21 +131,50 @@ STATIC_ROUTE_NAMES = frozenset({"canvas-index", "canvas-static", "canvas-templat
                                 "front-end-template-search-api", "pack-web"})
 
 
+SESSION_COOKIE = "latentloom_session"
+
+
+def session_value(token: str) -> str:
+    """What the session cookie holds: derived from the token, so the cookie never carries the token itself."""
+    return hmac.new(token.encode(), b"latentloom browser session", "sha256").hexdigest()
+
+
 def auth_middleware(token: str) -> Any:
+    """Every route but the pages needs the token: `Authorization: Bearer TOKEN`, `?token=` on `/ws` and `/view`
+    (what a browser cannot send a header with), or the session cookie. The cookie is for front ends that cannot
+    send the header at all (ComfyUI's): opening a page as `/?token=TOKEN` sets it (HttpOnly, SameSite=Strict, so
+    no other site's page can send it) and redirects to the page without the token in its address."""
     expected = f"Bearer {token}".encode()
+    session = session_value(token).encode()
 
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route
         if route.name in STATIC_ROUTE_NAMES or (route.resource is not None and
                                                 route.resource.name in STATIC_ROUTE_NAMES):
+            offered = request.query.get("token")
+            if request.method == "GET" and offered is not None and hmac.compare_digest(offered.encode(),
+                                                                                      token.encode()):
+                query = {k: v for k, v in request.query.items() if k != "token"}
+                response = web.HTTPSeeOther(str(request.rel_url.with_query(query)))
+                response.set_cookie(SESSION_COOKIE, session.decode(), httponly=True, samesite="Strict", path="/",
+                                    secure=request.secure)
+                return response
             return await handler(request)
         given = request.headers.get("Authorization", "").encode()
         ok = hmac.compare_digest(given, expected)
         if not ok and request.path in ("/ws", "/view", "/api/ws", "/api/view"):
             ok = hmac.compare_digest(request.query.get("token", "").encode(), token.encode())
+        if not ok and hmac.compare_digest(request.cookies.get(SESSION_COOKIE, "").encode(), session):
+            # SameSite keeps other sites' pages out, but not another port of this host: a cookie counts only
+            # from this origin's own pages (a browser names the page's origin on every cross-origin request).
+            origin = request.headers.get("Origin")
+            if origin is not None and urlsplit(origin).netloc.lower() != request.host.lower():
+                return json_error(403, "forbidden_origin", f"the session cookie is not accepted from {origin}")
+            ok = True
         if not ok:
-            return json_error(401, "unauthorized", "a valid 'Authorization: Bearer TOKEN' header is required")
+            return json_error(401, "unauthorized", "a valid 'Authorization: Bearer TOKEN' header is required "
+                                                   "(or open the page once as /?token=TOKEN)")
         return await handler(request)
 
     return check_token
