@@ -29,6 +29,8 @@ class PromptServer:
     """The one server object packs talk to (`PromptServer.instance`)."""
 
     instance: PromptServer
+    # We serve packs' WEB_DIRECTORY ourselves: packs that check for it skip copying their scripts elsewhere.
+    supports = frozenset({"custom_nodes_from_web"})
 
     def __init__(self) -> None:
         self.routes = web.RouteTableDef()

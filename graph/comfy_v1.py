@@ -88,6 +88,12 @@ class PackInput(Input):
         return [self.wire_type, config]
 
 
+def _plain(kind: str) -> str:
+    """A type name as a plain str. Packs declare "any" types as str subclasses whose `==` is always true (so
+    that ComfyUI's type checks pass them); compared as they are, they would equal COMBO, INT, anything."""
+    return str.__str__(kind)
+
+
 def _signature(fn: Callable[..., Any]) -> tuple[set[str], bool]:
     """The keyword names a pack's function takes, and whether it takes **kwargs."""
     try:
@@ -144,6 +150,7 @@ def _translate_input(pack_cls: type, section: str, name: str, spec: Any, skip_ch
                          wire_type=None, **common)
     if not isinstance(kind, str):
         raise PackNodeError(f"input {name!r}: type must be a string or a list of options, got {kind!r}")
+    kind = _plain(kind)
     if kind == COMBO:
         return PackInput(name, STRING if skip_checks else COMBO, options=_combo_reader(pack_cls, section, name),
                          wire_type=COMBO, **common)
@@ -169,6 +176,7 @@ def _outputs(pack_cls: type) -> list[Output]:
             kind = COMBO
         if not isinstance(kind, str):
             raise PackNodeError(f"RETURN_TYPES[{i}] must be a type name, got {kind!r}")
+        kind = _plain(kind)
         outputs.append(Output(kind, names[i] if i < len(names) else None,
                               is_list=bool(is_list[i]) if i < len(is_list) else False,
                               tooltip=tooltips[i] if i < len(tooltips) else ""))

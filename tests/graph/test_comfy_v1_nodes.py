@@ -110,6 +110,17 @@ def test_inputs_hidden_values_and_any_type(engine):
     assert engine.value(prompt, "o", 1) == [6]
 
 
+def test_any_type_declared_as_an_always_equal_str(engine):
+    info = engine.registry.object_info(engine.env)["V1Passthrough"]
+    assert info["input"]["required"]["value"] == ["*", {}] and info["output"] == ["*"]
+    assert type(engine.registry.get("V1Passthrough").input("value").type) is str  # not the pack's proxy
+    prompt = {"n": {"class_type": "V1Number", "inputs": {"value": 41}},
+              "p": {"class_type": "V1Passthrough", "inputs": {"value": ["n", 0]}},
+              "e": {"class_type": "V1Even", "inputs": {"value": 2, "limit": ["p", 0]}}, **show("p")}
+    assert engine.value(prompt, "p") == [41]
+    assert engine.validate(prompt).ok  # "*" feeds an INT input
+
+
 def test_default_validation_still_applies(engine):
     bad = {"o": {"class_type": "V1Options", "inputs": {
         "count": 11, "ratio": 0.5, "text": "", "flag": True, "mode": "pow", "kind": "a", "image": "x.png",

@@ -230,3 +230,31 @@ class V1Show:
 
 BASIC_NODES = {cls.__name__: cls for cls in (V1Options, V1Number, V1Lazy, V1ListOut, V1ListIn, V1PerItem,
                                              V1ReadFile, V1Always, V1Even, V1TypedLink, V1Text, V1Show)}
+
+
+class AnyType(str):
+    """The "any" type as packs write it: a str whose `!=` is always False (and `==` always True)."""
+
+    def __eq__(self, other):
+        return True
+
+    def __ne__(self, other):
+        return False
+
+    __hash__ = str.__hash__
+
+
+class V1Passthrough:
+    CATEGORY = "v1 pack"
+    RETURN_TYPES = (AnyType("*"),)
+    FUNCTION = "same"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": (AnyType("*"), {})}}
+
+    def same(self, value):
+        return (value,)
+
+
+BASIC_NODES["V1Passthrough"] = V1Passthrough
