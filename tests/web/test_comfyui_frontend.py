@@ -355,3 +355,24 @@ def test_shipped_workflows_open_from_the_template_browser(ui):
                               timeout=20_000)
     shipped_types = sorted(n["type"] for n in json.loads((ROOT / "workflows" / "txt2img.json").read_text())["nodes"])
     assert sorted(n["type"] for n in ui.nodes()) == shipped_types
+
+
+def test_a_server_with_a_token_works_after_opening_the_page_with_it(browser, data_dir, tmp_path):
+    """ComfyUI's front end sends no Authorization header: opened once as /?token=TOKEN, the session cookie the
+    server sets carries every API call and the WebSocket; without it the API stays closed."""
+    guarded = ServerProcess(data_dir, "--front-end", "comfyui", "--auth-token", "s3cret").start()
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    try:
+        assert guarded.request("GET", "/api/object_info")[0] == 401
+        watched = Watched(context.new_page(), guarded.url)
+        watched.page.goto(guarded.url + "/?token=s3cret")
+        watched.wait_ready()
+        assert "token" not in watched.page.url  # the 303 took it out of the address bar
+        watched.page.wait_for_timeout(1000)
+        assert not watched.problems, "\n".join(watched.problems)
+        assert ("GET", f"{guarded.url}/api/object_info", 200) in watched.requests
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        watched.page.screenshot(path=str(ARTIFACTS / "comfyui_test_a_server_with_a_token.png"))
+    finally:
+        context.close()
+        guarded.stop()
