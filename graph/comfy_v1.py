@@ -382,6 +382,8 @@ def _node_output(cls: type[PackNode], returned: Any) -> NodeOutput:
                             "not a tuple of outputs")
     if ui is not None and not isinstance(ui, dict):
         raise PackNodeError(f"{cls.node_type} (pack {cls.pack or '?'}): 'ui' must be a dict, got {ui!r}")
+    if ui is not None:  # packs often give tuples, which ComfyUI's JSON sends as lists: our executor joins lists
+        ui = {key: list(value) if isinstance(value, tuple) else value for key, value in ui.items()}
     return NodeOutput(*returned, ui=ui)
 
 

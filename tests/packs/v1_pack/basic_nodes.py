@@ -225,7 +225,7 @@ class V1Show:
         return {"required": {"value": ("*", {"forceInput": True})}}
 
     def show(self, value):
-        return {"ui": {"text": [str(value)]}, "result": (str(value),)}
+        return {"ui": {"text": (str(value),)}, "result": (str(value),)}  # a tuple, as many packs write it
 
 
 BASIC_NODES = {cls.__name__: cls for cls in (V1Options, V1Number, V1Lazy, V1ListOut, V1ListIn, V1PerItem,
