@@ -309,3 +309,36 @@ def test_missing_method_names_method_node_and_pack(broken):
     assert result.error["exception_message"] == (
         "node CallsMissing (pack broken_runtime) called MODEL.set_model_unet_function_wrapper on its input "
         "'model', which Latent Loom's MODEL does not offer")
+
+
+def test_latent_preview_callback_reports_progress(engine):
+    engine.run({"c": {"class_type": "V1Callback", "inputs": {"steps": 3}}, **show("c")})
+    assert [(d["value"], d["max"]) for e, d in engine.events if e == "progress"] == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_comfy_helpers_map_onto_ours(engine, tmp_path):
+    import comfy.model_management as mm
+    import comfy.utils
+    import node_helpers
+    import torch
+
+    assert mm.get_torch_device() == engine.env.model_manager().device
+    assert mm.intermediate_device() == torch.device("cpu")
+    assert isinstance(mm.get_free_memory(), int) and mm.get_total_memory() >= mm.get_free_memory() > 0
+    mm.soft_empty_cache()
+    assert not mm.processing_interrupted()  # outside a run
+    assert issubclass(mm.InterruptProcessingException, Exception)
+    resized = comfy.utils.common_upscale(torch.rand(1, 3, 8, 12), 6, 4, "bilinear", "disabled")
+    assert tuple(resized.shape) == (1, 3, 4, 6)
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(b"\x80\x04\x95\x1f\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x8c\x06system\x93\x8c\x05touch\x85R.")
+    with pytest.raises(ValueError, match=r"evil\.ckpt: refused: this pickle needs code to load"):
+        comfy.utils.load_torch_file(str(evil))
+    good = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, good, metadata={"k": "v"})
+    state, meta = comfy.utils.load_torch_file(str(good), return_metadata=True)
+    assert torch.equal(state["w"], torch.ones(2)) and meta == {"k": "v"}
+    cond = node_helpers.conditioning_set_values([(torch.zeros(1), {"a": [1]})], {"a": [2], "b": 3}, append=True)
+    assert cond[0][1] == {"a": [1, 2], "b": 3}

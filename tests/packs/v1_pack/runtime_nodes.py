@@ -4,6 +4,7 @@ import comfy.model_management
 import comfy.samplers
 import comfy.utils
 import folder_paths
+import latent_preview
 from aiohttp import web
 
 import nodes
@@ -91,4 +92,23 @@ class V1CoreLatent:
         return empty.generate(width, width, 1)
 
 
-RUNTIME_NODES = {"V1Steps": V1Steps, "V1Hello": V1Hello, "V1Files": V1Files, "V1CoreLatent": V1CoreLatent}
+class V1Callback:
+    """Reports steps through latent_preview's sampler callback (a pack's own sampling loop)."""
+
+    CATEGORY = "v1 pack/runtime"
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "loop"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"steps": ("INT", {"default": 3, "min": 1, "max": 10})}}
+
+    def loop(self, steps):
+        callback = latent_preview.prepare_callback(None, steps)
+        for i in range(steps):
+            callback(i, None, None, steps)
+        return (steps,)
+
+
+RUNTIME_NODES = {"V1Callback": V1Callback, "V1Steps": V1Steps, "V1Hello": V1Hello, "V1Files": V1Files,
+                 "V1CoreLatent": V1CoreLatent}
