@@ -251,7 +251,7 @@ def test_pack_calls_a_core_node(engine):
     assert tuple(latent["samples"].shape) == (1, 4, 8, 8)
 
 
-BROKEN = ("broken_import", "broken_exit.py", "broken_decls", "broken_web", "broken_runtime", "v1_pack")
+BROKEN = ("broken_import", "broken_exit.py", "broken_decls", "broken_web", "broken_runtime", "broken_v3", "v1_pack")
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +269,7 @@ def test_broken_packs_are_reported_and_skipped(broken, caplog):
     assert "numpy" not in errors["custom_nodes/broken_import"]
     assert errors["custom_nodes/broken_syntax.py"].startswith("SyntaxError")
     assert errors["custom_nodes/broken_exit.py"].startswith("SystemExit")
+    assert errors["custom_nodes/broken_v3"] == "RuntimeError: extension setup failed"
     assert "V1Options" in broken.registry  # a good pack in the same folder still loads
 
 
