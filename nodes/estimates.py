@@ -69,20 +69,25 @@ def tensor_of(value: Any, ndim: int) -> TensorSpec | None:
     return value if isinstance(value, TensorSpec) and len(value.shape) == ndim else None
 
 
-@functools.lru_cache(maxsize=16)
-def _itemsize(device: str, for_vae: bool) -> int:
-    from diffusion.devices import pick_dtype
+@functools.lru_cache(maxsize=64)
+def _itemsize(device: str, for_vae: bool, precisions: tuple[str | None, str | None, str | None] = (None,) * 3) -> int:
+    from diffusion.devices import model_dtype
 
+    precision, unet_precision, vae_precision = precisions
     try:
-        return pick_dtype(device, for_vae=for_vae).itemsize
+        return model_dtype(device, "vae" if for_vae else "unet", precision=precision, unet_precision=unet_precision,
+                           vae_precision=vae_precision).itemsize
     except Exception as exc:  # no such device here (a planning host without the GPU): the usual choice
         log.debug("no dtype for %s (%s); assuming the usual one", device, exc)
         return 4 if device.startswith("cpu") or for_vae else 2
 
 
 def compute_itemsize(context: EstimateContext, for_vae: bool = False) -> int:
-    """Bytes per element of model activations on the prompt's device (diffusion.devices.pick_dtype's rule)."""
-    return _itemsize(context.device, for_vae)
+    """Bytes per element of model activations on the prompt's device: the precision flags the environment holds
+    (--force-fp32, --bf16-unet, ...), else the device's rule (diffusion.devices.model_dtype)."""
+    env = context.env
+    precisions = tuple(getattr(env, name, None) for name in ("precision", "unet_precision", "vae_precision"))
+    return _itemsize(context.device, for_vae, precisions)
 
 
 def _norm_peak(itemsize: int) -> float:

@@ -177,6 +177,17 @@ def test_force_fp32_overrides_a_bf16_capable_cpu():
         model_dtype("cpu", precision="fp8")
 
 
+def test_memory_estimates_use_the_forced_precision(tmp_path):
+    """Admission control (--max-prompt-memory) counts activations in the dtype the models will really run in."""
+    from graph.memory_estimate import EstimateContext
+    from nodes.estimates import compute_itemsize
+
+    for flags, unet, vae in ((["--force-fp32"], 4, 4), (["--precision", "bf16"], 2, 2), (["--force-fp16"], 2, 4),
+                             (["--force-fp32", "--bf16-unet"], 2, 4), (["--force-fp16", "--fp32-vae"], 2, 4)):
+        context = EstimateContext(environment(tmp_path, *flags), "cpu")
+        assert (compute_itemsize(context), compute_itemsize(context, for_vae=True)) == (unet, vae), flags
+
+
 # Memory modes ----------------------------------------------------------------------------------------------------
 
 def test_vram_flags_shape_the_model_manager(tmp_path):
