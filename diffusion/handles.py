@@ -90,6 +90,21 @@ class DiffusionModel:
         self.guidance_hooks = self.guidance_hooks.merged(
             GuidanceHooks(post=[lambda step: fn(_cfg_args(self, step) | {"denoised": step.denoised})]))
 
+    def set_model_input_block_patch(self, fn: Callable[[Tensor, dict[str, Any]], Tensor]) -> None:
+        """`fn(h, transformer_options)` after each input block (ComfyUI's name): our `input_block` hook."""
+        self.unet_patches = self.unet_patches.merged(
+            UNetPatches(input_block=(lambda h, site: fn(h, _transformer_options(site)),)))
+
+    def set_model_input_block_patch_after_skip(self, fn: Callable[[Tensor, dict[str, Any]], Tensor]) -> None:
+        self.unet_patches = self.unet_patches.merged(
+            UNetPatches(input_block_after_skip=(lambda h, site: fn(h, _transformer_options(site)),)))
+
+    def set_model_output_block_patch(self, fn: Callable[[Tensor, Tensor, dict[str, Any]], tuple[Tensor, Tensor]]
+                                     ) -> None:
+        """`fn(h, skip, transformer_options) -> (h, skip)` before each output block (FreeU-like packs)."""
+        self.unet_patches = self.unet_patches.merged(
+            UNetPatches(output_block=(lambda h, skip, site: tuple(fn(h, skip, _transformer_options(site))),)))
+
     def add_patches(self, patches: dict[str, Any], strength_patch: float = 1.0,
                     strength_model: float = 1.0) -> list[str]:
         """Weight differences keyed `diffusion_model.<checkpoint key>` (a tensor, `(tensor,)` or
@@ -274,6 +289,12 @@ class ClipModel:
         """A CONDITIONING of one entry, as ComfyUI's CLIPTextEncode makes it."""
         cond, pooled = self.encode_from_tokens(tokens, return_pooled=True)
         return [(cond, {"pooled_output": pooled})]
+
+
+def _transformer_options(site: Any) -> dict[str, Any]:
+    """A UNet hook's site as ComfyUI's `transformer_options` (the keys block patches read)."""
+    return {"block": site.block, "original_shape": list(site.latent_shape), "transformer_index": site.transformer,
+            "sigmas": site.sigmas, "timesteps": site.timesteps}
 
 
 def _cfg_args(model: DiffusionModel, step: Any) -> dict[str, Any]:
