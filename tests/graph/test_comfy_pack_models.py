@@ -77,6 +77,18 @@ def test_add_patches_changes_the_weight_of_the_clone_only(engine):
     torch.testing.assert_close(samples(engine, sample(None)), plain)  # the checkpoint's own model is unchanged
 
 
+def test_output_block_patch_sees_each_output_block(engine):
+    plain = samples(engine, sample(None, steps=1))
+    blocks = sys.modules["latentloom_custom_nodes.model_pack"].ScaleBackbone.BLOCKS
+    blocks.clear()
+    same = samples(engine, sample({"class_type": "ScaleBackbone", "inputs": {"model": ["c", 0], "b": 1.0}}, steps=1))
+    torch.testing.assert_close(same, plain)
+    assert blocks and {kind for kind, _ in blocks} == {"output"}
+    assert sorted({i for _, i in blocks}) == list(range(len(set(blocks))))
+    scaled = samples(engine, sample({"class_type": "ScaleBackbone", "inputs": {"model": ["c", 0], "b": 1.3}}, steps=1))
+    assert (scaled - plain).abs().max() > 1e-3
+
+
 def test_clip_tokenize_and_encode_from_tokens_equal_clip_text_encode(engine):
     prompt = {"c": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.safetensors"}},
               "ours": {"class_type": "CLIPTextEncode", "inputs": {"text": "a (red:1.2) fox", "clip": ["c", 1]}},

@@ -51,6 +51,29 @@ class PlainCFG:
         return (m,)
 
 
+class ScaleBackbone:
+    """FreeU's idea through ComfyUI's block patch: scale the backbone features before each output block."""
+
+    CATEGORY = "model pack"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    BLOCKS = []
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "b": ("FLOAT", {"default": 1.0})}}
+
+    def patch(self, model, b):
+        m = model.clone()
+
+        def output_patch(h, hsp, transformer_options):
+            ScaleBackbone.BLOCKS.append(transformer_options["block"])
+            return h * b, hsp
+
+        m.set_model_output_block_patch(output_patch)
+        return (m,)
+
+
 class EncodeTokens:
     CATEGORY = "model pack"
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
@@ -96,5 +119,5 @@ class Sink:
         return {}
 
 
-NODE_CLASS_MAPPINGS = {"Sink": Sink, "RecordCFG": RecordCFG, "PlainCFG": PlainCFG, "EncodeTokens": EncodeTokens,
-                       "VAERoundTrip": VAERoundTrip}
+NODE_CLASS_MAPPINGS = {"Sink": Sink, "ScaleBackbone": ScaleBackbone, "RecordCFG": RecordCFG, "PlainCFG": PlainCFG,
+                       "EncodeTokens": EncodeTokens, "VAERoundTrip": VAERoundTrip}
