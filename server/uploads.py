@@ -26,6 +26,7 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineToo
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from nodes.image_io import IMAGE_EXTENSIONS
 from nodes.image_limits import ImageLimitError, check_frames
 from server.file_names import MAX_NAME_BYTES, check_file_name, check_subfolder, resolve
 from server.state import STATE, ApiError, ServerConfig, ServerState
@@ -233,7 +234,10 @@ def _apply_mask(state: ServerState, fields: dict[str, Any], mask: Image.Image) -
             from None
     if not isinstance(ref, dict) or not isinstance(ref.get("filename"), str):
         raise ApiError(400, "invalid_original_ref", "'original_ref' must name a filename")
-    original_path = resolve(state, str(ref.get("type") or "input"), str(ref.get("subfolder") or ""), ref["filename"])
+    kind, subfolder = str(ref.get("type") or "input"), str(ref.get("subfolder") or "")
+    original_path = resolve(state, kind, subfolder, ref["filename"])
+    if not original_path.is_file() and kind == "input" and not subfolder:  # a shipped example, as LoadImage lists
+        original_path = state.env.input_file(ref["filename"], IMAGE_EXTENSIONS) or original_path
     if not original_path.is_file():
         raise ApiError(404, "not_found", f"original image {ref['filename']!r} does not exist")
     original = open_checked(original_path, ref["filename"], state.config, all_frames=False)

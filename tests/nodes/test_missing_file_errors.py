@@ -5,6 +5,7 @@ own files, loaded, served by /view, and a user's file of the same name wins."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from nodes.image_io import LoadImage, LoadImageMask
 from nodes.model_paths import bundled_inputs_dir
 from nodes.sampling import SAMPLER_NAMES
 from server.app import create_app
+from tests.server.harness import multipart
 from tests.server.inprocess import InProcessServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,6 +163,15 @@ def test_api_details_and_view_of_the_shipped_example(server, tmp_path):
     assert server.json("GET", "/internal/files/input") == (200, ["example.png"])
     assert server.request("GET", "/view?filename=example.png&type=output")[0] == 404
     assert server.request("GET", "/view?filename=example.png&type=input&subfolder=x")[0] == 404
+    mask = io.BytesIO()  # the mask editor on the shipped example: its pixels, the mask's alpha, saved as the user's
+    Image.new("RGBA", (64, 64), (0, 0, 0, 100)).save(mask, format="PNG")
+    body, content_type = multipart({"image": ("mask.png", mask.getvalue()), "original_ref": json.dumps(
+        {"filename": "example.png", "subfolder": "", "type": "input"})})
+    status, reply = server.json("POST", "/upload/mask", raw=body, headers={"Content-Type": content_type})
+    assert status == 200, reply
+    with Image.open(server.data_dir / "input" / reply["subfolder"] / reply["name"]) as masked:
+        assert masked.getpixel((5, 5)) == (*Image.open(EXAMPLE).getpixel((5, 5))[:3], 100)
+    assert not (server.data_dir / "input" / "example.png").exists()
     Image.new("RGB", (8, 8), (0, 255, 0)).save(server.data_dir / "input" / "example.png")
     status, _, data = server.request("GET", "/view?filename=example.png&type=input")
     assert status == 200 and data == (server.data_dir / "input" / "example.png").read_bytes()
