@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,7 +32,7 @@ from .patches.patcher import ModelPatcher, WeightDiff
 from .patches.unet_patches import UNetPatches
 from .preview import LatentRGBProjection, fit_latent_rgb_projection, latent_preview_image
 from .sampling.guidance import CFGGuider, Conditioning, GuidanceHooks
-from .sampling.model_sampling import Denoiser, ModelSampling
+from .sampling.model_sampling import ContinuousModelSampling, Denoiser, ModelSampling, discrete_model_sampling
 from .sampling.schedules import DiscreteSchedule
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class DiffusionModel:
     denoise_mask_fn: Callable[[Tensor, Tensor, Tensor, ModelSampling], Tensor] | None = None
     # SD2.1 unCLIP: noises the image embeddings of unCLIPConditioning into the UNet's ADM input.
     noise_augmentor: NoiseAugmentor | None = None
+    # Runs the UNet call instead of calling it (`wrapper(unet, x, t, context, y, **patches)`): DeepCache.
+    unet_wrapper: Callable[..., Tensor] | None = None
     _preview: dict[str, LatentRGBProjection] = dataclasses.field(default_factory=dict, repr=False)
 
     def with_guidance_hooks(self, hooks: GuidanceHooks) -> DiffusionModel:
@@ -67,6 +70,11 @@ class DiffusionModel:
     def with_unet_patches(self, patches: UNetPatches) -> DiffusionModel:
         """A clone whose UNet calls also run `patches` (after the ones it already has); the original is unchanged."""
         return dataclasses.replace(self.clone(), unet_patches=self.unet_patches.merged(patches))
+
+    def with_unet_wrapper(self, wrapper: Callable[..., Tensor]) -> DiffusionModel:
+        """A clone whose UNet calls go through `wrapper(unet, x, t, context, y, patches=..., sigmas=...)` (one
+        wrapper: a later one replaces an earlier one, as ComfyUI's set_model_unet_function_wrapper)."""
+        return dataclasses.replace(self.clone(), unet_wrapper=wrapper)
 
     def with_model_sampling(self, model_sampling: ModelSampling) -> DiffusionModel:
         """A clone that samples with another schedule or prediction type (ModelSamplingDiscrete)."""
@@ -207,8 +215,9 @@ class DiffusionModel:
                     if concat.shape[-2:] != x_in.shape[-2:]:
                         raise ValueError("area conditioning is not supported with inpainting models")
                     x_in = torch.cat([x_in, concat.to(x_in).repeat(x_in.shape[0] // concat.shape[0], 1, 1, 1)], 1)
-                out = unet(x_in.to(device, dtype), t.to(device), context.to(device, dtype),
-                           None if y is None else y.to(device, dtype), **extra)
+                run = unet if self.unet_wrapper is None else functools.partial(self.unet_wrapper, unet)
+                out = run(x_in.to(device, dtype), t.to(device), context.to(device, dtype),
+                          None if y is None else y.to(device, dtype), **extra)
                 return out.float()
 
             yield Denoiser(net, self.model_sampling, pass_sigma=True)
@@ -401,7 +410,13 @@ class VAEModel:
 
 
 def model_sampling_for(family: ModelFamily) -> ModelSampling:
-    """SD's discrete schedule (scaled-linear betas 0.00085 → 0.012 over 1000 steps) and the prediction type."""
+    """SD's discrete schedule (scaled-linear betas 0.00085 → 0.012 over 1000 steps) and the prediction type;
+    for a checkpoint marked `ztsnr`, that schedule rescaled to zero terminal SNR; for one marked `edm_vpred`
+    (CosXL), continuous-time EDM v-prediction between its sigmas (what ModelSamplingContinuousEDM would set)."""
+    if family.continuous is not None:
+        return ContinuousModelSampling("v_prediction", *family.continuous, sigma_data=1.0)
+    if family.zsnr:
+        return discrete_model_sampling(PREDICTIONS[family.prediction], zsnr=True)
     return ModelSampling(DiscreteSchedule.from_config(), PREDICTIONS[family.prediction])
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -59,6 +60,10 @@ class ModelFamily:
     text_family: str
     clip_heads: int | None = None
     unclip: bool = False  # SD2.1 unCLIP: the UNet's ADM input takes a noised CLIP image embedding (models/unclip.py)
+    # Marker keys some trainers write beside the weights: `edm_vpred.sigma_min/max` (CosXL: a continuous-time
+    # EDM v-prediction model, sampled between those sigmas) and `ztsnr` (trained on a zero-terminal-SNR schedule).
+    continuous: tuple[float, float] | None = None
+    zsnr: bool = False
 
     @property
     def title(self) -> str:
@@ -114,7 +119,23 @@ def detect_family(
         text_family=name,
         clip_heads=None if clip_heads is None else int(clip_heads),
         unclip=name == "sd2" and unet.adm_in_channels is not None,
+        continuous=_edm_vpred_range(sd),
+        zsnr="ztsnr" in sd,
     )
+
+
+def _edm_vpred_range(sd: Mapping[str, Tensor]) -> tuple[float, float] | None:
+    """(sigma_min, sigma_max) of a CosXL-style checkpoint's `edm_vpred.*` keys, or None without them."""
+    if "edm_vpred.sigma_max" not in sd and "edm_vpred.sigma_min" not in sd:
+        return None
+    try:
+        low, high = (float(sd[f"edm_vpred.{end}"].float().reshape(-1)[0]) for end in ("sigma_min", "sigma_max"))
+    except (KeyError, IndexError, RuntimeError, NotImplementedError) as e:
+        raise FamilyError(f"the checkpoint's edm_vpred.sigma_min/sigma_max keys are unreadable: {e}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low < high):
+        raise FamilyError(f"the checkpoint's edm_vpred sigmas must satisfy 0 < sigma_min < sigma_max, got "
+                          f"sigma_min={low}, sigma_max={high}")
+    return low, high
 
 
 def _not_a_checkpoint(sd: Mapping[str, Tensor]) -> str:
