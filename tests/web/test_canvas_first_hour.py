@@ -262,14 +262,29 @@ def test_no_emoji_in_the_interface(page, server):
     page.evaluate("""import('/js/panels.js').then((m) => m.renderQueue(document.querySelector('[data-panel="queue"]'),
         { json: async () => ({ queue_running: [[1, 'aaaaaaaa-run']], queue_pending: [[2, 'bbbbbbbb-wait']] }) }))""")
     page.locator(".queue-list li.pending").wait_for(timeout=5_000)
-    texts.append(page.inner_text("[data-panel='queue']"))
+    queue_text = page.inner_text("[data-panel='queue']")
+    texts.append(queue_text)
     page.click('[data-panel-tab="workflows"]')
     page.locator('.workflow-list li[data-name="kept.json"]').wait_for(timeout=5_000)
     texts.append(page.inner_text("[data-panel='workflows']"))
     texts.append(page.inner_text("#toolbar"))
+    # and on the canvas: the text of one frame with a pinned node
+    page.click('[data-panel-tab="results"]')
+    page.mouse.click(*page.evaluate("loom.titlePosition(3)"), button="right")
+    page.locator(".litemenu-entry", has_text="Pin").first.click()
+    page.evaluate("""(() => { window.drawnText = [];
+        const fill = CanvasRenderingContext2D.prototype.fillText;
+        CanvasRenderingContext2D.prototype.fillText = function (text, ...rest) {
+            window.drawnText.push(String(text)); return fill.call(this, text, ...rest); };
+        loom.canvas.setDirty(true, true); })()""")
+    next_frame(page)
+    drawn = page.evaluate("window.drawnText")
+    assert page.evaluate("loom.graph.getNodeById(3).pinned") is True
+    assert "KSampler (pinned)" in drawn
+    texts += drawn
     unsafe = {ch for text in texts for ch in text if ord(ch) >= FIRST_UNSAFE}
     assert not unsafe, f"characters without a glyph on a machine with no emoji font: {sorted(unsafe)}"
-    assert "Convert to Subgraph (new)" in texts and "pending" in texts[-3].lower()
+    assert "Convert to Subgraph (new)" in texts and "pending" in queue_text.lower()
 
 
 # 9 ------------------------------------------------------------------------------------------------------------

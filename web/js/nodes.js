@@ -117,6 +117,25 @@ function makeNodeClass(type, info, app) {
     onDrawForeground(ctx) {
       app.drawNodeState(this, ctx);
     }
+
+    /** litegraph appends a pin emoji to a pinned node's title (an empty box without an emoji font): words here. */
+    getTitle() {
+      const title = super.getTitle();
+      return this.flags?.pinned ? `${title} (pinned)` : title;
+    }
+
+    drawTitleText(ctx, options) {
+      this.drawingTitle = true;
+      try {
+        super.drawTitleText(ctx, options);
+      } finally {
+        this.drawingTitle = false;
+      }
+    }
+
+    get pinned() {
+      return !this.drawingTitle && Boolean(this.flags?.pinned);
+    }
   }
   return LoomNode;
 }
