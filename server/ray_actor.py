@@ -72,6 +72,29 @@ class WorkerEnvironment(Environment):
         self.temp_dir.mkdir(parents=True, exist_ok=True)
 
 
+# The server's engine flags a worker takes over (--precision and ComfyUI's --force-fp32, --bf16-unet, --fp32-vae,
+# --lowvram/--novram/--highvram, --input-directory). The device is the one Ray gives the actor; output and temp are
+# the worker's scratch folders.
+ENGINE_FIELDS = ("precision", "unet_precision", "vae_precision", "vram", "input_dir_override")
+
+
+def engine_options(env: Environment) -> dict[str, Any]:
+    """The server environment's engine flags as plain values an actor can be sent (see ENGINE_FIELDS)."""
+    options = {name: getattr(env, name) for name in ENGINE_FIELDS}
+    if options["input_dir_override"] is not None:
+        options["input_dir_override"] = str(options["input_dir_override"])
+    return options
+
+
+def worker_engine(options: dict[str, Any]) -> dict[str, Any]:
+    """engine_options' values as a WorkerEnvironment takes them."""
+    unknown = set(options) - set(ENGINE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown engine options {sorted(unknown)}")
+    folder = options.get("input_dir_override")
+    return {**options, "input_dir_override": Path(folder) if folder is not None else None}
+
+
 def file_entries(ui: dict[str, Any]) -> list[dict[str, Any]]:
     """The `{filename, subfolder, type}` dicts of a node's ui whose type is a folder we ship."""
     return [item for value in ui.values() if isinstance(value, list) for item in value
@@ -83,7 +106,8 @@ class PromptWorker:
 
     def __init__(self, worker_id: str, data_dir: str, extra_model_dirs: dict[str, list[str]] | None = None,
                  cache: str = "workflow", cache_bytes: int | None = None, scratch_root: str | None = None,
-                 threads: int | None = None, image_limits: tuple[int | None, int | None] = (None, None)) -> None:
+                 threads: int | None = None, image_limits: tuple[int | None, int | None] = (None, None),
+                 engine: dict[str, Any] | None = None) -> None:
         if threads:
             import torch
 
@@ -94,7 +118,8 @@ class PromptWorker:
         self.scratch = Path(tempfile.mkdtemp(prefix=f"latentloom-{worker_id}-", dir=root))
         extra = {kind: [Path(p) for p in paths] for kind, paths in (extra_model_dirs or {}).items()}
         self.env = WorkerEnvironment(Path(data_dir), extra_model_dirs=extra, scratch_dir=self.scratch,
-                                     max_image_pixels=image_limits[0], max_image_frames=image_limits[1])
+                                     max_image_pixels=image_limits[0], max_image_frames=image_limits[1],
+                                     **worker_engine(engine or {}))
         self.env.ensure_dirs()
         self.registry = build_registry(self.env)
         self.executor = Executor(env=self.env, cache=make_cache(cache, cache_bytes), previews=True)

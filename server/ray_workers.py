@@ -35,7 +35,7 @@ from server.prompt_run import (
     now_ms,
     publish_preview,
 )
-from server.ray_actor import PromptWorker, new_worker_id
+from server.ray_actor import PromptWorker, engine_options, new_worker_id
 from server.ray_outputs import OutputLanding
 from server.scheduling import Job, Scheduler, WorkerView, prompt_checkpoints, worker_target
 from server.store import QueueItem, history_entry
@@ -86,7 +86,8 @@ class RayWorkerPool(PromptPool):
         self.worker_args = {"data_dir": str(env.data_dir), "cache": cache, "cache_bytes": cache_bytes,
                             "extra_model_dirs": {k: [str(p) for p in v] for k, v in env.extra_model_dirs.items()},
                             "scratch_root": scratch_root,
-                            "image_limits": (env.max_image_pixels, env.max_image_frames)}
+                            "image_limits": (env.max_image_pixels, env.max_image_frames),
+                            "engine": engine_options(env)}
         self.max_workers, self.cpus_per_worker = max_workers, cpus_per_worker
         self.scheduler = scheduler or Scheduler()
         self.reconcile_s = reconcile_s

@@ -248,6 +248,21 @@ def test_extra_model_paths_config_is_our_extra_model_paths_and_repeats(tmp_path)
     assert env.model_dirs("checkpoints")[1:3] == [first / "ckpts", second / "ck"]
 
 
+def test_ray_workers_take_over_the_engine_flags(tmp_path):
+    from server.ray_actor import PromptWorker, engine_options
+
+    env = environment(tmp_path, "--force-fp16", "--bf16-unet", "--novram", "--input-directory", str(tmp_path / "in"))
+    options = json.loads(json.dumps(engine_options(env)))  # plain values, as an actor is sent them
+    worker = PromptWorker("wflags", str(make_data_dir(tmp_path / "data")), scratch_root=str(tmp_path / "scratch"),
+                          engine=options)
+    try:
+        got = worker.env
+        assert (got.precision, got.unet_precision, got.vram, got.input_dir) == ("fp16", "bf16", "no", tmp_path / "in")
+        assert (got.model_dtype("unet"), got.model_dtype("text"), got.model_dtype("vae")) == (BF16, F16, F32)
+    finally:
+        worker.shutdown()
+
+
 # Server flags ------------------------------------------------------------------------------------------------------
 
 def serve_config(tmp_path, *flags: str):
