@@ -1,7 +1,7 @@
 """Every shipped workflow runs on a fresh clone with an EMPTY data directory: the repository's own model, LoRA and
 example inputs are all it has (house rule). By default through the CLI's main in this process, on the repository
 itself, the files it loads checked to be in git; with LATENTLOOM_SLOW=1 also as a fresh clone would: the working
-tree's files as git would give them (tracked and not-ignored files, hard-linked into a scratch folder, so an
+tree's files as git would give them (tracked and not-ignored files, copied into a scratch folder, so an
 ignored or stray local file cannot help), a CLI process per workflow. Steps are fewer (`--set`). Workflows that
 need files the project cannot ship are listed with the reason and must fail with the error that says where the
 file was looked for and where to put it.
@@ -49,7 +49,7 @@ def git(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> Path:
-    """The working tree's tracked and not-ignored files, hard-linked (copied across file systems)."""
+    """The working tree's tracked and not-ignored files, copied (a hard link would follow later in-place edits)."""
     root = tmp_path_factory.mktemp("fresh") / "latentloom"
     for name in git("ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0"):
         source = ROOT / name
@@ -57,10 +57,7 @@ def clone(tmp_path_factory) -> Path:
             continue
         target = root / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copy2(source, target)
+        shutil.copy2(source, target)
     return root
 
 
