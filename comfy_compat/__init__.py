@@ -32,9 +32,13 @@ def install(registry: Any, env: Any) -> None:
     """Point the layer at the registry that loads the packs and at the environment they read files from."""
     _state.STATE.registry = registry
     _state.STATE.env = env
-    from comfy_compat import folder_paths
+    from comfy_compat import folder_paths, server
 
     folder_paths.refresh()
+    if env is not None:
+        # Packs find "ComfyUI's folder" as the folder of the file that defines PromptServer, and some write there
+        # (legacy script folders under web/extensions); for them, ComfyUI's folder is our data directory.
+        server.__file__ = str(env.data_dir / "server.py")
 
 
 def attach(app: Any, publish: Any) -> None:

@@ -246,6 +246,14 @@ def test_folder_paths_maps_onto_the_data_directory(engine):
         folder_paths.get_save_image_path("../escape/img", str(engine.env.output_dir))
 
 
+def test_comfyui_root_seen_by_packs_is_the_data_directory(engine):
+    import inspect
+
+    from comfy_compat.server import PromptServer  # what `from server import PromptServer` gives a pack
+
+    assert Path(inspect.getfile(PromptServer)).parent == engine.env.data_dir  # packs that write there stay in it
+
+
 def test_pack_calls_a_core_node(engine):
     latent = engine.value({"c": {"class_type": "V1CoreLatent", "inputs": {"width": 64}}, **show("c")}, "c")[0]
     assert tuple(latent["samples"].shape) == (1, 4, 8, 8)
