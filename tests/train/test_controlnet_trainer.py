@@ -1,0 +1,139 @@
+"""The ControlNet recipe on the tiny spec (starts as the base model, deterministic, resumable, writes a file our
+ControlNet loader reads), its silhouettes, and the shipped ControlNet against the shipped demo model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion.checkpoints.controlnet_files import build_controlnet, read_controlnet
+from diffusion.checkpoints.files import read_state_dict
+from diffusion.checkpoints.loader import load_checkpoint
+from diffusion.patches.control import residual_patches
+from train import shapes
+from train.recipe import build_text_encoder, build_unet, build_vae, tiny_spec, write_checkpoint
+from train.train_controlnet import controlnet_from_unet, hint_images, main, silhouette
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "models" / "controlnet" / "latentloom-shapes-silhouette.safetensors"
+DEMO = ROOT / "models" / "checkpoints" / "latentloom-shapes.safetensors"
+TINY = ["--images", "8", "--steps", "4", "--batch", "2", "--log-every", "2", "--save-every", "3", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny SD1 shapes model at random weights (its output layer random too, so the UNet is not constant)."""
+    spec = tiny_spec()
+    unet = build_unet(spec, 1)
+    torch.nn.init.normal_(unet.out[-1].weight, std=0.05)
+    path = tmp_path_factory.mktemp("base") / "tiny.safetensors"
+    write_checkpoint(path, spec, unet, build_vae(spec, 2), build_text_encoder(spec, 3))
+    return path
+
+
+def train(base: Path, folder: Path, name: str, *extra: str) -> tuple[Path, int]:
+    out = folder / f"{name}.safetensors"
+    code = main([*TINY, "--base", str(base), "--out", str(out), "--state", str(folder / f"{name}.pt"), *extra])
+    return out, code
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(base, tmp_path_factory) -> Path:
+    out, code = train(base, tmp_path_factory.mktemp("full"), "full")
+    assert code == 0
+    return out
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in read_state_dict(path).items()}
+
+
+def test_silhouette_is_the_rendered_shape_white_on_black():
+    for index in range(8):
+        sample = shapes.draw_sample(0, "train", index)
+        hint = silhouette(sample)
+        assert hint.shape == (64, 64) and hint.dtype == np.uint8 and hint.min() == 0 and hint.max() == 255
+        image = shapes.render(sample).astype(np.int32)
+        shape = np.abs(image - np.array(shapes.BACKGROUNDS[sample.background])).sum(-1) > 0
+        assert np.array_equal(hint > 0, shape)  # the same anti-aliased pixels as the picture's shape
+    assert hint_images(hint[None]).shape == (1, 3, 64, 64) and float(hint_images(hint[None]).max()) == 1.0
+
+
+def test_starts_as_the_base_model(base):
+    unet = load_checkpoint(base, dtype=torch.float32).unet
+    net = controlnet_from_unet(unet, 0)
+    ours = net.state_dict()
+    for key, value in unet.state_dict().items():
+        if key.startswith(("time_embed.", "input_blocks.", "middle_block.")):
+            assert torch.equal(ours[key], value), key
+    assert float(net.input_hint_block[0].weight.detach().abs().sum()) > 0  # the hint encoder is not all zero
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    context = torch.randn(2, 77, unet.config.context_dim, generator=gen)
+    hint = hint_images(np.stack([silhouette(shapes.draw_sample(0, "train", i)) for i in range(2)]))
+    t = torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        residuals = net(x, hint, t, context)
+        plain = unet(x, t, context)
+        controlled = unet(x, t, context, patches=residual_patches(residuals))
+    assert all(float(r.abs().max()) == 0 for r in residuals)
+    torch.testing.assert_close(controlled, plain, rtol=0, atol=1e-6)
+
+
+def test_writes_an_sd1_controlnet_for_the_base_model(base, uninterrupted):
+    sd, info = read_controlnet(uninterrupted)
+    assert info.family == "sd1" and info.layout == "original" and not info.diff
+    assert info.config.unet == load_checkpoint(base).family.unet
+    assert all(v.dtype == torch.float16 for v in read_state_dict(uninterrupted).values())
+    net = build_controlnet(sd, info, dtype=torch.float32)
+    # training moved the zero convs off zero: the ControlNet now changes the base model's prediction
+    assert float(net.middle_block_out[0].weight.abs().sum()) > 0
+    assert all(float(z[0].weight.abs().sum()) > 0 for z in net.zero_convs)
+
+
+def test_same_seed_gives_the_same_file(base, uninterrupted, tmp_path):
+    out, code = train(base, tmp_path, "again")
+    assert code == 0
+    first, second = weights(uninterrupted), weights(out)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("first_run_steps", [1, 3])  # before and at the periodic save (every 3 steps)
+def test_resume_gives_the_same_weights(base, uninterrupted, tmp_path, first_run_steps):
+    out, code = train(base, tmp_path, "cut", "--stop-after", str(first_run_steps))
+    assert code == 3 and not out.exists() and (tmp_path / "cut.pt").exists()
+    out, code = train(base, tmp_path, "cut", "--resume")
+    assert code == 0
+    full, resumed = weights(uninterrupted), weights(out)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_resume_refuses_another_seed_and_a_missing_state(base, tmp_path):
+    _, code = train(base, tmp_path, "cut", "--stop-after", "1")
+    assert code == 3
+    with pytest.raises(SystemExit, match="--seed 3, not 5"):
+        train(base, tmp_path, "cut", "--resume", "--seed", "5")
+    with pytest.raises(SystemExit, match="no training state"):
+        train(base, tmp_path, "nothing", "--resume")
+
+
+def test_refuses_a_missing_base(tmp_path):
+    with pytest.raises(SystemExit, match="missing"):
+        main(["--base", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x.safetensors")])
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="the shipped ControlNet is trained by train/train_controlnet.py")
+def test_shipped_controlnet_fits_the_shipped_model():
+    assert SHIPPED.stat().st_size <= 10 << 20
+    sd, info = read_controlnet(SHIPPED)
+    model = load_checkpoint(DEMO).family.unet
+    assert info.family == "sd1" and info.layout == "original" and not info.diff
+    mine = info.config.unet
+    for field in ("in_channels", "model_channels", "channel_mult", "num_res_blocks", "transformer_depth",
+                  "context_dim", "num_heads", "norm_groups", "adm_in_channels"):
+        assert getattr(mine, field) == getattr(model, field), field
+    assert info.config.hint_channels == 3 and info.config.hint_downscale == 8
+    build_controlnet(sd, info, dtype=torch.float32)  # every tensor present with the right shape

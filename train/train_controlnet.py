@@ -1,0 +1,255 @@
+"""Train a silhouette ControlNet for the demo model, and write it as an SD1 ControlNet file (original key names).
+
+Recipe (what `python -m train.train_controlnet` does with its defaults; timings and numbers in train/README.md):
+
+1. The base model (`--base`, the shipped latentloom-shapes) is loaded through the project's own checkpoint loader
+   and frozen; its VAE encodes `--images` training images (posterior means, times SD1's 0.18215) once.
+2. The hint of every image is its shape's silhouette, white on black at image size (`silhouette`): the same
+   procedural shapes, drawn at 4x and box-filtered as the images are, so hint and image agree to the pixel.
+3. The ControlNet starts as ControlNet does (Zhang et al. 2023): time embedding, input blocks and middle block
+   copied from the base UNet's encoder, the hint encoder random but its last conv at zero, every zero conv
+   (`zero_convs.*`, `middle_block_out`) at zero, so step 0 leaves the base model's prediction unchanged.
+4. Only the ControlNet trains (`--steps`, batch `--batch`, AdamW `--lr` with warm-up and cosine decay, bf16
+   autocast, eager attention): the base model's eps-prediction loss with min-SNR-5 weighting (train/recipe.py),
+   its residuals added through the same UNet hooks the ControlNetApply nodes use (diffusion/patches/control.py).
+   Captions are the main trainer's mix (full, partial, 10 % empty), so the hint steers where and which shape
+   and the prompt keeps the colour.
+5. The ControlNet is written in fp16 through `write_controlnet_file` (original layout, head layout in metadata).
+
+Deterministic given `--seed` and the thread count: every batch and noise draw is a function of (seed, step).
+`--minutes` stops with the state saved, `--resume` continues from it and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from diffusion.checkpoints.controlnet_files import ControlNetInfo, write_controlnet_file
+from diffusion.checkpoints.loader import load_checkpoint
+from diffusion.models.controlnet import ControlNet, ControlNetConfig
+from diffusion.models.text_encoders import TextEncoders
+from diffusion.models.unet import UNetModel
+from diffusion.patches.control import residual_patches
+from diffusion.sampling.schedules import DiscreteSchedule
+
+from . import data, shapes
+from .recipe import SCALING_FACTOR, denoising_loss, use_eager_attention
+from .train_model import lr_at
+
+log = logging.getLogger("train.controlnet")
+
+PHASE = 3  # data.step_rng's phase number for ControlNet batches (0-2 are the main trainer's)
+COPIED = ("time_embed.", "input_blocks.", "middle_block.")
+
+
+def silhouette(sample: shapes.Sample) -> np.ndarray:
+    """The sample's shape white on black, [64, 64] uint8, anti-aliased exactly as `shapes.render` draws it."""
+    s = shapes.SUPERSAMPLE
+    canvas = Image.new("L", (shapes.SIZE * s, shapes.SIZE * s), 0)
+    draw = ImageDraw.Draw(canvas)
+    cx, cy, r = sample.cx * s, sample.cy * s, sample.radius * s
+    if sample.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    else:
+        draw.polygon(shapes.shape_polygon(sample.shape, cx, cy, r), fill=255)
+    return np.array(canvas.reduce(s), dtype=np.uint8)
+
+
+def hint_images(silhouettes: np.ndarray) -> Tensor:
+    """uint8 [B, H, W] silhouettes -> [B, 3, H, W] in 0..1, the range ControlNet hints come in."""
+    t = torch.from_numpy(silhouettes).float() / 255.0
+    return t[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+def controlnet_from_unet(unet: UNetModel, seed: int) -> ControlNet:
+    """A ControlNet for `unet`: its encoder copied, the hint encoder seeded, every zero conv (and the hint encoder's
+    last conv) at zero."""
+    torch.manual_seed(seed)
+    net = ControlNet(ControlNetConfig(unet.config))
+    encoder = {k: v for k, v in unet.state_dict().items() if k.startswith(COPIED)}
+    missing = set(net.state_dict()) - set(encoder)
+    net.load_state_dict(encoder, strict=False)
+    zeroed = [*net.zero_convs, net.middle_block_out, net.input_hint_block[-1]]
+    with torch.no_grad():
+        for module in zeroed:
+            for p in module.parameters():
+                p.zero_()
+    log.debug("ControlNet: %d tensors copied from the UNet, %d initialised", len(encoder), len(missing))
+    return net
+
+
+class CaptionCache:
+    """Caption -> context [77, width] through the base model's own text encoders, cached (few distinct captions)."""
+
+    def __init__(self, text: TextEncoders):
+        self.text, self.cache = text, {}
+
+    @torch.no_grad()
+    def batch(self, captions: list[str]) -> Tensor:
+        for c in captions:
+            if c not in self.cache:
+                self.cache[c] = self.text.encode(c)[0][0].float()
+        return torch.stack([self.cache[c] for c in captions])
+
+
+class ControlNetTrainer:
+    """The ControlNet, its optimiser and step, saved to and restored from one state file."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        base = load_checkpoint(args.base, dtype=torch.float32)
+        if base.family.name != "sd1":
+            raise SystemExit(f"{args.base} is an {base.family.title} checkpoint; this recipe trains for SD1 models")
+        self.unet = base.unet.eval().requires_grad_(False)
+        self.vae = base.vae.eval().requires_grad_(False)
+        self.captions = CaptionCache(base.text)
+        self.net = controlnet_from_unet(self.unet, args.seed)
+        use_eager_attention(self.unet)
+        use_eager_attention(self.net)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=args.lr, weight_decay=0.0)
+        self.step = 0
+        self.alphas_cumprod = DiscreteSchedule.from_config().alphas_cumprod.float()
+        self.started = time.monotonic()
+        self.steps_this_run = 0
+        self.latents, self.hints, self.samples = self.dataset()
+
+    # ---- state -----------------------------------------------------------------------------------
+    def save_state(self) -> None:
+        path = Path(self.args.state)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save({"step": self.step, "seed": self.args.seed, "net": self.net.state_dict(),
+                    "opt": self.opt.state_dict()}, tmp)
+        os.replace(tmp, path)
+        log.info("saved training state (step %d) to %s", self.step, path)
+
+    def load_state(self) -> None:
+        state = torch.load(self.args.state, weights_only=True)
+        if state["seed"] != self.args.seed:
+            raise SystemExit(f"{self.args.state} was trained with --seed {state['seed']}, not {self.args.seed}")
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        self.step = state["step"]
+        log.info("resumed from %s at step %d", self.args.state, self.step)
+
+    def out_of_time(self) -> bool:
+        a = self.args
+        if a.stop_after and self.steps_this_run >= a.stop_after:
+            return True
+        return a.minutes > 0 and time.monotonic() - self.started > 60 * a.minutes
+
+    # ---- data ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def dataset(self) -> tuple[Tensor, np.ndarray, list[shapes.Sample]]:
+        """Scaled latents [N, 4, 8, 8] of `--images` training images, their silhouettes [N, 64, 64] uint8, and
+        their ground truth (images drawn with seed + 100, apart from the base model's own latent set)."""
+        a, latents, hints, samples = self.args, [], [], []
+        for start in range(0, a.images, 256):
+            images, batch = shapes.batch(a.seed + 100, "train", range(start, min(start + 256, a.images)))
+            with torch.autocast("cpu", torch.bfloat16, enabled=a.bf16):
+                latents.append(self.vae.encode(data.to_tensor(images)).float())
+            hints += [silhouette(s) for s in batch]
+            samples += batch
+        return torch.cat(latents) * SCALING_FACTOR, np.stack(hints), samples
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(latents, hints, context) of one step: a pure function of (seed, step)."""
+        rng = data.step_rng(self.args.seed, PHASE, step)
+        indices = rng.integers(0, len(self.samples), size=self.args.batch)
+        context = self.captions.batch([data.training_caption(rng, self.samples[i]) for i in indices])
+        return self.latents[torch.from_numpy(indices)], hint_images(self.hints[indices]), context
+
+    # ---- training --------------------------------------------------------------------------------
+    def train_step(self) -> float:
+        a = self.args
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, a.steps, a.lr, min(100, a.steps // 10 + 1))
+        latents, hints, context = self.batch(self.step)
+        gen = torch.Generator().manual_seed(a.seed * 1_000_003 + 11 + self.step)
+
+        def controlled(x: Tensor, t: Tensor, ctx: Tensor) -> Tensor:
+            return self.unet(x, t, ctx, patches=residual_patches(self.net(x, hints, t, ctx)))
+
+        with torch.autocast("cpu", torch.bfloat16, enabled=a.bf16):
+            loss = denoising_loss(controlled, latents, context, self.alphas_cumprod, gen)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def train(self) -> bool:
+        """Steps until `--steps` (True, file written) or until the budget runs out (False, state saved)."""
+        a, losses, tick = self.args, [], time.monotonic()
+        self.net.train()
+        while self.step < a.steps:
+            losses.append(self.train_step())
+            self.step += 1
+            self.steps_this_run += 1
+            if self.step % a.log_every == 0 or self.step == a.steps:
+                log.info("step %d/%d loss %.4f (%.2f s/step)", self.step, a.steps, sum(losses) / len(losses),
+                         (time.monotonic() - tick) / len(losses))
+                losses, tick = [], time.monotonic()
+            if self.step % a.save_every == 0:
+                self.save_state()
+            if self.out_of_time() and self.step < a.steps:
+                self.save_state()
+                log.warning("budget (%s minutes, %s steps) spent at step %d; rerun with --resume", a.minutes,
+                            a.stop_after or "any", self.step)
+                return False
+        self.net.eval()
+        self.write(a.out)
+        return True
+
+    def write(self, path: str | os.PathLike) -> None:
+        info = ControlNetInfo("sd1", "original", False, self.net.config)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_controlnet_file(path, self.net.state_dict(), info, dtype=torch.float16)
+        log.info("wrote %s (%.1f MB)", path, os.path.getsize(path) / 2**20)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default="models/checkpoints/latentloom-shapes.safetensors", help="the frozen model")
+    p.add_argument("--out", default="models/controlnet/latentloom-shapes-silhouette.safetensors")
+    p.add_argument("--state", default="train-controlnet-state.pt", help="training-state file (read by --resume)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=16384, help="training images (and silhouettes) encoded once")
+    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--minutes", type=float, default=0.0, help="stop (state saved) after this long; 0: no limit")
+    p.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after this many steps; 0: no limit")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=25)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not Path(args.base).is_file():
+        raise SystemExit(f"--base {args.base} is missing: train it with python -m train.train_model")
+    trainer = ControlNetTrainer(args)
+    if args.resume:
+        if not Path(args.state).exists():
+            raise SystemExit(f"--resume: no training state at {args.state}")
+        trainer.load_state()
+    return 0 if trainer.train() else 3
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
