@@ -247,7 +247,8 @@ class TimestepEmbedSequential(nn.Sequential):
         self, x: Tensor, emb: Tensor, context: Tensor, size: tuple[int, int] | None = None,
         patches: UNetPatches | None = None, site: Site | None = None,
     ) -> Tensor:
-        for layer in self:
+        features = self._features_index() if patches and patches.block_features and site is not None else -1
+        for i, layer in enumerate(self):
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
@@ -256,4 +257,18 @@ class TimestepEmbedSequential(nn.Sequential):
                 x = layer(x, size)
             else:
                 x = layer(x)
+            if i == features:  # the `block_features` hook point (see unet_patches.py)
+                x = patches.run_block_features(x, site)
         return x
+
+    def _features_index(self) -> int:
+        """The layer after which `block_features` hooks run: the last SpatialTransformer of the first
+        ResBlock's group, else that ResBlock; -1 in blocks without a ResBlock (the stem conv, a Downsample)."""
+        layers = list(self)
+        first = next((i for i, layer in enumerate(layers) if isinstance(layer, ResBlock)), -1)
+        if first < 0:
+            return -1
+        i = first
+        while i + 1 < len(layers) and isinstance(layers[i + 1], SpatialTransformer):
+            i += 1
+        return i

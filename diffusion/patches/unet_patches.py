@@ -19,6 +19,9 @@ MODEL carries its own bundle. The hook points, in forward order:
   what its keys and values are projected from: `k_in`, `v_in` [B, tokens, C] (both the normed x for
   self-attention, both the text context for cross-attention); hooks chain, each taking the last one's pair
   (hypernetworks).
+- `block_features(h, site)` in every input, middle and output block holding a ResBlock, right after its last
+  SpatialTransformer (or its ResBlock where it has none): before an output block's Upsample, before the
+  middle block's second ResBlock (AnimateDiff's motion modules run there).
 
 Every hook gets a `Site` saying where it runs (block kind and index, transformer index, the feature map's
 size, the latent's shape and the timesteps), which is how a patch picks its blocks without knowing the
@@ -96,6 +99,7 @@ class UNetPatches:
     attention_kv: tuple[KVHook, ...] = ()
     after_self_attention: tuple[BlockHook, ...] = ()
     cross_attention_out: tuple[CrossOutHook, ...] = ()
+    block_features: tuple[BlockHook, ...] = ()
 
     def merged(self, other: UNetPatches | None) -> UNetPatches:
         """Both bundles' hooks, this one's first."""
@@ -120,6 +124,11 @@ class UNetPatches:
         for hook in self.after_self_attention:
             x = hook(x, site)
         return x
+
+    def run_block_features(self, h: Tensor, site: Site) -> Tensor:
+        for hook in self.block_features:
+            h = hook(h, site)
+        return h
 
     def run_cross_attention_out(self, out: Tensor, x: Tensor, site: Site) -> Tensor:
         for hook in self.cross_attention_out:

@@ -14,6 +14,7 @@ resolution, resized bilinearly to the latent) with `mask_strength` and `set_area
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,21 +48,25 @@ class GuidanceStep:
 
 
 GuidanceHook = Callable[[GuidanceStep], Tensor]
+# (x, sigma, inner) -> denoised: runs around the whole guided evaluation (context windows call `inner` per window)
+GuidanceWrapper = Callable[[Tensor, Tensor, Callable[[Tensor, Tensor], Tensor]], Tensor]
 
 
 @dataclass
 class GuidanceHooks:
     """How a guider combines and post-processes its predictions (model patches such as RescaleCFG set these;
     CFG++ samplers add a post hook per call through `model_options`): `combine` replaces
-    `uncond + (cond - uncond) * cfg`, then each `post` hook runs in order on the result."""
+    `uncond + (cond - uncond) * cfg`, then each `post` hook runs in order on the result. Each `wrap` runs around
+    the whole evaluation, the first added innermost (AnimateDiff's frame count, context windows)."""
 
     combine: GuidanceHook | None = None
     post: list[GuidanceHook] = field(default_factory=list)
+    wrap: list[GuidanceWrapper] = field(default_factory=list)
 
     def merged(self, other: GuidanceHooks | None) -> GuidanceHooks:
         if other is None:
             return self
-        return GuidanceHooks(other.combine or self.combine, [*self.post, *other.post])
+        return GuidanceHooks(other.combine or self.combine, [*self.post, *other.post], [*self.wrap, *other.wrap])
 
 _AREA_FEATHER = 8  # latent pixels over which an area's weight ramps up from its inner edges
 _EMPTY_WEIGHT = 1e-37  # so pixels no entry covers divide to 0 instead of NaN
@@ -230,12 +235,18 @@ class CFGGuider:
     def __call__(self, x: Tensor, sigma: Tensor, model_options: dict[str, Any] | None = None, **_: Any) -> Tensor:
         """The guided denoised estimate. `model_options["guidance_hooks"]` (a GuidanceHooks) adds hooks for this
         call only, after the guider's own."""
+        hooks = self.hooks.merged((model_options or {}).get("guidance_hooks"))
+        run = functools.partial(self._guided, hooks=hooks)
+        for wrapper in hooks.wrap:
+            run = functools.partial(wrapper, inner=run)
+        return run(x, sigma)
+
+    def _guided(self, x: Tensor, sigma: Tensor, hooks: GuidanceHooks) -> Tensor:
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
         lists = [self.positive] if self.cfg == 1.0 or not self.negative else [self.positive, self.negative]
         predictions = self._predict(lists, x, sigma)
         cond = predictions[0]
         uncond = predictions[1] if len(lists) == 2 else cond
-        hooks = self.hooks.merged((model_options or {}).get("guidance_hooks"))
         if len(lists) == 1 and not hooks.post:
             return cond
         step = GuidanceStep(cond, uncond, self.cfg, x, sigma, cond, self)

@@ -1,0 +1,91 @@
+"""AnimateDiff motion modules inserted into the UNet as a reversible patch carried by a MODEL clone.
+
+The UNet is never copied or changed: `motion_patches` returns `UNetPatches` whose `block_features` hook runs
+the matching motion module after each block's ResBlock and transformer (the places the modules were trained
+at), and a guidance wrapper (`frames_wrapper`) that tells the hook how many frames one clip has: the batch
+of latents the guider is given is the frames of one clip, and the UNet call stacks one copy of it per
+conditioning entry (positive, negative, areas), so the UNet's batch is a whole number of clips.
+
+Without a guider (a bare denoiser call) the whole UNet batch counts as one clip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+
+from torch import Tensor
+
+from ..models.motion_module import MotionModuleSet
+from ..sampling.guidance import GuidanceHooks
+from .unet_patches import Site, UNetPatches
+
+_FRAMES: ContextVar[int | None] = ContextVar("latentloom_video_frames", default=None)
+
+
+@contextlib.contextmanager
+def video_frames(frames: int) -> Iterator[None]:
+    """Within the block, motion modules treat every `frames` consecutive batch rows as one clip."""
+    token = _FRAMES.set(int(frames))
+    try:
+        yield
+    finally:
+        _FRAMES.reset(token)
+
+
+def frames_wrapper(x: Tensor, sigma: Tensor, inner: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Guidance wrapper: the latent batch the guider evaluates is one clip."""
+    with video_frames(x.shape[0]):
+        return inner(x, sigma)
+
+
+def check_fits(motion: MotionModuleSet, model_channels: int, channel_mult: tuple[int, ...],
+               num_res_blocks: int, family_title: str, name: str) -> None:
+    """A ValueError naming the module and the model when the module's stages do not match the UNet's."""
+    widths = tuple(model_channels * m for m in channel_mult)
+    c = motion.config
+    if widths != c.channels or c.down_per_level != num_res_blocks or c.up_per_level != num_res_blocks + 1:
+        raise ValueError(f"motion module {name!r} ({c.version}, widths {list(c.channels)}) does not fit this "
+                         f"{family_title} UNet (widths {list(widths)}); AnimateDiff v1/v2/v3 modules need an SD1.x "
+                         f"model, the SDXL beta module an SDXL model")
+
+
+def _locate(site: Site, levels: int, num_res_blocks: int) -> tuple[str, int, int] | None:
+    """(side, level, index) of the motion module at `site` in the files' numbering."""
+    kind, i = site.block
+    if kind == "middle":
+        return "mid", 0, 0
+    if kind == "input":
+        if i == 0:
+            return None
+        level, j = divmod(i - 1, num_res_blocks + 1)  # each level: its ResBlocks, then a Downsample
+        return ("down", level, j) if j < num_res_blocks and level < levels else None
+    level, j = divmod(i, num_res_blocks + 1)
+    return "up", level, j
+
+
+def motion_patches(motion: MotionModuleSet, num_res_blocks: int, scale: float = 1.0) -> UNetPatches:
+    """The UNet patches running `motion` (weights on the device and dtype of the features when first used).
+    `scale` multiplies what each module adds to its input (1: as trained, 0: no motion)."""
+    levels = len(motion.config.channels)
+
+    def hook(h: Tensor, site: Site) -> Tensor:
+        where = _locate(site, levels, num_res_blocks)
+        module = None if where is None else motion.module_at(*where)
+        if module is None:
+            return h
+        param = next(module.parameters())
+        if param.device != h.device or param.dtype != h.dtype:
+            motion.to(h.device, h.dtype)
+        frames = _FRAMES.get() or h.shape[0]
+        out = module(h, frames)
+        return out if scale == 1.0 else h + (out - h) * scale
+
+    return UNetPatches(block_features=(hook,))
+
+
+def motion_guidance() -> GuidanceHooks:
+    """The guidance hooks a motion-patched MODEL adds: the frame count of each evaluation."""
+    return GuidanceHooks(wrap=[frames_wrapper])
+
