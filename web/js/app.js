@@ -1,17 +1,20 @@
 /**
  * The canvas application: the graph and its canvas, the default workflow on first open, undo/redo by snapshots,
- * queueing (with seed control after each run), the run's events drawn on the nodes, errors on the node and input
- * they concern, open/save/drop of workflows and images. `window.loom` is this object (tests drive it too).
+ * queueing (with seed control after each run), errors on the node and input they concern, panels and toolbar.
+ * Opening and saving (workflow_files.js) and a run's events (run_events.js) are methods mixed into the class.
+ * `window.loom` is this object (tests drive it too).
  */
 
 import { LGraph, LGraphCanvas, LGraphGroup, LiteGraph } from "@comfyorg/litegraph";
 import { Api, HttpError } from "./api.js";
-import { isApiWorkflow, isUiWorkflow, uiToApi } from "./convert.js";
+import { uiToApi } from "./convert.js";
 import { drawErrorLabels, nodeErrorEntries, renderErrorBox } from "./errors.js";
-import { download, layoutApiGraph, pngTextChunks } from "./files.js";
+import { download } from "./files.js";
 import { PREVIEW_PROPERTY, registerNodes } from "./nodes.js";
 import { el, renderPalette, renderQueue, renderResults, renderTemplates, renderWorkflows } from "./panels.js";
-import { drawImageGrid, plainMenu, SlotTooltip } from "./view.js";
+import { RunEvents } from "./run_events.js";
+import { plainMenu, SlotTooltip } from "./view.js";
+import { WorkflowFiles } from "./workflow_files.js";
 import { applySeedControl, hideWidget, showWidget } from "./widgets.js";
 
 const STATE_KEY = "latentloom.workflow";
@@ -265,162 +268,6 @@ class App {
     this.restore(this.redo.pop());
   }
 
-  // open and save -----------------------------------------------------------------------------------
-  /** Open a workflow: UI format as saved, API format laid out by depth. */
-  loadWorkflow(data, { keepHistory = true, name = null } = {}) {
-    if (isUiWorkflow(data)) {
-      this.graph.configure(structuredClone(data));
-    } else if (isApiWorkflow(data)) {
-      this.loadApiWorkflow(data);
-    } else {
-      throw new Error("not a workflow: neither the UI format (nodes and links) nor the API format");
-    }
-    this.clearRunState();
-    this.setName(name);
-    if (!keepHistory) {
-      this.undo = [];
-      this.redo = [];
-      this.snapshot = null;
-    }
-    this.changed();
-    this.fitView();
-  }
-
-  /** Scale and offset so that every node and group is in view (at most 1:1). */
-  fitView() {
-    const title = LiteGraph.NODE_TITLE_HEIGHT;
-    const boxes = [...this.graph._nodes.map((n) => [n.pos[0], n.pos[1] - title, n.pos[0] + n.size[0], n.pos[1] + n.size[1]]),
-                   ...this.graph._groups.map((g) => [g.pos[0], g.pos[1], g.pos[0] + g.size[0], g.pos[1] + g.size[1]])];
-    if (!boxes.length) return;
-    const left = Math.min(...boxes.map((b) => b[0])) - 20;
-    const top = Math.min(...boxes.map((b) => b[1])) - 20;
-    const right = Math.max(...boxes.map((b) => b[2])) + 20;
-    const bottom = Math.max(...boxes.map((b) => b[3])) + 20;
-    const { width, height } = this.canvasElement;
-    const scale = Math.min(1, width / (right - left), height / (bottom - top));
-    this.canvas.ds.scale = scale;
-    this.canvas.ds.offset = [-left + (width / scale - (right - left)) / 2, -top];
-    this.fitted = { scale, offset: [...this.canvas.ds.offset] };
-    this.canvas.setDirty(true, true);
-  }
-
-  loadApiWorkflow(prompt) {
-    this.graph.clear();
-    const positions = layoutApiGraph(prompt);
-    const nodes = {};
-    for (const [id, entry] of Object.entries(prompt)) {
-      const node = LiteGraph.createNode(entry.class_type);
-      if (!node) throw new Error(`unknown node type ${entry.class_type} (node ${id})`);
-      node.id = Number(id) || id;
-      node.pos = positions[id];
-      if (entry._meta?.title && entry._meta.title !== node.title) node.title = entry._meta.title;
-      this.graph.add(node);
-      nodes[id] = node;
-      for (const widget of node.widgets ?? []) {
-        if (!(widget.name in entry.inputs)) continue;
-        const value = entry.inputs[widget.name];
-        if (Array.isArray(value)) continue; // a link; connected below
-        widget.value = value?.__value__ ?? value;
-        if (widget.control) widget.control.value = "fixed";
-      }
-    }
-    for (const [id, entry] of Object.entries(prompt)) {
-      for (const [name, value] of Object.entries(entry.inputs)) {
-        if (!Array.isArray(value) || value.length !== 2 || !nodes[value[0]]) continue;
-        const target = nodes[id];
-        let slot = target.inputs.findIndex((s) => s.name === name);
-        if (slot < 0) {
-          const widget = target.widgets?.find((w) => w.name === name);
-          if (!widget) continue;
-          this.widgetToInput(target, widget);
-          slot = target.inputs.findIndex((s) => s.name === name);
-        }
-        nodes[value[0]].connect(value[1], target, slot);
-      }
-    }
-  }
-
-  async openSaved(name) {
-    this.loadWorkflow(await this.api.json(`/workflows/${encodeURIComponent(name)}`), { name });
-  }
-
-  async saveToServer(askName) {
-    let name = this.workflowName;
-    if (askName || !name) {
-      name = prompt("Save workflow as:", name ?? "my-workflow.json");
-      if (!name) return;
-    }
-    if (!name.endsWith(".json")) name += ".json";
-    await this.api.json(`/workflows/${encodeURIComponent(name)}`, { method: "PUT", body: this.serialize() });
-    this.setName(name);
-    this.showPanel("workflows");
-  }
-
-  /** A workflow file (JSON, or a PNG carrying one), named after the file. */
-  async openFile(file) {
-    if (file.type === "image/png" || file.name.toLowerCase().endsWith(".png")) {
-      const chunks = pngTextChunks(await file.arrayBuffer());
-      if (chunks.workflow) return this.loadWorkflow(JSON.parse(chunks.workflow), { name: file.name });
-      if (chunks.prompt) return this.loadWorkflow(JSON.parse(chunks.prompt), { name: file.name });
-      throw new Error(`${file.name} carries no workflow (no 'workflow' or 'prompt' text chunk)`);
-    }
-    this.loadWorkflow(JSON.parse(await file.text()), { name: file.name });
-  }
-
-  /** A shipped workflow from /templates/, named by its title. */
-  async openTemplate(name, title = name) {
-    this.loadWorkflow(await this.api.json(`/templates/${encodeURIComponent(name)}.json`), { name: title });
-  }
-
-  /** Show (or stop showing) a node's IMAGE outputs on it after each run ("preview on node"). */
-  setPreviewOnNode(node, on) {
-    if (on) node.properties[PREVIEW_PROPERTY] = true;
-    else delete node.properties[PREVIEW_PROPERTY];
-    this.changed();
-    this.canvas.setDirty(true, false);
-  }
-
-  /** A file dropped on the canvas: an image onto a LoadImage-like node is uploaded, anything else is opened. */
-  async dropFile(file, event) {
-    const node = this.nodeAt(this.canvas.convertEventToCanvasOffset(event));
-    const upload = node && this.uploadWidget(node);
-    if (upload && file.type.startsWith("image/")) return this.uploadTo(node, upload, file);
-    return this.openFile(file);
-  }
-
-  /**
-   * The top-most node whose box (title bar included) holds the graph point. Computed from pos and size rather than
-   * litegraph's getNodeOnPos, whose hit boxes are only refreshed when a frame is drawn: a drop right after a
-   * workflow is opened would otherwise miss every node.
-   */
-  nodeAt([x, y]) {
-    const title = LiteGraph.NODE_TITLE_HEIGHT;
-    return this.graph._nodes.findLast((n) => x >= n.pos[0] && x <= n.pos[0] + n.size[0] &&
-      y >= n.pos[1] - title && y <= n.pos[1] + n.size[1]) ?? null;
-  }
-
-  uploadWidget(node) {
-    const info = this.objectInfo[node.type];
-    const name = Object.entries(info?.input?.required ?? {}).find(([, spec]) => spec[1]?.image_upload)?.[0];
-    return name ? node.widgets.find((w) => w.name === name) : null;
-  }
-
-  async uploadTo(node, widget, file) {
-    const stored = await this.api.uploadImage(file);
-    const name = stored.subfolder ? `${stored.subfolder}/${stored.name}` : stored.name;
-    if (!widget.options.values.includes(name)) widget.options.values.push(name);
-    widget.value = name;
-    this.nodeImages[node.id] = [await loadImage(this.api.viewUrl({ filename: stored.name, subfolder: stored.subfolder, type: "input" }))];
-    this.changed();
-    this.canvas.setDirty(true, true);
-  }
-
-  chooseUpload(node, widget) {
-    const input = el("input", { type: "file", accept: "image/*" });
-    input.addEventListener("change", () => input.files[0] && this.uploadTo(node, widget, input.files[0]).catch((e) => this.toast(e.message)));
-    input.click();
-  }
-
   // queueing ----------------------------------------------------------------------------------------
   apiPrompt() {
     return uiToApi(this.serialize(), this.objectInfo);
@@ -484,112 +331,6 @@ class App {
       this.canvas.centerOnNode(node);
       this.canvas.setDirty(true, true);
     });
-  }
-
-  // events of a run ---------------------------------------------------------------------------------
-  bindEvents() {
-    const on = (type, handler) => this.api.addEventListener(type, (e) => handler(e.detail));
-    on("status", (data) => {
-      document.getElementById("queue-size").textContent = data?.status?.exec_info?.queue_remaining ?? 0;
-      this.refreshPanel("queue");
-    });
-    on("execution_start", (data) => {
-      this.run = { promptId: data.prompt_id, node: null, progress: {}, total: 0, done: new Set() };
-      this.run.total = this.graph._nodes.length;
-      this.previews = {};
-      this.setOverall(0);
-    });
-    on("execution_cached", (data) => { for (const id of data.nodes ?? []) this.run.done.add(String(id)); this.setOverall(); });
-    on("executing", (data) => {
-      if (this.run.node !== null) this.run.done.add(String(this.run.node));
-      this.run.node = data.node;
-      if (data.node === null) {
-        this.setOverall(1);
-        this.previews = {}; // a sampler's last latent preview is not its result
-        this.clearLivePreview();
-        this.refreshPanels();
-      } else {
-        this.setOverall();
-      }
-      this.canvas.setDirty(true, true);
-    });
-    on("progress", (data) => {
-      this.run.progress[String(data.node)] = data.value / data.max;
-      this.setOverall();
-      this.canvas.setDirty(true, false);
-    });
-    on("executed", async (data) => {
-      const images = data.output?.images ?? [];
-      const id = this.previewSources[String(data.node)]?.[0] ?? String(data.node);
-      this.nodeImages[id] = await Promise.all(images.map((image) => loadImage(this.api.viewUrl(image))));
-      delete this.previews[id];
-      this.canvas.setDirty(true, false);
-      this.refreshPanel("results");
-    });
-    on("execution_error", (data) => {
-      this.errors[String(data.node_id)] = [{ input: null, message: `${data.exception_type}: ${data.exception_message}` }];
-      this.renderErrors({ message: `Error in #${data.node_id} ${data.node_type}`, details: data.exception_message });
-      this.run.node = null;
-      this.clearLivePreview();
-      this.refreshPanels();
-    });
-    on("execution_interrupted", (data) => {
-      this.toast(`Prompt ${data.prompt_id.slice(0, 8)} interrupted`);
-      this.run.node = null;
-      this.clearLivePreview();
-      this.refreshPanels();
-    });
-    on("b_preview", async ({ blob, meta }) => {
-      const id = String(meta.node_id ?? meta.display_node_id ?? this.run.node);
-      const url = URL.createObjectURL(blob);
-      const image = await loadImage(url);
-      if (this.run.node === null) return URL.revokeObjectURL(url); // a frame that arrived after its run ended
-      this.previews[id] = image;
-      const preview = document.getElementById("live-preview");
-      if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
-      preview.src = url;
-      this.canvas.setDirty(true, false);
-    });
-    on("reconnected", () => this.refreshPanels());
-  }
-
-  setOverall(value) {
-    const { done, progress, total } = this.run;
-    const running = this.run.node !== null ? (progress[String(this.run.node)] ?? 0) : 0;
-    const fraction = value ?? (total ? Math.min(1, (done.size + running) / total) : 0);
-    document.getElementById("overall-progress").value = fraction;
-  }
-
-  /** Drawn over each node: running outline and progress, errors, output images or the live preview. */
-  drawNodeState(node, ctx) {
-    const id = String(node.id);
-    const [width, height] = node.size;
-    const title = LiteGraph.NODE_TITLE_HEIGHT;
-    if (node.flags?.collapsed) return;
-    const images = this.previews[id] ? [this.previews[id]] : this.nodeImages[id];
-    if (images?.length) drawImageGrid(ctx, images, width, height + 6);
-    if (String(this.run.node) === id) {
-      ctx.strokeStyle = "#4caf50";
-      ctx.lineWidth = 3;
-      ctx.strokeRect(-3, -title - 3, width + 6, height + title + 6);
-      const p = this.run.progress[id];
-      if (p !== undefined) {
-        ctx.fillStyle = "#4caf50";
-        ctx.fillRect(0, -title, width * p, 4);
-      }
-    }
-    const errors = this.errors[id];
-    if (errors?.length) {
-      ctx.strokeStyle = "#ff4040";
-      ctx.lineWidth = 3;
-      ctx.strokeRect(-3, -title - 3, width + 6, height + title + 6);
-      // the messages are drawn over every node by drawErrorLabels (errors.js), readable at any zoom
-      for (const widget of node.widgets ?? []) {
-        if (errors.some((e) => e.input === widget.name) && widget.last_y !== undefined) {
-          ctx.strokeRect(10, widget.last_y, width - 20, LiteGraph.NODE_WIDGET_HEIGHT);
-        }
-      }
-    }
   }
 
   // panels and UI -----------------------------------------------------------------------------------
@@ -708,14 +449,7 @@ class App {
   }
 }
 
-function loadImage(url) {
-  return new Promise((resolve, reject) => {
-    const image = new Image();
-    image.onload = () => resolve(image);
-    image.onerror = () => reject(new Error(`could not load ${url}`));
-    image.src = url;
-  });
-}
+Object.assign(App.prototype, WorkflowFiles, RunEvents);
 
 const app = new App();
 window.loom = app;

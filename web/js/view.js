@@ -98,3 +98,13 @@ export class SlotTooltip {
     this.box.hidden = true;
   }
 }
+
+/** An image element once loaded (rejects, naming the URL, when it cannot be). */
+export function loadImage(url) {
+  return new Promise((resolve, reject) => {
+    const image = new Image();
+    image.onload = () => resolve(image);
+    image.onerror = () => reject(new Error(`could not load ${url}`));
+    image.src = url;
+  });
+}
