@@ -22,8 +22,10 @@ from diffusion.patches.control import ControlNetHandle, ControlStep, apply_contr
 from diffusion.patches.control_lora_handle import ControlLoraHandle
 from diffusion.patches.t2i_adapter_control import load_t2i_adapter_handle
 from diffusion.preprocessors import canny
+from graph.memory_estimate import MemoryEstimate
 from graph.node import Combo, Float, Node, Output, Socket
 from graph.types import CONDITIONING, IMAGE, MODEL, VAE
+from nodes.control_estimates import apply_estimate, controlnet_file_shape
 from nodes.environment import Environment
 from nodes.loaders import _file_key, _ModelFileNode, _models
 
@@ -85,6 +87,10 @@ class ControlNetLoader(_ModelFileNode):
     inputs = [Combo("control_net_name", _models("controlnet"))]
     outputs = [Output(CONTROL_NET)]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return controlnet_file_shape(context, inputs.get("control_net_name"))
+
     def execute(self, control_net_name, context):
         return (_load(context.env, control_net_name, "ControlNetLoader"),)
 
@@ -98,6 +104,10 @@ class DiffControlNetLoader(_ModelFileNode):
     model_kind, name_input = "controlnet", "control_net_name"
     inputs = [Socket("model", MODEL), Combo("control_net_name", _models("controlnet"))]
     outputs = [Output(CONTROL_NET)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return controlnet_file_shape(context, inputs.get("control_net_name"))
 
     def execute(self, model, control_net_name, context):
         return (_load(context.env, control_net_name, "DiffControlNetLoader", model),)
@@ -126,6 +136,10 @@ class ControlNetApply(Node):
               _strength()]
     outputs = [Output(CONDITIONING)]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return apply_estimate((shapes.get("conditioning"),), shapes.get("control_net"), inputs.get("strength"))
+
     def execute(self, conditioning, control_net, image, strength):
         if strength == 0:
             return (conditioning,)
@@ -146,6 +160,11 @@ class ControlNetApplyAdvanced(Node):
               Socket("vae", VAE, optional=True)]
     outputs = [Output(CONDITIONING, "positive"), Output(CONDITIONING, "negative")]
 
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return apply_estimate((shapes.get("positive"), shapes.get("negative")), shapes.get("control_net"),
+                              inputs.get("strength"))
+
     def execute(self, positive, negative, control_net, image, strength, start_percent, end_percent, vae=None):
         if strength == 0:
             return (positive, negative)
@@ -160,6 +179,10 @@ class SetUnionControlNetType(Node):
                    "take the hint as it is.")
     inputs = [Socket("control_net", CONTROL_NET), Combo("type", ["auto", *UNION_TYPES])]
     outputs = [Output(CONTROL_NET)]
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        return MemoryEstimate(outputs=(shapes.get("control_net"),), kept_bytes=0)
 
     def execute(self, control_net, type):
         if type != "auto" and type not in UNION_TYPES:

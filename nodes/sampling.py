@@ -21,6 +21,7 @@ from diffusion.sampling.sampler_registry import SAMPLER_NAMES
 from diffusion.sampling.schedules import SCHEDULER_NAMES
 from graph.node import Combo, Float, Int, Node, Output, Socket
 from graph.types import CONDITIONING, LATENT, MODEL
+from nodes.control_estimates import add_control_memory, controls_of
 from nodes.estimates import sampler_estimate
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -100,6 +101,15 @@ def run_sampler(context: Any, model: DiffusionModel, positive: Conditioning, neg
     return out, denoised
 
 
+def ksampler_estimate(inputs: dict[str, Any], shapes: dict[str, Any], context: Any) -> Any:
+    """KSampler's and KSamplerAdvanced's: the UNet calls, with the ControlNets of the conditionings."""
+    factor = cfg_batch(inputs["cfg"])
+    latent, model = shapes.get("latent_image"), shapes.get("model")
+    controls = controls_of(shapes.get("positive"), shapes.get("negative"))
+    estimate = sampler_estimate(latent, model, context, factor)
+    return add_control_memory(estimate, latent, model, controls, factor, context)
+
+
 class KSampler(Node):
     category = "sampling"
     description = "Denoises a latent image guided by a positive and a negative prompt."
@@ -113,7 +123,7 @@ class KSampler(Node):
 
     @classmethod
     def estimate_memory(cls, inputs, shapes, context):
-        return sampler_estimate(shapes.get("latent_image"), shapes.get("model"), context, cfg_batch(inputs["cfg"]))
+        return ksampler_estimate(inputs, shapes, context)
 
     def execute(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                 context=None):
@@ -139,7 +149,7 @@ class KSamplerAdvanced(Node):
 
     @classmethod
     def estimate_memory(cls, inputs, shapes, context):
-        return sampler_estimate(shapes.get("latent_image"), shapes.get("model"), context, cfg_batch(inputs["cfg"]))
+        return ksampler_estimate(inputs, shapes, context)
 
     def execute(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
                 latent_image, start_at_step, end_at_step, return_with_leftover_noise, context=None):

@@ -15,6 +15,7 @@ from diffusion.sampling.schedules_extra import sigma_span
 from graph.memory_estimate import MemoryEstimate
 from graph.node import Boolean, Combo, Float, Node, Output, Socket
 from graph.types import CONDITIONING, GUIDER, LATENT, MODEL, NOISE, SAMPLER, SIGMAS
+from nodes.control_estimates import add_control_memory, controls_of
 from nodes.estimates import sampler_estimate
 from nodes.sampling import (
     SAMPLER_ADVICE,
@@ -153,7 +154,8 @@ class CFGGuider(Node):
     @classmethod
     def estimate_memory(cls, inputs, shapes, context):
         """Not memory of its own: its shape tells the sampler how many UNet batch entries a latent takes."""
-        return MemoryEstimate(outputs=({"batch_factor": cfg_batch(inputs["cfg"]), "model": shapes.get("model")},))
+        return MemoryEstimate(outputs=({"batch_factor": cfg_batch(inputs["cfg"]), "model": shapes.get("model"),
+                                        "controls": controls_of(shapes.get("positive"), shapes.get("negative"))},))
 
     def execute(self, model, positive, negative, cfg):
         return (Guider(model, positive, negative, cfg),)
@@ -166,7 +168,8 @@ class BasicGuider(Node):
 
     @classmethod
     def estimate_memory(cls, inputs, shapes, context):
-        return MemoryEstimate(outputs=({"batch_factor": 1, "model": shapes.get("model")},))
+        return MemoryEstimate(outputs=({"batch_factor": 1, "model": shapes.get("model"),
+                                        "controls": controls_of(shapes.get("conditioning"))},))
 
     def execute(self, model, conditioning):
         return (Guider(model, conditioning, [], 1.0),)
@@ -189,7 +192,8 @@ class DualCFGGuiderNode(Node):
     @classmethod
     def estimate_memory(cls, inputs, shapes, context):
         """Up to three UNet batch entries per latent (cond1, cond2, negative)."""
-        return MemoryEstimate(outputs=({"batch_factor": 3, "model": shapes.get("model")},))
+        return MemoryEstimate(outputs=({"batch_factor": 3, "model": shapes.get("model"), "controls": controls_of(
+            shapes.get("cond1"), shapes.get("cond2"), shapes.get("negative"))},))
 
     def execute(self, model, cond1, cond2, negative, cfg_conds, cfg_cond2_negative, style):
         if style not in DUAL_CFG_STYLES:
@@ -211,8 +215,10 @@ class SamplerCustom(Node):
 
     @classmethod
     def estimate_memory(cls, inputs, shapes, context):
-        return sampler_estimate(shapes.get("latent_image"), shapes.get("model"), context, cfg_batch(inputs["cfg"]),
-                                outputs=2)
+        latent, model, factor = shapes.get("latent_image"), shapes.get("model"), cfg_batch(inputs["cfg"])
+        controls = controls_of(shapes.get("positive"), shapes.get("negative"))
+        return add_control_memory(sampler_estimate(latent, model, context, factor, outputs=2), latent, model,
+                                  controls, factor, context)
 
     def execute(self, model, add_noise, noise_seed, cfg, positive, negative, sampler, sigmas, latent_image,
                 context=None):
@@ -232,8 +238,9 @@ class SamplerCustomAdvanced(Node):
     def estimate_memory(cls, inputs, shapes, context):
         """An unknown guider counts one UNet batch entry per latent: the least any guider runs."""
         guider = shapes.get("guider") if isinstance(shapes.get("guider"), dict) else {}
-        return sampler_estimate(shapes.get("latent_image"), guider.get("model"), context,
-                                guider.get("batch_factor", 1), outputs=2)
+        latent, model, factor = shapes.get("latent_image"), guider.get("model"), guider.get("batch_factor", 1)
+        return add_control_memory(sampler_estimate(latent, model, context, factor, outputs=2), latent, model,
+                                  guider.get("controls", ()), factor, context)
 
     def execute(self, noise, guider, sampler, sigmas, latent_image, context=None):
         return guider.sample(context, noise, sampler, sigmas, latent_image)
