@@ -138,3 +138,25 @@ def test_broken_union_file_names_the_problem(tmp_path) -> None:
     with pytest.raises(CheckpointError, match=r"spatial_ch_projs\.weight"):
         load_controlnet(path)
 
+
+
+@pytest.mark.parametrize("types", [6, 8])
+def test_real_size_keys_shapes_and_config(types: int) -> None:
+    """At real size (on meta, xinsir's configuration): diffusers' ControlNetUnionModel through our reader has exactly
+    the keys and shapes of our UnionControlNet, read back as SDXL with the file's number of types and 256-wide type
+    embeddings."""
+    from diffusion.checkpoints.controlnet_files import controlnet_info
+    from diffusion.models.controlnet import ControlNetConfig
+    from diffusion.models.unet import UNetConfig
+
+    config = ControlNetConfig(UNetConfig.sdxl())
+    dcfg = diffusers_config(config.unet)
+    for key in ("up_block_types", "out_channels"):
+        dcfg.pop(key)
+    dcfg.update(num_control_type=types, conditioning_embedding_out_channels=(16, 32, 96, 256))
+    with torch.device("meta"):
+        theirs, layout, _ = controlnet_state_dict(ControlNetUnionModel(**dcfg).state_dict())
+        info = controlnet_info(theirs, layout, False)
+        ours = UnionControlNet(config, UnionConfig(types, 320, 1, 256)).state_dict()
+    assert {k: tuple(v.shape) for k, v in theirs.items()} == {k: tuple(v.shape) for k, v in ours.items()}
+    assert (info.family, info.config, info.union) == ("sdxl", config, UnionConfig(types, 320, 1, 256))
