@@ -13,6 +13,9 @@ its own, and the UNet call adds the residuals through UNetPatches hooks.
   resized to the rows' latent size × 8, center-cropped to its aspect ratio, matched to the latent batch), while
   the sigma is within the step's range, and returns hooks adding strength × residual to the UNet's skip
   connections and middle block output (rows without that step get nothing).
+- Variants: a handle's `options` go to the network's forward (a union ControlNet's control type, set per use by
+  SetUnionControlNetType on a copy of the handle); a Control-LoRA's handle (control_lora_handle.py) is turned into
+  an ordinary one by `bind(model)`, composing the ControlNet from the model of the UNet call.
 """
 
 from __future__ import annotations
