@@ -262,12 +262,7 @@ class UNetModel(nn.Module):
         """`patches` (model patches of a MODEL clone) hook into the blocks, seeing `sigmas` [B] when given;
         see unet_patches.py."""
         self._check_inputs(x, context, y)
-        if timesteps.numel() == 1:
-            timesteps = timesteps.reshape(1).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
-        if y is not None:
-            emb = emb + self.label_emb(y.to(emb.dtype))
-        context = context.to(x.dtype)
+        timesteps, emb, context = self.embed(x, timesteps, context, y)
 
         if not patches:
             skips = []
@@ -282,6 +277,16 @@ class UNetModel(nn.Module):
                 h = block(h, emb, context, size)
             return self.out(h)
         return self._patched_forward(x, emb, context, timesteps, patches, sigmas)
+
+    def embed(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(timesteps [B], the time (+ ADM) embedding, the context in x's dtype): what every block is given. Apart
+        from forward so that callers running the blocks themselves (DeepCache) embed exactly as it does."""
+        if timesteps.numel() == 1:
+            timesteps = timesteps.reshape(1).expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))
+        return timesteps, emb, context.to(x.dtype)
 
     def _patched_forward(self, x: Tensor, emb: Tensor, context: Tensor, timesteps: Tensor,
                          patches: UNetPatches, sigmas: Tensor | None) -> Tensor:

@@ -62,6 +62,7 @@ OURS_ONLY = frozenset({
     # the ComfyUI_IPAdapter_plus node pack's interfaces (checked in tests/nodes/test_ip_adapter_nodes.py)
     "IPAdapter", "IPAdapterAdvanced", "IPAdapterEmbeds", "IPAdapterEncoder", "IPAdapterModelLoader",
     "IPAdapterUnifiedLoader", "IPAdapterCombineEmbeds",
+    "DeepCache",  # the ComfyUI-deepcache node pack's interface (checked in tests/nodes/test_acceleration.py)
 })
 
 # Keys ComfyUI's /object_info can give a node; we always give all of them.
