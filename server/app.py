@@ -128,7 +128,7 @@ def origin_middleware(config: ServerConfig) -> Any:
 
 STATIC_ROUTE_NAMES = frozenset({"canvas-index", "canvas-static", "canvas-templates", "canvas-templates-api",
                                 "front-end-user-css", "front-end-favicon", "front-end-template-search",
-                                "front-end-template-search-api", "pack-web"})
+                                "front-end-template-search-api", "pack-web", "pack-web-api"})
 
 
 SESSION_COOKIE = "latentloom_session"

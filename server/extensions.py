@@ -22,7 +22,7 @@ from server.websocket import text_message
 
 log = logging.getLogger(__name__)
 
-ROUTE_NAME = "pack-web"  # in server.app.STATIC_ROUTE_NAMES: no token, as the canvas' own scripts
+ROUTE_NAME = "pack-web"  # (and "pack-web-api") in server.app.STATIC_ROUTE_NAMES: no token, as the canvas' scripts
 
 
 def _web_directories(app: web.Application) -> dict[str, Path]:
@@ -59,7 +59,9 @@ async def pack_file(request: web.Request) -> web.StreamResponse:
 
 def setup(app: web.Application) -> None:
     """Serve the packs' web folders and mount their routes; call before the canvas' catch-all static route."""
-    app.router.add_get("/extensions/{pack}/{path:.+}", pack_file, name=ROUTE_NAME)
+    for prefix in ("", "/api"):  # as every route (the front end loads the root form)
+        app.router.add_get(prefix + "/extensions/{pack}/{path:.+}", pack_file,
+                           name=ROUTE_NAME + prefix.replace("/", "-"))
     state = app[STATE]
     runtime = getattr(state.registry, "pack_runtime", None)
     if runtime is None:

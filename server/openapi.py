@@ -281,8 +281,12 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                                                "413": _error("too_large: over --max-workflow-mb"),
                                                "500": _error("invalid_settings_file")}},
     ("GET", "/i18n"): {"summary": "Node packs' translations by locale (none)", "responses": {"200": _ok("{}")}},
-    ("GET", "/extensions"): {"summary": "Front-end extension scripts of node packs (none)",
+    ("GET", "/extensions"): {"summary": "Front-end extension scripts of node packs (their WEB_DIRECTORY's .js files)",
                              "responses": {"200": _ok("[url]", STRINGS)}},
+    ("GET", "/extensions/{pack}/{path}"): {
+        "summary": "A file of a node pack's web folder (public, like the canvas' own scripts)",
+        "parameters": [_path("pack"), _path("path")],
+        "responses": {"200": {"description": "the file"}, "404": {"description": "no such pack or file"}}},
     ("GET", "/workflow_templates"): {"summary": "Node packs' example workflows by pack (none)",
                                      "responses": {"200": _ok("{pack: [name]}")}},
     ("GET", "/experiment/models"): {
