@@ -207,7 +207,7 @@ class DiffusionModel:
                 patches = self.unet_patches.merged(unet_patches)
                 if control is not None:
                     residuals = control_residuals(control, x_in, t, context, y, sigma, self.model_sampling,
-                                                  self._check_control)
+                                                  self._check_control, model=self)
                     if residuals is not None:
                         patches = residual_patches(residuals).merged(patches)
                 extra = {"patches": patches, "sigmas": sigma} if patches else {}

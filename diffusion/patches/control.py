@@ -173,10 +173,8 @@ def control_residuals(control: ControlRows, x: Tensor, t: Tensor, context: Tenso
                       fits: Any = None, model: Any = None) -> list[Tensor] | None:
     """Summed strength × residuals [N, C_i, h_i, w_i] of every active step over the N rows of one UNet call (x is
     the UNet's scaled input, without inpainting channels); None when no step acts now. `fits(handle)` raises when
-    a ControlNet does not fit the model. `model` (default: the object `fits` is a method of, the DiffusionModel
-    whose call this is) is what a Control-LoRA is composed with (`bind`, control_lora_handle.py)."""
-    if model is None:
-        model = getattr(fits, "__self__", None)
+    a ControlNet does not fit the model. `model` (the DiffusionModel whose call this is) is what a Control-LoRA
+    is composed with (`bind`, control_lora_handle.py)."""
     offsets, start = [], 0
     for _, rows in control:
         offsets.append((start, rows))
