@@ -19,6 +19,8 @@ from torch import Tensor
 
 from ..models.motion_module import MotionModuleSet
 from ..sampling.guidance import GuidanceHooks
+from ..sampling.model_sampling import ModelSampling
+from ..sampling.schedules import DiscreteSchedule
 from .unet_patches import Site, UNetPatches
 
 _FRAMES: ContextVar[int | None] = ContextVar("latentloom_video_frames", default=None)
@@ -89,3 +91,34 @@ def motion_guidance() -> GuidanceHooks:
     """The guidance hooks a motion-patched MODEL adds: the frame count of each evaluation."""
     return GuidanceHooks(wrap=[frames_wrapper])
 
+
+
+# ADE's beta_schedule choices (its order). AnimateDiff's SD1.x modules were trained on linear betas 0.00085..0.012
+# ("sqrt_linear" in ComfyUI's naming, whose "linear" is SD's scaled-linear), the SDXL beta on scaled-linear betas
+# up to 0.020; "HotshotXL/default" is SD's own schedule.
+BETA_SCHEDULES = ("autoselect", "use existing", "sqrt_linear (AnimateDiff)", "linear (AnimateDiff-SDXL)",
+                  "linear (HotshotXL/default)", "avg(sqrt_linear,linear)", "lcm avg(sqrt_linear,linear)", "lcm",
+                  "lcm[100_ots]", "lcm >> sqrt_linear", "sqrt", "cosine", "squaredcos_cap_v2")
+_BETAS = {"sqrt_linear (AnimateDiff)": ("linear", 0.00085, 0.012),
+          "linear (AnimateDiff-SDXL)": ("scaled_linear", 0.00085, 0.020),
+          "linear (HotshotXL/default)": ("scaled_linear", 0.00085, 0.012)}
+
+
+def beta_schedule_sampling(name: str, versions: list[str], current: ModelSampling) -> ModelSampling | None:
+    """The ModelSampling a MODEL gets for ADE's `beta_schedule` (None: keep the current one). `autoselect`
+    picks the schedule the first motion module was trained with. Other schedules are refused by name."""
+    if name == "autoselect":
+        if not versions:
+            return None
+        name = "linear (AnimateDiff-SDXL)" if versions[0] == "sdxl_beta" else "sqrt_linear (AnimateDiff)"
+    if name == "use existing":
+        return None
+    if name not in _BETAS:
+        raise ValueError(f"beta_schedule {name!r} is not supported; supported: autoselect, use existing, "
+                         f"{', '.join(_BETAS)}")
+    if type(current) is not ModelSampling:
+        raise ValueError(f"beta_schedule {name!r} needs a discrete-time (eps or v) model; this MODEL samples with "
+                         f"{type(current).__name__} (choose 'use existing')")
+    kind, start, end = _BETAS[name]
+    schedule = DiscreteSchedule.from_config(kind, linear_start=start, linear_end=end)
+    return ModelSampling(schedule, current.prediction, current.quantize_timesteps)

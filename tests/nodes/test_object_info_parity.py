@@ -63,6 +63,10 @@ OURS_ONLY = frozenset({
     "IPAdapter", "IPAdapterAdvanced", "IPAdapterEmbeds", "IPAdapterEncoder", "IPAdapterModelLoader",
     "IPAdapterUnifiedLoader", "IPAdapterCombineEmbeds",
     "DeepCache",  # the ComfyUI-deepcache node pack's interface (checked in tests/nodes/test_acceleration.py)
+    # the AnimateDiff-Evolved node pack's basic nodes (checked in tests/nodes/test_animatediff_nodes.py)
+    "ADE_AnimateDiffLoaderGen1", "ADE_AnimateDiffLoaderWithContext", "ADE_ApplyAnimateDiffModelSimple",
+    "ADE_LoadAnimateDiffModel", "ADE_StandardStaticContextOptions", "ADE_StandardUniformContextOptions",
+    "ADE_UseEvolvedSampling",
 })
 
 # Keys ComfyUI's /object_info can give a node; we always give all of them.
