@@ -130,6 +130,11 @@ def check_workflow(path: Path, run: Runner, workflows: Path, tmp_path: Path) -> 
     assert pixels.std() > 5  # a picture, not a flat or black frame
     for folder in (data / "input", data / "models"):  # nothing was copied into the user's folders
         assert not folder.exists() or not [p for p in folder.rglob("*") if p.is_file()]
+    if path.stem == "inpaint":  # the green shape is painted into the example's transparent square, not elsewhere
+        from train.make_examples import HOLE
+
+        green = np.linalg.norm(pixels - np.array([35, 185, 55], dtype=np.float32), axis=-1) < 70
+        assert green[HOLE].sum() >= 15 and green[HOLE].sum() >= 0.8 * green.sum()  # measured: 53 of 56 pixels
     if path.stem == "lora":  # the shipped LoRA teaches the colour the base model never saw
         assert orange_share(pixels) > 0.1
         status, out, err = run(data, *args, "--set", "10.strength_model=0", "--set", "10.strength_clip=0")
