@@ -30,7 +30,7 @@ from .models.vae import AutoencoderKL
 from .patches.control import ControlNetHandle, ControlRows, control_residuals, residual_patches, uncond_control
 from .patches.patcher import ModelPatcher, WeightDiff
 from .patches.unet_patches import UNetPatches
-from .preview import LatentRGBProjection, fit_latent_rgb_projection, latent_preview_image
+from .preview import fit_latent_rgb_projection, latent_preview_image, tiny_decoder_preview_image
 from .sampling.guidance import CFGGuider, Conditioning, GuidanceHooks
 from .sampling.model_sampling import ContinuousModelSampling, Denoiser, ModelSampling, discrete_model_sampling
 from .sampling.schedules import DiscreteSchedule
@@ -61,7 +61,10 @@ class DiffusionModel:
     noise_augmentor: NoiseAugmentor | None = None
     # Runs the UNet call instead of calling it (`wrapper(unet, x, t, context, y, **patches)`): DeepCache.
     unet_wrapper: Callable[..., Tensor] | None = None
-    _preview: dict[str, LatentRGBProjection] = dataclasses.field(default_factory=dict, repr=False)
+    # Loads the TAESD-style tiny decoder previews use instead of the linear map (diffusion/models/taesd.py); set by
+    # the checkpoint loaders when the preview method and a decoder file allow it; None: the linear map.
+    preview_decoder: Callable[[], torch.nn.Module] | None = None
+    _preview: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def with_guidance_hooks(self, hooks: GuidanceHooks) -> DiffusionModel:
         """A clone whose guider also runs `hooks` (a `combine` replaces an earlier one; `post` hooks add up)."""
@@ -185,6 +188,14 @@ class DiffusionModel:
 
     def preview_image(self, x0: Tensor) -> Image.Image | None:
         """A fast RGB preview of a denoised estimate in the model's (scaled) latent space."""
+        if self.preview_decoder is not None and "decoder" not in self._preview:
+            try:
+                self._preview["decoder"] = self.preview_decoder()
+            except (ValueError, OSError) as exc:  # a bad file costs the preview its decoder, never the run
+                log.warning("preview decoder: %s; previews use latent2rgb", exc)
+                self._preview["decoder"] = None
+        if self.preview_decoder is not None and self._preview["decoder"] is not None:
+            return tiny_decoder_preview_image(x0[:1].detach().cpu(), self._preview["decoder"])
         if self.preview_encode is None:
             return None
         if "projection" not in self._preview:

@@ -76,3 +76,51 @@ def encode_preview_jpeg(image: Image.Image, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+# ---- tiny decoders (TAESD-style, diffusion/models/taesd.py) ------------------------------------------------------
+# The files people have for each family (ComfyUI's models/vae_approx names); a decoder named after the checkpoint
+# (`<checkpoint stem>_taesd_decoder.*`, how the demo model's own decoder ships) is looked for first.
+TINY_DECODER_FAMILIES = {"sd1": "taesd_decoder", "sd2": "taesd_decoder", "sdxl": "taesdxl_decoder"}
+TINY_DECODER_EXTENSIONS = (".safetensors", ".pth")
+# Larger latents are area-pooled to this side first: the decoder's cost grows with its output's pixels, and a
+# 256 px preview stays a small share of a step (train/README.md has the measurements).
+TINY_DECODER_MAX_LATENT = 32
+
+
+def tiny_decoder_names(family: str, checkpoint: str | None = None) -> list[str]:
+    """File names a tiny preview decoder for a checkpoint may have, best first: named after the checkpoint's
+    stem, then its family's TAESD file."""
+    stems = [f"{checkpoint}_taesd_decoder"] if checkpoint else []
+    if family in TINY_DECODER_FAMILIES:
+        stems.append(TINY_DECODER_FAMILIES[family])
+    return [stem + ext for stem in stems for ext in TINY_DECODER_EXTENSIONS]
+
+
+@torch.no_grad()
+def tiny_decoder_rgb(latent: Tensor, decoder: torch.nn.Module, max_latent: int = TINY_DECODER_MAX_LATENT) -> Tensor:
+    """[C, h, w] scaled latent -> [H, W, 3] colours in 0..1 through a tiny decoder, the latent area-pooled first
+    when its longer side exceeds `max_latent` (the preview then comes out at that side x8)."""
+    x = latent[None].float()
+    longest = max(x.shape[-2:])
+    if longest > max_latent:
+        size = (max(1, round(x.shape[-2] * max_latent / longest)), max(1, round(x.shape[-1] * max_latent / longest)))
+        x = F.adaptive_avg_pool2d(x, size)
+    param = next(decoder.parameters())
+    rgb = decoder(x.to(param.device, param.dtype))[0].float().clamp(0, 1)
+    return rgb.permute(1, 2, 0).cpu()
+
+
+def tiny_decoder_preview_image(latent: Tensor, decoder: torch.nn.Module, max_size: int = 512) -> Image.Image:
+    """RGB image of the first latent of a batch ([B, C, h, w] or [C, h, w], scaled as the UNet sees it) made by a
+    tiny decoder, shrunk to fit `max_size`."""
+    if latent.ndim == 4:
+        latent = latent[0]
+    channels = decoder[1].in_channels if isinstance(decoder, torch.nn.Sequential) else None
+    if latent.ndim != 3 or (channels is not None and latent.shape[0] != channels):
+        raise ValueError(f"latent must be [C, h, w] with C = {channels}, got {tuple(latent.shape)}")
+    rgb = (tiny_decoder_rgb(latent.detach(), decoder) * 255).round().to(torch.uint8).numpy()
+    image = Image.fromarray(rgb)
+    if max(image.size) > max_size:
+        image.thumbnail((max_size, max_size), Image.Resampling.BILINEAR)
+    return image

@@ -195,6 +195,9 @@ class Environment:
     temp_dir_override: Path | None = None  # --temp-directory (its temp/ folder, as ComfyUI)
     max_image_pixels: int | None = None  # all frames of an image together; None: nodes/image_limits.py's default
     max_image_frames: int | None = None
+    # Sampler previews (--preview-method): "auto" and "taesd" use a tiny decoder where one is found for the model
+    # (preview_decoder), "latent2rgb" the linear map, "none" none at all (the server then asks for none).
+    preview_method: str = "auto"
     _manager: Any = field(default=None, init=False, repr=False)
     _manager_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
@@ -328,6 +331,30 @@ class Environment:
         then the repository's own (the demo model)."""
         legacy = [self.models_dir / LEGACY_MODEL_FOLDERS[kind]] if kind in LEGACY_MODEL_FOLDERS else []
         return [self.models_dir / kind, *legacy, *self.extra_model_dirs.get(kind, []), bundled_models_dir() / kind]
+
+    def preview_decoder(self, family: str, checkpoint: str) -> Any:
+        """A loader (no arguments) of the tiny preview decoder for a checkpoint (its stem) of `family` under the
+        preview method, from the vae_approx folders (names: diffusion.preview.tiny_decoder_names); None for the
+        linear map. `taesd` without a decoder file says so once per checkpoint and falls back to the linear map."""
+        from diffusion.preview import tiny_decoder_names
+
+        if self.preview_method not in ("auto", "taesd"):
+            return None
+        names = tiny_decoder_names(family, checkpoint)
+        for name in names:
+            for folder in self.model_dirs("vae_approx"):
+                path = folder / name
+                if path.is_file():
+                    def load(path: Path = path) -> Any:
+                        from diffusion.models.taesd import load_tiny_decoder
+
+                        with self.naming_files():
+                            return load_tiny_decoder(path)
+                    return load
+        if self.preview_method == "taesd":
+            log.warning("--preview-method taesd: no tiny decoder for %r (%s) in models/vae_approx/ (looked for %s); "
+                        "its previews use latent2rgb", checkpoint, family, ", ".join(names[::2]) or "nothing")
+        return None
 
     def ensure_dirs(self) -> None:
         for path in (self.input_dir, self.output_dir, self.temp_dir, self.custom_nodes_dir):

@@ -66,7 +66,9 @@ def load_checkpoint_handles(env: Environment, name: str) -> tuple[DiffusionModel
             loaded = load_checkpoint(path, dtype=env.model_dtype("unet"), text_dtype=env.model_dtype("text"),
                                      autoencoder_dtype=env.model_dtype("vae"))
         loaded.text.embedding_dirs = [str(d) for d in env.model_dirs("embeddings")]
-        return wrap_checkpoint(loaded, manager, name=Path(name).stem)
+        model, clip, vae = wrap_checkpoint(loaded, manager, name=Path(name).stem)
+        model.preview_decoder = env.preview_decoder(loaded.family.name, Path(name).stem)
+        return model, clip, vae
 
     return env.model_cache.load(("checkpoint", *_file_key(path)), load)
 

@@ -93,7 +93,9 @@ class CheckpointLoader(_ModelFileNode):
                 raise ValueError(f"CheckpointLoader: config {config_name!r} describes an {wanted} model but "
                                  f"{ckpt_name!r} is {loaded.family.title}")
             loaded.text.embedding_dirs = [str(d) for d in env.model_dirs("embeddings")]
-            return wrap_checkpoint(loaded, manager, name=Path(ckpt_name).stem)
+            model, clip, vae = wrap_checkpoint(loaded, manager, name=Path(ckpt_name).stem)
+            model.preview_decoder = env.preview_decoder(loaded.family.name, Path(ckpt_name).stem)
+            return model, clip, vae
 
         config_key = ("config", config_name, _file_key(config_path)[1:] if config_path else None)
         model, clip, vae = env.model_cache.load(("checkpoint", *_file_key(path), config_key), load)

@@ -196,13 +196,10 @@ def resolve_host(args: argparse.Namespace) -> str:
 
 
 def preview_method(args: argparse.Namespace) -> str:
-    """The preview method the server uses. No TAESD decoder ships yet: taesd falls back to latent2rgb with one
-    warning line, as ComfyUI does when the decoder files are missing; auto is latent2rgb, the best there is."""
-    method = getattr(args, "preview_method", "auto")
-    if method == "taesd":
-        log.warning("--preview-method taesd: no TAESD preview decoder is available yet; previews use latent2rgb")
-        return "latent2rgb"
-    return "latent2rgb" if method == "auto" else method
+    """The preview method the server uses, as given: taesd and auto pick a tiny decoder per checkpoint where one is
+    in models/vae_approx/ (Environment.preview_decoder); taesd without one falls back to latent2rgb with a warning
+    line, as ComfyUI does when the decoder files are missing, auto silently."""
+    return getattr(args, "preview_method", "auto")
 
 
 def browser_url(host: str, port: int) -> str:

@@ -81,7 +81,7 @@ class ServerState:
                                device=config.device, vram=config.vram, precision=config.precision,
                                unet_precision=config.unet_precision, vae_precision=config.vae_precision,
                                output_dir_override=config.output_dir, input_dir_override=config.input_dir,
-                               temp_dir_override=config.temp_dir)
+                               temp_dir_override=config.temp_dir, preview_method=config.preview_method)
         self.env.ensure_dirs()
         self.workflows_dir.mkdir(parents=True, exist_ok=True)
         self.registry = registry if registry is not None else build_registry(self.env)

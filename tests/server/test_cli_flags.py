@@ -328,14 +328,15 @@ def test_user_directory_holds_the_front_ends_files(tmp_path):
     assert not (tmp_path / "data" / "user").exists()
 
 
-@pytest.mark.parametrize(("method", "previews", "warned"), [
-    ("none", False, False), ("auto", True, False), ("latent2rgb", True, False), ("taesd", True, True)])
-def test_preview_method_decides_whether_samplers_make_previews(tmp_path, caplog, method, previews, warned):
-    with caplog.at_level(logging.WARNING):
-        config = serve_config(tmp_path, "--preview-method", method, "--workers", "1")
-    assert ("no TAESD preview decoder" in caplog.text) == warned
-    assert config.preview_method == ("none" if method == "none" else "latent2rgb")
-    assert [w.executor.previews for w in served_state(config).pool.workers] == [previews]
+@pytest.mark.parametrize(("method", "previews"), [
+    ("none", False), ("auto", True), ("latent2rgb", True), ("taesd", True)])
+def test_preview_method_decides_whether_samplers_make_previews(tmp_path, method, previews):
+    # which previewer a model gets (tiny decoder or linear map) is tests/server/test_preview_method.py's
+    config = serve_config(tmp_path, "--preview-method", method, "--workers", "1")
+    assert config.preview_method == method
+    state = served_state(config)
+    assert state.env.preview_method == method
+    assert [w.executor.previews for w in state.pool.workers] == [previews]
 
 
 def test_auto_launch_opens_the_browser_once_the_server_listens(tmp_path, monkeypatch):

@@ -1,0 +1,197 @@
+"""Train a TAESD-style tiny preview decoder for the demo model's latent space (distilled from its own VAE).
+
+Recipe (what `python -m train.train_taesd` does with its defaults; timings and numbers in train/README.md):
+
+1. The base model (`--base`, the shipped latentloom-shapes) is loaded through the project's own checkpoint loader;
+   its VAE encodes `--images` clean shapes images (posterior means, times SD1's 0.18215) once.
+2. Every step draws `--batch` of those latents and turns a share of them into what a sampler's denoised estimate
+   looks like before the last step: half stay clean, a quarter get Gaussian noise (std up to 0.5 of the latent
+   scale), a quarter are blurred towards their 2x2-pooled version. The target of each is the VAE decoder's own
+   output on that very latent (distillation), clamped to 0..1 as previews are shown.
+3. The decoder is diffusion/models/taesd.py's TinyDecoder at width `--width` (32: ~0.3 M parameters, a 0.6 MB
+   fp16 file), trained with AdamW, warm-up and cosine decay, on mean squared error plus mean absolute error.
+4. It is written in fp16 in TAESD's own key layout, named after the checkpoint
+   (`models/vae_approx/<checkpoint stem>_taesd_decoder.safetensors`), which is how the preview code finds it.
+
+Deterministic given `--seed` and the thread count: every batch is a function of (seed, step). `--minutes` stops
+with the state saved, `--resume` continues from it and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffusion.checkpoints.loader import load_checkpoint
+from diffusion.models.taesd import TinyDecoder, write_tiny_decoder
+
+from . import data, shapes
+from .recipe import SCALING_FACTOR
+from .train_model import lr_at
+
+log = logging.getLogger("train.taesd")
+
+PHASE = 4  # data.step_rng's phase number for tiny-decoder batches (0-3 are the other trainers')
+NOISE_STD = 0.5  # the most noise added to a latent (in scaled-latent units, where clean latents have std ~1)
+
+
+class TinyDecoderTrainer:
+    """The decoder, its optimiser and step, saved to and restored from one state file."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        base = load_checkpoint(args.base, dtype=torch.float32)
+        self.vae = base.vae.eval().requires_grad_(False)
+        torch.manual_seed(args.seed)
+        self.net = TinyDecoder(base.vae.config.embed_dim, args.width)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=args.lr, weight_decay=0.0)
+        self.step = 0
+        self.started = time.monotonic()
+        self.steps_this_run = 0
+        self.latents = self.dataset()
+
+    # ---- state -----------------------------------------------------------------------------------
+    def save_state(self) -> None:
+        path = Path(self.args.state)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save({"step": self.step, "seed": self.args.seed, "width": self.args.width,
+                    "net": self.net.state_dict(), "opt": self.opt.state_dict()}, tmp)
+        os.replace(tmp, path)
+        log.info("saved training state (step %d) to %s", self.step, path)
+
+    def load_state(self) -> None:
+        state = torch.load(self.args.state, weights_only=True)
+        if (state["seed"], state["width"]) != (self.args.seed, self.args.width):
+            raise SystemExit(f"{self.args.state} was trained with --seed {state['seed']} --width {state['width']}, "
+                             f"not --seed {self.args.seed} --width {self.args.width}")
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        self.step = state["step"]
+        log.info("resumed from %s at step %d", self.args.state, self.step)
+
+    def out_of_time(self) -> bool:
+        a = self.args
+        if a.stop_after and self.steps_this_run >= a.stop_after:
+            return True
+        return a.minutes > 0 and time.monotonic() - self.started > 60 * a.minutes
+
+    # ---- data ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def dataset(self) -> Tensor:
+        """Scaled latents [N, C, 8, 8] of `--images` clean training images (seed + 200: their own draw)."""
+        latents = []
+        for start in range(0, self.args.images, 256):
+            images, _ = shapes.batch(self.args.seed + 200, "train", range(start, min(start + 256, self.args.images)))
+            latents.append(self.vae.encode(data.to_tensor(images)).float())
+        return torch.cat(latents) * SCALING_FACTOR
+
+    @torch.no_grad()
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """(scaled latents, VAE-decoded targets in 0..1 [B, 3, H, W]) of one step: a function of (seed, step)."""
+        a = self.args
+        rng = data.step_rng(a.seed, PHASE, step)
+        z = self.latents[torch.from_numpy(rng.integers(0, len(self.latents), size=a.batch))].clone()
+        kind = rng.integers(0, 4, size=a.batch)  # 0, 1: clean; 2: noisy; 3: blurred
+        gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+        noise = torch.randn(z.shape, generator=gen) * torch.rand(a.batch, 1, 1, 1, generator=gen) * NOISE_STD
+        blurred = F.interpolate(F.avg_pool2d(z, 2), size=z.shape[-2:], mode="bilinear", align_corners=False)
+        amount = torch.rand(a.batch, 1, 1, 1, generator=gen)
+        noisy, blur = torch.from_numpy(kind == 2)[:, None, None, None], torch.from_numpy(kind == 3)[:, None, None, None]
+        z = torch.where(noisy, z + noise, z)
+        z = torch.where(blur, torch.lerp(z, blurred, amount), z)
+        target = ((self.vae.decode(z / SCALING_FACTOR) + 1) / 2).clamp(0, 1)
+        return z, target
+
+    # ---- training --------------------------------------------------------------------------------
+    def train_step(self) -> float:
+        a = self.args
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, a.steps, a.lr, min(50, a.steps // 10 + 1))
+        z, target = self.batch(self.step)
+        out = self.net(z)
+        loss = F.mse_loss(out, target) + F.l1_loss(out, target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def train(self) -> bool:
+        """Steps until `--steps` (True, file written) or until the budget runs out (False, state saved)."""
+        a, losses, tick = self.args, [], time.monotonic()
+        self.net.train()
+        while self.step < a.steps:
+            losses.append(self.train_step())
+            self.step += 1
+            self.steps_this_run += 1
+            if self.step % a.log_every == 0 or self.step == a.steps:
+                log.info("step %d/%d loss %.4f (%.2f s/step)", self.step, a.steps, sum(losses) / len(losses),
+                         (time.monotonic() - tick) / len(losses))
+                losses, tick = [], time.monotonic()
+            if self.step % a.save_every == 0:
+                self.save_state()
+            if self.out_of_time() and self.step < a.steps:
+                self.save_state()
+                log.warning("budget (%s minutes, %s steps) spent at step %d; rerun with --resume", a.minutes,
+                            a.stop_after or "any", self.step)
+                return False
+        self.net.eval()
+        self.write(a.out)
+        return True
+
+    def write(self, path: str | os.PathLike) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_tiny_decoder(path, self.net, metadata={"latentloom.recipe": "train.train_taesd",
+                                                     "latentloom.steps": str(self.step),
+                                                     "latentloom.seed": str(self.args.seed)})
+        log.info("wrote %s (%.2f MB)", path, os.path.getsize(path) / 2**20)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default="models/checkpoints/latentloom-shapes.safetensors", help="the model whose "
+                   "VAE is distilled")
+    p.add_argument("--out", default=None, help="default: models/vae_approx/<base stem>_taesd_decoder.safetensors")
+    p.add_argument("--state", default="train-taesd-state.pt", help="training-state file (read by --resume)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=32, help="decoder channels (TAESD's own: 64)")
+    p.add_argument("--images", type=int, default=4096, help="clean training images encoded once")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--minutes", type=float, default=0.0, help="stop (state saved) after this long; 0: no limit")
+    p.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after this many steps; 0: no limit")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=25)
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = f"models/vae_approx/{Path(args.base).stem}_taesd_decoder.safetensors"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not Path(args.base).is_file():
+        raise SystemExit(f"--base {args.base} is missing: train it with python -m train.train_model")
+    trainer = TinyDecoderTrainer(args)
+    if args.resume:
+        if not Path(args.state).exists():
+            raise SystemExit(f"--resume: no training state at {args.state}")
+        trainer.load_state()
+    return 0 if trainer.train() else 3
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
