@@ -15,10 +15,16 @@ Rows printed:
 - negative prompt: how often "a large circle ..." comes out red with negative "" and with negative "red";
 - LoRA: TrainLoraFromImages on five orange shapes (a colour the base model never saw), then orange captions
   before/after LoraLoader.
+- ControlNet (`--controlnet-count` held-out hints): the silhouette ControlNet (train/train_controlnet.py) through
+  ControlNetLoader + ControlNetApplyAdvanced (strength 1) on the silhouette of a held-out-combination image and its
+  caption, against the same caption without it: IoU of the generated shape (the checker's colour segmentation)
+  with the hint, and colour adherence.
 
     python bench/quality.py [--count 200] [--cfg 5.0] [--skip-seen] [--skip-floor] [--skip-lora] [--only-lora]
                             [--lora-steps 300] [--lora-lr 5e-3] [--lora-count 60] [--threads 1]
                             [--checkpoint models/checkpoints/latentloom-shapes.safetensors]
+                            [--controlnet models/controlnet/latentloom-shapes-silhouette.safetensors]
+                            [--controlnet-count 200] [--only-controlnet] [--skip-controlnet]
 
 Measured (shared 2-core CPU, one thread, seed 0 model): checker 100 % / 100 % on real images; ceiling (VAE
 reconstructions) colour 99.5 %, shape 82.5 %; held-out combinations colour 99.0 %, shape 77.0 %; seen
@@ -55,14 +61,18 @@ log = logging.getLogger("bench.quality")
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "latentloom-shapes.safetensors"
 FLOOR = "random-shapes.safetensors"
+CONTROLNET = "latentloom-shapes-silhouette.safetensors"
 
 
 class Runner:
     """An engine over a scratch data directory that also sees the repository's and the floor's checkpoints."""
 
-    def __init__(self, data_dir: Path, checkpoint: Path, extra_checkpoints: Path):
+    def __init__(self, data_dir: Path, checkpoint: Path, extra_checkpoints: Path, controlnet: Path | None = None):
         self.model = checkpoint.name
-        self.env = Environment(data_dir, extra_model_dirs={"checkpoints": [checkpoint.parent, extra_checkpoints]})
+        extra = {"checkpoints": [checkpoint.parent, extra_checkpoints]}
+        if controlnet is not None:
+            extra["controlnet"] = [controlnet.parent]
+        self.env = Environment(data_dir, extra_model_dirs=extra)
         self.env.ensure_dirs()
         self.registry = build_registry(self.env, plugins=False)
         self.executor = Executor(env=self.env)
@@ -77,7 +87,9 @@ class Runner:
         return result.outputs
 
     def txt2img(self, ckpt: str, positive: str, negative: str, seed: int, cfg: float,
-                lora: str | None = None) -> np.ndarray:
+                lora: str | None = None, control: tuple[str, str] | None = None) -> np.ndarray:
+        """One image; `control` = (ControlNet file, hint file in the input folder) adds the ControlNet at
+        strength 1 to both conditionings."""
         model, clip = ["4", 0], ["4", 1]
         prompt = {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}
         if lora is not None:
@@ -95,6 +107,15 @@ class Runner:
             "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
             "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "bench"}},
         })
+        if control is not None:
+            prompt.update({
+                "11": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": control[0]}},
+                "12": {"class_type": "LoadImage", "inputs": {"image": control[1]}},
+                "13": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+                    "positive": ["6", 0], "negative": ["7", 0], "control_net": ["11", 0], "image": ["12", 0],
+                    "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+            })
+            prompt["3"]["inputs"].update(positive=["13", 0], negative=["13", 1])
         saved = self.run(prompt)["9"]["images"][0]
         path = self.env.output_dir / saved.get("subfolder", "") / saved["filename"]
         return np.asarray(Image.open(path).convert("RGB"))
@@ -189,6 +210,38 @@ def lora_effect(runner: Runner, checker: Checker, cfg: float, count: int, steps:
     report(f"{shapes.NEW_COLOUR} captions, base model + LoRA", after, t1)
 
 
+def shape_iou(image: np.ndarray, hint: np.ndarray) -> float:
+    """Intersection over union of the image's shape (the checker's foreground: far from the border's colour) and
+    the hint's white (the silhouette's pixels at least half covered)."""
+    from train.checker import foreground
+
+    found, wanted = foreground(image) >= 0.5, hint >= 128
+    union = (found | wanted).sum()
+    return float((found & wanted).sum() / union) if union else 1.0
+
+
+def controlnet_effect(runner: Runner, cfg: float, count: int, controlnet: str) -> None:
+    """Held-out-combination captions with and without the silhouette ControlNet on their own silhouettes."""
+    from train.checker import classify_colour
+    from train.train_controlnet import silhouette
+
+    samples = held_out(count, "test", 2)
+    hints = []
+    for i, sample in enumerate(samples):
+        hints.append(silhouette(sample))
+        Image.fromarray(hints[-1]).save(runner.env.input_dir / f"hint-{i}.png")
+    for label, use in (("without ControlNet", False), ("with the silhouette ControlNet", True)):
+        start = time.perf_counter()
+        images = [runner.txt2img(runner.model, s.caption, "", seed, cfg,
+                                 control=(controlnet, f"hint-{seed}.png") if use else None)
+                  for seed, s in enumerate(samples)]
+        ious = np.array([shape_iou(im, hint) for im, hint in zip(images, hints, strict=True)])
+        colour = np.mean([classify_colour(im) == s.colour for im, s in zip(images, samples, strict=True)])
+        log.info("%-58s IoU with the hint %.3f (median %.3f, >= 0.5: %5.1f %%)  colour %5.1f %%  (%.0f s)",
+                 f"{count} held-out silhouettes, {label}", ious.mean(), np.median(ious),
+                 100 * (ious >= 0.5).mean(), 100 * colour, time.perf_counter() - start)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("nodes", "graph", "diffusion"):
@@ -206,6 +259,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=REPO / "models" / "checkpoints" / MODEL,
                         help="the model to measure (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--controlnet", type=Path, default=REPO / "models" / "controlnet" / CONTROLNET,
+                        help="the ControlNet of the ControlNet rows (default: the shipped one)")
+    parser.add_argument("--controlnet-count", type=int, default=200)
+    parser.add_argument("--only-controlnet", action="store_true", help="skip everything but the ControlNet rows")
+    parser.add_argument("--skip-controlnet", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -215,7 +273,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "ckpt").mkdir()
-        runner = Runner(tmp / "data", args.checkpoint.resolve(), tmp / "ckpt")
+        runner = Runner(tmp / "data", args.checkpoint.resolve(), tmp / "ckpt", args.controlnet.resolve())
+        if args.only_controlnet:
+            controlnet_effect(runner, args.cfg, args.controlnet_count, args.controlnet.name)
+            return
         round_trip = vae_round_trip(runner)
         start = time.perf_counter()
         checker = Checker.train(reconstruct=round_trip)
@@ -238,6 +299,8 @@ def main() -> None:
         negative_prompt_effect(runner, checker, args.cfg, 60)
         if not args.skip_lora:
             lora_effect(runner, checker, args.cfg, args.lora_count, args.lora_steps, args.lora_lr)
+        if not args.skip_controlnet:
+            controlnet_effect(runner, args.cfg, args.controlnet_count, args.controlnet.name)
 
 
 if __name__ == "__main__":

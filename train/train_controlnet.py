@@ -49,6 +49,10 @@ log = logging.getLogger("train.controlnet")
 
 PHASE = 3  # data.step_rng's phase number for ControlNet batches (0-2 are the main trainer's)
 COPIED = ("time_embed.", "input_blocks.", "middle_block.")
+# The hint of workflows/controlnet.json (examples/input/silhouette-star.png): a large star in the left cell, where
+# shapes._place puts a radius-18 shape of position "left" without jitter. The prompt names no position.
+EXAMPLE_HINT = shapes.Sample("star", "yellow", "blue", "large", "left", cx=19.0, cy=31.5, radius=18.0)
+EXAMPLE_HINT_FILE = Path(__file__).resolve().parent.parent / "examples" / "input" / "silhouette-star.png"
 
 
 def silhouette(sample: shapes.Sample) -> np.ndarray:
@@ -216,6 +220,15 @@ class ControlNetTrainer:
         log.info("wrote %s (%.1f MB)", path, os.path.getsize(path) / 2**20)
 
 
+def write_example_hint(path: str | os.PathLike = EXAMPLE_HINT_FILE) -> Path:
+    """The shipped workflow's hint image (grayscale PNG, no text chunks)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(silhouette(EXAMPLE_HINT), "L").save(path, optimize=True)
+    log.info("wrote %s", path)
+    return path
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="models/checkpoints/latentloom-shapes.safetensors", help="the frozen model")
@@ -233,12 +246,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--example-hint", nargs="?", const=str(EXAMPLE_HINT_FILE), default=None, metavar="PATH",
+                   help="only write the shipped workflow's hint image (default examples/input/silhouette-star.png)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_args(argv)
+    if args.example_hint:
+        write_example_hint(args.example_hint)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if not Path(args.base).is_file():

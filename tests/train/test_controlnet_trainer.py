@@ -15,7 +15,15 @@ from diffusion.checkpoints.loader import load_checkpoint
 from diffusion.patches.control import residual_patches
 from train import shapes
 from train.recipe import build_text_encoder, build_unet, build_vae, tiny_spec, write_checkpoint
-from train.train_controlnet import controlnet_from_unet, hint_images, main, silhouette
+from train.train_controlnet import (
+    EXAMPLE_HINT,
+    EXAMPLE_HINT_FILE,
+    controlnet_from_unet,
+    hint_images,
+    main,
+    silhouette,
+    write_example_hint,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "models" / "controlnet" / "latentloom-shapes-silhouette.safetensors"
@@ -60,6 +68,17 @@ def test_silhouette_is_the_rendered_shape_white_on_black():
         shape = np.abs(image - np.array(shapes.BACKGROUNDS[sample.background])).sum(-1) > 0
         assert np.array_equal(hint > 0, shape)  # the same anti-aliased pixels as the picture's shape
     assert hint_images(hint[None]).shape == (1, 3, 64, 64) and float(hint_images(hint[None]).max()) == 1.0
+
+
+def test_the_shipped_hint_is_the_example_silhouette(tmp_path):
+    from PIL import Image
+
+    with Image.open(EXAMPLE_HINT_FILE) as shipped:
+        assert shipped.mode == "L" and np.array_equal(np.asarray(shipped), silhouette(EXAMPLE_HINT))
+    with Image.open(write_example_hint(tmp_path / "hint.png")) as written:
+        assert np.array_equal(np.asarray(written), silhouette(EXAMPLE_HINT))
+    cols = np.nonzero(silhouette(EXAMPLE_HINT).max(0))[0]
+    assert cols.max() < 40  # in the left part of the picture, as the workflow's description says
 
 
 def test_starts_as_the_base_model(base):
