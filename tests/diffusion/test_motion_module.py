@@ -181,3 +181,42 @@ def test_more_frames_than_the_encoding_is_a_clear_error() -> None:
     x = torch.zeros(25, 4, 8, 8)
     with pytest.raises(ValueError, match=r"25 frames at once.*context_length <= 24"):
         ours(x, torch.full((25,), 1.0), torch.zeros(25, 5, 32), patches=motion_patches(motion, UNET.num_res_blocks))
+
+
+XL = UNetConfig(model_channels=32, channel_mult=(1, 2, 3), transformer_depth=(0, 1, 1), transformer_depth_middle=1,
+                context_dim=32, num_heads=-1, num_head_channels=16, use_linear_in_transformer=True,
+                adm_in_channels=16 + 6 * 8, norm_groups=32)
+
+
+@torch.no_grad()
+def test_sdxl_beta_layout_matches_diffusers() -> None:
+    from diffusion.models.unet import sdxl_adm
+
+    ours = randomize_(UNetModel(XL), 4).eval().requires_grad_(False)
+    dcfg = diffusers_config(XL)
+    unet2d = UNet2DConditionModel(**dcfg).eval()
+    checkpoint = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
+    unet2d.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, dcfg), strict=True)
+    config = tiny_motion_config("sdxl_beta", (32, 64, 96))
+    sd = random_motion_state_dict(config, seed=6)
+    adapter = MotionAdapter(block_out_channels=(32, 64, 96), motion_layers_per_block=2, motion_max_seq_length=32,
+                            use_motion_mid_block=False)
+    adapter.load_state_dict(original_to_diffusers(sd), strict=True)
+    theirs = UNetMotionModel.from_unet2d(unet2d, adapter).eval()
+    theirs.add_embedding.load_state_dict(unet2d.add_embedding.state_dict())  # from_unet2d leaves SDXL's out
+    for module in theirs.modules():
+        if type(module).__name__ == "AnimateDiffTransformer3D":
+            module.norm = _PerFrameNorm(module.norm)
+    motion = build_motion_modules(sd)
+    assert motion.config.version == "sdxl_beta"
+    frames = 8
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(frames, 4, 8, 8, generator=gen)
+    context = torch.randn(1, 5, 32, generator=gen).expand(frames, -1, -1)
+    pooled = torch.randn(1, 16, generator=gen)
+    y = sdxl_adm(pooled, 768, 1024, 32, 16, 640, 896, adm_in_channels=XL.adm_in_channels)
+    added = {"text_embeds": pooled, "time_ids": torch.tensor([[1024.0, 768.0, 16.0, 32.0, 896.0, 640.0]])}
+    t = torch.tensor(333.0)
+    reference = theirs(x.permute(1, 0, 2, 3)[None], t, context, added_cond_kwargs=added).sample[0]
+    out = ours(x, t.expand(frames), context, y.expand(frames, -1), patches=motion_patches(motion, XL.num_res_blocks))
+    assert relative_error(out, reference.permute(1, 0, 2, 3)) < 1e-4
