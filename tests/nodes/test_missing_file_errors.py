@@ -18,8 +18,8 @@ from PIL import Image
 
 from graph.validation import validate_prompt
 from nodes import build_registry
-from nodes.environment import Environment
-from nodes.image_io import LoadImage, LoadImageMask
+from nodes.environment import Environment, list_files
+from nodes.image_io import IMAGE_EXTENSIONS, LoadImage, LoadImageMask
 from nodes.model_paths import bundled_inputs_dir
 from nodes.sampling import SAMPLER_NAMES
 from server.app import create_app
@@ -28,6 +28,8 @@ from tests.server.inprocess import InProcessServer
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = bundled_inputs_dir() / "example.png"
+# Every shipped example input image (the ControlNet hint too, and whatever others ship later).
+SHIPPED = list_files(bundled_inputs_dir(), IMAGE_EXTENSIONS, recursive=False)
 
 
 @pytest.fixture
@@ -115,10 +117,10 @@ def test_a_path_that_leaves_the_folder_is_still_refused(env):
 
 
 def test_the_shipped_example_is_listed_loaded_and_loses_to_the_users_own(env):
-    assert EXAMPLE.is_file()
+    assert EXAMPLE.is_file() and "example.png" in SHIPPED
     for node in ("LoadImage", "LoadImageMask"):
         options = build_registry(env, plugins=False).object_info(env)[node]["input"]["required"]["image"][0]
-        assert options == ["example.png"]
+        assert options == SHIPPED
     assert validate_prompt(load_image("example.png"), build_registry(env, plugins=False), env).ok
     context = type("C", (), {"env": env})()
     image, mask = LoadImage().execute("example.png", context=context)
@@ -129,7 +131,7 @@ def test_the_shipped_example_is_listed_loaded_and_loses_to_the_users_own(env):
     Image.new("RGB", (8, 8), (0, 255, 0)).save(env.input_dir / "example.png")
     image, _ = LoadImage().execute("example.png", context=context)
     assert image.shape == (1, 8, 8, 3) and torch.allclose(image[0, 0, 0], torch.tensor([0.0, 1.0, 0.0]))
-    assert env.list_input_files({".png"}) == ["example.png"]
+    assert env.list_input_files({".png"}) == [name for name in SHIPPED if name.endswith(".png")]
 
 
 class ServerWithNodes(InProcessServer):
@@ -160,7 +162,8 @@ def test_api_details_and_view_of_the_shipped_example(server, tmp_path):
     assert str(tmp_path) not in json.dumps(body)
     status, _, data = server.request("GET", "/view?filename=example.png&type=input&subfolder=")
     assert status == 200 and data == EXAMPLE.read_bytes()
-    assert server.json("GET", "/internal/files/input") == (200, ["example.png"])
+    status, listed = server.json("GET", "/internal/files/input")
+    assert status == 200 and sorted(listed) == SHIPPED
     assert server.request("GET", "/view?filename=example.png&type=output")[0] == 404
     assert server.request("GET", "/view?filename=example.png&type=input&subfolder=x")[0] == 404
     mask = io.BytesIO()  # the mask editor on the shipped example: its pixels, the mask's alpha, saved as the user's

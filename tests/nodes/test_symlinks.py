@@ -13,6 +13,7 @@ from PIL import Image
 from graph.validation import validate_prompt
 from nodes import build_registry
 from nodes.environment import Environment, list_files
+from nodes.model_paths import bundled_inputs_dir
 from server.routes_info import model_files
 
 
@@ -86,7 +87,8 @@ def test_input_listing_and_loading_leave_out_links_that_lead_out(data):
     env, _ = data
     registry = build_registry(env, plugins=False)
     options = registry.object_info(env)["LoadImage"]["input"]["required"]["image"][0]
-    assert options == ["example.png", "real.png", "same.png"]  # the shipped example too
+    shipped = list_files(bundled_inputs_dir(), {".png"}, recursive=False)  # the repository's examples too
+    assert options == sorted({"real.png", "same.png", *shipped})
     assert registry.object_info(env)["LoadImageMask"]["input"]["required"]["image"][0] == options
     for name, ok in [("real.png", True), ("same.png", True), ("leak.png", False), ("passwd.png", False)]:
         prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": name}},
