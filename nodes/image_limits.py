@@ -91,6 +91,19 @@ def check_frames(image: Image.Image, source: bytes | Path, name: str, max_pixels
     return sizes
 
 
+def check_clip(name: str, frames: int, width: int, height: int, max_pixels: int, max_frames: int,
+               what: str = "video") -> None:
+    """ImageLimitError naming the file when `frames` frames of width×height (a video's, all of one size, counted
+    from its container's headers) are more frames than `max_frames` or more pixels than `max_pixels`."""
+    if frames > max_frames:
+        raise ImageLimitError(f"{what} {name!r} has {frames} frames, over the limit of {max_frames} frames",
+                              "frames")
+    total = frames * width * height
+    if total > max_pixels:
+        raise ImageLimitError(f"{what} {name!r} has {frames} frames of {width}x{height} = {human(total)} pixels, "
+                              f"over the limit of {max_pixels} pixels ({human(max_pixels)})", "pixels")
+
+
 def describe(sizes: list[tuple[int, int]]) -> str:
     """'is 100x80', 'has 3 frames of 100x80' or 'has 3 frames, the largest 100x80'."""
     if len(sizes) == 1:

@@ -41,7 +41,7 @@ REFERENCE_PATH = Path(__file__).parents[1] / "data" / "comfyui_object_info.json"
 FILE_LISTS = frozenset({
     "ckpt_name", "config_name", "vae_name", "lora_name", "unet_name", "clip_name", "clip_name1", "clip_name2",
     "clip_name3", "clip_name4", "control_net_name", "gligen_name", "hypernetwork_name", "style_model_name",
-    "model_name", "image", "latent", "photomaker_model_name",
+    "model_name", "image", "latent", "photomaker_model_name", "file",
 })
 
 # Sampler names ComfyUI lists that we may not have yet; shrink it as they land (never computed from our list).
@@ -67,6 +67,7 @@ OURS_ONLY = frozenset({
     "ADE_AnimateDiffLoaderGen1", "ADE_AnimateDiffLoaderWithContext", "ADE_ApplyAnimateDiffModelSimple",
     "ADE_LoadAnimateDiffModel", "ADE_StandardStaticContextOptions", "ADE_StandardUniformContextOptions",
     "ADE_UseEvolvedSampling",
+    "LoadVideoFrames",  # part of a video (frame rate, range, cap) as frames (checked in tests/nodes/test_video_nodes.py)
 })
 
 # Keys ComfyUI's /object_info can give a node; we always give all of them.
