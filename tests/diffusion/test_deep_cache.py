@@ -86,6 +86,39 @@ def test_a_cached_step_reuses_the_last_full_steps_deep_feature():
     assert torch.equal(expected, got)
 
 
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_cached_step_equals_the_full_unet_with_the_old_deep_feature_spliced_in(depth):
+    """Reference by hooks on the plain UNet: run step 1 whole, but replace the deep half of what output block
+    n - 1 - depth gets (the backbone, before the skip) by what it got on step 0."""
+    unet = tiny_unet(TINY_SD1)
+    x, _, context = unet_inputs(TINY_SD1)
+    split = len(unet.output_blocks) - 1 - depth
+    deep_width = unet.output_blocks[split - 1] if split > 0 else unet.middle_block
+    widths, seen = [], []
+    deep_width.register_forward_hook(lambda _m, _a, out: widths.append(out.shape[1]))
+    splice: list[torch.Tensor] = []
+
+    def pre(_module, args):
+        seen.append(args[0])
+        if splice:
+            k = widths[-1]
+            return (torch.cat([splice[0][:, :k], args[0][:, k:]], dim=1), *args[1:])
+        return None
+
+    unet.output_blocks[split].register_forward_pre_hook(pre)
+    steps = [(x * 2, torch.tensor([999.0])), (x * 3, torch.tensor([500.0]))]
+    with torch.inference_mode():
+        unet(*steps[0], context)
+        splice.append(seen[-1])
+        expected = unet(*steps[1], context)
+        splice.clear()
+        cache = DeepCache(2, depth)
+        cache(unet, *steps[0], context)
+        got = cache(unet, *steps[1], context)
+    assert cache.stats.cached == 1
+    assert torch.equal(expected, got)
+
+
 def test_two_calls_per_step_keep_their_own_caches():
     """Guidance evaluating cond and uncond apart calls twice at one timestep: each call reuses its own feature."""
     unet = tiny_unet(TINY_SD1)
