@@ -85,9 +85,12 @@ def _effect(node: str, name: str, value: Any) -> float:
 
 
 def apply_animatediff(node: str, model: DiffusionModel, motions: list[tuple[MotionModel, float]],
-                      context_options: ContextChoice | None, beta_schedule: str) -> DiffusionModel:
+                      context_options: ContextChoice | None, beta_schedule: str,
+                      v2_properly: bool = True) -> DiffusionModel:
     """A clone of `model` running `motions` (each with its effect), windowed by `context_options`, with the
-    beta schedule chosen. Errors name the node."""
+    beta schedule chosen. With a v1 module first (or a v2 one and not `v2_properly`, the legacy loader's
+    option) the UNet's ResBlocks normalise the clip's frames together, as AnimateDiff v1's UNet did. Errors
+    name the node."""
     unet = model.family.unet
     try:
         for motion, _ in motions:
@@ -101,7 +104,8 @@ def apply_animatediff(node: str, model: DiffusionModel, motions: list[tuple[Moti
     for motion, effect in motions:
         out = out.with_unet_patches(motion_patches(motion.module, unet.num_res_blocks, effect))
     if motions:
-        out = out.with_guidance_hooks(motion_guidance())
+        first = motions[0][0].module.config.version
+        out = out.with_guidance_hooks(motion_guidance(first == "v1" or (first == "v2" and not v2_properly)))
     if sampling is not None:
         out = out.with_model_sampling(sampling)
     if context_options is not None:
@@ -175,7 +179,8 @@ class ADE_AnimateDiffLoaderWithContext(_MotionFileNode):
         if motion_scale != 1.0:
             raise ValueError(f"{node}: motion_scale {motion_scale} is not supported (only 1.0)")
         motion = load_motion_model(context.env, model_name)
-        return (apply_animatediff(node, model, [(motion, 1.0)], context_options, beta_schedule),)
+        return (apply_animatediff(node, model, [(motion, 1.0)], context_options, beta_schedule,
+                                  apply_v2_models_properly),)
 
 
 class ADE_LoadAnimateDiffModel(_MotionFileNode):

@@ -21,6 +21,7 @@ from .unet_blocks import (
     SpatialTransformer,
     TimestepEmbedSequential,
     Upsample,
+    norm_first,
     timestep_embedding,
 )
 
@@ -309,7 +310,7 @@ class UNetModel(nn.Module):
             h = torch.cat([h, skip], dim=1)
             size = tuple(skips[-1].shape[-2:]) if skips else None
             h = block(h, emb, context, size, patches=patches, site=site("output", i))
-        return self.out(h)
+        return norm_first(self.out, h)
 
     def _check_inputs(self, x: Tensor, context: Tensor, y: Tensor | None) -> None:
         c = self.config

@@ -18,6 +18,7 @@ from contextvars import ContextVar
 from torch import Tensor
 
 from ..models.motion_module import MotionModuleSet
+from ..models.unet_blocks import clip_group_norm
 from ..sampling.guidance import GuidanceHooks
 from ..sampling.model_sampling import ModelSampling
 from ..sampling.schedules import DiscreteSchedule
@@ -39,6 +40,12 @@ def video_frames(frames: int) -> Iterator[None]:
 def frames_wrapper(x: Tensor, sigma: Tensor, inner: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
     """Guidance wrapper: the latent batch the guider evaluates is one clip."""
     with video_frames(x.shape[0]):
+        return inner(x, sigma)
+
+
+def clip_norm_frames_wrapper(x: Tensor, sigma: Tensor, inner: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """`frames_wrapper`, and the UNet's ResBlocks normalise the clip's frames together (AnimateDiff v1)."""
+    with video_frames(x.shape[0]), clip_group_norm(x.shape[0]):
         return inner(x, sigma)
 
 
@@ -87,9 +94,10 @@ def motion_patches(motion: MotionModuleSet, num_res_blocks: int, scale: float = 
     return UNetPatches(block_features=(hook,))
 
 
-def motion_guidance() -> GuidanceHooks:
-    """The guidance hooks a motion-patched MODEL adds: the frame count of each evaluation."""
-    return GuidanceHooks(wrap=[frames_wrapper])
+def motion_guidance(clip_norm: bool = False) -> GuidanceHooks:
+    """The guidance hooks a motion-patched MODEL adds: the frame count of each evaluation; with `clip_norm` (v1
+    modules, whose UNet was not "inflated" per frame) ResBlock norms span the clip's frames."""
+    return GuidanceHooks(wrap=[clip_norm_frames_wrapper if clip_norm else frames_wrapper])
 
 
 

@@ -18,7 +18,8 @@ from diffusion.checkpoints.motion_files import (
     tiny_motion_config,
     write_motion_file,
 )
-from diffusion.models.unet import UNetConfig, UNetModel
+from diffusion.models.unet import UNetConfig, UNetModel, sdxl_adm
+from diffusion.models.unet_blocks import clip_group_norm, norm_first
 from diffusion.patches.motion_patch import check_fits, motion_patches, video_frames
 from tests.diffusion.random_weights import randomize_, relative_error
 from tests.diffusion.test_unet import diffusers_config
@@ -190,8 +191,6 @@ XL = UNetConfig(model_channels=32, channel_mult=(1, 2, 3), transformer_depth=(0,
 
 @torch.no_grad()
 def test_sdxl_beta_layout_matches_diffusers() -> None:
-    from diffusion.models.unet import sdxl_adm
-
     ours = randomize_(UNetModel(XL), 4).eval().requires_grad_(False)
     dcfg = diffusers_config(XL)
     unet2d = UNet2DConditionModel(**dcfg).eval()
@@ -220,3 +219,32 @@ def test_sdxl_beta_layout_matches_diffusers() -> None:
     reference = theirs(x.permute(1, 0, 2, 3)[None], t, context, added_cond_kwargs=added).sample[0]
     out = ours(x, t.expand(frames), context, y.expand(frames, -1), patches=motion_patches(motion, XL.num_res_blocks))
     assert relative_error(out, reference.permute(1, 0, 2, 3)) < 1e-4
+
+
+@torch.no_grad()
+def test_v1_clip_group_norm_spans_the_frames_as_v1s_unet_did() -> None:
+    gen = torch.Generator().manual_seed(11)
+    norm = nn.GroupNorm(8, 32)
+    norm.weight.copy_(1 + 0.2 * torch.randn(32, generator=gen))
+    norm.bias.copy_(0.1 * torch.randn(32, generator=gen))
+    layers = nn.Sequential(norm, nn.SiLU())
+    x = torch.randn(2 * 4, 32, 5, 5, generator=gen)  # two clips of 4 frames
+    with clip_group_norm(4):
+        out = norm_first(layers, x)
+    # v1's ResBlocks applied nn.GroupNorm to [B, C, F, H, W]
+    clips = x.reshape(2, 4, 32, 5, 5).transpose(1, 2)
+    reference = F.silu(norm(clips)).transpose(1, 2).reshape(x.shape)
+    assert torch.allclose(out, reference, atol=1e-5)
+    assert torch.allclose(norm_first(layers, x), layers(x))  # outside the block: per frame
+
+    ours, _, motion, _ = _pair("v1")
+    t = torch.full((4,), 301.0)
+    ctx = torch.zeros(4, 5, 32)
+    frames = torch.randn(4, 4, 8, 8, generator=gen)
+    moved = frames.clone()
+    moved[3] += 1.0
+    still = motion_patches(motion, UNET.num_res_blocks, scale=0.0)  # no temporal attention: only the norms couple
+    with clip_group_norm(4):
+        a, b = ours(frames, t, ctx, patches=still), ours(moved, t, ctx, patches=still)
+    assert not torch.allclose(a[0], b[0], atol=1e-4)
+    assert torch.allclose(ours(frames, t, ctx, patches=still)[0], ours(moved, t, ctx, patches=still)[0], atol=1e-5)

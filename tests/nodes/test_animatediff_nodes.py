@@ -6,10 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion.checkpoints.motion_files import random_motion_state_dict, tiny_motion_config, write_motion_file
+from diffusion.checkpoints.motion_files import (
+    build_motion_modules,
+    random_motion_state_dict,
+    tiny_motion_config,
+    write_motion_file,
+)
 from diffusion.patches.unet_patches import UNetPatches
 from graph.validation import validate_prompt
-from nodes.animatediff import ADE_StandardStaticContextOptions, ADE_StandardUniformContextOptions, ContextChoice
+from nodes.animatediff import (
+    ADE_StandardStaticContextOptions,
+    ADE_StandardUniformContextOptions,
+    ContextChoice,
+    MotionModel,
+    apply_animatediff,
+)
 from nodes.sampling import KSampler
 from tests.nodes.test_sd_nodes import txt2img
 
@@ -137,3 +148,21 @@ def test_declared_interfaces(motion_engine):
     assert uniform["category"] == "Animate Diff 🎭🅐🅓/context opts"
     assert info["ADE_LoadAnimateDiffModel"]["output"] == ["MOTION_MODEL_ADE"]
     assert info["ADE_UseEvolvedSampling"]["display_name"] == "Use Evolved Sampling 🎭🅐🅓②"
+
+
+def test_v1_modules_normalise_resblocks_over_the_clip(motion_engine):
+    prompt = txt2img(size=32, steps=2, batch=FRAMES)
+    base = motion_engine.outputs(prompt, "4")[0][0]
+    positive = motion_engine.outputs(prompt, "6")[0][0]
+    negative = motion_engine.outputs(prompt, "7")[0][0]
+    plain = KSampler().execute(base, 1, 2, 5.0, "euler", "normal", positive, negative,
+                               {"samples": torch.zeros(FRAMES, 4, 4, 4)}, 1.0)[0]["samples"]
+    results = {}
+    for version in ("v1", "v2"):
+        sd = random_motion_state_dict(tiny_motion_config(version, TINY_SD1_WIDTHS))
+        motion = MotionModel(version, build_motion_modules(sd))
+        model = apply_animatediff("test", base, [(motion, 0.0)], None, "use existing")  # effect 0: no attention
+        results[version] = KSampler().execute(model, 1, 2, 5.0, "euler", "normal", positive, negative,
+                                              {"samples": torch.zeros(FRAMES, 4, 4, 4)}, 1.0)[0]["samples"]
+    torch.testing.assert_close(results["v2"], plain, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(results["v1"], plain, atol=1e-3)
