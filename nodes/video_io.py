@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -106,10 +106,13 @@ def _reason(exc: BaseException) -> str:
     return str(getattr(exc, "strerror", None) or exc).split(": '")[0]
 
 
-def probe(source: Path | bytes, name: str, max_frames: int = DEFAULT_MAX_FRAMES) -> VideoInfo:
+def probe(source: Path | bytes, name: str, max_frames: int = DEFAULT_MAX_FRAMES,
+          check: Callable[[VideoInfo], None] | None = None) -> VideoInfo:
     """The file's VideoInfo from its headers and its packets, decoding nothing. A file with no video stream, or
-    whose packets stop before its headers' frame count (cut short), is a ValueError naming it. Packets are counted
-    up to one past max(the headers' count, `max_frames`), so a file of endless packets costs no more."""
+    whose packets stop before its headers' frame count (cut short), is a ValueError naming it. `check` sees the
+    headers' VideoInfo before any packet is read (so a claimed billion frames is refused as such, unread), then the
+    counted one. Packets are counted up to one past `max_frames` or the headers' count, whichever is larger: a file
+    of endless packets costs no more."""
     av = require_av()
     container = _open(source, name)
     try:
@@ -122,6 +125,9 @@ def probe(source: Path | bytes, name: str, max_frames: int = DEFAULT_MAX_FRAMES)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = Fraction(rate) if rate else Fraction(0)
         header_frames = int(stream.frames or 0)
+        codec, kind, has_audio = stream.codec_context.name, container.format.name, bool(container.streams.audio)
+        if check is not None and header_frames:
+            check(VideoInfo(width, height, header_frames, fps, codec, kind, has_audio))
         bound = max(header_frames, max_frames) + 1
         packets = 0
         try:
@@ -135,8 +141,10 @@ def probe(source: Path | bytes, name: str, max_frames: int = DEFAULT_MAX_FRAMES)
         if header_frames and packets < header_frames:
             raise ValueError(f"{name!r} is truncated: its headers announce {header_frames} frames, the file holds "
                              f"{packets}")
-        return VideoInfo(width, height, max(header_frames, packets), fps, stream.codec_context.name,
-                         container.format.name, bool(container.streams.audio))
+        info = VideoInfo(width, height, max(header_frames, packets), fps, codec, kind, has_audio)
+        if check is not None:
+            check(info)
+        return info
     finally:
         container.close()
 
@@ -154,10 +162,11 @@ def check_video(source: Path | bytes, name: str, max_pixels: int = DEFAULT_MAX_P
                 max_frames: int = DEFAULT_MAX_FRAMES, **selection: Any) -> VideoInfo:
     """probe, then ImageLimitError when the frames a load keeps (all of them, or those of `selection`: the
     keyword arguments of selected_count) hold more pixels or frames than the limits allow."""
-    info = probe(source, name, max_frames)
-    check_clip(name, selected_count(info.frames, info.fps, **selection), info.width, info.height, max_pixels,
-               max_frames)
-    return info
+    def within_limits(info: VideoInfo) -> None:
+        check_clip(name, selected_count(info.frames, info.fps, **selection), info.width, info.height, max_pixels,
+                   max_frames)
+
+    return probe(source, name, max_frames, within_limits)
 
 
 def _frames_with_times(container: Any, stream: Any, name: str) -> Iterator[tuple[np.ndarray, float]]:

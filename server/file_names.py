@@ -30,6 +30,7 @@ WORKFLOW_NAME_PATTERN = r'(?!.*\.\.)[^\x00-\x1f\x7f-\x9f/\\<>:"|?*. \-][^\x00-\x
 SERVED_TYPES = {
     ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".gif": "image/gif",
     ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff", ".mp4": "video/mp4", ".webm": "video/webm",
+    ".m4v": "video/mp4", ".mov": "video/quicktime", ".mkv": "video/x-matroska", ".avi": "video/x-msvideo",
     ".json": "application/json",
 }
 

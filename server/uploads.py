@@ -28,6 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from nodes.image_io import IMAGE_EXTENSIONS
 from nodes.image_limits import ImageLimitError, check_frames
+from nodes.video_io import VIDEO_EXTENSIONS, VideoUnavailableError, check_video
 from server.file_names import MAX_NAME_BYTES, check_file_name, check_subfolder, resolve
 from server.state import STATE, ApiError, ServerConfig, ServerState
 
@@ -64,6 +65,20 @@ def open_checked(data: bytes | Path, name: str, config: ServerConfig, all_frames
         image.close()
         raise ApiError(400, "invalid_image", f"image {name!r} could not be decoded") from None
     return image
+
+
+def check_video_upload(data: bytes, name: str, config: ServerConfig) -> None:
+    """A video (ComfyUI's front end uploads LoadVideo's files here too) is checked as LoadVideo will read it, from
+    its headers and packets, nothing decoded: 413 over the pixel or frame limits (all its frames), 400 when it is
+    no video or is cut short, 501 without PyAV."""
+    try:
+        check_video(data, name, config.max_image_pixels, config.max_image_frames)
+    except VideoUnavailableError as exc:
+        raise ApiError(501, "video_unavailable", str(exc)) from None
+    except ImageLimitError as exc:
+        raise ApiError(413, "image_too_large", str(exc), limit=exc.limit) from None
+    except ValueError as exc:
+        raise ApiError(400, "invalid_video", str(exc)) from None
 
 
 # the form ------------------------------------------------------------------------------------------
@@ -207,7 +222,11 @@ def store_upload(state: ServerState, fields: dict[str, Any], mask: bool) -> dict
     path = resolve(state, kind, subfolder, filename)
     if path.is_dir():
         raise ApiError(400, "invalid_filename", f"{filename!r} is a folder")
-    image = open_checked(data, filename, state.config)
+    if not mask and Path(filename).suffix.lower() in VIDEO_EXTENSIONS:
+        check_video_upload(data, filename, state.config)
+        image = None
+    else:
+        image = open_checked(data, filename, state.config)
     overwrite = _text(fields, "overwrite").lower() in ("true", "1")
     if mask:
         composed, info = _apply_mask(state, fields, image)
