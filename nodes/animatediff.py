@@ -5,7 +5,8 @@ AnimateDiff Model -> Use Evolved Sampling; the legacy loader with context).
 A motion module file (`models/animatediff_models`) is read once per version; applying it gives a clone of the MODEL
 whose UNet calls run the modules (diffusion/patches/motion_patch.py) and whose guider sees the latent batch as the
 frames of one clip, window by window with context options (diffusion/sampling/context_windows.py). The input
-MODEL is unchanged. Inputs of the pack that we do not implement (motion LoRAs, AD settings and keyframes, sample
+MODEL is unchanged. Motion LoRAs (`models/animatediff_motion_lora`) change the modules' weights for that clone
+only. Inputs of the pack that we do not implement (AD settings and keyframes, sample
 settings, per-block values, view options, chained context options) are refused by name when connected.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from diffusion.checkpoints.motion_files import load_motion_file
+from diffusion.checkpoints.motion_files import load_motion_file, motion_lora_deltas, read_motion_lora
 from diffusion.handles import DiffusionModel
 from diffusion.models.motion_module import MotionModuleSet
 from diffusion.patches.motion_patch import (
@@ -32,6 +33,7 @@ from nodes.environment import Environment
 from nodes.loaders import _file_key, _ModelFileNode, _models
 
 FOLDER = "animatediff_models"
+LORA_FOLDER = "animatediff_motion_lora"
 GEN1 = "Animate Diff 🎭🅐🅓/① Gen1 nodes ①"
 GEN2 = "Animate Diff 🎭🅐🅓/② Gen2 nodes ②"
 CONTEXT = "Animate Diff 🎭🅐🅓/context opts"
@@ -52,6 +54,15 @@ class MotionModel:
 
 
 @dataclass(frozen=True)
+class MotionLora:
+    """One entry of MOTION_LORA (a tuple of them, in the order chained): a motion LoRA file's tensors."""
+
+    name: str
+    strength: float
+    tensors: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class ContextChoice:
     """CONTEXT_OPTIONS: the windows and the sampling progress from which they apply."""
 
@@ -69,6 +80,25 @@ def load_motion_model(env: Environment, name: str) -> MotionModel:
     return env.model_cache.load(("animatediff", *_file_key(path)), load)
 
 
+def load_motion_lora_file(env: Environment, name: str) -> dict[str, Any]:
+    path = env.find_model(LORA_FOLDER, name)
+
+    def load() -> dict[str, Any]:
+        with env.naming_files():
+            return read_motion_lora(path)
+
+    return env.model_cache.load(("animatediff_lora", *_file_key(path)), load)
+
+
+def _lora_deltas(motion: MotionModel, loras: tuple[MotionLora, ...]) -> dict[str, Any] | None:
+    """The summed weight changes of `loras` on `motion`'s modules."""
+    total: dict[str, Any] = {}
+    for lora in loras:
+        for key, delta in motion_lora_deltas(lora.tensors, motion.module.config, lora.name, lora.strength).items():
+            total[key] = total[key] + delta if key in total else delta
+    return total or None
+
+
 def _refuse(node: str, **inputs: Any) -> None:
     for name, value in inputs.items():
         if value is not None:
@@ -84,7 +114,8 @@ def _effect(node: str, name: str, value: Any) -> float:
     raise ValueError(f"{node}: {name} must be a single number here (masks and per-frame multivals are not supported)")
 
 
-def apply_animatediff(node: str, model: DiffusionModel, motions: list[tuple[MotionModel, float]],
+def apply_animatediff(node: str, model: DiffusionModel,
+                      motions: list[tuple[MotionModel, float, tuple[MotionLora, ...]]],
                       context_options: ContextChoice | None, beta_schedule: str,
                       v2_properly: bool = True) -> DiffusionModel:
     """A clone of `model` running `motions` (each with its effect), windowed by `context_options`, with the
@@ -93,16 +124,18 @@ def apply_animatediff(node: str, model: DiffusionModel, motions: list[tuple[Moti
     name the node."""
     unet = model.family.unet
     try:
-        for motion, _ in motions:
+        deltas = []
+        for motion, _, loras in motions:
+            deltas.append(_lora_deltas(motion, loras))
             check_fits(motion.module, unet.model_channels, unet.channel_mult, unet.num_res_blocks,
                        model.family.title, motion.name)
-        sampling = beta_schedule_sampling(beta_schedule, [m.module.config.version for m, _ in motions],
+        sampling = beta_schedule_sampling(beta_schedule, [m.module.config.version for m, _, _ in motions],
                                           model.model_sampling)
     except ValueError as exc:
         raise ValueError(f"{node}: {exc}") from exc
     out = model.clone()
-    for motion, effect in motions:
-        out = out.with_unet_patches(motion_patches(motion.module, unet.num_res_blocks, effect))
+    for (motion, effect, _), delta in zip(motions, deltas, strict=True):
+        out = out.with_unet_patches(motion_patches(motion.module, unet.num_res_blocks, effect, delta))
     if motions:
         first = motions[0][0].module.config.version
         out = out.with_guidance_hooks(motion_guidance(first == "v1" or (first == "v2" and not v2_properly)))
@@ -144,13 +177,14 @@ class ADE_AnimateDiffLoaderGen1(_MotionFileNode):
                 ad_keyframes=None, sample_settings=None, scale_multival=None, effect_multival=None, per_block=None,
                 context=None):
         node = type(self).__name__
-        _refuse(node, motion_lora=motion_lora, ad_settings=ad_settings, ad_keyframes=ad_keyframes,
-                sample_settings=sample_settings, per_block=per_block)
+        _refuse(node, ad_settings=ad_settings, ad_keyframes=ad_keyframes, sample_settings=sample_settings,
+                per_block=per_block)
         if _effect(node, "scale_multival", scale_multival) != 1.0:
             raise ValueError(f"{node}: scale_multival other than 1.0 is not supported (use effect_multival)")
         motion = load_motion_model(context.env, model_name)
         effect = _effect(node, "effect_multival", effect_multival)
-        return (apply_animatediff(node, model, [(motion, effect)], context_options, beta_schedule),)
+        return (apply_animatediff(node, model, [(motion, effect, tuple(motion_lora or ()))], context_options,
+                                  beta_schedule),)
 
 
 class ADE_AnimateDiffLoaderWithContext(_MotionFileNode):
@@ -174,13 +208,12 @@ class ADE_AnimateDiffLoaderWithContext(_MotionFileNode):
                 sample_settings=None, motion_scale=1.0, apply_v2_models_properly=True, ad_keyframes=None,
                 deprecation_warning=None, context=None):
         node = type(self).__name__
-        _refuse(node, motion_lora=motion_lora, ad_settings=ad_settings, sample_settings=sample_settings,
-                ad_keyframes=ad_keyframes)
+        _refuse(node, ad_settings=ad_settings, sample_settings=sample_settings, ad_keyframes=ad_keyframes)
         if motion_scale != 1.0:
             raise ValueError(f"{node}: motion_scale {motion_scale} is not supported (only 1.0)")
         motion = load_motion_model(context.env, model_name)
-        return (apply_animatediff(node, model, [(motion, 1.0)], context_options, beta_schedule,
-                                  apply_v2_models_properly),)
+        motions = [(motion, 1.0, tuple(motion_lora or ()))]
+        return (apply_animatediff(node, model, motions, context_options, beta_schedule, apply_v2_models_properly),)
 
 
 class ADE_LoadAnimateDiffModel(_MotionFileNode):
@@ -208,10 +241,10 @@ class ADE_ApplyAnimateDiffModelSimple(Node):
     def execute(self, motion_model, motion_lora=None, scale_multival=None, effect_multival=None, ad_keyframes=None,
                 per_block=None):
         node = type(self).__name__
-        _refuse(node, motion_lora=motion_lora, ad_keyframes=ad_keyframes, per_block=per_block)
+        _refuse(node, ad_keyframes=ad_keyframes, per_block=per_block)
         if _effect(node, "scale_multival", scale_multival) != 1.0:
             raise ValueError(f"{node}: scale_multival other than 1.0 is not supported (use effect_multival)")
-        return ([(motion_model, _effect(node, "effect_multival", effect_multival))],)
+        return ([(motion_model, _effect(node, "effect_multival", effect_multival), tuple(motion_lora or ()))],)
 
 
 class ADE_UseEvolvedSampling(Node):
@@ -227,6 +260,21 @@ class ADE_UseEvolvedSampling(Node):
         node = type(self).__name__
         _refuse(node, sample_settings=sample_settings)
         return (apply_animatediff(node, model, list(m_models or []), context_options, beta_schedule),)
+
+
+class ADE_AnimateDiffLoRALoader(_ModelFileNode):
+    display_name = "Load AnimateDiff LoRA 🎭🅐🅓"
+    category = "Animate Diff 🎭🅐🅓"
+    description = "A motion LoRA (e.g. a camera move) for the motion module it is given to; LoRAs chain."
+    hidden = ("context",)
+    model_kind, name_input = LORA_FOLDER, "name"
+    inputs = [Combo("name", _models(LORA_FOLDER)), Float("strength", default=1.0, min=0.0, max=10.0, step=0.001),
+              Socket("prev_motion_lora", "MOTION_LORA", optional=True)]
+    outputs = [Output("MOTION_LORA")]
+
+    def execute(self, name, strength, prev_motion_lora=None, context=None):
+        lora = MotionLora(name, float(strength), load_motion_lora_file(context.env, name))
+        return ((*tuple(prev_motion_lora or ()), lora),)
 
 
 def _context_inputs(stride: bool, fuse_list: list[str]) -> list:
@@ -281,5 +329,6 @@ class ADE_StandardStaticContextOptions(Node):
 
 
 NODE_CLASSES = [ADE_AnimateDiffLoaderGen1, ADE_AnimateDiffLoaderWithContext, ADE_LoadAnimateDiffModel,
+                ADE_AnimateDiffLoRALoader,
                 ADE_ApplyAnimateDiffModelSimple, ADE_UseEvolvedSampling, ADE_StandardUniformContextOptions,
                 ADE_StandardStaticContextOptions]

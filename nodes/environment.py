@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 MODEL_FOLDERS = ("checkpoints", "vae", "loras", "embeddings", "text_encoders", "diffusion_models",
                  "upscale_models", "vae_approx", "configs", "unet", "clip", "controlnet", "clip_vision",
-                 "style_models", "gligen", "hypernetworks", "ipadapter", "animatediff_models")
+                 "style_models", "gligen", "hypernetworks", "ipadapter", "animatediff_models",
+                 "animatediff_motion_lora")
 # ComfyUI's older folder names, still searched after the new ones (its diffusion_models and text_encoders).
 LEGACY_MODEL_FOLDERS = {"diffusion_models": "unet", "text_encoders": "clip"}
 

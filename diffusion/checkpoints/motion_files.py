@@ -177,3 +177,55 @@ def write_motion_file(path: str | os.PathLike, sd: Mapping[str, Tensor], layout:
     named = dict(sd) if layout == "original" else original_to_diffusers(sd)
     named = {k: v.contiguous() for k, v in named.items()}
     write_safetensors(path, {k: (v.dtype, tuple(v.shape)) for k, v in named.items()}, named.__getitem__)
+
+
+_LORA_MODULE = r"(?:down_blocks|up_blocks)\.\d+\.motion_modules\.\d+|mid_block\.motion_modules\.\d+"
+_LORA_KEY = re.compile(rf"^(?P<module>{_LORA_MODULE})"
+                       r"\.(?P<inner>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.down\.weight$")
+
+
+def motion_lora_deltas(sd: Mapping[str, Tensor], config: MotionConfig, name: str = "motion LoRA",
+                       strength: float = 1.0) -> dict[str, Tensor]:
+    """The weight changes (`strength` * up @ down) a motion LoRA makes, by motion module key.
+
+    Motion LoRAs (AnimateDiff v2's camera moves and the like) hold low-rank pairs on the temporal attentions'
+    projections, named `<module>.<attention>.processor.to_q_lora.down.weight` / `...up.weight` (diffusers' LoRA
+    attention processors); `to_out_lora` is the module's `to_out.0`. Pairs on the middle block are skipped for a
+    module set without one (a v2 LoRA on a v3 module)."""
+    deltas: dict[str, Tensor] = {}
+    for key, down in sd.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            continue
+        if m.group("module").startswith("mid_block") and not config.mid:
+            continue
+        up = sd.get(key.replace(".down.weight", ".up.weight"))
+        if up is None:
+            raise CheckpointError(f"{name}: {key} has no matching up weight")
+        proj = "to_out.0" if m.group("proj") == "to_out" else m.group("proj")
+        target = f"{m.group('module')}.{m.group('inner')}.{proj}.weight"
+        deltas[target] = strength * (up.float() @ down.float())
+    if not deltas:
+        raise CheckpointError(f"{name} is not a motion LoRA: no '...processor.to_q_lora.down.weight' keys on motion "
+                              f"modules")
+    return deltas
+
+
+def read_motion_lora(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A motion LoRA's tensors, through the safe readers (a `.ckpt` runs no pickled code)."""
+    return _strip_wrappers(read_state_dict(path))
+
+
+def random_motion_lora(config: MotionConfig, rank: int = 2, seed: int = 0) -> dict[str, Tensor]:
+    """A seeded random motion LoRA on every temporal attention projection of `config` (for tests)."""
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, Tensor] = {}
+    for key, value in MotionModuleSet(config).state_dict().items():
+        m = re.match(r"^(.+)\.(to_q|to_k|to_v|to_out\.0)\.weight$", key)
+        if m is None or ".attention_blocks." not in key:
+            continue
+        proj = "to_out" if m.group(2) == "to_out.0" else m.group(2)
+        base = f"{m.group(1)}.processor.{proj}_lora"
+        sd[f"{base}.down.weight"] = torch.randn(rank, value.shape[1], generator=gen) / value.shape[1] ** 0.5
+        sd[f"{base}.up.weight"] = torch.randn(value.shape[0], rank, generator=gen) / rank**0.5
+    return sd

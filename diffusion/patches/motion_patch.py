@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
+import torch
 from torch import Tensor
 
 from ..models.motion_module import MotionModuleSet
@@ -74,10 +75,23 @@ def _locate(site: Site, levels: int, num_res_blocks: int) -> tuple[str, int, int
     return "up", level, j
 
 
-def motion_patches(motion: MotionModuleSet, num_res_blocks: int, scale: float = 1.0) -> UNetPatches:
+def _module_prefix(side: str, level: int, index: int) -> str:
+    if side == "mid":
+        return "mid_block.motion_modules.0."
+    return f"{side}_blocks.{level}.motion_modules.{index}."
+
+
+def motion_patches(motion: MotionModuleSet, num_res_blocks: int, scale: float = 1.0,
+                   deltas: dict[str, Tensor] | None = None) -> UNetPatches:
     """The UNet patches running `motion` (weights on the device and dtype of the features when first used).
-    `scale` multiplies what each module adds to its input (1: as trained, 0: no motion)."""
+    `scale` multiplies what each module adds to its input (1: as trained, 0: no motion). `deltas` (motion
+    LoRAs: weight changes by module key) are added to the weights for these calls only, through
+    `functional_call`: the shared module set is not changed."""
     levels = len(motion.config.channels)
+    by_module: dict[str, dict[str, Tensor]] = {}
+    for key, delta in (deltas or {}).items():
+        head, _, rest = key.partition(".temporal_transformer.")
+        by_module.setdefault(head + ".", {})["temporal_transformer." + rest] = delta
 
     def hook(h: Tensor, site: Site) -> Tensor:
         where = _locate(site, levels, num_res_blocks)
@@ -88,7 +102,12 @@ def motion_patches(motion: MotionModuleSet, num_res_blocks: int, scale: float = 
         if param.device != h.device or param.dtype != h.dtype:
             motion.to(h.device, h.dtype)
         frames = _FRAMES.get() or h.shape[0]
-        out = module(h, frames)
+        changes = by_module.get(_module_prefix(*where))
+        if changes:
+            weights = {k: module.get_parameter(k) + d.to(h.device, h.dtype) for k, d in changes.items()}
+            out = torch.func.functional_call(module, weights, (h, frames))
+        else:
+            out = module(h, frames)
         return out if scale == 1.0 else h + (out - h) * scale
 
     return UNetPatches(block_features=(hook,))

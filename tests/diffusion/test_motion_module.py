@@ -13,8 +13,11 @@ from diffusion.checkpoints.files import CheckpointError
 from diffusion.checkpoints.motion_files import (
     build_motion_modules,
     load_motion_file,
+    motion_lora_deltas,
     original_to_diffusers,
+    random_motion_lora,
     random_motion_state_dict,
+    read_motion_lora,
     tiny_motion_config,
     write_motion_file,
 )
@@ -248,3 +251,26 @@ def test_v1_clip_group_norm_spans_the_frames_as_v1s_unet_did() -> None:
         a, b = ours(frames, t, ctx, patches=still), ours(moved, t, ctx, patches=still)
     assert not torch.allclose(a[0], b[0], atol=1e-4)
     assert torch.allclose(ours(frames, t, ctx, patches=still)[0], ours(moved, t, ctx, patches=still)[0], atol=1e-5)
+
+
+@torch.no_grad()
+def test_motion_lora_equals_merged_weights_and_leaves_the_module_unchanged(tmp_path) -> None:
+    ours, _, motion, sd = _pair("v3")
+    lora = random_motion_lora(tiny_motion_config("v2", WIDTHS), seed=3)  # a v2 LoRA: its mid-block pairs are skipped
+    path = tmp_path / "v2_lora_PanLeft.ckpt"
+    torch.save(lora, path)
+    deltas = motion_lora_deltas(read_motion_lora(path), motion.config, path.name, strength=0.7)
+    assert not any(k.startswith("mid_block") for k in deltas) and len(deltas) == 4 * 2 * (3 * 2 + 3 * 3)
+    merged = build_motion_modules({k: v + deltas.get(k, 0) for k, v in sd.items()})
+    x, context = _inputs()
+    t = torch.full((FRAMES,), 401.0)
+    ctx = context.expand(FRAMES, -1, -1)
+    before = {k: v.clone() for k, v in motion.state_dict().items()}
+    out = ours(x, t, ctx, patches=motion_patches(motion, UNET.num_res_blocks, deltas=deltas))
+    reference = ours(x, t, ctx, patches=motion_patches(merged, UNET.num_res_blocks))
+    plain = ours(x, t, ctx, patches=motion_patches(motion, UNET.num_res_blocks))
+    assert relative_error(out, reference) < 1e-5
+    assert relative_error(out, plain) > 1e-3
+    assert all(torch.equal(v, before[k]) for k, v in motion.state_dict().items())
+    with pytest.raises(CheckpointError, match=r"mm\.safetensors is not a motion LoRA"):
+        motion_lora_deltas(sd, motion.config, "mm.safetensors")

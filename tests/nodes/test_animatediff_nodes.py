@@ -8,6 +8,7 @@ import torch
 
 from diffusion.checkpoints.motion_files import (
     build_motion_modules,
+    random_motion_lora,
     random_motion_state_dict,
     tiny_motion_config,
     write_motion_file,
@@ -33,6 +34,9 @@ def motion_engine(engine):
     folder = engine.env.models_dir / "animatediff_models"
     folder.mkdir(parents=True, exist_ok=True)
     write_motion_file(folder / "mm_v2.safetensors", random_motion_state_dict(tiny_motion_config("v2", TINY_SD1_WIDTHS)))
+    loras = engine.env.models_dir / "animatediff_motion_lora"
+    loras.mkdir(parents=True, exist_ok=True)
+    torch.save(random_motion_lora(tiny_motion_config("v2", TINY_SD1_WIDTHS), seed=4), loras / "v2_lora_PanLeft.ckpt")
     write_motion_file(folder / "mm_xl.safetensors",
                       random_motion_state_dict(tiny_motion_config("sdxl_beta", (16, 32, 48))))
     return engine
@@ -161,8 +165,28 @@ def test_v1_modules_normalise_resblocks_over_the_clip(motion_engine):
     for version in ("v1", "v2"):
         sd = random_motion_state_dict(tiny_motion_config(version, TINY_SD1_WIDTHS))
         motion = MotionModel(version, build_motion_modules(sd))
-        model = apply_animatediff("test", base, [(motion, 0.0)], None, "use existing")  # effect 0: no attention
+        model = apply_animatediff("test", base, [(motion, 0.0, ())], None, "use existing")  # effect 0: no attention
         results[version] = KSampler().execute(model, 1, 2, 5.0, "euler", "normal", positive, negative,
                                               {"samples": torch.zeros(FRAMES, 4, 4, 4)}, 1.0)[0]["samples"]
     torch.testing.assert_close(results["v2"], plain, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(results["v1"], plain, atol=1e-3)
+
+
+def test_motion_lora_loader_changes_the_clip_in_both_generations(motion_engine):
+    plain = samples(motion_engine, gen1(beta="use existing"))
+    lora = {"class_type": "ADE_AnimateDiffLoRALoader", "inputs": {"name": "v2_lora_PanLeft.ckpt", "strength": 0.8}}
+    one = gen1(beta="use existing")
+    one["40"] = lora
+    one["20"]["inputs"]["motion_lora"] = ["40", 0]
+    two = gen2(beta="use existing")
+    two["40"] = lora
+    two["31"]["inputs"]["motion_lora"] = ["40", 0]
+    with_lora = samples(motion_engine, one)
+    assert not torch.allclose(with_lora, plain, atol=1e-4)
+    torch.testing.assert_close(samples(motion_engine, two), with_lora, rtol=1e-5, atol=1e-5)
+    chained = gen1(beta="use existing")
+    chained["40"] = lora
+    chained["41"] = {"class_type": "ADE_AnimateDiffLoRALoader",
+                     "inputs": {"name": "v2_lora_PanLeft.ckpt", "strength": 0.0, "prev_motion_lora": ["40", 0]}}
+    chained["20"]["inputs"]["motion_lora"] = ["41", 0]
+    torch.testing.assert_close(samples(motion_engine, chained), with_lora, rtol=1e-5, atol=1e-5)

@@ -65,6 +65,7 @@ OURS_ONLY = frozenset({
     "DeepCache",  # the ComfyUI-deepcache node pack's interface (checked in tests/nodes/test_acceleration.py)
     # the AnimateDiff-Evolved node pack's basic nodes (checked in tests/nodes/test_animatediff_nodes.py)
     "ADE_AnimateDiffLoaderGen1", "ADE_AnimateDiffLoaderWithContext", "ADE_ApplyAnimateDiffModelSimple",
+    "ADE_AnimateDiffLoRALoader",
     "ADE_LoadAnimateDiffModel", "ADE_StandardStaticContextOptions", "ADE_StandardUniformContextOptions",
     "ADE_UseEvolvedSampling",
     "LoadVideoFrames",  # part of a video (frame rate, range, cap) as frames (checked in tests/nodes/test_video_nodes.py)
