@@ -19,10 +19,13 @@ so seams fade; `flat` weights all frames alike.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -109,6 +112,31 @@ def fuse_weights(length: int, method: str) -> Tensor:
     raise ValueError(f"unknown fuse method {method!r}; supported: {', '.join(FUSE_METHODS)}")
 
 
+_WINDOW: ContextVar[tuple[list[int], int] | None] = ContextVar("latentloom_context_window", default=None)
+
+
+@contextlib.contextmanager
+def active_window(indices: list[int], frames: int) -> Iterator[None]:
+    """Within the block the guider evaluates frames `indices` of a `frames`-frame clip (`window_rows`)."""
+    token = _WINDOW.set((list(indices), int(frames)))
+    try:
+        yield
+    finally:
+        _WINDOW.reset(token)
+
+
+def window_rows(value: Any) -> Any:
+    """A per-frame tensor (batch == the clip's frame count: prompt travel's contexts and pooled outputs, per-frame
+    masks) cut to the frames of the window being evaluated; anything else unchanged."""
+    window = _WINDOW.get()
+    if window is None or not isinstance(value, Tensor) or value.ndim == 0:
+        return value
+    indices, frames = window
+    if value.shape[0] != frames or frames == len(indices):
+        return value
+    return value[torch.tensor(indices, device=value.device)]
+
+
 def blend_windows(x: Tensor, sigma: Tensor, inner: Callable[[Tensor, Tensor], Tensor],
                   windows: list[list[int]], fuse: str) -> Tensor:
     """inner(x[window], sigma[window]) for each window, blended per frame with `fuse` weights."""
@@ -118,7 +146,8 @@ def blend_windows(x: Tensor, sigma: Tensor, inner: Callable[[Tensor, Tensor], Te
     weight_sum = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
     for window in windows:
         index = torch.tensor(window, device=x.device)
-        out = inner(x[index], sigma.reshape(-1)[index] if per_frame else sigma)
+        with active_window(window, x.shape[0]):
+            out = inner(x[index], sigma.reshape(-1)[index] if per_frame else sigma)
         weights = fuse_weights(len(window), fuse).to(x.device, x.dtype)
         total.index_add_(0, index, out * weights.reshape(-1, *[1] * (x.ndim - 1)))
         weight_sum.index_add_(0, index, weights)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..patches.gligen_patch import grounding_patches
 from ..patches.unet_patches import batch_roles
+from .context_windows import window_rows
 from .model_sampling import ModelSampling
 
 Conditioning = list[tuple[Tensor, dict[str, Any]]]
@@ -149,6 +150,7 @@ class CFGGuider:
 
     def _resolve(self, slot: int, entry: tuple[Tensor, dict[str, Any]], x: Tensor, sigma: float) -> _Job | None:
         context, opts = entry
+        context, opts = window_rows(context), {k: window_rows(v) for k, v in opts.items()}  # per-frame entries
         if context.ndim != 3:
             raise ValueError(f"conditioning tensor must be [1, tokens, dim], got {tuple(context.shape)}")
         if "start_percent" in opts and sigma > self.model_sampling.percent_to_sigma(opts["start_percent"]):

@@ -109,3 +109,31 @@ def test_wrapper_counts_steps_and_restarts_with_a_new_run() -> None:
         wrapper(x, torch.tensor(sigma), inner)
         steps.append(wrapper._step)
     assert steps == [1, 1, 2, 0, 1]
+
+
+def test_per_frame_conditioning_is_cut_to_each_window() -> None:
+    ms = discrete_model_sampling("eps")
+
+    def denoiser(x, sigma, context=None, **_):
+        return x * 0.5 + context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+
+    gen = torch.Generator().manual_seed(0)
+    per_frame = torch.randn(6, 3, 4, generator=gen)  # prompt travel: one context per frame
+    mask = torch.rand(6, 3, 3, generator=gen)
+    pos = [(per_frame, {"mask": mask})]
+    neg = [(torch.zeros(1, 3, 4), {})]
+    options = ContextOptions(length=4, overlap=2, schedule="static")
+    guider = CFGGuider(denoiser, ms, pos, neg, 2.0, hooks=GuidanceHooks(wrap=[ContextWindowWrapper(options)]))
+    x = torch.randn(6, 2, 3, 3, generator=gen)
+    out = guider(x, torch.tensor(2.0))
+    parts = []
+    for window in ([0, 1, 2, 3], [2, 3, 4, 5]):
+        sliced = CFGGuider(denoiser, ms, [(per_frame[window], {"mask": mask[window]})], neg, 2.0)
+        parts.append(sliced(x[window], torch.tensor(2.0)))
+    weights = torch.tensor([1.0, 2.0, 2.0, 1.0]).reshape(-1, 1, 1, 1)
+    expected = torch.zeros_like(x)
+    total = torch.zeros(6, 1, 1, 1)
+    for window, part in zip(([0, 1, 2, 3], [2, 3, 4, 5]), parts, strict=True):
+        expected[window] += part * weights
+        total[window] += weights
+    assert torch.allclose(out, expected / total, atol=1e-5)
