@@ -12,6 +12,7 @@ from torch import nn
 from diffusion.checkpoints.files import CheckpointError
 from diffusion.checkpoints.motion_files import (
     build_motion_modules,
+    detect_motion_config,
     load_motion_file,
     motion_lora_deltas,
     original_to_diffusers,
@@ -21,6 +22,7 @@ from diffusion.checkpoints.motion_files import (
     tiny_motion_config,
     write_motion_file,
 )
+from diffusion.models.motion_module import MotionModuleSet
 from diffusion.models.unet import UNetConfig, UNetModel, sdxl_adm
 from diffusion.models.unet_blocks import clip_group_norm, norm_first
 from diffusion.patches.motion_patch import check_fits, motion_patches, video_frames
@@ -274,3 +276,20 @@ def test_motion_lora_equals_merged_weights_and_leaves_the_module_unchanged(tmp_p
     assert all(torch.equal(v, before[k]) for k, v in motion.state_dict().items())
     with pytest.raises(CheckpointError, match=r"mm\.safetensors is not a motion LoRA"):
         motion_lora_deltas(sd, motion.config, "mm.safetensors")
+
+
+@pytest.mark.parametrize("version", ["v1", "v2", "v3", "sdxl_beta"])
+def test_real_size_layouts_name_diffusers_keys_and_detect(version: str) -> None:
+    channels = (320, 640, 1280) if version == "sdxl_beta" else (320, 640, 1280, 1280)
+    config = tiny_motion_config(version, channels)
+    with torch.device("meta"):
+        ours = MotionModuleSet(config).state_dict()
+        adapter = MotionAdapter(block_out_channels=channels, motion_layers_per_block=2,
+                                motion_max_seq_length=config.max_len, use_motion_mid_block=config.mid).state_dict()
+    mapped = original_to_diffusers(ours)
+    assert set(mapped) == set(adapter)
+    assert all(tuple(mapped[k].shape) == tuple(adapter[k].shape) for k in adapter)
+    detected = detect_motion_config(ours, "real")
+    assert detected == config
+    # attention heads of 40, 80, 160 channels: 8 heads as in every release
+    assert ours["down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight"].shape == (320, 320)
