@@ -85,7 +85,8 @@ def _companion_follows(widget: Input, values: list[Any], position: int, widgets_
         return False
     if has_control_value(widget):
         return isinstance(values[position], str) and values[position] in CONTROL_VALUES
-    return bool(widget.extra.get("image_upload")) and len(values) - position > widgets_left
+    upload = widget.extra.get("image_upload") or widget.extra.get("video_upload")  # ComfyUI's front end: alike
+    return bool(upload) and len(values) - position > widgets_left
 
 
 class _Converter:

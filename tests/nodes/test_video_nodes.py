@@ -297,3 +297,18 @@ def test_a_workflow_runs_load_frames_to_save_video(env):
 def test_create_video_refuses_what_is_not_an_image_batch(env):
     with pytest.raises(ValueError, match="IMAGE batch"):
         CreateVideo().execute(torch.rand(4, 4, 3), 12.0)
+
+
+def test_a_saved_ui_workflow_skips_the_upload_buttons_value_of_a_video_combo(env):
+    """ComfyUI's front end (and our canvas) put an upload button after a `video_upload` combo, as after an
+    `image_upload` one, and save its value ("image") among the widgets' values."""
+    from graph.ui_format import ui_to_api
+
+    node = {"id": 1, "type": "LoadVideoFrames", "inputs": [], "outputs": [],
+            "widgets_values": ["n.mp4", "image", 6.0, 4, 2, 3]}
+    api = ui_to_api({"nodes": [node], "links": []}, build_registry(env, plugins=False), env)
+    assert api["1"]["inputs"] == {"video": "n.mp4", "force_rate": 6.0, "frame_load_cap": 4, "skip_first_frames": 2,
+                                  "select_every_nth": 3}
+    node["widgets_values"] = ["n.mp4", 6.0, 4, 2, 3]  # an API client's or older file: no button value
+    assert ui_to_api({"nodes": [node], "links": []}, build_registry(env, plugins=False), env)["1"]["inputs"] == \
+        api["1"]["inputs"]

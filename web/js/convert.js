@@ -98,7 +98,8 @@ export function widgetDefault(spec) {
 function companionFollows(name, spec, values, position, widgetsLeft) {
   if (position >= values.length) return false;
   if (hasControlValue(name, spec)) return typeof values[position] === "string" && CONTROL_VALUES.has(values[position]);
-  return Boolean(spec[1]?.image_upload) && values.length - position > widgetsLeft;
+  const upload = spec[1]?.image_upload || spec[1]?.video_upload; // ComfyUI's front end adds the same button to both
+  return Boolean(upload) && values.length - position > widgetsLeft;
 }
 
 function linksTable(workflow) {

@@ -6,6 +6,7 @@
  */
 
 import { formatDuration, summarize } from "./history.js";
+import { isVideoName } from "./view.js";
 
 const el = (tag, { dataset = {}, ...props } = {}, ...children) => {
   const node = Object.assign(document.createElement(tag), props);
@@ -89,7 +90,9 @@ export async function renderResults(container, api) {
       const full = api.viewUrl(image);
       return el("figure", { className: "result" },
                 el("a", { href: full, target: "_blank", title: "open full size" },
-                   el("img", { src: full, alt: image.filename, className: "thumb" })),
+                   isVideoName(image.filename)
+                     ? el("video", { src: full, className: "thumb", muted: true, loop: true, autoplay: true, controls: true, playsInline: true })
+                     : el("img", { src: full, alt: image.filename, className: "thumb" })),
                 el("figcaption", {}, el("a", { href: full, download: image.filename, textContent: "download" })));
     });
     const message = (entry.status?.messages ?? []).find(([kind]) => kind === "execution_error")?.[1]?.exception_message;

@@ -5,7 +5,7 @@
  */
 
 import { LiteGraph } from "@comfyorg/litegraph";
-import { drawImageGrid, loadImage } from "./view.js";
+import { drawImageGrid, loadImage, loadMedia } from "./view.js";
 
 export const RunEvents = {
   bindEvents() {
@@ -42,7 +42,9 @@ export const RunEvents = {
     on("executed", async (data) => {
       const images = data.output?.images ?? [];
       const id = this.previewSources[String(data.node)]?.[0] ?? String(data.node);
-      this.nodeImages[id] = await Promise.all(images.map((image) => loadImage(this.api.viewUrl(image))));
+      const redraw = () => this.canvas.setDirty(true, false); // a video output plays on its node
+      const loaded = images.map((image) => loadMedia(this.api.viewUrl(image), image.filename, redraw).catch(() => null));
+      this.nodeImages[id] = (await Promise.all(loaded)).filter(Boolean); // one the browser cannot play is left out
       delete this.previews[id];
       this.canvas.setDirty(true, false);
       this.refreshPanel("results");

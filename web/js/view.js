@@ -108,3 +108,35 @@ export function loadImage(url) {
     image.src = url;
   });
 }
+
+const VIDEO_EXTENSIONS = /\.(mp4|webm|mkv|mov|m4v)$/i;
+
+/** Whether a stored file (a ui entry's or an upload's file name) is a video: it is shown playing, not as a still. */
+export function isVideoName(name) {
+  return VIDEO_EXTENSIONS.test(String(name ?? ""));
+}
+
+/**
+ * A muted, looping <video> once its first frame is ready, sized like an image (width/height = the video's) so that
+ * drawImageGrid draws its current frame; `onFrame` is called as it plays, so the canvas can redraw the node.
+ */
+export function loadVideo(url, onFrame = () => {}) {
+  return new Promise((resolve, reject) => {
+    const video = document.createElement("video");
+    Object.assign(video, { muted: true, loop: true, autoplay: true, playsInline: true, preload: "auto" });
+    video.addEventListener("loadeddata", () => {
+      video.width = video.videoWidth;
+      video.height = video.videoHeight;
+      video.play().catch(() => {}); // autoplay refused: the first frame still shows
+      resolve(video);
+    }, { once: true });
+    video.addEventListener("timeupdate", () => onFrame(video));
+    video.onerror = () => reject(new Error(`could not load ${url}`));
+    video.src = url;
+  });
+}
+
+/** An image or, for a video file name, a playing video (see loadVideo). */
+export function loadMedia(url, name, onFrame) {
+  return isVideoName(name) ? loadVideo(url, onFrame) : loadImage(url);
+}

@@ -109,7 +109,7 @@ export function addInputWidget(node, name, spec, app) {
     control.controls = widget;
     widget.control = control;
   }
-  if (config.image_upload) {
+  if (config.image_upload || config.video_upload) {
     const button = node.addWidget("button", "choose file to upload", "image", () => app.chooseUpload(node, widget));
   }
   return widget;

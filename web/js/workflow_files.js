@@ -9,7 +9,7 @@ import { isApiWorkflow, isUiWorkflow } from "./convert.js";
 import { layoutApiGraph, pngTextChunks } from "./files.js";
 import { PREVIEW_PROPERTY } from "./nodes.js";
 import { el } from "./panels.js";
-import { loadImage } from "./view.js";
+import { loadMedia } from "./view.js";
 
 export const WorkflowFiles = {
   /** Open a workflow: UI format as saved, API format laid out by depth. */
@@ -130,7 +130,7 @@ export const WorkflowFiles = {
   async dropFile(file, event) {
     const node = this.nodeAt(this.canvas.convertEventToCanvasOffset(event));
     const upload = node && this.uploadWidget(node);
-    if (upload && file.type.startsWith("image/")) return this.uploadTo(node, upload, file);
+    if (upload && file.type.startsWith(this.isVideoUpload(node) ? "video/" : "image/")) return this.uploadTo(node, upload, file);
     return this.openFile(file);
   },
 
@@ -147,8 +147,14 @@ export const WorkflowFiles = {
 
   uploadWidget(node) {
     const info = this.objectInfo[node.type];
-    const name = Object.entries(info?.input?.required ?? {}).find(([, spec]) => spec[1]?.image_upload)?.[0];
+    const name = Object.entries(info?.input?.required ?? {}).find(([, spec]) => spec[1]?.image_upload || spec[1]?.video_upload)?.[0];
     return name ? node.widgets.find((w) => w.name === name) : null;
+  },
+
+  /** Whether the node's upload widget takes videos (LoadVideo's `video_upload`) rather than images. */
+  isVideoUpload(node) {
+    const info = this.objectInfo[node.type];
+    return Object.values(info?.input?.required ?? {}).some((spec) => spec[1]?.video_upload);
   },
 
   async uploadTo(node, widget, file) {
@@ -156,13 +162,14 @@ export const WorkflowFiles = {
     const name = stored.subfolder ? `${stored.subfolder}/${stored.name}` : stored.name;
     if (!widget.options.values.includes(name)) widget.options.values.push(name);
     widget.value = name;
-    this.nodeImages[node.id] = [await loadImage(this.api.viewUrl({ filename: stored.name, subfolder: stored.subfolder, type: "input" }))];
+    const url = this.api.viewUrl({ filename: stored.name, subfolder: stored.subfolder, type: "input" });
+    this.nodeImages[node.id] = [await loadMedia(url, stored.name, () => this.canvas.setDirty(true, false))];
     this.changed();
     this.canvas.setDirty(true, true);
   },
 
   chooseUpload(node, widget) {
-    const input = el("input", { type: "file", accept: "image/*" });
+    const input = el("input", { type: "file", accept: this.isVideoUpload(node) ? "video/*" : "image/*" });
     input.addEventListener("change", () => input.files[0] && this.uploadTo(node, widget, input.files[0]).catch((e) => this.toast(e.message)));
     input.click();
   },
