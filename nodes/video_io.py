@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -302,6 +303,8 @@ def encode_video(path: Path, images: torch.Tensor, fps: float, container: str, c
         raise ValueError(f"a video needs an IMAGE batch [frames, height, width, channels], got "
                          f"{list(images.shape)}")
     encoder = encoder_for(codec)
+    if encoder == "libsvtav1":
+        os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its configuration to stderr at level 3 (info)
     frames = to_uint8_even(images)
     rate = Fraction(fps).limit_denominator(1001)
     options = {"movflags": "use_metadata_tags"} if container == "mp4" else {}
