@@ -222,6 +222,17 @@ def test_bombs_are_refused_from_their_headers(env, tmp_path, no_decoding):
         "Invalid video file: video 'many.mp4' has 100000000 frames, over the limit of 1024 frames")
 
 
+def test_a_bomb_is_a_node_error_of_the_prompt_before_anything_runs(env, tmp_path, no_decoding):
+    (env.input_dir / "bomb.avi").write_bytes(mjpeg_bomb(tmp_path / "m.avi"))
+    prompt = {"4": {"class_type": "LoadVideo", "inputs": {"file": "bomb.avi"}},
+              "5": {"class_type": "SaveVideo", "inputs": {"video": ["4", 0], "filename_prefix": "video/ComfyUI",
+                                                          "format": "auto", "codec": "auto"}}}
+    validation = validate_prompt(prompt, build_registry(env, plugins=False), env)
+    assert not validation.ok
+    (error,) = validation.node_errors["4"]["errors"]
+    assert "'bomb.avi' has 4 frames of 12000x12000 = 576.0 M pixels, over the limit of 67108864" in error["details"]
+
+
 def test_not_a_video_and_truncated_files_are_refused(env, tmp_path):
     (env.input_dir / "text.mp4").write_text("not a video at all\n" * 20)
     assert LoadVideo.validate_inputs({"file": "text.mp4"}, env).startswith(
