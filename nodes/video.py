@@ -31,6 +31,7 @@ from nodes.video_io import (
     decode_audio,
     decode_video,
     encode_video,
+    selected_count,
 )
 
 VIDEO = "VIDEO"
@@ -205,6 +206,26 @@ class LoadVideoFrames(_InputVideoNode):
         return {"force_rate": float(inputs.get("force_rate") or 0.0), "cap": int(inputs.get("frame_load_cap") or 0),
                 "skip_first": int(inputs.get("skip_first_frames") or 0),
                 "every_nth": int(inputs.get("select_every_nth") or 1)}
+
+    @classmethod
+    def estimate_memory(cls, inputs, shapes, context):
+        """From the file's headers and packets, nothing decoded: the frames kept as float32 IMAGE, plus their
+        uint8 copies held while decoding. None when the file cannot be read (validation says why)."""
+        from graph.memory_estimate import MemoryEstimate
+        from nodes.estimates import describe_image, image_spec
+
+        if context.env is None or not isinstance(inputs.get("video"), str):
+            return None
+        selection = cls.selection(inputs)
+        try:
+            info = check_video(_input_path(context.env, inputs["video"]), inputs["video"], *limits_of(context.env),
+                               **selection)
+        except (ValueError, VideoUnavailableError):
+            return None
+        frames = selected_count(info.frames, info.fps, **selection)
+        out = image_spec(frames, info.height, info.width)
+        return MemoryEstimate(outputs=(out, None, None, None), host_bytes=out.nbytes + frames * info.height
+                              * info.width * 3, what=describe_image(out))
 
     def execute(self, video, force_rate, frame_load_cap, skip_first_frames, select_every_nth, context):
         selection = self.selection({"force_rate": force_rate, "frame_load_cap": frame_load_cap,

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from graph.executor import ExecutionContext, Executor
+from graph.memory_estimate import EstimateContext
 from graph.validation import validate_prompt
 from nodes import build_registry, video_io
 from nodes.environment import Environment
@@ -151,6 +152,12 @@ def test_load_video_frames_rate_range_and_cap(env):
     halved, count, _, _ = LoadVideoFrames().execute("n.mp4", 6.0, 0, 0, 1, ctx(env))
     assert count == 12
     assert torch.allclose(halved.mean((1, 2, 3))[:4] * 30, torch.tensor([0.0, 2.0, 4.0, 6.0]), atol=0.3)
+
+    estimate = LoadVideoFrames.estimate_memory({"video": "n.mp4", "force_rate": 0.0, "frame_load_cap": 4,
+                                                "skip_first_frames": 2, "select_every_nth": 3}, {},
+                                               EstimateContext(env=env, device="cpu"))
+    assert tuple(estimate.outputs[0].shape) == (4, 32, 32, 3) and estimate.outputs[0].nbytes == images.nbytes
+    assert estimate.host_bytes >= images.nbytes
 
     env.max_image_frames = 5  # the limits count the frames kept
     assert "has 24 frames, over the limit of 5 frames" in LoadVideo.validate_inputs({"file": "n.mp4"}, env)
