@@ -190,3 +190,14 @@ def test_motion_lora_loader_changes_the_clip_in_both_generations(motion_engine):
                      "inputs": {"name": "v2_lora_PanLeft.ckpt", "strength": 0.0, "prev_motion_lora": ["40", 0]}}
     chained["20"]["inputs"]["motion_lora"] = ["41", 0]
     torch.testing.assert_close(samples(motion_engine, chained), with_lora, rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_travel_composes_with_context_windows(motion_engine):
+    prompt = gen1(context=UNIFORM, beta="use existing")
+    prompt["6"] = {"class_type": "PromptSchedule",
+                   "inputs": {"clip": ["4", 1], "schedule": "0: a red circle\n5: a blue square", "frames": FRAMES,
+                              "curve": "linear"}}
+    travelled = samples(motion_engine, prompt)
+    still = samples(motion_engine, gen1(context=UNIFORM, beta="use existing"))
+    assert travelled.shape == still.shape and torch.isfinite(travelled).all()
+    assert not torch.allclose(travelled, still, atol=1e-4)
