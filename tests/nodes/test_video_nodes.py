@@ -330,3 +330,27 @@ def test_a_saved_ui_workflow_skips_the_upload_buttons_value_of_a_video_combo(env
     node["widgets_values"] = ["n.mp4", 6.0, 4, 2, 3]  # an API client's or older file: no button value
     assert ui_to_api({"nodes": [node], "links": []}, build_registry(env, plugins=False), env)["1"]["inputs"] == \
         api["1"]["inputs"]
+
+
+def test_upload_route_and_view_serve_a_video(tmp_path):
+    """Through the real routes: the front end's /upload/image takes the video, /view serves it as video/mp4 inline;
+    a bomb is a 413 with the limit named."""
+    from tests.server.harness import multipart
+    from tests.server.inprocess import InProcessServer
+
+    encode_video(tmp_path / "clip.mp4", moving_square(4), 12, "mp4", "h264")
+    server = InProcessServer(tmp_path / "data").start()
+    try:
+        body, content_type = multipart({"image": ("clip.mp4", (tmp_path / "clip.mp4").read_bytes())})
+        status, answer = server.json("POST", "/upload/image", raw=body, headers={"Content-Type": content_type})
+        assert (status, answer) == (200, {"name": "clip.mp4", "subfolder": "", "type": "input"})
+        status, headers, data = server.request("GET", "/view?filename=clip.mp4&type=input")
+        assert status == 200 and headers["content-type"] == "video/mp4"
+        assert headers["content-disposition"].startswith("inline")
+        assert data == (tmp_path / "clip.mp4").read_bytes()
+        body, content_type = multipart({"image": ("bomb.avi", mjpeg_bomb(tmp_path / "m.avi"))})
+        status, answer = server.json("POST", "/upload/image", raw=body, headers={"Content-Type": content_type})
+        assert status == 413 and answer["error"]["type"] == "image_too_large", answer
+        assert answer["error"]["extra_info"]["limit"] == "pixels"
+    finally:
+        server.stop()
