@@ -1,7 +1,7 @@
-"""The faster paths give the same images within dtype tolerance: a whole txt2img (text encode, euler with CFG, VAE
-decode) in bf16 against the same run in fp32 and in the previous bf16 path, for SD1, SD2-v and SDXL tiny models;
-the bf16 CPU GroupNorm kernel against the float32 computation it replaces, on activations with a large mean (where
-a variance computed in bf16 itself would fail)."""
+"""The bf16 path (what CPUs with native bf16 run) gives the fp32 images within dtype tolerance: a whole txt2img (text
+encode, euler with CFG, VAE decode) in bf16 against the same run in fp32, for SD1, SD2-v and SDXL tiny models, no
+further from fp32 than measured when it was checked; and GroupNorm32 in bf16 against float32 on activations with a
+large mean (where a variance computed in bf16 itself would fail). Faster paths must keep these passing."""
 
 from __future__ import annotations
 
@@ -40,32 +40,21 @@ def image(tmp_path, model_dir, precision: str, ckpt: str) -> torch.Tensor:
     return engine.outputs(txt2img(ckpt=ckpt, steps=4, size=64, cfg=6.0), "8")[0][0]
 
 
-def _float32_group_norm(self: GroupNorm32, x: torch.Tensor) -> torch.Tensor:
-    """GroupNorm32 as it was before its bf16 fast path: cast to float32, normalise, cast back."""
-    weight = None if self.weight is None else self.weight.float()
-    bias = None if self.bias is None else self.bias.float()
-    return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
-
-
-SLOW = pytest.mark.skipif(os.environ.get("LATENTLOOM_SLOW") != "1", reason="three txt2img runs; set LATENTLOOM_SLOW=1")
+SLOW = pytest.mark.skipif(os.environ.get("LATENTLOOM_SLOW") != "1", reason="two txt2img runs; set LATENTLOOM_SLOW=1")
+# bf16 against fp32 on these tiny random models, measured when the bf16 path was checked (2026-12): 37.8 (SD1), 38.9
+# (SD2-v) and 41.5 dB (SDXL). A faster path may not fall below these by more than half a dB.
+FLOOR_DB = {"sd1.safetensors": 37.3, "sd2-v.safetensors": 38.4, "sdxl.safetensors": 41.0}
 
 
 @pytest.mark.parametrize("ckpt", ["sd1.safetensors", pytest.param("sd2-v.safetensors", marks=SLOW),
                                   pytest.param("sdxl.safetensors", marks=SLOW)])
-def test_fast_bf16_images_match_the_previous_bf16_path_and_fp32(tmp_path, model_dir, ckpt, monkeypatch):
-    """bf16 itself is 37.8 (SD1), 38.9 (SD2-v) and 41.5 dB (SDXL) from fp32 on these tiny random models, before the
-    fast paths as after: the fast path must stay that close to fp32 and within 50 dB of the path it replaced."""
+def test_bf16_images_stay_as_close_to_fp32_as_measured(tmp_path, model_dir, ckpt):
     reference = image(tmp_path, model_dir, "fp32", ckpt)
     fast = image(tmp_path, model_dir, "bf16", ckpt)
-    with monkeypatch.context() as patch:
-        patch.setattr(GroupNorm32, "forward", _float32_group_norm)
-        before = image(tmp_path / "before", model_dir, "bf16", ckpt)
     assert reference.shape == fast.shape == (1, 64, 64, 3)
     assert float(reference.std()) > 0.02  # an image with content, not a flat one every dtype agrees on
     assert not torch.equal(reference, fast)  # the bf16 path did run
-    assert psnr(before, fast) >= 50.0, f"{ckpt}: {psnr(before, fast):.1f} dB from the previous bf16 path"
-    assert psnr(reference, fast) >= min(40.0, psnr(reference, before) - 0.5), (
-        f"{ckpt}: {psnr(reference, fast):.1f} dB from fp32, {psnr(reference, before):.1f} dB before")
+    assert psnr(reference, fast) >= FLOOR_DB[ckpt], f"{ckpt}: {psnr(reference, fast):.1f} dB from fp32"
 
 
 @pytest.mark.parametrize("shape", [(2, 64, 16, 16), (1, 32, 9, 7)])
