@@ -1,5 +1,6 @@
 """ComfyUI's own published workflow templates of the SD family (tests/workflows/comfyui/, see its README) run
-unchanged on random-weight checkpoints, LoRAs, a VAE and an embedding written under the names they reference.
+unchanged on random-weight checkpoints, LoRAs, a VAE, an embedding and ControlNets written under the names they
+reference, with synthetic input pictures (a scribble, a depth map, a pose skeleton) under the names they load.
 
 Each template is converted from its UI format as saved, and run in process the way `latentloom run FILE --set ...`
 runs it (server.cli.load: conversion, then the --set overrides); the default template also runs through the real
@@ -19,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
+from diffusion.checkpoints.controlnet_files import random_controlnet, write_controlnet_file
 from diffusion.checkpoints.random_checkpoints import checkpoint_spec, write_random_checkpoint, write_random_vae
 from diffusion.checkpoints.upscale_models import write_random_upscale_model
 from diffusion.models.clip_vision import write_random_clip_vision
@@ -48,6 +50,10 @@ CHECKPOINTS = {  # file name the templates reference → (family, options)
     "sd_xl_base_1.0.safetensors": ("sdxl", {}),
     "sd_xl_refiner_1.0.safetensors": ("sdxl_refiner", {}),
     "sd_xl_turbo_1.0_fp16.safetensors": ("sdxl", {}),
+    "architecturerealmix_v11.safetensors": ("sd1", {}),  # the ControlNet templates' SD1.5 fine-tunes
+    "awpainting_v14.safetensors": ("sd1", {}),
+    "majicmixRealistic_v7.safetensors": ("sd1", {}),
+    "japaneseStyleRealistic_v20.safetensors": ("sd1", {}),
 }
 LORAS = ("blindbox_v1_mix.safetensors", "MoXinV1.safetensors")  # for the SD1 dreamshaper_8
 VAE = "vae-ft-mse-840000-ema-pruned.safetensors"
@@ -55,9 +61,20 @@ GLIGEN = "gligen_sd14_textbox_pruned.safetensors"  # text-box GLIGEN for the SD1
 EMBEDDING = "SDA768.pt"  # A1111 textual inversion, for SD2's text encoder
 UPSCALE_MODELS = {"RealESRGAN_x4plus.safetensors": ("rrdbnet", 4)}  # a tiny RRDBNet x4 in Real-ESRGAN's layout
 CLIP_VISION = "clip_vision_g.safetensors"  # a tiny tower whose image embedding is as wide as tiny SDXL's pooled text
+# ControlNet v1.1 SD1.5 files as the templates name them (Comfy's fp16 repack): original layout, fp16; both key
+# forms ComfyUI reads (bare and under `control_model.`) are covered, one file each.
+CONTROLNETS = {  # file name → (family, under control_model.)
+    "control_v11p_sd15_scribble_fp16.safetensors": ("sd1", False),
+    "control_v11p_sd15_openpose_fp16.safetensors": ("sd1", True),
+    "control_v11f1p_sd15_depth_fp16.safetensors": ("sd1", False),
+}
 IMAGES = ("image2image_input_image.jpg", "inpaint_example_input_image.png",
           "inpaint_model_outpainting_input_image.png", "sdxl_revision_text_prompts_ref_image1.png",
-          "sdxl_revision_text_prompts_ref_image2.png")
+          "sdxl_revision_text_prompts_ref_image2.png", "controlnet_example_input_image.png")
+HINTS = {  # hint pictures the ControlNet templates load directly → kind of synthetic picture
+    "depth_controlnet_input_image.png": "depth", "mixing_controlnets_scribble_input.png": "scribble",
+    "mixing_controlnets_pose_input.png": "pose", "2_pass_pose_worship_input.png": "pose",
+}
 
 FEW = 2  # sampler steps when a template's own count is forced down
 SMALL: dict[str, list[str]] = {  # template → --set overrides: sizes and step counts only
@@ -88,6 +105,12 @@ SMALL: dict[str, list[str]] = {  # template → --set overrides: sizes and step 
     "hiresfix_esrgan_workflow": ["5.width=64", "5.height=64", "24.width=96", "24.height=96", f"3.steps={FEW}",
                                  f"11.steps={FEW}"],
     "sdxl_revision_text_prompts": ["5.width=64", "5.height=64", f"3.steps={FEW}"],
+    "controlnet_example": ["5.width=64", "5.height=64", f"3.steps={FEW}"],
+    "depth_controlnet": ["5.width=64", "5.height=64", f"3.steps={FEW}"],
+    "mixing_controlnets": ["5.width=64", "5.height=64", f"3.steps={FEW}"],
+    # 1024 -> 64, the second pass's upscale 1536 -> 96 (the same 1.5x)
+    "2_pass_pose_worship": ["5.width=64", "5.height=64", "14.width=96", "14.height=96", f"50.steps={FEW}",
+                            f"58.steps={FEW}"],
     # 768 -> 96 pixels, the two boxes scaled with it (about 1/8, on the 8-pixel grid)
     "gligen_textbox_example": ["5.width=96", "5.height=96", "21.width=24", "21.height=40", "21.x=24", "21.y=32",
                                "27.width=16", "27.height=16", "27.x=56", "27.y=0", f"3.steps={FEW}"],
@@ -124,6 +147,34 @@ def write_lora(path: Path, checkpoint: Path, seed: int) -> None:
     save_lora(path, layers)
 
 
+def hint_picture(kind: str, size: tuple[int, int] = (96, 128)) -> Image.Image:
+    """A synthetic ControlNet hint of `kind`: white scribble strokes on black, a depth map (near = bright, a
+    bright disc in front of a ramp), or an OpenPose-style skeleton (coloured limbs and joints on black)."""
+    height, width = size
+    if kind == "depth":
+        rows, cols = np.mgrid[0:height, 0:width]
+        depth = 40 + 120 * rows / height
+        depth[(rows - height / 2) ** 2 + (cols - width / 2) ** 2 < (height / 4) ** 2] = 230
+        return Image.fromarray(np.repeat(depth.astype(np.uint8)[..., None], 3, axis=2), "RGB")
+    image = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(image)
+    if kind == "scribble":
+        draw.ellipse((30, 15, 90, 75), outline="white", width=3)
+        draw.line((20, 85, 110, 60), fill="white", width=3)
+        return image
+    if kind != "pose":
+        raise ValueError(f"unknown hint kind {kind!r}")
+    joints = {"head": (64, 15), "neck": (64, 30), "hips": (64, 60), "l_hand": (40, 50), "r_hand": (88, 50),
+              "l_foot": (50, 90), "r_foot": (78, 90)}
+    limbs = [("head", "neck", "blue"), ("neck", "hips", "red"), ("neck", "l_hand", "orange"),
+             ("neck", "r_hand", "green"), ("hips", "l_foot", "cyan"), ("hips", "r_foot", "magenta")]
+    for a, b, colour in limbs:
+        draw.line(joints[a] + joints[b], fill=colour, width=4)
+    for x, y in joints.values():
+        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill="yellow")
+    return image
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("templates") / "data"
@@ -135,6 +186,10 @@ def data_dir(tmp_path_factory) -> Path:
     for seed, name in enumerate(LORAS):
         write_lora(models / "loras" / name, models / "checkpoints" / "dreamshaper_8.safetensors", seed)
     write_random_vae(models / "vae" / VAE, seed=7)
+    (models / "controlnet").mkdir()
+    for seed, (name, (family, prefix)) in enumerate(CONTROLNETS.items()):
+        weights, info = random_controlnet(family, seed=20 + seed)
+        write_controlnet_file(models / "controlnet" / name, weights, info, prefix=prefix, dtype=torch.float16)
     (models / "upscale_models").mkdir()
     for seed, (name, (arch, scale)) in enumerate(UPSCALE_MODELS.items()):
         write_random_upscale_model(models / "upscale_models" / name, arch, scale, seed=seed)
@@ -155,6 +210,8 @@ def data_dir(tmp_path_factory) -> Path:
     for name in IMAGES:
         image = Image.fromarray(rgba, "RGBA")
         (image.convert("RGB") if name.endswith(".jpg") else image).save(data / "input" / name)
+    for name, kind in HINTS.items():
+        hint_picture(kind).save(data / "input" / name)
     return data
 
 
@@ -193,6 +250,44 @@ def test_template_runs_unchanged(path, engine):
             assert picture.size[0] >= 32 and picture.size[1] >= 32
             pixels = np.asarray(picture.convert("RGB"), dtype=np.float32)
             assert np.isfinite(pixels).all() and pixels.std() > 0  # a picture, not a constant
+
+
+# ControlNet templates → their ControlNetApplyAdvanced nodes (the ControlNets must change what comes out)
+CONTROLNET_APPLY = {"controlnet_example": ("32",), "depth_controlnet": ("42",), "mixing_controlnets": ("34", "36"),
+                    "2_pass_pose_worship": ("45",)}
+HINT_PREVIEWS = {"controlnet_example": ("35",)}  # PreviewImage of the Canny edges
+
+
+def saved_pictures(engine, path: Path, sets: list[str]) -> dict[str, np.ndarray]:
+    """Run the template with `sets` and return each saved or previewed picture, by node id, as float RGB."""
+    env, registry, executor = engine
+    _, prompt = load(str(path), registry, sets)
+    validation = validate_prompt(prompt, registry, env)
+    assert validation.ok, validation.response()
+    result = executor.execute(validation.prompt, path.stem, None, {})
+    assert result.status == "success", result.error and result.error["exception_message"]
+    pictures = {}
+    for node_id, output in result.outputs.items():
+        for image in output.get("images", []):
+            folder = env.output_dir if image["type"] == "output" else env.temp_dir
+            with Image.open(folder / image.get("subfolder", "") / image["filename"]) as picture:
+                pictures[node_id] = np.asarray(picture.convert("RGB"), dtype=np.float32)
+    return pictures
+
+
+@pytest.mark.parametrize("stem", sorted(CONTROLNET_APPLY))
+def test_controlnet_templates_are_steered_by_their_controlnets(stem, engine):
+    """With every ControlNetApplyAdvanced at strength 0 the ControlNets add nothing; at the template's own
+    strength (1.0) the same seed gives another picture, so the hint really reaches the UNet."""
+    path = TEMPLATES / f"{stem}.json"
+    with_control = saved_pictures(engine, path, SMALL[stem])
+    without = saved_pictures(engine, path, SMALL[stem] + [f"{node}.strength=0" for node in CONTROLNET_APPLY[stem]])
+    assert with_control.keys() == without.keys() and with_control
+    for node_id, picture in with_control.items():
+        if node_id in HINT_PREVIEWS.get(stem, ()):  # the preprocessed hint itself: an edge map, not a sample
+            assert np.array_equal(picture, without[node_id]) and 0 < picture.mean() < 255
+            continue
+        assert np.abs(picture - without[node_id]).mean() > 1.0, f"{stem}: node {node_id} unchanged by ControlNet"
 
 
 def test_default_template_without_save_widgets_runs_from_the_cli(data_dir, tmp_path):
