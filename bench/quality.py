@@ -76,12 +76,13 @@ class Runner:
         self.env.ensure_dirs()
         self.registry = build_registry(self.env, plugins=False)
         self.executor = Executor(env=self.env)
+        self.events: Callable[[str, dict], None] = lambda event, data: None  # the preview rows listen
 
     def run(self, prompt: dict, prompt_id: str = "bench") -> dict:
         validation = validate_prompt(prompt, self.registry, self.env)
         if not validation.ok:
             raise RuntimeError(f"invalid workflow: {validation.response()}")
-        result = self.executor.execute(validation.prompt, prompt_id, lambda event, data: None)
+        result = self.executor.execute(validation.prompt, prompt_id, self.events)
         if result.status != "success":
             raise RuntimeError(f"workflow failed: {result.error}")
         return result.outputs
@@ -242,6 +243,43 @@ def controlnet_effect(runner: Runner, cfg: float, count: int, controlnet: str) -
                  100 * (ious >= 0.5).mean(), 100 * colour, time.perf_counter() - start)
 
 
+def preview_error(args: argparse.Namespace, tmp: Path, count: int) -> None:
+    """Mean colour error (0..255) of the last sampler preview against the decoded image, over `count` default-
+    workflow runs (held-out captions, seeds 0..count-1), linear map (latent2rgb) against the tiny decoder (taesd,
+    the shipped models/vae_approx decoder): at the linear map's 8x8 (both area-pooled) and at 64x64 (the linear
+    preview upscaled bilinearly); the preview frames a 20-step run sends (the tiny decoder skips frames beyond 10 %
+    of the sampling time) and the seconds a run takes."""
+    samples = held_out(count, "test", 3)
+    for method in ("latent2rgb", "taesd"):
+        runner = Runner(tmp / f"previews-{method}", args.checkpoint.resolve(), tmp / "ckpt")
+        runner.env.preview_method = method
+        frames: list[Image.Image] = []
+
+        def events(event: str, data: dict, frames: list = frames) -> None:
+            if event == "preview" and data["image"] is not None:
+                frames.append(data["image"])
+
+        runner.executor = Executor(env=runner.env, previews=True)
+        runner.events = events
+        pooled, full, sent, seconds = [], [], [], []
+        for seed, sample in enumerate(samples):
+            frames.clear()
+            start = time.perf_counter()
+            image = runner.txt2img(runner.model, sample.caption, "", seed, args.cfg).astype(np.float32)
+            seconds.append(time.perf_counter() - start)
+            sent.append(len(frames))
+            preview = frames[-1].convert("RGB")
+            small = torch.from_numpy(image).permute(2, 0, 1)[None]
+            pooled_truth = torch.nn.functional.adaptive_avg_pool2d(small, (8, 8))[0].permute(1, 2, 0).numpy()
+            pooled_preview = np.asarray(preview.resize((8, 8), Image.Resampling.BOX), dtype=np.float32)
+            full_preview = np.asarray(preview.resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float32)
+            pooled.append(np.abs(pooled_preview - pooled_truth).mean())
+            full.append(np.abs(full_preview - image).mean())
+        log.info("%-58s colour error %5.1f/255 at 8x8, %5.1f/255 at 64x64  (%.1f frames a run, %.2f s a run)",
+                 f"last preview vs decoded image, {count} runs, {method}", float(np.mean(pooled)),
+                 float(np.mean(full)), float(np.mean(sent)), float(np.median(seconds)))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("nodes", "graph", "diffusion"):
@@ -264,6 +302,9 @@ def main() -> None:
     parser.add_argument("--controlnet-count", type=int, default=200)
     parser.add_argument("--only-controlnet", action="store_true", help="skip everything but the ControlNet rows")
     parser.add_argument("--skip-controlnet", action="store_true")
+    parser.add_argument("--preview-count", type=int, default=20, help="default-workflow runs of the preview rows")
+    parser.add_argument("--only-previews", action="store_true", help="skip everything but the preview rows")
+    parser.add_argument("--skip-previews", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -276,6 +317,9 @@ def main() -> None:
         runner = Runner(tmp / "data", args.checkpoint.resolve(), tmp / "ckpt", args.controlnet.resolve())
         if args.only_controlnet:
             controlnet_effect(runner, args.cfg, args.controlnet_count, args.controlnet.name)
+            return
+        if args.only_previews:
+            preview_error(args, tmp, args.preview_count)
             return
         round_trip = vae_round_trip(runner)
         start = time.perf_counter()
@@ -301,6 +345,8 @@ def main() -> None:
             lora_effect(runner, checker, args.cfg, args.lora_count, args.lora_steps, args.lora_lr)
         if not args.skip_controlnet:
             controlnet_effect(runner, args.cfg, args.controlnet_count, args.controlnet.name)
+        if not args.skip_previews:
+            preview_error(args, tmp, args.preview_count)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,7 +31,7 @@ from .models.vae import AutoencoderKL
 from .patches.control import ControlNetHandle, ControlRows, control_residuals, residual_patches, uncond_control
 from .patches.patcher import ModelPatcher, WeightDiff
 from .patches.unet_patches import UNetPatches
-from .preview import fit_latent_rgb_projection, latent_preview_image, tiny_decoder_preview_image
+from .preview import PreviewBudget, fit_latent_rgb_projection, latent_preview_image, tiny_decoder_preview_image
 from .sampling.guidance import CFGGuider, Conditioning, GuidanceHooks
 from .sampling.model_sampling import ContinuousModelSampling, Denoiser, ModelSampling, discrete_model_sampling
 from .sampling.schedules import DiscreteSchedule
@@ -189,13 +190,20 @@ class DiffusionModel:
     def preview_image(self, x0: Tensor) -> Image.Image | None:
         """A fast RGB preview of a denoised estimate in the model's (scaled) latent space."""
         if self.preview_decoder is not None and "decoder" not in self._preview:
-            try:
-                self._preview["decoder"] = self.preview_decoder()
+            try:  # in the UNet's dtype, channels-last: bf16 where the device computes in it (half the time)
+                decoder = self.preview_decoder().to(self.dtype, memory_format=torch.channels_last)
+                self._preview.update(decoder=decoder, budget=PreviewBudget())
             except (ValueError, OSError) as exc:  # a bad file costs the preview its decoder, never the run
                 log.warning("preview decoder: %s; previews use latent2rgb", exc)
                 self._preview["decoder"] = None
         if self.preview_decoder is not None and self._preview["decoder"] is not None:
-            return tiny_decoder_preview_image(x0[:1].detach().cpu(), self._preview["decoder"])
+            budget = self._preview["budget"]
+            if not budget.allows():  # the decoder would cost more than its share of the steps: skip this frame
+                return None
+            started = time.perf_counter()
+            image = tiny_decoder_preview_image(x0[:1].detach().cpu(), self._preview["decoder"])
+            budget.spend(time.perf_counter() - started)
+            return image
         if self.preview_encode is None:
             return None
         if "projection" not in self._preview:

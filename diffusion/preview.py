@@ -107,7 +107,7 @@ def tiny_decoder_rgb(latent: Tensor, decoder: torch.nn.Module, max_latent: int =
         size = (max(1, round(x.shape[-2] * max_latent / longest)), max(1, round(x.shape[-1] * max_latent / longest)))
         x = F.adaptive_avg_pool2d(x, size)
     param = next(decoder.parameters())
-    rgb = decoder(x.to(param.device, param.dtype))[0].float().clamp(0, 1)
+    rgb = decoder(x.to(param.device, param.dtype, memory_format=torch.channels_last))[0].float().clamp(0, 1)
     return rgb.permute(1, 2, 0).cpu()
 
 
@@ -124,3 +124,33 @@ def tiny_decoder_preview_image(latent: Tensor, decoder: torch.nn.Module, max_siz
     if max(image.size) > max_size:
         image.thumbnail((max_size, max_size), Image.Resampling.BILINEAR)
     return image
+
+
+class PreviewBudget:
+    """Keeps a sampler's previews to `share` of its time: a preview is made while the time spent making them stays
+    within `share` of the time since the run's first preview (so a slow previewer skips frames instead of slowing
+    the run); the first preview of a run (warm-up) is free, a pause longer than `idle` seconds starts a new run.
+    `share` defaults to LATENTLOOM_PREVIEW_SHARE (0.1; 1 or more: every frame). `clock` is injectable for tests."""
+
+    def __init__(self, share: float | None = None, idle: float = 5.0, clock: Callable[[], float] | None = None):
+        import os
+        import time
+
+        self.share = float(os.environ.get("LATENTLOOM_PREVIEW_SHARE", "0.1")) if share is None else share
+        self.idle, self.clock = idle, clock or time.perf_counter
+        self.start: float | None = None
+        self.last = self.spent = 0.0
+        self.warm = False
+
+    def allows(self) -> bool:
+        now = self.clock()
+        if self.start is None or now - self.last > self.idle:
+            self.start, self.spent, self.warm = now, 0.0, False
+        self.last = now
+        return self.share >= 1 or self.spent <= self.share * (now - self.start)
+
+    def spend(self, seconds: float) -> None:
+        if self.warm:
+            self.spent += seconds
+        self.warm = True
+        self.last = self.clock()

@@ -64,7 +64,8 @@ def prompt_with_saved_latent():
     return prompt
 
 
-def test_taesd_previews_come_from_the_tiny_decoder(start_server, data_dir):
+def test_taesd_previews_come_from_the_tiny_decoder(start_server, data_dir, monkeypatch):
+    monkeypatch.setenv("LATENTLOOM_PREVIEW_SHARE", "1")  # every frame, however loaded the machine (budget: unit test)
     server = start_server("--preview-method", "taesd", data_dir=data_dir)
     frames = run_prompt(server, prompt_with_saved_latent())
     assert len(frames) == 3 and frames[-1].shape == (64, 64, 3)  # the latent's size x8, not the linear map's 8x8
@@ -75,7 +76,8 @@ def test_taesd_previews_come_from_the_tiny_decoder(start_server, data_dir):
         expected = (decoder(latent.float()).clamp(0, 1)[0].permute(1, 2, 0) * 255).numpy()
     assert expected.std() > 5  # the decoder's picture has structure, so agreeing with it means something
     sent = Image.open(io.BytesIO(encode_preview(Image.fromarray(expected.round().astype(np.uint8)))))
-    assert np.abs(frames[-1] - np.asarray(sent.convert("RGB"), dtype=np.float32)).mean() < 2
+    # the server decodes in the UNet's dtype (bf16 on CPUs that have it): a little more than JPEG's loss
+    assert np.abs(frames[-1] - np.asarray(sent.convert("RGB"), dtype=np.float32)).mean() < 4
     assert np.abs(frames[-1] - expected).mean() < 20  # JPEG's loss (4:2:0 chroma) on a random decoder's detail
 
 
