@@ -83,5 +83,8 @@ def test_video_upload_and_result_play_on_their_nodes_and_in_results(server, tmp_
         assert result.count() == 1 and "clip_00001_.webm" in result.get_attribute("src")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "video_preview.png"))
+        # a new workflow clears the results on the nodes, and their videos stop playing
+        page.evaluate(f"window.shown = loom.nodeImages[{save}][0]; loom.clearRunState()")
+        assert page.evaluate("window.shown.paused")
         browser.close()
     assert not errors, errors

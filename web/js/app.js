@@ -219,6 +219,7 @@ class App {
   /** What a run or a loaded workflow leaves on screen: errors, images on nodes, the live preview. */
   clearRunState() {
     this.errors = {};
+    for (const media of Object.values(this.nodeImages).flat()) media.pause?.(); // a video result stops playing
     this.nodeImages = {};
     this.previews = {};
     this.renderErrors(null);

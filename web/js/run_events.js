@@ -44,6 +44,7 @@ export const RunEvents = {
       const id = this.previewSources[String(data.node)]?.[0] ?? String(data.node);
       const redraw = () => this.canvas.setDirty(true, false); // a video output plays on its node
       const loaded = images.map((image) => loadMedia(this.api.viewUrl(image), image.filename, redraw).catch(() => null));
+      for (const media of this.nodeImages[id] ?? []) media.pause?.(); // the node's earlier video result
       this.nodeImages[id] = (await Promise.all(loaded)).filter(Boolean); // one the browser cannot play is left out
       delete this.previews[id];
       this.canvas.setDirty(true, false);
