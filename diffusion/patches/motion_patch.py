@@ -12,6 +12,9 @@ Without a guider (a bare denoiser call) the whole UNet batch counts as one clip.
 from __future__ import annotations
 
 import contextlib
+import copy
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
@@ -75,6 +78,26 @@ def _locate(site: Site, levels: int, num_res_blocks: int) -> tuple[str, int, int
     return "up", level, j
 
 
+_PLACED: weakref.WeakKeyDictionary[MotionModuleSet, dict[tuple[str, torch.dtype], MotionModuleSet]] = \
+    weakref.WeakKeyDictionary()
+_PLACED_LOCK = threading.Lock()
+
+
+def placed(motion: MotionModuleSet, device: torch.device, dtype: torch.dtype) -> MotionModuleSet:
+    """`motion` on `device` in `dtype`: the loaded set itself when it already is, else one copy kept per set
+    (the loaded set, shared by every MODEL clone and prompt, is never moved or cast)."""
+    first = next(motion.parameters())
+    if first.device == device and first.dtype == dtype:
+        return motion
+    key = (str(device), dtype)
+    with _PLACED_LOCK:
+        copies = _PLACED.setdefault(motion, {})
+        if key not in copies:
+            copies.clear()
+            copies[key] = copy.deepcopy(motion).to(device, dtype)
+        return copies[key]
+
+
 def _module_prefix(side: str, level: int, index: int) -> str:
     if side == "mid":
         return "mid_block.motion_modules.0."
@@ -98,9 +121,7 @@ def motion_patches(motion: MotionModuleSet, num_res_blocks: int, scale: float = 
         module = None if where is None else motion.module_at(*where)
         if module is None:
             return h
-        param = next(module.parameters())
-        if param.device != h.device or param.dtype != h.dtype:
-            motion.to(h.device, h.dtype)
+        module = placed(motion, h.device, h.dtype).module_at(*where)
         frames = _FRAMES.get() or h.shape[0]
         changes = by_module.get(_module_prefix(*where))
         if changes:

@@ -25,7 +25,7 @@ from diffusion.checkpoints.motion_files import (
 from diffusion.models.motion_module import MotionModuleSet
 from diffusion.models.unet import UNetConfig, UNetModel, sdxl_adm
 from diffusion.models.unet_blocks import clip_group_norm, norm_first
-from diffusion.patches.motion_patch import check_fits, motion_patches, video_frames
+from diffusion.patches.motion_patch import check_fits, motion_patches, placed, video_frames
 from tests.diffusion.random_weights import randomize_, relative_error
 from tests.diffusion.test_unet import diffusers_config
 
@@ -293,3 +293,21 @@ def test_real_size_layouts_name_diffusers_keys_and_detect(version: str) -> None:
     assert detected == config
     # attention heads of 40, 80, 160 channels: 8 heads as in every release
     assert ours["down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight"].shape == (320, 320)
+
+
+@torch.no_grad()
+def test_other_dtypes_run_on_a_placed_copy_and_the_loaded_set_stays() -> None:
+    ours, _, motion, _ = _pair("v3")
+    cpu = torch.device("cpu")
+    half = placed(motion, cpu, torch.bfloat16)
+    assert half is not motion and placed(motion, cpu, torch.bfloat16) is half
+    assert placed(motion, cpu, torch.float32) is motion
+    assert next(motion.parameters()).dtype == torch.float32 and next(half.parameters()).dtype == torch.bfloat16
+    x, context = _inputs()
+    t = torch.full((FRAMES,), 301.0)
+    ctx = context.expand(FRAMES, -1, -1)
+    patches = motion_patches(motion, UNET.num_res_blocks)
+    full = ours(x, t, ctx, patches=patches)
+    low = ours.to(torch.bfloat16)(x.bfloat16(), t, ctx.bfloat16(), patches=patches).float()
+    assert relative_error(low, full) < 0.05
+    assert next(motion.parameters()).dtype == torch.float32
