@@ -247,7 +247,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtypes", default="")
     parser.add_argument("--deep-cache", type=int, default=0, help="also run ours with DeepCache every N steps")
-    parser.add_argument("--only", choices=("ours", "diffusers", "deep"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="only profile our cold image (cProfile, the top N functions by cumulative time)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
