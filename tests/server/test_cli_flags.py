@@ -252,12 +252,14 @@ def test_ray_workers_take_over_the_engine_flags(tmp_path):
     from server.ray_actor import PromptWorker, engine_options
 
     env = environment(tmp_path, "--force-fp16", "--bf16-unet", "--novram", "--input-directory", str(tmp_path / "in"))
+    env.preview_method = "latent2rgb"  # a serve flag (server/state.py sets it)
     options = json.loads(json.dumps(engine_options(env)))  # plain values, as an actor is sent them
     worker = PromptWorker("wflags", str(make_data_dir(tmp_path / "data")), scratch_root=str(tmp_path / "scratch"),
                           engine=options)
     try:
         got = worker.env
         assert (got.precision, got.unet_precision, got.vram, got.input_dir) == ("fp16", "bf16", "no", tmp_path / "in")
+        assert got.preview_method == "latent2rgb"
         assert (got.model_dtype("unet"), got.model_dtype("text"), got.model_dtype("vae")) == (BF16, F16, F32)
     finally:
         worker.shutdown()
