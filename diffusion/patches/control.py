@@ -33,6 +33,7 @@ from ..checkpoints.families import TITLES
 from ..memory import ModelManager
 from ..models.controlnet import ControlNet
 from ..models.unet import UNetConfig
+from ..sampling.context_windows import window_rows
 from ..sampling.model_sampling import ModelSampling
 from .patcher import ModelPatcher
 from .t2i_adapter_control import ControlResiduals, T2IAdapterHandle, intrablock_patches
@@ -151,7 +152,7 @@ def _hint_rows(step: ControlStep, jobs: list[tuple[int, int]], height: int, widt
     """The hint of each row the step acts on: rows of an entry are the latent's batch, matched by index (a hint
     of batch 1 goes to every latent)."""
     scale = step.control_net.info.config.hint_downscale
-    hint = step.hint_for(height * scale, width * scale, device, dtype)
+    hint = window_rows(step.hint_for(height * scale, width * scale, device, dtype))  # one hint per frame: the window's
     parts = []
     for _, rows in jobs:
         if hint.shape[0] == rows:

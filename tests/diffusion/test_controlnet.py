@@ -41,6 +41,7 @@ from diffusion.patches.control import (
 )
 from diffusion.patches.patcher import ModelPatcher
 from diffusion.preprocessors import canny, hysteresis
+from diffusion.sampling.context_windows import active_window
 from tests.diffusion.random_weights import randomize_, relative_error
 from tests.diffusion.test_unet import TINY, adm_inputs, diffusers_config, tiny_pair
 
@@ -387,3 +388,16 @@ def test_canny_keeps_a_faint_edge_connected_to_a_strong_one() -> None:
     alone = image.clone()
     alone[0, :, 32:] = 0.2  # the faint part without its strong end: below the high threshold, no edge
     assert not canny(alone, 0.4, 0.8).any()
+
+
+def test_per_frame_hints_follow_a_context_window(sd1) -> None:
+    """A clip of 4 frames with one hint per frame, sampled in a window of frames 1 and 3: the window's rows get
+    hints 1 and 3 (AnimateDiff's context windows evaluate a few frames of the batch at a time)."""
+    cn = handle(sd1)
+    hints = hint_image(batch=4, seed=7)
+    whole = denoise(sd1, apply_control(conditioning(sd1), ControlStep(cn, hints, 1.0)), batch=4)
+    x = torch.randn(4, 4, 5, 6, generator=torch.Generator().manual_seed(9))[[1, 3]]
+    with active_window([1, 3], 4), sd1.denoiser() as d, torch.no_grad():
+        windowed = sd1.guider(d, apply_control(conditioning(sd1), ControlStep(cn, hints, 1.0)), [], 1.0)(
+            x, torch.tensor([2.0]))
+    torch.testing.assert_close(windowed, whole[[1, 3]], rtol=1e-4, atol=1e-5)
