@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion.checkpoints.controlnet_files import write_random_controlnet
 from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
 from diffusion.patches.lora import kohya_unet_names, save_lora
 from diffusion.patches.patcher import LoraDelta
@@ -35,6 +36,7 @@ EXPECTED = {
     "lora": ((64, 64), 1, FEWER_STEPS),
     "area-composition": ((128, 64), 1, FEWER_STEPS),
     "animation": ((64, 64), 12, ["3.steps=6"]),
+    "controlnet": ((64, 64), 1, FEWER_STEPS),
 }
 
 
@@ -66,6 +68,8 @@ def data_dir(tmp_path_factory):
                                       torch.randn(2, weight.shape[1], generator=gen))
     (data / "models" / "loras").mkdir(parents=True)
     save_lora(data / "models" / "loras" / "latentloom-shapes-new-colour.safetensors", layers)
+    (data / "models" / "controlnet").mkdir()  # a user's file of the shipped name wins over the repository's
+    write_random_controlnet(data / "models" / "controlnet" / "latentloom-shapes-silhouette.safetensors", "sd1")
     return data
 
 
