@@ -122,7 +122,8 @@ class PromptWorker:
                                      **worker_engine(engine or {}))
         self.env.ensure_dirs()
         self.registry = build_registry(self.env)
-        self.executor = Executor(env=self.env, cache=make_cache(cache, cache_bytes), previews=True)
+        self.executor = Executor(env=self.env, cache=make_cache(cache, cache_bytes),
+                                 previews=self.env.preview_method != "none")
         self.lock = threading.Lock()
         self.running: str | None = None
         self.interrupts: set[str] = set()  # asked for by id; one that came before its prompt started counts

@@ -259,7 +259,7 @@ def test_ray_workers_take_over_the_engine_flags(tmp_path):
     try:
         got = worker.env
         assert (got.precision, got.unet_precision, got.vram, got.input_dir) == ("fp16", "bf16", "no", tmp_path / "in")
-        assert got.preview_method == "latent2rgb"
+        assert got.preview_method == "latent2rgb" and worker.executor.previews
         assert (got.model_dtype("unet"), got.model_dtype("text"), got.model_dtype("vae")) == (BF16, F16, F32)
     finally:
         worker.shutdown()
