@@ -68,7 +68,7 @@ OURS_ONLY = frozenset({
     "ADE_AnimateDiffLoRALoader",
     "ADE_LoadAnimateDiffModel", "ADE_StandardStaticContextOptions", "ADE_StandardUniformContextOptions",
     "ADE_UseEvolvedSampling",
-    "LoadVideoFrames",  # part of a video (frame rate, range, cap) as frames (checked in tests/nodes/test_video_nodes.py)
+    "LoadVideoFrames",  # a video as frames: rate, range, cap (checked in tests/nodes/test_video_nodes.py)
 })
 
 # Keys ComfyUI's /object_info can give a node; we always give all of them.
