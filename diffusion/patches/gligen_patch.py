@@ -14,16 +14,14 @@ without the fusers); it also keeps the positive and the negative in one batched 
 
 from __future__ import annotations
 
-import copy
 import logging
-import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..models.gligen import MAX_OBJECTS, GLIGENModel
+from .placement import PlacedModel
 from .unet_patches import Site, UNetPatches
 
 log = logging.getLogger(__name__)
@@ -35,27 +33,10 @@ FAMILY_TITLES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sdxl_refiner":
 Box = tuple[Tensor, float, float, float, float]  # (phrase embedding [1, D], height, width, y, x) in latent units
 
 
-@dataclass(eq=False)
-class GLIGENHandle:
+class GLIGENHandle(PlacedModel[GLIGENModel]):
     """GLIGEN: a loaded GLIGEN model and its file name (errors name it). `placed(device, dtype)` gives the
     model on the sampler's device in the UNet's dtype; one such copy is kept (the CPU fp32 original is
     returned as is when it already fits)."""
-
-    model: GLIGENModel
-    name: str
-    _placed: dict[tuple[str, torch.dtype], GLIGENModel] = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def placed(self, device: torch.device, dtype: torch.dtype) -> GLIGENModel:
-        first = next(self.model.parameters())
-        if first.device == device and first.dtype == dtype:
-            return self.model
-        key = (str(device), dtype)
-        with self._lock:
-            if key not in self._placed:
-                self._placed.clear()
-                self._placed[key] = copy.deepcopy(self.model).to(device, dtype)
-            return self._placed[key]
 
     def describe(self) -> str:
         family = CONTEXT_FAMILIES.get(self.model.context_dim, f"{self.model.context_dim}-wide text")

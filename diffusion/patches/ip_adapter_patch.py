@@ -17,17 +17,15 @@ the range leaves the output bit for bit unchanged. Several reference images are 
 
 from __future__ import annotations
 
-import copy
 import logging
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.ip_adapter import FAMILY_TITLES, IPAdapterError, IPAdapterModel, Where, cross_attention_numbers
+from .placement import PlacedModel
 from .unet_patches import Site, UNetPatches, uncond_rows
 
 log = logging.getLogger(__name__)
@@ -36,26 +34,9 @@ COMBINE_METHODS = ("concat", "add", "subtract", "average", "norm average")
 EMBEDS_COMBINE_METHODS = (*COMBINE_METHODS, "max", "min")  # IPAdapterCombineEmbeds has two more
 
 
-@dataclass(eq=False)
-class IPAdapterHandle:
+class IPAdapterHandle(PlacedModel[IPAdapterModel]):
     """IPADAPTER: a loaded IP-Adapter and its file name (errors name it). `placed(device, dtype)` gives the
     model on the UNet's device in its dtype; one such copy is kept (the original when it already fits)."""
-
-    model: IPAdapterModel
-    name: str
-    _placed: dict[tuple[str, torch.dtype], IPAdapterModel] = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def placed(self, device: torch.device, dtype: torch.dtype) -> IPAdapterModel:
-        first = next(self.model.parameters())
-        if first.device == device and first.dtype == dtype:
-            return self.model
-        key = (str(device), dtype)
-        with self._lock:
-            if key not in self._placed:
-                self._placed.clear()
-                self._placed[key] = copy.deepcopy(self.model).to(device, dtype)
-            return self._placed[key]
 
     def describe(self) -> str:
         return f"IP-Adapter {self.name!r} ({self.model.info.title})"
