@@ -84,9 +84,11 @@ def test_model_folders_are_listed_with_public_names(server, extra_dir):
 def test_models_of_a_folder_come_with_the_index_of_their_folder(server):
     status, models = server.json("GET", "/api/experiment/models/loras")
     assert status == 200
-    # loras are looked for in models/loras (0), the extra folder (1), then the bundled models (2)
+    # loras are looked for in models/loras (0), the extra folder (1), then the repository's own models (2)
+    shipped = {(p.name, 2) for p in (ROOT / "models" / "loras").glob("*.safetensors")}
+    assert shipped  # the demo LoRA the lora workflow uses
     assert {(m["name"], m["pathIndex"]) for m in models} == {("a.safetensors", 0), ("styles/b.safetensors", 0),
-                                                             ("extra.safetensors", 1)}
+                                                             ("extra.safetensors", 1), *shipped}
     status, body = server.json("GET", "/api/experiment/models/nonsense")
     assert status == 404 and "nonsense" in body["error"]["message"]
 
