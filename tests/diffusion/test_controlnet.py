@@ -301,7 +301,7 @@ def test_control_follows_the_conditioning_in_one_batched_call(sd1) -> None:
         del cn.patcher.model.forward
     assert calls == [1, 2]  # the positive's row alone, then both rows of the shared step in one call
     assert torch.equal(guided[1], plain[1]) and not torch.allclose(guided[0], plain[0])
-    torch.testing.assert_close(both[0], guided[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(both[0], guided[0], rtol=1e-4, atol=1e-5)  # batch of 2 vs 1: kernels may differ
     assert uncond_control(apply_control(pos, step), neg)[0][1].get("control") is None
     filled = uncond_control(apply_control(pos, step, to_uncond=True), neg)
     assert filled[0][1]["control"] == (step,) and neg[0][1] == {}
