@@ -64,8 +64,8 @@ def setup(app: web.Application) -> None:
                            name=ROUTE_NAME + prefix.replace("/", "-"))
     state = app[STATE]
     runtime = getattr(state.registry, "pack_runtime", None)
-    if runtime is None:
-        return
+    if runtime is None or not getattr(state.registry, "packs", None):
+        return  # no packs in this app's registry: none of the process's pack routes belong on it
 
     def publish(event: str, data: Any, client_id: str | None) -> None:
         state.hub.publish_threadsafe(text_message(event, data), client_id)

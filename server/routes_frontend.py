@@ -248,7 +248,7 @@ ROUTES = [
     ("GET", "/workflow_templates", workflow_templates_of_packs),
     ("GET", "/experiment/models", model_folders),
     ("GET", "/experiment/models/{folder}", models_in),
-    ("GET", "/experiment/models/preview/{folder}/{path_index}/{filename:.+}", model_preview),
+    ("GET", "/experiment/models/preview/{folder}/{path_index}/{filename:[\\s\\S]+}", model_preview),  # newlines too
     ("GET", "/view_metadata/{folder}", view_metadata),
     ("GET", "/internal/logs", logs_text),
     ("GET", "/internal/logs/raw", logs_raw),

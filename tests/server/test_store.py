@@ -80,6 +80,8 @@ def test_openapi_describes_exactly_the_routes(tmp_path):
         path = info.get("path") or info.get("formatter")
         if route.method == "HEAD" or path is None or path == "/":
             continue
+        if not getattr(route.handler, "__module__", "").startswith("server."):
+            continue  # a node pack's own route (PromptServer.instance is one per process, as in ComfyUI)
         served.add((route.method, path))
     bare = {(m, p) for m, p in served if not p.startswith("/api/")}
     assert bare == set(OPERATIONS)
