@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import time
 import uuid
 
@@ -149,6 +150,8 @@ def test_cancel_and_interrupt_reach_the_worker(cluster):
     assert [m[0] for m in entry["status"]["messages"]][-1] == "execution_interrupted"
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("LATENTLOOM_SLOW") != "1", reason="out of the 15-minute suite: LATENTLOOM_SLOW=1")
 def test_nodes_joining_and_leaving_are_picked_up(cluster, tmp_path):
     head, server = cluster
     before = {w["id"] for w in wait_workers(server, 2)}
@@ -168,6 +171,8 @@ def test_nodes_joining_and_leaving_are_picked_up(cluster, tmp_path):
     assert ready == before, workers(server)  # its worker is gone, the others stay
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("LATENTLOOM_SLOW") != "1", reason="out of the 15-minute suite: LATENTLOOM_SLOW=1")
 def test_worker_killed_mid_prompt_is_replaced_and_the_prompt_retried(cluster):
     head, server = cluster
     wait_workers(server, 2)
@@ -184,6 +189,8 @@ def test_worker_killed_mid_prompt_is_replaced_and_the_prompt_retried(cluster):
     assert first not in ids and second in ids  # the dead worker was replaced by a new one
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("LATENTLOOM_SLOW") != "1", reason="out of the 15-minute suite: LATENTLOOM_SLOW=1")
 def test_prompt_whose_workers_die_twice_is_recorded_failed(cluster):
     head, server = cluster
     wait_workers(server, 2)
