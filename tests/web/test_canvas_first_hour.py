@@ -256,13 +256,15 @@ def test_no_emoji_in_the_interface(page, server):
     texts = context_menu_entries(page, page.evaluate("loom.titlePosition(3)"))
     box = page.locator("#graph").bounding_box()
     texts += context_menu_entries(page, [box["x"] + box["width"] - 40, box["y"] + box["height"] - 40])
-    page.evaluate("""import('/js/panels.js').then((m) => m.renderQueue(document.querySelector('[data-panel="queue"]'),
-        { json: async () => ({ queue_running: [[1, 'aaaaaaaa-run']], queue_pending: [[2, 'bbbbbbbb-wait']] }) }))""")
+    # a queue with a running and a pending prompt, served for every refresh of the panel (status events refresh
+    # it too, so a list drawn by hand could be replaced by the real, empty one before it is read)
+    fake = json.dumps({"queue_running": [[1, "aaaaaaaa-run"]], "queue_pending": [[2, "bbbbbbbb-wait"]]})
+    page.route("**/queue", lambda route: route.fulfill(status=200, content_type="application/json", body=fake)
+               if route.request.method == "GET" else route.continue_())
     page.click('[data-panel-tab="queue"]')
-    page.evaluate("""import('/js/panels.js').then((m) => m.renderQueue(document.querySelector('[data-panel="queue"]'),
-        { json: async () => ({ queue_running: [[1, 'aaaaaaaa-run']], queue_pending: [[2, 'bbbbbbbb-wait']] }) }))""")
     page.locator(".queue-list li.pending").wait_for(timeout=5_000)
     queue_text = page.inner_text("[data-panel='queue']")
+    page.unroute("**/queue")
     texts.append(queue_text)
     page.click('[data-panel-tab="workflows"]')
     page.locator('.workflow-list li[data-name="kept.json"]').wait_for(timeout=5_000)

@@ -19,6 +19,7 @@ export const RunEvents = {
       this.run.total = this.graph._nodes.length;
       this.previews = {};
       this.setOverall(0);
+      this.refreshPanel("queue"); // the prompt left "pending": no status event says so
     });
     on("execution_cached", (data) => { for (const id of data.nodes ?? []) this.run.done.add(String(id)); this.setOverall(); });
     on("executing", (data) => {
