@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from diffusion.models.taesd import TinyDecoder, write_tiny_decoder
 
 from . import data, shapes
 from .recipe import SCALING_FACTOR
+from .resumable import ResumableTrainer
 from .train_model import lr_at
 
 log = logging.getLogger("train.taesd")
@@ -42,45 +42,28 @@ PHASE = 4  # data.step_rng's phase number for tiny-decoder batches (0-3 are the 
 NOISE_STD = 0.5  # the most noise added to a latent (in scaled-latent units, where clean latents have std ~1)
 
 
-class TinyDecoderTrainer:
+class TinyDecoderTrainer(ResumableTrainer):
     """The decoder, its optimiser and step, saved to and restored from one state file."""
 
+    log = log
+
     def __init__(self, args: argparse.Namespace):
-        self.args = args
+        super().__init__(args)
         base = load_checkpoint(args.base, dtype=torch.float32)
         self.vae = base.vae.eval().requires_grad_(False)
         torch.manual_seed(args.seed)
         self.net = TinyDecoder(base.vae.config.embed_dim, args.width)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=args.lr, weight_decay=0.0)
-        self.step = 0
-        self.started = time.monotonic()
-        self.steps_this_run = 0
         self.latents = self.dataset()
 
     # ---- state -----------------------------------------------------------------------------------
-    def save_state(self) -> None:
-        path = Path(self.args.state)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save({"step": self.step, "seed": self.args.seed, "width": self.args.width,
-                    "net": self.net.state_dict(), "opt": self.opt.state_dict()}, tmp)
-        os.replace(tmp, path)
-        log.info("saved training state (step %d) to %s", self.step, path)
+    def identity(self) -> dict:
+        return {"seed": self.args.seed, "width": self.args.width}
 
-    def load_state(self) -> None:
-        state = torch.load(self.args.state, weights_only=True)
-        if (state["seed"], state["width"]) != (self.args.seed, self.args.width):
-            raise SystemExit(f"{self.args.state} was trained with --seed {state['seed']} --width {state['width']}, "
+    def check_identity(self, stored: dict) -> None:
+        if (stored["seed"], stored["width"]) != (self.args.seed, self.args.width):
+            raise SystemExit(f"{self.args.state} was trained with --seed {stored['seed']} --width {stored['width']}, "
                              f"not --seed {self.args.seed} --width {self.args.width}")
-        self.net.load_state_dict(state["net"])
-        self.opt.load_state_dict(state["opt"])
-        self.step = state["step"]
-        log.info("resumed from %s at step %d", self.args.state, self.step)
-
-    def out_of_time(self) -> bool:
-        a = self.args
-        if a.stop_after and self.steps_this_run >= a.stop_after:
-            return True
-        return a.minutes > 0 and time.monotonic() - self.started > 60 * a.minutes
 
     # ---- data ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -122,29 +105,6 @@ class TinyDecoderTrainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return float(loss.detach())
-
-    def train(self) -> bool:
-        """Steps until `--steps` (True, file written) or until the budget runs out (False, state saved)."""
-        a, losses, tick = self.args, [], time.monotonic()
-        self.net.train()
-        while self.step < a.steps:
-            losses.append(self.train_step())
-            self.step += 1
-            self.steps_this_run += 1
-            if self.step % a.log_every == 0 or self.step == a.steps:
-                log.info("step %d/%d loss %.4f (%.2f s/step)", self.step, a.steps, sum(losses) / len(losses),
-                         (time.monotonic() - tick) / len(losses))
-                losses, tick = [], time.monotonic()
-            if self.step % a.save_every == 0:
-                self.save_state()
-            if self.out_of_time() and self.step < a.steps:
-                self.save_state()
-                log.warning("budget (%s minutes, %s steps) spent at step %d; rerun with --resume", a.minutes,
-                            a.stop_after or "any", self.step)
-                return False
-        self.net.eval()
-        self.write(a.out)
-        return True
 
     def write(self, path: str | os.PathLike) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
