@@ -75,19 +75,25 @@ class PackImports:
         name = f"{PACKS_PACKAGE}.{folder.stem}"
         for stale in [m for m in sys.modules if m.startswith(name + ".")]:  # a reload sees the files of now
             del sys.modules[stale]
-        is_package = source.name == "__init__.py"
-        spec = importlib.util.spec_from_file_location(
-            name, source, submodule_search_locations=[str(folder)] if is_package else None)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot import {source}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            sys.modules.pop(name, None)
-            raise
-        return module
+        return import_file(name, source, folder)
+
+
+def import_file(name: str, source: Path, folder: Path, error: type[Exception] = ImportError) -> ModuleType:
+    """Import `source` (a module file, or a package's `__init__.py` whose package folder is `folder`) as `name`;
+    on failure nothing of it stays in sys.modules. `error` is raised when the file cannot be imported at all."""
+    is_package = source.name == "__init__.py"
+    spec = importlib.util.spec_from_file_location(
+        name, source, submodule_search_locations=[str(folder)] if is_package else None)
+    if spec is None or spec.loader is None:
+        raise error(f"cannot import {source}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
 
 
 def _aliased(target: str, rest: str, fromlist: Any) -> ModuleType:

@@ -18,7 +18,6 @@ import importlib.metadata
 import importlib.util
 import inspect
 import logging
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,20 +213,7 @@ class NodeRegistry:
 
 
 def _import_file(source: Path, path: Path) -> ModuleType:
-    name = f"latentloom_custom_nodes.{path.stem}"
-    is_package = source.name == "__init__.py"
-    spec = importlib.util.spec_from_file_location(
-        name, source, submodule_search_locations=[str(path)] if is_package else None)
-    if spec is None or spec.loader is None:
-        raise RegistryError(f"cannot import {source}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
+    return pack_loader.import_file(f"{pack_loader.PACKS_PACKAGE}.{path.stem}", source, path, RegistryError)
 
 
 def _v3_node_classes(module: ModuleType) -> list[type]:
