@@ -277,7 +277,7 @@ def test_drop_png_and_api_json_restore_their_workflow(page, server):
 
 
 def test_cancel_a_running_prompt(page, server):
-    page.evaluate("loom.setWidget(3, 'steps', 400)")
+    page.evaluate("loom.setWidget(3, 'steps', 10000)")  # long enough to outlast a slow browser on a loaded machine
     page.click("#queue-button")
     page.click('[data-panel-tab="queue"]')
     cancel = page.locator(".queue-list li.running .cancel")
