@@ -25,7 +25,8 @@ ALIASES = {
     "server": "comfy_compat.server",
 }
 OUR_NAMES = ("nodes", "server")  # also our own packages: resolved for pack modules only
-SUBMODULES = {"comfy": ("utils", "model_management", "samplers"), "comfy_api": ("latest", "latest.io", "latest.ui")}
+SUBMODULES = {"comfy": ("utils", "model_management", "samplers", "model_patcher", "sd", "model_base", "ldm",
+                        "ldm.modules", "ldm.modules.attention"), "comfy_api": ("latest", "latest.io", "latest.ui")}
 
 
 def install(registry: Any, env: Any) -> None:

@@ -28,6 +28,8 @@ from .models.text_encoders import TextEncoders
 from .models.unclip import NoiseAugmentor, revision_pooled, unclip_adm
 from .models.unet import sdxl_adm, sdxl_refiner_adm
 from .models.vae import AutoencoderKL
+from .patches.comfy_model import ComfyModelMethods, weight_diff
+from .patches.comfy_options import FunctionWrapped, copy_options, guidance_hooks, transformer_patches
 from .patches.control import ControlNetHandle, ControlRows, control_residuals, residual_patches, uncond_control
 from .patches.patcher import ModelPatcher, WeightDiff
 from .patches.unet_patches import UNetPatches
@@ -42,8 +44,9 @@ PREDICTIONS = {"eps": "eps", "v": "v_prediction"}
 
 
 @dataclasses.dataclass
-class DiffusionModel:
-    """MODEL: the UNet with its noise schedule and prediction type."""
+class DiffusionModel(ComfyModelMethods):
+    """MODEL: the UNet with its noise schedule and prediction type. ComfyUI node packs patch it through
+    `model_options` and ModelPatcher's method names (patches/comfy_model.py, patches/comfy_options.py)."""
 
     patcher: ModelPatcher
     family: ModelFamily
@@ -52,8 +55,9 @@ class DiffusionModel:
     dtype: torch.dtype
     # Encodes images to raw latents; the preview projection is fitted to it once and shared by clones.
     preview_encode: Callable[[Tensor], Tensor] | None = None
-    # How guidance combines its predictions (model patches add hooks to a clone: `with_guidance_hooks`).
-    guidance_hooks: GuidanceHooks = dataclasses.field(default_factory=GuidanceHooks)
+    # How guidance combines its predictions (model patches add hooks to a clone: `with_guidance_hooks`); the
+    # guider runs these and then those of `model_options` (the property `guidance_hooks`).
+    node_hooks: GuidanceHooks = dataclasses.field(default_factory=GuidanceHooks)
     # Hooks in the UNet's forward (FreeU, deep shrink, attention patches); a clone adds to them: `with_unet_patches`.
     unet_patches: UNetPatches = dataclasses.field(default_factory=UNetPatches)
     # Differential Diffusion: (sigma, mask, sigmas, model_sampling) -> the inpainting mask of each step.
@@ -65,11 +69,18 @@ class DiffusionModel:
     # Loads the TAESD-style tiny decoder previews use instead of the linear map (diffusion/models/taesd.py); set by
     # the checkpoint loaders when the preview method and a decoder file allow it; None: the linear map.
     preview_decoder: Callable[[], torch.nn.Module] | None = None
+    # ComfyUI's model_options as node packs set them (patches/comfy_options.py); read at every call.
+    model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     _preview: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def guidance_hooks(self) -> GuidanceHooks:
+        """Our model patches' guidance hooks, then those of the packs' model_options."""
+        return self.node_hooks.merged(guidance_hooks(self.model_options, self.model))
 
     def with_guidance_hooks(self, hooks: GuidanceHooks) -> DiffusionModel:
         """A clone whose guider also runs `hooks` (a `combine` replaces an earlier one; `post` hooks add up)."""
-        return dataclasses.replace(self.clone(), guidance_hooks=self.guidance_hooks.merged(hooks))
+        return dataclasses.replace(self.clone(), node_hooks=self.node_hooks.merged(hooks))
 
     def with_unet_patches(self, patches: UNetPatches) -> DiffusionModel:
         """A clone whose UNet calls also run `patches` (after the ones it already has); the original is unchanged."""
@@ -85,66 +96,7 @@ class DiffusionModel:
         return dataclasses.replace(self.clone(), model_sampling=model_sampling)
 
     def clone(self) -> DiffusionModel:
-        return dataclasses.replace(self, patcher=self.patcher.clone())
-
-    # What ComfyUI node packs call on a MODEL (ModelPatcher's names), mapped onto the hooks and patches above. They
-    # change this handle in place, as ComfyUI's do: packs call them on a clone.
-    def set_model_sampler_cfg_function(self, fn: Callable[[dict[str, Any]], Tensor],
-                                       disable_cfg1_optimization: bool = False) -> None:
-        """ComfyUI's cfg function: `fn(args)` returns `x - denoised`, its `cond`/`uncond` are `x` minus the
-        predictions (ComfyUI's convention); it becomes the guidance hooks' `combine`."""
-        self.guidance_hooks = self.guidance_hooks.merged(
-            GuidanceHooks(combine=lambda step: step.x - fn(_cfg_args(self, step))))
-
-    def set_model_sampler_post_cfg_function(self, fn: Callable[[dict[str, Any]], Tensor],
-                                            disable_cfg1_optimization: bool = False) -> None:
-        """ComfyUI's post-cfg function: `fn(args)` with `args["denoised"]` returns the new denoised estimate."""
-        self.guidance_hooks = self.guidance_hooks.merged(
-            GuidanceHooks(post=[lambda step: fn(_cfg_args(self, step) | {"denoised": step.denoised})]))
-
-    def set_model_input_block_patch(self, fn: Callable[[Tensor, dict[str, Any]], Tensor]) -> None:
-        """`fn(h, transformer_options)` after each input block (ComfyUI's name): our `input_block` hook."""
-        self.unet_patches = self.unet_patches.merged(
-            UNetPatches(input_block=(lambda h, site: fn(h, _transformer_options(site)),)))
-
-    def set_model_input_block_patch_after_skip(self, fn: Callable[[Tensor, dict[str, Any]], Tensor]) -> None:
-        self.unet_patches = self.unet_patches.merged(
-            UNetPatches(input_block_after_skip=(lambda h, site: fn(h, _transformer_options(site)),)))
-
-    def set_model_output_block_patch(self, fn: Callable[[Tensor, Tensor, dict[str, Any]], tuple[Tensor, Tensor]]
-                                     ) -> None:
-        """`fn(h, skip, transformer_options) -> (h, skip)` before each output block (FreeU-like packs)."""
-        self.unet_patches = self.unet_patches.merged(
-            UNetPatches(output_block=(lambda h, skip, site: tuple(fn(h, skip, _transformer_options(site))),)))
-
-    def add_patches(self, patches: dict[str, Any], strength_patch: float = 1.0,
-                    strength_model: float = 1.0) -> list[str]:
-        """Weight differences keyed `diffusion_model.<checkpoint key>` (a tensor, `(tensor,)` or
-        `("diff", (tensor,))`, ComfyUI's forms); returns the keys this UNet has. Other patch kinds are refused by
-        name (LoRA files go through LoraLoader)."""
-        if strength_model != 1.0:
-            raise ValueError(f"add_patches: strength_model={strength_model} (scaling the model's own weights) is "
-                             "not supported")
-        diffs = {}
-        for key, value in patches.items():
-            if isinstance(value, tuple) and len(value) == 2 and value[0] == "diff":
-                value = value[1]
-            if isinstance(value, tuple) and len(value) == 1:
-                value = value[0]
-            if not isinstance(value, Tensor):
-                kind = value[0] if isinstance(value, tuple) and value and isinstance(value[0], str) else "unknown"
-                raise ValueError(f"add_patches: patch {key!r} of kind {kind!r} is not supported (only weight diffs)")
-            diffs[key.removeprefix("diffusion_model.")] = WeightDiff(value)
-        applied = self.patcher.add_patches(diffs, strength_patch)
-        return [f"diffusion_model.{key}" for key in applied]
-
-    def get_model_object(self, name: str) -> Any:
-        """`model_sampling`, `diffusion_model` or a submodule of it by dotted name (ComfyUI's names)."""
-        if name == "model_sampling":
-            return self.model_sampling
-        if name == "diffusion_model" or name.startswith("diffusion_model."):
-            return self.patcher.model.get_submodule(name.removeprefix("diffusion_model").lstrip("."))
-        raise AttributeError(f"MODEL has no object {name!r} (offered: model_sampling, diffusion_model[.<name>])")
+        return dataclasses.replace(self, patcher=self.patcher.clone(), model_options=copy_options(self.model_options))
 
     @property
     def latent_scale(self) -> float:
@@ -219,11 +171,16 @@ class DiffusionModel:
 
             def net(x_in: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
                     unet_patches: UNetPatches | None = None, sigma: Tensor | None = None,
-                    control: ControlRows | None = None) -> Tensor:
+                    control: ControlRows | None = None, transformer_options: dict[str, Any] | None = None
+                    ) -> Tensor:
                 """`unet_patches` adds patches for this call only (e.g. guidance's perturbed prediction); the
                 patches see `sigma` (the sampler's, not the quantized timestep's). `control` (from the guider:
-                each entry's ControlNet chain and its rows) adds ControlNet residuals, run before other hooks."""
-                patches = self.unet_patches.merged(unet_patches)
+                each entry's ControlNet chain and its rows) adds ControlNet residuals, run before other hooks.
+                `transformer_options` (a pack's function wrapper passes its own) replaces model_options' for
+                this call; its patches run after ours."""
+                if transformer_options is None:
+                    transformer_options = self.model_options.get("transformer_options")
+                patches = self.unet_patches.merged(unet_patches).merged(transformer_patches(transformer_options))
                 if control is not None:
                     residuals = control_residuals(control, x_in, t, context, y, sigma, self.model_sampling,
                                                   self._check_control, model=self)
@@ -239,7 +196,11 @@ class DiffusionModel:
                           None if y is None else y.to(device, dtype), **extra)
                 return out.float()
 
-            yield Denoiser(net, self.model_sampling, pass_sigma=True)
+            denoiser = Denoiser(net, self.model_sampling, pass_sigma=True)
+            wrapper = self.model_options.get("model_function_wrapper")
+            if wrapper is not None:
+                denoiser = FunctionWrapped(denoiser, wrapper, self.model_options.get("transformer_options") or {})
+            yield denoiser
 
     def _check_control(self, handle: ControlNetHandle) -> None:
         handle.check_fits(self.family.name, self.family.title, self.family.unet)
@@ -283,6 +244,32 @@ class ClipModel:
     def clone(self) -> ClipModel:
         return ClipModel(self.text.clone(), {k: p.clone() for k, p in self.patchers.items()}, self.manager)
 
+    def add_patches(self, patches: dict[str, Any], strength_patch: float = 1.0,
+                    strength_model: float = 1.0) -> list[str]:
+        """ComfyUI's CLIP.add_patches: weight differences keyed `clip_<encoder>.transformer.<parameter>` (ComfyUI's
+        names; `clip_l.` / `clip_g.` then the transformers CLIP parameter name) in the forms MODEL.add_patches
+        takes, at `strength_patch`; returns the keys applied. Call it on a clone: it changes this handle."""
+        if strength_model != 1.0:
+            raise ValueError(f"CLIP add_patches: strength_model={strength_model} (scaling the encoder's own weights) "
+                             "is not supported")
+        by_encoder: dict[str, dict[str, WeightDiff]] = {}
+        names: dict[tuple[str, str], str] = {}
+        params = {name: {p for p, _ in patcher.model.named_parameters()} for name, patcher in self.patchers.items()}
+        for key, value in patches.items():
+            prefix, _, rest = key.partition(".")
+            name = prefix.removeprefix("clip_")
+            if not prefix.startswith("clip_") or name not in self.patchers:
+                continue
+            param = rest.removeprefix("transformer.")
+            if param not in params[name]:  # our encoder may be the text transformer itself, without `text_model.`
+                param = param.removeprefix("text_model.")
+            by_encoder.setdefault(name, {})[param] = WeightDiff(weight_diff(key, value))
+            names[(name, param)] = key
+        applied = []
+        for name, diffs in by_encoder.items():
+            applied += [names[(name, param)] for param in self.patchers[name].add_patches(diffs, strength_patch)]
+        return sorted(applied)
+
     def with_clip_skip(self, layer: int) -> ClipModel:
         clone = self.clone()
         clone.text.clip_skip = layer
@@ -317,19 +304,6 @@ class ClipModel:
         """A CONDITIONING of one entry, as ComfyUI's CLIPTextEncode makes it."""
         cond, pooled = self.encode_from_tokens(tokens, return_pooled=True)
         return [(cond, {"pooled_output": pooled})]
-
-
-def _transformer_options(site: Any) -> dict[str, Any]:
-    """A UNet hook's site as ComfyUI's `transformer_options` (the keys block patches read)."""
-    return {"block": site.block, "original_shape": list(site.latent_shape), "transformer_index": site.transformer,
-            "sigmas": site.sigmas, "timesteps": site.timesteps}
-
-
-def _cfg_args(model: DiffusionModel, step: Any) -> dict[str, Any]:
-    """A guidance step as ComfyUI's cfg functions take it (`cond`/`uncond` are `x` minus the predictions)."""
-    return {"cond": step.x - step.cond, "uncond": step.x - step.uncond, "cond_scale": step.cond_scale,
-            "timestep": step.sigma, "input": step.x, "sigma": step.sigma, "cond_denoised": step.cond,
-            "uncond_denoised": step.uncond, "model": model, "model_options": {}}
 
 
 OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "not enough memory")  # CUDA, CPU (Linux, Windows)

@@ -357,7 +357,8 @@ def _missing_method(cls: type[PackNode], inputs: dict[str, Any], exc: AttributeE
     if target is None:
         return None
     for name, value in inputs.items():
-        if value is target or (isinstance(value, list) and any(v is target for v in value)):
+        values = value if isinstance(value, list) else [value]
+        if any(v is target or type(v) is type(target) for v in values):  # the input, or a clone the pack made
             spec = cls.input(name)
             kind = spec.wire_type if isinstance(spec, PackInput) and spec.wire_type else type(target).__name__
             return PackNodeError(

@@ -195,11 +195,13 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x: Tensor, context: Tensor, self_attention: Callable[[Tensor], Tensor] | None = None,
                 after_self_attention: Callable[[Tensor], Tensor] | None = None,
                 kv: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]] | None = None,
-                after_cross_attention: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+                after_cross_attention: Callable[[Tensor, Tensor], Tensor] | None = None,
+                cross_attention: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
         """`self_attention` (model patches) replaces the call of attn1 on the normed input when given;
         `after_self_attention` (GLIGEN's fusers) transforms x between the self- and the cross-attention;
         `kv(attention, source)` (hypernetworks) gives each attention its keys' and values' inputs;
-        `after_cross_attention(out, normed x)` (IP-Adapter) changes the cross-attention's output."""
+        `after_cross_attention(out, normed x)` (IP-Adapter) changes the cross-attention's output;
+        `cross_attention(n, context)` (model patches) replaces the call of attn2 when given."""
         n = self.norm1(x)
         if self_attention is not None:
             x = x + self_attention(n)
@@ -208,7 +210,10 @@ class BasicTransformerBlock(nn.Module):
         if after_self_attention is not None:
             x = after_self_attention(x)
         n = self.norm2(x)
-        out = self.attn2(n, context) if kv is None else self.attn2(n, *kv(self.attn2, context))
+        if cross_attention is not None:
+            out = cross_attention(n, context)
+        else:
+            out = self.attn2(n, context) if kv is None else self.attn2(n, *kv(self.attn2, context))
         if after_cross_attention is not None:
             out = after_cross_attention(out, n)
         x = x + out
@@ -256,7 +261,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for k, block in enumerate(self.transformer_blocks):
-            run = after = kv = cross = None
+            run = after = kv = cross = cross_run = None
             if patches and site is not None:
                 run = patches.attention_runner(block.attn1, dataclasses.replace(site, size=(h, w), transformer=k))
                 if patches.after_self_attention:
@@ -266,7 +271,9 @@ class SpatialTransformer(nn.Module):
                 if patches.cross_attention_out:
                     cross_site = dataclasses.replace(site, size=(h, w), transformer=k, attention=block.attn2)
                     cross = functools.partial(patches.run_cross_attention_out, site=cross_site)
-            x = block(x, context, run, after, kv, cross)
+                cross_run = patches.cross_attention_runner(
+                    block.attn2, dataclasses.replace(site, size=(h, w), transformer=k))
+            x = block(x, context, run, after, kv, cross, cross_run)
         if self.use_linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).reshape(b, -1, h, w)

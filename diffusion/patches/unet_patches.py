@@ -12,6 +12,9 @@ MODEL carries its own bundle. The hook points, in forward order:
   `inner(x, kv)` runs the attention (or the next wrapper), so wrappers nest in order;
 - `after_self_attention(x, site)` in every transformer block after the self-attention's residual is added,
   before the cross-attention (GLIGEN's gated self-attention runs there); `x` is the block's [B, tokens, C].
+- `cross_attention(x, context, inner, site)` around every transformer block's cross-attention, as
+  `self_attention` is around the self-attention: `x` the normed tokens, `context` the text context, `inner`
+  the cross-attention (or the next wrapper); ComfyUI's attn2 patches run there (comfy_options.py).
 - `cross_attention_out(out, x, site)` in every transformer block after its cross-attention: `out` is what the
   cross-attention returns (before its residual is added), `x` the normed [B, tokens, C] its queries come from,
   `site.attention` the cross-attention module; returns the new `out` (IP-Adapter adds its image attention).
@@ -71,16 +74,31 @@ CrossOutHook = Callable[[Tensor, Tensor, Site], Tensor]  # (cross-attention outp
 # One flag per batch row of the UNet call in progress: True where the row evaluates the negative list. Set by the
 # guider around each call (`batch_roles`); None outside a guider (every row then counts as conditional).
 _UNCOND_ROWS: ContextVar[tuple[bool, ...] | None] = ContextVar("latentloom_uncond_rows", default=None)
+# How many consecutive rows one conditioning entry evaluates in that call (the latent's batch), or None.
+_CHUNK: ContextVar[int | None] = ContextVar("latentloom_batch_chunk", default=None)
 
 
 @contextlib.contextmanager
-def batch_roles(uncond: tuple[bool, ...]) -> Iterator[None]:
-    """Within the block, `uncond_rows()` is `uncond` (one flag per batch row of the next UNet calls)."""
+def batch_roles(uncond: tuple[bool, ...], chunk: int | None = None) -> Iterator[None]:
+    """Within the block, `uncond_rows()` is `uncond` (one flag per batch row of the next UNet calls) and each
+    `chunk` consecutive rows belong to one conditioning entry (`cond_or_uncond()`)."""
     token = _UNCOND_ROWS.set(tuple(uncond))
+    chunk_token = _CHUNK.set(chunk)
     try:
         yield
     finally:
+        _CHUNK.reset(chunk_token)
         _UNCOND_ROWS.reset(token)
+
+
+def cond_or_uncond() -> list[int] | None:
+    """ComfyUI's `cond_or_uncond` of the UNet call in progress: one entry per conditioning entry evaluated in
+    the batch (0 positive, 1 negative), in batch order; None when no guider said (packs split the batch into
+    this many equal chunks)."""
+    flags, chunk = _UNCOND_ROWS.get(), _CHUNK.get()
+    if flags is None or not chunk:
+        return None
+    return [int(flags[i]) for i in range(0, len(flags), chunk)]
 
 
 def uncond_rows() -> tuple[bool, ...] | None:
@@ -100,6 +118,7 @@ class UNetPatches:
     after_self_attention: tuple[BlockHook, ...] = ()
     cross_attention_out: tuple[CrossOutHook, ...] = ()
     block_features: tuple[BlockHook, ...] = ()
+    cross_attention: tuple[AttentionWrapper, ...] = ()
 
     def merged(self, other: UNetPatches | None) -> UNetPatches:
         """Both bundles' hooks, this one's first."""
@@ -146,6 +165,25 @@ class UNetPatches:
         if not self.attention_kv:
             return None
         return lambda attention, source: self.run_kv(source, source, dataclasses.replace(site, attention=attention))
+
+    def cross_attention_runner(self, attention: torch.nn.Module, site: Site) -> Attend | None:
+        """`run(x, context)`: the cross-attention `attention` wrapped by every `cross_attention` wrapper (the first
+        outermost; the innermost projects keys and values through the `attention_kv` hooks), or None when there
+        are none."""
+        if not self.cross_attention:
+            return None
+        site = dataclasses.replace(site, attention=attention)
+
+        def run(x: Tensor, context: Tensor | None = None) -> Tensor:
+            source = x if context is None else context
+            return attention(x, *self.run_kv(source, source, site)) if self.attention_kv else attention(x, source)
+
+        def wrap(wrapper: AttentionWrapper, inner: Attend) -> Attend:
+            return lambda x, context=None: wrapper(x, context, inner, site)
+
+        for wrapper in reversed(self.cross_attention):
+            run = wrap(wrapper, run)
+        return run
 
     def attention_runner(self, attention: torch.nn.Module, site: Site) -> Attend | None:
         """`run(x)`: the self-attention `attention(x)` wrapped by every wrapper (the first outermost), or None

@@ -58,16 +58,21 @@ class GuidanceHooks:
     """How a guider combines and post-processes its predictions (model patches such as RescaleCFG set these;
     CFG++ samplers add a post hook per call through `model_options`): `combine` replaces
     `uncond + (cond - uncond) * cfg`, then each `post` hook runs in order on the result. Each `wrap` runs around
-    the whole evaluation, the first added innermost (AnimateDiff's frame count, context windows)."""
+    the whole evaluation, the first added innermost (AnimateDiff's frame count, context windows). Each `pre` hook
+    returns new (cond, uncond) predictions before they are combined (ComfyUI's pre-cfg functions); with
+    `uncond_at_cfg1` the negative is evaluated at cfg 1 too (ComfyUI's disable_cfg1_optimization)."""
 
     combine: GuidanceHook | None = None
     post: list[GuidanceHook] = field(default_factory=list)
     wrap: list[GuidanceWrapper] = field(default_factory=list)
+    pre: list[Callable[[GuidanceStep], tuple[Tensor, Tensor]]] = field(default_factory=list)
+    uncond_at_cfg1: bool = False
 
     def merged(self, other: GuidanceHooks | None) -> GuidanceHooks:
         if other is None:
             return self
-        return GuidanceHooks(other.combine or self.combine, [*self.post, *other.post], [*self.wrap, *other.wrap])
+        return GuidanceHooks(other.combine or self.combine, [*self.post, *other.post], [*self.wrap, *other.wrap],
+                             [*self.pre, *other.pre], self.uncond_at_cfg1 or other.uncond_at_cfg1)
 
 _AREA_FEATHER = 8  # latent pixels over which an area's weight ramps up from its inner edges
 _EMPTY_WEIGHT = 1e-37  # so pixels no entry covers divide to 0 instead of NaN
@@ -210,7 +215,7 @@ class CFGGuider:
         controls = [j.options.get("control") for j in jobs]  # ControlNet chains: each entry's rows get their own
         if any(controls):
             kwargs["control"] = [(chain, batch) for chain in controls]
-        with batch_roles(tuple(j.slot == uncond_slot for j in jobs for _ in range(batch))):
+        with batch_roles(tuple(j.slot == uncond_slot for j in jobs for _ in range(batch)), chunk=batch):
             out = self.denoiser(torch.cat(xs), sigma.repeat(len(jobs)), context=torch.cat(contexts), **kwargs)
         for j, chunk in zip(jobs, out.chunk(len(jobs)), strict=True):
             j.output = chunk
@@ -245,15 +250,20 @@ class CFGGuider:
 
     def _guided(self, x: Tensor, sigma: Tensor, hooks: GuidanceHooks) -> Tensor:
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
-        lists = [self.positive] if self.cfg == 1.0 or not self.negative else [self.positive, self.negative]
+        skip_uncond = self.cfg == 1.0 and not hooks.uncond_at_cfg1
+        lists = [self.positive] if skip_uncond or not self.negative else [self.positive, self.negative]
         predictions = self._predict(lists, x, sigma)
         cond = predictions[0]
         uncond = predictions[1] if len(lists) == 2 else cond
-        if len(lists) == 1 and not hooks.post:
+        if len(lists) == 1 and not hooks.post and not hooks.pre:
             return cond
         step = GuidanceStep(cond, uncond, self.cfg, x, sigma, cond, self)
+        for pre in hooks.pre:
+            step.cond, step.uncond = pre(step)
+            step.denoised = step.cond
         if len(lists) == 2:
-            step.denoised = hooks.combine(step) if hooks.combine else uncond + (cond - uncond) * self.cfg
+            step.denoised = (hooks.combine(step) if hooks.combine
+                             else step.uncond + (step.cond - step.uncond) * self.cfg)
         for hook in hooks.post:
             step.denoised = hook(step)
         return step.denoised

@@ -1,0 +1,1 @@
+"""ComfyUI's `comfy.ldm` for packs: only `comfy.ldm.modules.attention`."""

@@ -1,0 +1,204 @@
+"""A ComfyUI V1 pack (tests/packs/patch_pack) patching a MODEL through every hook family of model_options and a
+CLIP through add_patches, on a tiny random SD1 checkpoint. Each patch is checked against a result it must
+reproduce exactly (a cfg function returning the positive prediction is cfg 1; an attn2 patch zeroing the context is
+an attn2 replacement returning zeros; ...) and against the unpatched result it must change."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
+from nodes import latent, loaders, sampling, text, vae
+from tests.graph.test_comfy_v1_nodes import PackEngine
+
+
+class PatchPackEngine(PackEngine):
+    core_modules = (latent, loaders, sampling, text, vae)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    data = tmp_path_factory.mktemp("patchdata")
+    (data / "models" / "checkpoints").mkdir(parents=True)
+    write_random_checkpoint(data / "models" / "checkpoints" / "sd1.safetensors", "sd1", seed=4)
+    return PatchPackEngine(data, ("model_pack", "patch_pack"))
+
+
+@pytest.fixture
+def log():
+    entries = sys.modules["latentloom_custom_nodes.patch_pack"].LOG
+    entries.clear()
+    return entries
+
+
+def prompt(kind: str | None = None, value: float = 1.0, cfg: float = 5.0, steps: int = 2) -> dict:
+    """txt2img whose KSampler takes the checkpoint's model patched by PatchModel(kind, value) if given."""
+    graph = {
+        "c": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.safetensors"}},
+        "p": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["c", 1]}},
+        "n": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["c", 1]}},
+        "e": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "k": {"class_type": "KSampler", "inputs": {
+            "model": ["m", 0] if kind else ["c", 0], "seed": 7, "steps": steps, "cfg": cfg, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["p", 0], "negative": ["n", 0], "latent_image": ["e", 0],
+            "denoise": 1.0}},
+        "out": {"class_type": "Sink", "inputs": {"value": ["k", 0]}},
+    }
+    if kind:
+        graph["m"] = {"class_type": "PatchModel", "inputs": {"model": ["c", 0], "kind": kind, "value": value}}
+    return graph
+
+
+def run(engine, kind=None, value=1.0, cfg=5.0, steps=2) -> torch.Tensor:
+    return engine.value(prompt(kind, value, cfg, steps), "k")[0]["samples"]
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def differs(a, b):
+    assert (a - b).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def plain(engine):
+    return run(engine)
+
+
+@pytest.fixture(scope="module")
+def cfg1(engine):
+    return run(engine, cfg=1.0)
+
+
+def test_cfg_function_returning_the_positive_is_cfg_1(engine, plain, cfg1, log):
+    patched = run(engine, "cfg_returns_cond")
+    close(patched, cfg1)
+    differs(patched, plain)
+    assert len(log) == 2 and log[0] == ("cfg", sorted(["cond", "uncond", "cond_scale", "timestep", "input", "sigma",
+                                                       "cond_denoised", "uncond_denoised", "model", "model_options",
+                                                       "input_cond", "input_uncond"]))
+
+
+def test_pre_cfg_function_replacing_the_negative_by_the_positive_is_cfg_1(engine, plain, cfg1, log):
+    close(run(engine, "pre_cfg_uncond_is_cond"), cfg1)
+    assert [entry[2:] for entry in log] == [(2, 2)] * 2
+    assert log[0][1] == sorted(["conds", "conds_out", "cond_scale", "timestep", "input", "sigma", "model",
+                                "model_options"])
+
+
+def test_post_cfg_function_sees_the_lists_and_its_result_is_final(engine, cfg1, log):
+    close(run(engine, "post_cfg_returns_cond"), cfg1)
+    assert log[0][2] == "list"  # "cond"/"uncond" of a post-cfg function are the conditioning lists, as in ComfyUI
+    assert "denoised" in log[0][1] and "cond_denoised" in log[0][1]
+
+
+def test_disable_cfg1_optimization_evaluates_the_negative_at_cfg_1(engine, cfg1, log):
+    close(run(engine, "post_cfg_cfg1_record", 0.0, cfg=1.0), cfg1)
+    assert [entry[1] for entry in log] == [False, False]  # negative skipped: uncond is the positive
+    log.clear()
+    close(run(engine, "post_cfg_cfg1_record", 1.0, cfg=1.0), cfg1)  # at cfg 1 the negative does not count
+    assert [entry[1] for entry in log] == [True, True]
+
+
+def test_attn1_patch_runs_in_every_transformer_block_with_comfy_extra_options(engine, plain, log):
+    close(run(engine, "attn1_patch_identity", steps=1), run(engine, steps=1))
+    blocks = {entry[1] for entry in log}
+    assert blocks == {("input", i) for i in (1, 2, 4, 5, 7, 8)} | {("middle", 0)} | {("output", i)
+                                                                                      for i in range(3, 12)}
+    block, block_index, heads, dim_head, cond_or_uncond = log[0][1:]
+    assert block_index == 0 and heads == 2 and dim_head * heads == 16 and cond_or_uncond == [0, 1]
+
+
+def test_attn1_replace_with_optimized_attention_reproduces_the_model(engine, plain, log):
+    close(run(engine, "attn1_replace_standard"), plain)
+    assert len(log) == 16 * 2  # 16 transformer blocks, 2 steps (one batched call each)
+
+
+def test_attn1_output_patch(engine, plain, log):
+    close(run(engine, "attn1_output_scale", 1.0), plain)
+    assert len(log) == 32
+    differs(run(engine, "attn1_output_scale", 0.5), plain)
+
+
+def test_attn2_patch_zeroing_the_context_equals_a_replacement_returning_zeros(engine, plain, log):
+    zero_context = run(engine, "attn2_patch_zero_context")
+    assert log and log[0][1][1:] == (77, 16)
+    close(zero_context, run(engine, "attn2_replace_zero"))
+    differs(zero_context, plain)
+
+
+def test_attn2_replace_keyed_by_block_only_replaces_that_block(engine, plain, log):
+    differs(run(engine, "attn2_replace_one_block"), plain)
+    assert set(log) == {("attn2_replace", ("middle", 0), 0)}
+
+
+def test_middle_patch_input_and_output_block_patches(engine, plain, log):
+    for kind, count in (("middle_patch_scale", 32), ("input_block_scale", 24), ("output_block_scale", 24)):
+        log.clear()
+        close(run(engine, kind, 1.0), plain)
+        assert len(log) == count, kind
+        differs(run(engine, kind, 0.9), plain)
+
+
+def test_unet_function_wrapper_wraps_every_model_call(engine, plain, log):
+    close(run(engine, "wrapper_count", 1.0), plain)
+    assert len(log) == 2  # one batched call (positive and negative) per step
+    assert log[0][1] == ["c", "cond_or_uncond", "input", "timestep"] and log[0][2] == [0, 1]
+    assert log[0][3] == (2, 77, 16)
+    differs(run(engine, "wrapper_count", 0.9), plain)
+
+
+def test_transformer_options_a_wrapper_passes_reach_the_patches(engine, plain, log):
+    close(run(engine, "wrapper_sets_option", 1.0), plain)
+    assert log and set(log) == {("scaled_by_option", 1.0)}
+    differs(run(engine, "wrapper_sets_option", 0.5), plain)
+
+
+def test_patches_written_into_model_options_directly_run(engine, plain, log):
+    close(run(engine, "direct_dict_output_scale", 1.0), plain)
+    assert len(log) == 32
+    differs(run(engine, "direct_dict_output_scale", 0.5), plain)
+
+
+def test_model_sampling_object_and_object_patch(engine, plain, log):
+    close(run(engine, "object_patch_model_sampling"), plain)
+    _, sigma_min, sigma_max, middle, top = log[0]
+    assert sigma_min == pytest.approx(0.0292, abs=1e-3) and sigma_max == pytest.approx(14.6146, abs=1e-3)
+    assert sigma_min < middle < sigma_max and top == pytest.approx(999, abs=0.5)
+
+
+def test_patches_stay_on_the_clone(engine, plain):
+    run(engine, "attn1_output_scale", 0.5)
+    close(run(engine), plain)
+
+
+def clip_prompt(strength: float) -> dict:
+    return {"c": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.safetensors"}},
+            "ours": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["c", 1]}},
+            "pack": {"class_type": "PatchClip", "inputs": {"clip": ["c", 1], "strength": strength, "width": 16,
+                                                           "text": "a cat"}},
+            "again": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["pack", 0]}},
+            "o1": {"class_type": "Sink", "inputs": {"value": ["ours", 0]}},
+            "o2": {"class_type": "Sink", "inputs": {"value": ["pack", 1]}},
+            "o3": {"class_type": "Sink", "inputs": {"value": ["again", 0]}}}
+
+
+def test_clip_add_patches(engine, log):
+    graph = clip_prompt(1.0)
+    (ours, _), = engine.value(graph, "ours")[0]
+    (patched, options), = engine.value(graph, "pack", 1)[0]
+    (again, _), = engine.value(graph, "again")[0]
+    assert log[0] == ("clip", ["clip_l.transformer.text_model.final_layer_norm.bias"])
+    # the last norm's bias: +0.25 everywhere (the tiny encoder runs in bf16 on the CPU: 8 bits of mantissa)
+    torch.testing.assert_close(patched, ours + 0.25, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(again, patched)  # the patched CLIP, passed on, encodes patched
+    assert "pooled_output" in options
+    (half, _), = engine.value(clip_prompt(0.5), "pack", 1)[0]
+    torch.testing.assert_close(half, ours + 0.125, atol=2e-2, rtol=1e-2)
+    assert (patched - half).mean() == pytest.approx(0.125, abs=5e-3)
+    (after, _), = engine.value(graph, "ours")[0]
+    torch.testing.assert_close(after, ours)  # the checkpoint's CLIP is unchanged
