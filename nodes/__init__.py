@@ -19,7 +19,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "nodes.hypernetwork",
     "nodes.schedulers", "nodes.samplers_custom", "nodes.controlnet",
     "nodes.upscale_models", "nodes.clip_vision",
-    "nodes.gligen", "nodes.ip_adapter", "nodes.animatediff", "nodes.acceleration", "nodes.video",
+    "nodes.gligen", "nodes.ip_adapter", "nodes.animatediff", "nodes.acceleration", "nodes.video", "nodes.svd",
 )
 
 

@@ -32,8 +32,10 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CONFIG_METADATA_KEY = "latentloom.config"
 FAMILY_NAMES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
-TITLES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL base", "sdxl_refiner": "SDXL refiner"}
-SCALING_FACTORS = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "sdxl_refiner": 0.13025}
+TITLES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL base", "sdxl_refiner": "SDXL refiner",
+          "svd": "Stable Video Diffusion"}  # svd: detected and loaded by svd_files.py
+SCALING_FACTORS = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "sdxl_refiner": 0.13025, "svd": 0.18215}
+SVD_UNET_MARKER = UNET_PREFIX + "input_blocks.1.0.time_stack.in_layers.0.weight"
 # ComfyUI's test for SD2 v-prediction checkpoints: the v models' weights here are spread wider.
 SD2_V_PROBE = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 SD2_V_STD_THRESHOLD = 0.09
@@ -97,6 +99,9 @@ def detect_family(
     unet_sd = strip_prefix(sd, UNET_PREFIX)
     if not unet_sd:
         raise FamilyError(_not_a_checkpoint(sd))
+    if SVD_UNET_MARKER in sd:
+        raise FamilyError("this is a Stable Video Diffusion (image-to-video) checkpoint: its UNet has temporal layers "
+                          "(time_stack) and no text encoder; load it with ImageOnlyCheckpointLoader")
     unet = _unet_config(unet_sd, config)
     name = _family_name(sd, unet, config)
     vae_sd = strip_prefix(sd, VAE_PREFIX)
