@@ -33,7 +33,13 @@ from .patches.comfy_options import FunctionWrapped, copy_options, guidance_hooks
 from .patches.control import ControlNetHandle, ControlRows, control_residuals, residual_patches, uncond_control
 from .patches.patcher import ModelPatcher, WeightDiff
 from .patches.unet_patches import UNetPatches
-from .preview import PreviewBudget, fit_latent_rgb_projection, latent_preview_image, tiny_decoder_preview_image
+from .preview import (
+    PreviewBudget,
+    PreviewCache,
+    fit_latent_rgb_projection,
+    latent_preview_image,
+    tiny_decoder_preview_image,
+)
 from .sampling.guidance import CFGGuider, Conditioning, GuidanceHooks
 from .sampling.model_sampling import ContinuousModelSampling, Denoiser, ModelSampling, discrete_model_sampling
 from .sampling.schedules import DiscreteSchedule
@@ -69,6 +75,9 @@ class DiffusionModel(ComfyModelMethods):
     # Loads the TAESD-style tiny decoder previews use instead of the linear map (diffusion/models/taesd.py); set by
     # the checkpoint loaders when the preview method and a decoder file allow it; None: the linear map.
     preview_decoder: Callable[[], torch.nn.Module] | None = None
+    # Where the fitted linear preview map is kept by the VAE encoder's digest (set by the checkpoint loaders); None:
+    # fitted again in every process.
+    preview_cache: PreviewCache | None = None
     # ComfyUI's model_options as node packs set them (patches/comfy_options.py); read at every call.
     model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     _preview: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
@@ -159,7 +168,8 @@ class DiffusionModel(ComfyModelMethods):
         if self.preview_encode is None:
             return None
         if "projection" not in self._preview:
-            self._preview["projection"] = fit_latent_rgb_projection(self.preview_encode)
+            self._preview["projection"] = (fit_latent_rgb_projection(self.preview_encode) if self.preview_cache is None
+                                           else self.preview_cache.projection(self.preview_encode))
         return latent_preview_image(x0[:1].float().cpu() / self.latent_scale, self._preview["projection"])
 
     @contextlib.contextmanager

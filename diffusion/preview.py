@@ -13,15 +13,22 @@ model's ships: 6/255 off the decoded image); its previews are kept to a share of
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import logging
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LatentRGBProjection:
@@ -56,6 +63,58 @@ def fit_latent_rgb_projection(
     targets = pooled.permute(0, 2, 3, 1).reshape(-1, 3).double()
     solution = torch.linalg.lstsq(inputs, targets).solution.float()
     return LatentRGBProjection(weight=solution[:-1].contiguous(), bias=solution[-1].contiguous())
+
+
+# The fit encodes 18 small images through the VAE encoder: about 2-10 s for a full-size VAE on a small CPU, paid
+# by the first preview after every start. Its result depends only on the encoder's weights and the fit's
+# settings, so it is kept on disk under a digest of both (PreviewCache) and read back in microseconds.
+FIT_SETTINGS = {"samples": 6, "size": 64, "seed": 0, "version": 1}
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")
+
+
+def weights_digest(module: torch.nn.Module, prefixes: tuple[str, ...] = ENCODER_PREFIXES) -> str:
+    """A content digest (BLAKE2b) of the tensors of `module` whose names start with one of `prefixes`: names,
+    dtypes, shapes and bytes. About 0.1 s for an SD VAE encoder's 34M values."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        if not name.startswith(prefixes):
+            continue
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class PreviewCache:
+    """Where fitted latent -> RGB maps are kept (a folder of small JSON files, one per VAE encoder and fit
+    settings) and the VAE whose encoder they are fitted to."""
+
+    folder: Path
+    vae: torch.nn.Module
+
+    def projection(self, encode: Callable[[Tensor], Tensor]) -> LatentRGBProjection:
+        """The map of `encode` (the VAE's encoder), read from the folder when fitted before, else fitted and
+        written there (atomically; a folder that cannot be written costs only the cache)."""
+        key = hashlib.blake2b(json.dumps([weights_digest(self.vae), FIT_SETTINGS]).encode(), digest_size=16)
+        path = self.folder / f"latent_rgb_{key.hexdigest()}.json"
+        try:
+            stored = json.loads(path.read_text())
+            return LatentRGBProjection(torch.tensor(stored["weight"]), torch.tensor(stored["bias"]))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("preview map cache %s unreadable (%s); fitting again", path, exc)
+        settings = {k: v for k, v in FIT_SETTINGS.items() if k != "version"}
+        projection = fit_latent_rgb_projection(encode, **settings)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.folder, suffix=".tmp", delete=False) as f:
+                json.dump({"weight": projection.weight.tolist(), "bias": projection.bias.tolist()}, f)
+            os.replace(f.name, path)
+        except OSError as exc:
+            log.warning("preview map not cached in %s: %s", self.folder, exc)
+        return projection
 
 
 def latent_preview_image(latent: Tensor, projection: LatentRGBProjection, max_size: int = 512) -> Image.Image:

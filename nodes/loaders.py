@@ -19,6 +19,7 @@ from diffusion.checkpoints.loader import load_checkpoint, load_vae
 from diffusion.handles import ClipModel, DiffusionModel, VAEModel, wrap_checkpoint
 from diffusion.patches.lora import load_lora, lora_patches
 from diffusion.patches.patcher import ModelPatcher
+from diffusion.preview import PreviewCache
 from graph.node import Combo, Float, Int, Node, Output, Socket
 from graph.types import CLIP, MODEL, VAE
 from nodes.environment import Environment
@@ -68,6 +69,7 @@ def load_checkpoint_handles(env: Environment, name: str) -> tuple[DiffusionModel
         loaded.text.embedding_dirs = [str(d) for d in env.model_dirs("embeddings")]
         model, clip, vae = wrap_checkpoint(loaded, manager, name=Path(name).stem)
         model.preview_decoder = env.preview_decoder(loaded.family.name, Path(name).stem)
+        model.preview_cache = PreviewCache(env.data_dir / "cache" / "previews", loaded.vae)
         return model, clip, vae
 
     return env.model_cache.load(("checkpoint", *_file_key(path)), load)

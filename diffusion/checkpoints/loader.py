@@ -17,6 +17,7 @@ from torch import nn
 
 from ..models.text_encoders import FAMILIES as TEXT_FAMILIES
 from ..models.text_encoders import TextEncoders
+from ..models.transformers_clip import start_import
 from ..models.unclip import NoiseAugmentor
 from ..models.unet import UNetModel
 from ..models.vae import AutoencoderKL, VAEConfig
@@ -40,11 +41,32 @@ class LoadedCheckpoint:
     noise_augmentor: NoiseAugmentor | None = None  # SD2.1 unCLIP checkpoints' image-embedding noiser
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+CAST_CHUNK = 1 << 18  # elements of the fp32 scratch a 16-bit → 16-bit cast goes through (1 MiB: stays in L2)
+
+
 def _cast(t: Tensor, dtype: torch.dtype | None, device: torch.device) -> Tensor:
     """Only floating tensors change dtype; a tensor already right is returned as is (still a file view)."""
     if dtype is None or not t.dtype.is_floating_point:
         return t.to(device=device)
+    if device.type == "cpu" and t.dtype != dtype and t.dtype in HALF_DTYPES and dtype in HALF_DTYPES:
+        return _cast_half(t, dtype)
     return t.to(device=device, dtype=dtype)
+
+
+def _cast_half(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """fp16 ↔ bf16 on the CPU through an fp32 scratch, chunk by chunk: torch converts between the two 16-bit
+    types element by element, about 4x slower than the two vectorised conversions to and from fp32 (measured on
+    this project's AVX-512 CPU: 3.3 s vs 0.9 s per billion values; the cast of an fp16 SD1.5 file to bf16 was
+    most of its load time). Exact: every fp16 and bf16 value is an fp32 value, so rounding happens once."""
+    out = torch.empty(t.shape, dtype=dtype)
+    src, dst = t.reshape(-1), out.view(-1)
+    scratch = torch.empty(min(CAST_CHUNK, src.numel()), dtype=torch.float32)
+    for start in range(0, src.numel(), CAST_CHUNK):
+        part = scratch[:min(CAST_CHUNK, src.numel() - start)]
+        part.copy_(src[start:start + part.numel()])
+        dst[start:start + part.numel()].copy_(part)
+    return out
 
 
 def _stored_dtype(sd: Mapping[str, Tensor]) -> torch.dtype:
@@ -141,6 +163,7 @@ def load_checkpoint(
     without running code). dtype None keeps the UNet's stored dtype; text encoders follow the UNet, the
     VAE too except that fp16 becomes fp32, unless `text_dtype` or `autoencoder_dtype` say otherwise (--bf16-unet,
     --fp32-vae). `prediction` forces "eps" or "v"."""
+    start_import()  # transformers' CLIP (3-5 s) imports in a thread while the UNet and VAE weights are cast
     sd = read_state_dict(path)
     metadata = read_metadata(path)
     try:

@@ -18,9 +18,9 @@ import os
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from ..models.text_encoders import TextEncoderConfig
+from ..models.transformers_clip import clip_classes
 from ..models.unet import UNetConfig, UNetModel
 from ..models.vae import AutoencoderKL, VAEConfig
 from ..text.tokenizer import CLIPTokenizer
@@ -122,7 +122,8 @@ def checkpoint_spec(family: str, size: str = "tiny", *, inpaint: bool = False) -
 
 def _text_layout(spec: TextSpec) -> dict[str, Tensor]:
     pad = CLIPTokenizer.eos_id if spec.layout == "hf" else 0
-    cls = CLIPTextModel if spec.config.projection_dim is None else CLIPTextModelWithProjection
+    classes = clip_classes()
+    cls = classes.CLIPTextModel if spec.config.projection_dim is None else classes.CLIPTextModelWithProjection
     with torch.device("meta"):
         ours = from_transformers(cls(spec.config.transformers_config(pad)).state_dict())
     if spec.layout == "hf":  # released SD1/SDXL files keep the position_ids buffer

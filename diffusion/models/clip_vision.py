@@ -25,9 +25,9 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from ..checkpoints.clip_keys import open_clip_block_key
 from ..checkpoints.files import (
@@ -39,6 +39,10 @@ from ..checkpoints.files import (
 )
 from ..checkpoints.random_checkpoints import random_tensor
 from .clip_vision_preprocess import clip_preprocess
+from .transformers_clip import clip_classes
+
+if TYPE_CHECKING:  # imported when a tower is built (transformers_clip.py)
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,7 @@ class ClipVisionConfig:
     hidden_act: str = "gelu"  # OpenAI ViT-L: "quick_gelu"
 
     def transformers_config(self) -> CLIPVisionConfig:
-        return CLIPVisionConfig(
+        return clip_classes().CLIPVisionConfig(
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
             projection_dim=self.projection_dim, image_size=self.image_size, patch_size=self.patch_size,
@@ -231,7 +235,7 @@ def build_clip_vision(sd: Mapping[str, Tensor], config: ClipVisionConfig, *, dty
     meta device and filled with `assign=True`, cast tensor by tensor only where the dtype differs."""
     device = torch.device(device)
     with torch.device("meta"):
-        model = CLIPVisionModelWithProjection(config.transformers_config())
+        model = clip_classes().CLIPVisionModelWithProjection(config.transformers_config())
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
     missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
     wrong = [f"{k}: file {list(sd[k].shape)}, model {list(s)}" for k, s in expected.items()
@@ -315,7 +319,8 @@ def clip_vision_layout(config: ClipVisionConfig, layout: str = "hf", prefix: str
     """Key → meta tensor of a tower's file in `layout` ("hf" or "open_clip") under `prefix`
     (default: none for HF, `visual.` for OpenCLIP)."""
     with torch.device("meta"):
-        sd = {k: v for k, v in CLIPVisionModelWithProjection(config.transformers_config()).state_dict().items()
+        tower = clip_classes().CLIPVisionModelWithProjection(config.transformers_config())
+        sd = {k: v for k, v in tower.state_dict().items()
               if not k.endswith("position_ids")}
     if layout == "hf":
         return {(prefix or "") + k: v for k, v in sd.items()}

@@ -13,18 +13,23 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..checkpoints.clip_keys import PROJECTION, TEXT, text_encoder_state_dict
 from ..text.prompt import Chunk, PromptTokenizer
 from ..text.tokenizer import CLIPTokenizer
+from .transformers_clip import clip_classes
+
+if TYPE_CHECKING:  # transformers is imported when a model is built (transformers_clip.py: 3-5 s)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    ClipModel = CLIPTextModel | CLIPTextModelWithProjection
 
 log = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
-ClipModel = CLIPTextModel | CLIPTextModelWithProjection
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ class TextEncoderConfig:
         )
 
     def transformers_config(self, pad_id: int) -> CLIPTextConfig:
-        return CLIPTextConfig(
+        return clip_classes().CLIPTextConfig(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -94,7 +99,8 @@ def text_module(model: ClipModel) -> torch.nn.Module:
 def build_clip_model(sd: Mapping[str, Tensor], config: TextEncoderConfig, pad_id: int) -> ClipModel:
     """A transformers CLIP text model holding exactly the tensors of `sd` (our layout): built on the meta
     device and filled with `assign=True`, so no second copy of the weights is ever allocated."""
-    cls = CLIPTextModel if config.projection_dim is None else CLIPTextModelWithProjection
+    classes = clip_classes()
+    cls = classes.CLIPTextModel if config.projection_dim is None else classes.CLIPTextModelWithProjection
     with torch.device("meta"):
         model = cls(config.transformers_config(pad_id))
     has_text_level = hasattr(model, "text_model")
