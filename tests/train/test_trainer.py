@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from diffusion.checkpoints.files import read_metadata, read_state_dict
+from diffusion.checkpoints.files import read_metadata, read_state_dict, write_safetensors
 from diffusion.checkpoints.loader import load_checkpoint
 from diffusion.models.unet_blocks import CrossAttention
 from train import data, shapes
@@ -22,7 +22,7 @@ from train.recipe import (
 from train.train_model import lr_at, main
 
 TINY = ["--spec", "tiny", "--vae-steps", "4", "--vae-batch", "4", "--latents", "32", "--unet-steps", "5",
-        "--decoder-steps", "3", "--unet-batch", "4", "--log-every", "2", "--save-every", "3"]
+        "--decoder-steps", "3", "--sharpen-steps", "2", "--unet-batch", "4", "--log-every", "2", "--save-every", "3"]
 
 
 def train(tmp_path, name, *extra):
@@ -53,7 +53,7 @@ def test_writes_an_sd1_file_the_loader_reads(uninterrupted):
     assert abs(float(table.std()) - 0.1) < 0.005
 
 
-@pytest.mark.parametrize("first_run_steps", [2, 7, 10])  # stop inside the VAE / the UNet / the decoder phase
+@pytest.mark.parametrize("first_run_steps", [2, 7, 10, 13])  # stop inside the VAE / UNet / decoder / sharpening
 def test_resume_gives_the_same_weights(tmp_path, uninterrupted, first_run_steps):
     out, code = train(tmp_path, "cut", "--stop-after", str(first_run_steps))
     assert code == 3 and not out.exists() and (tmp_path / "cut.pt").exists()
@@ -78,6 +78,47 @@ def test_decoder_phase_changes_only_the_decoder(tmp_path):
     changed = {k for k in plain if not torch.equal(plain[k], polished[k])}
     assert changed and all(k.startswith(("first_stage_model.decoder.", "first_stage_model.post_quant_conv."))
                            for k in changed)
+
+
+def test_sharpening_from_a_phase_4_checkpoint_gives_the_full_runs_bytes(tmp_path, uninterrupted):
+    phases_1_to_4, code = train(tmp_path, "p4", "--sharpen-steps", "0")
+    assert code == 0
+    assert "sharpen" not in read_metadata(phases_1_to_4)["latentloom.training"]
+    out, code = train(tmp_path, "p5", "--from-checkpoint", str(phases_1_to_4))
+    assert code == 0
+    assert out.read_bytes() == uninterrupted.read_bytes()
+    assert "sharpen_steps=2 sharpen_band=3" in read_metadata(out)["latentloom.training"]
+    sharpened, plain = read_state_dict(out), read_state_dict(phases_1_to_4)
+    changed = {k for k in plain if not torch.equal(plain[k], sharpened[k])}
+    assert changed and all(k.startswith(("first_stage_model.decoder.", "first_stage_model.post_quant_conv."))
+                           for k in changed)
+
+
+def test_from_checkpoint_refuses_a_file_of_another_recipe(tmp_path, uninterrupted):
+    phases_1_to_4, _ = train(tmp_path, "p4", "--sharpen-steps", "0")
+    with pytest.raises(SystemExit, match="metadata"):  # another seed
+        train(tmp_path, "other", "--seed", "3", "--from-checkpoint", str(phases_1_to_4))
+    with pytest.raises(SystemExit, match="metadata"):  # already sharpened
+        train(tmp_path, "again", "--from-checkpoint", str(uninterrupted))
+    sd = read_state_dict(phases_1_to_4)
+    key = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+    sd[key] = sd[key] + 1.0  # right metadata, but a text encoder this seed does not make
+    tampered = tmp_path / "tampered.safetensors"
+    write_safetensors(tampered, {k: (v.dtype, tuple(v.shape)) for k, v in sd.items()}, sd.__getitem__,
+                      read_metadata(phases_1_to_4))
+    with pytest.raises(SystemExit, match=r"1 tensors differ.*final_layer_norm"):
+        train(tmp_path, "tampered", "--from-checkpoint", str(tampered))
+    with pytest.raises(SystemExit, match="no file"):
+        train(tmp_path, "missing", "--from-checkpoint", str(tmp_path / "nope.safetensors"))
+
+
+def test_band_weights_count_the_edge_on_both_sides():
+    weights = torch.ones(1, 1, 9, 9)
+    weights[..., 3:6, 3:6] = data.FOREGROUND_WEIGHT
+    banded = data.band_weights(weights, 1)
+    assert torch.equal(data.band_weights(weights, 0), weights)
+    assert float(banded[0, 0, 2, 2]) == data.FOREGROUND_WEIGHT and float(banded[0, 0, 4, 4]) == data.FOREGROUND_WEIGHT
+    assert float(banded[0, 0, 1, 4]) == 1.0 and int((banded > 1).sum()) == 25
 
 
 def test_rescaled_vae_reconstructs_the_same_with_scaled_latents():
