@@ -81,7 +81,7 @@ def detect_svd(sd: Mapping[str, Tensor], metadata: Mapping[str, str] | None = No
 
 def _not_svd(sd: Mapping[str, Tensor], metadata: Mapping[str, str] | None) -> str:
     try:
-        found = f"a {detect_family(sd, metadata).title} checkpoint"
+        found = f"an image model checkpoint ({detect_family(sd, metadata).title})"
     except CheckpointError:
         shown = dict(sorted(key_prefixes(sd).items(), key=lambda kv: -kv[1])[:6])
         found = f"not a checkpoint this loader knows ({len(sd)} keys with prefixes {shown})"

@@ -94,6 +94,9 @@ def test_frame_guidance_scales_by_hand():
     cond, uncond = torch.ones(5, 4, 2, 2), torch.zeros(5, 4, 2, 2)
     step = GuidanceStep(cond, uncond, 3.0, cond, torch.ones(5), cond, None)
     torch.testing.assert_close(hooks.combine(step)[:, 0, 0, 0], torch.tensor([1.0, 2.0, 3.0, 2.0, 1.0]))
+    step = GuidanceStep(cond * 2, cond, 5.0, cond, torch.ones(5), cond, None)  # uncond 1, cond 2: 1 + scale
+    torch.testing.assert_close(frame_cfg_hooks("linear", 1.0).combine(step)[:, 0, 0, 0],
+                               torch.tensor([2.0, 3.0, 4.0, 5.0, 6.0]))
     with pytest.raises(ValueError, match="unknown frame guidance"):
         frame_cfg_hooks("square", 1.0)
 
@@ -108,8 +111,8 @@ def test_real_size_layout_detects_as_svd():
 def test_wrong_files_are_named(svd_file, tmp_path):
     sd1 = tmp_path / "sd1.safetensors"
     write_random_checkpoint(sd1, "sd1")
-    with pytest.raises(CheckpointError, match=r"sd1\.safetensors: this is a SD1\.x .* checkpoint, not a Stable "
-                                              r"Video Diffusion"):
+    with pytest.raises(CheckpointError, match=r"sd1\.safetensors: this is an image model checkpoint \(SD1\.x "
+                                              r"\(eps-prediction\)\), not a Stable Video Diffusion"):
         load_svd_checkpoint(sd1)
     with pytest.raises(FamilyError, match="ImageOnlyCheckpointLoader"):
         detect_family(read_state_dict(svd_file))
