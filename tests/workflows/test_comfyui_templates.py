@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from diffusion.checkpoints.controlnet_files import random_controlnet, write_controlnet_file
 from diffusion.checkpoints.random_checkpoints import checkpoint_spec, write_random_checkpoint, write_random_vae
+from diffusion.checkpoints.random_svd import write_random_svd_checkpoint
 from diffusion.checkpoints.upscale_models import write_random_upscale_model
 from diffusion.models.clip_vision import write_random_clip_vision
 from diffusion.models.gligen import write_random_gligen
@@ -55,6 +56,7 @@ CHECKPOINTS = {  # file name the templates reference → (family, options)
     "majicmixRealistic_v7.safetensors": ("sd1", {}),
     "japaneseStyleRealistic_v20.safetensors": ("sd1", {}),
 }
+SVD_CHECKPOINTS = ("svd.safetensors", "svd_xt.safetensors")  # the image-to-video templates' (tiny random SVD files)
 LORAS = ("blindbox_v1_mix.safetensors", "MoXinV1.safetensors")  # for the SD1 dreamshaper_8
 VAE = "vae-ft-mse-840000-ema-pruned.safetensors"
 GLIGEN = "gligen_sd14_textbox_pruned.safetensors"  # text-box GLIGEN for the SD1 checkpoints
@@ -70,7 +72,8 @@ CONTROLNETS = {  # file name → (family, under control_model.)
 }
 IMAGES = ("image2image_input_image.jpg", "inpaint_example_input_image.png",
           "inpaint_model_outpainting_input_image.png", "sdxl_revision_text_prompts_ref_image1.png",
-          "sdxl_revision_text_prompts_ref_image2.png", "controlnet_example_input_image.png")
+          "sdxl_revision_text_prompts_ref_image2.png", "controlnet_example_input_image.png",
+          "image_to_video_input_image.png")
 HINTS = {  # hint pictures the ControlNet templates load directly → kind of synthetic picture
     "depth_controlnet_input_image.png": "depth", "mixing_controlnets_scribble_input.png": "scribble",
     "mixing_controlnets_pose_input.png": "pose", "2_pass_pose_worship_input.png": "pose",
@@ -112,6 +115,10 @@ SMALL: dict[str, list[str]] = {  # template → --set overrides: sizes and step 
     "2_pass_pose_worship": ["5.width=64", "5.height=64", "14.width=96", "14.height=96", f"50.steps={FEW}",
                             f"58.steps={FEW}"],
     # 768 -> 96 pixels, the two boxes scaled with it (about 1/8, on the 8-pixel grid)
+    # SVD: 1024x576 -> 32x32 pixels, 14 (25) frames -> 4; the SDXL first stage of txt_to_image_to_video -> 64x64
+    "image_to_video": ["12.width=32", "12.height=32", "12.video_frames=4", f"3.steps={FEW}"],
+    "txt_to_image_to_video": ["22.width=64", "22.height=64", f"17.steps={FEW}", "12.width=32", "12.height=32",
+                              "12.video_frames=4", f"3.steps={FEW}"],
     "gligen_textbox_example": ["5.width=96", "5.height=96", "21.width=24", "21.height=40", "21.x=24", "21.y=32",
                                "27.width=16", "27.height=16", "27.x=56", "27.y=0", f"3.steps={FEW}"],
 }
@@ -186,6 +193,8 @@ def data_dir(tmp_path_factory) -> Path:
     for seed, name in enumerate(LORAS):
         write_lora(models / "loras" / name, models / "checkpoints" / "dreamshaper_8.safetensors", seed)
     write_random_vae(models / "vae" / VAE, seed=7)
+    for seed, name in enumerate(SVD_CHECKPOINTS):
+        write_random_svd_checkpoint(models / "checkpoints" / name, seed=30 + seed)
     (models / "controlnet").mkdir()
     for seed, (name, (family, prefix)) in enumerate(CONTROLNETS.items()):
         weights, info = random_controlnet(family, seed=20 + seed)
@@ -246,10 +255,22 @@ def test_template_runs_unchanged(path, engine):
     assert saved, f"{path.stem}: no image came out"
     for image in saved:
         folder = env.output_dir if image["type"] == "output" else env.temp_dir
-        with Image.open(folder / image.get("subfolder", "") / image["filename"]) as picture:
-            assert picture.size[0] >= 32 and picture.size[1] >= 32
-            pixels = np.asarray(picture.convert("RGB"), dtype=np.float32)
+        for pixels in pictures_in(folder / image.get("subfolder", "") / image["filename"]):
+            assert pixels.shape[0] >= 32 and pixels.shape[1] >= 32
             assert np.isfinite(pixels).all() and pixels.std() > 0  # a picture, not a constant
+
+
+def pictures_in(path: Path) -> list[np.ndarray]:
+    """The picture of an image file, or every frame of a video file (SaveVideo's MP4), as float RGB."""
+    if path.suffix in (".mp4", ".webm"):
+        import av
+
+        with av.open(str(path)) as container:
+            frames = [frame.to_ndarray(format="rgb24").astype(np.float32) for frame in container.decode(video=0)]
+        assert frames, f"{path.name}: no frames"
+        return frames
+    with Image.open(path) as picture:
+        return [np.asarray(picture.convert("RGB"), dtype=np.float32)]
 
 
 # ControlNet templates → their ControlNetApplyAdvanced nodes (the ControlNets must change what comes out)
