@@ -191,3 +191,22 @@ def test_temporal_decoder_matches_diffusers() -> None:
     with torch.no_grad():
         per_frame = torch.cat([ours.decode(z[i:i + 1]) for i in range(frames)])
     assert relative_error(per_frame, expected) > 1e-2  # the time mixing is in play
+
+
+def test_real_size_layout_maps_onto_diffusers_svd() -> None:
+    """At SVD's real size (diffusers' default config is SVD's) every key maps onto diffusers' with the same shape,
+    both ways: the single-file layout of the released files is what we build."""
+    real = SVDUNetConfig()
+    with torch.device("meta"):
+        ours = SVDUNet(real).state_dict()
+        theirs = UNetSpatioTemporalConditionModel().state_dict()
+    converted = {unet_key(k, real): tuple(v.shape) for k, v in ours.items()}
+    assert converted == {k: tuple(v.shape) for k, v in theirs.items()}
+
+    vae = VAEConfig()
+    with torch.device("meta"):
+        decoder = SVDAutoencoder(vae).state_dict()
+        reference = TemporalDecoder(block_out_channels=(128, 256, 512, 512), layers_per_block=2).state_dict()
+    mapped = {vae_key(k, vae): v.shape[:2] if k.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight"))
+              and ".attn_1." in k else v.shape for k, v in decoder.items() if k.startswith("decoder.")}
+    assert {k: tuple(v) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in reference.items()}
