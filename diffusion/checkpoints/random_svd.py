@@ -18,7 +18,7 @@ import torch
 from ..models.clip_vision import PRESETS, ClipVisionConfig, clip_vision_layout
 from ..models.svd_unet import SVDUNet, SVDUNetConfig
 from ..models.svd_vae import SVDAutoencoder
-from ..models.vae import VAEConfig
+from ..models.vae import AutoencoderKL, VAEConfig
 from .families import CONFIG_METADATA_KEY, UNET_PREFIX, VAE_PREFIX
 from .random_checkpoints import _write
 from .svd_files import VISION_PREFIX
@@ -47,11 +47,15 @@ def svd_spec(size: str = "tiny") -> SVDSpec:
     return SVDSpec(unet, VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8), vision)
 
 
-def svd_layout(spec: SVDSpec) -> dict[str, torch.Tensor]:
-    """Every key of the file -> a meta tensor of its shape (OpenCLIP's logit scale: its real value)."""
+def svd_layout(spec: SVDSpec, *, image_decoder: bool = False) -> dict[str, torch.Tensor]:
+    """Every key of the file -> a meta tensor of its shape (OpenCLIP's logit scale: its real value).
+    `image_decoder`: the `*_image_decoder` variants' autoencoder, SD's per-frame decoder (and no quant convs)."""
     with torch.device("meta"):
         unet = SVDUNet(spec.unet).state_dict()
-        vae = SVDAutoencoder(spec.vae).state_dict()
+        if image_decoder:
+            vae = {k: v for k, v in AutoencoderKL(spec.vae).state_dict().items() if "quant_conv" not in k}
+        else:
+            vae = SVDAutoencoder(spec.vae).state_dict()
     layout = {UNET_PREFIX + k: v for k, v in unet.items()}
     layout.update({VAE_PREFIX + k: v for k, v in vae.items()})
     layout.update(clip_vision_layout(spec.vision, "open_clip", VISION_PREFIX))
@@ -65,8 +69,9 @@ def svd_layout(spec: SVDSpec) -> dict[str, torch.Tensor]:
 
 
 def write_random_svd_checkpoint(path: str | os.PathLike, *, size: str = "tiny", seed: int = 0,
-                                dtype: torch.dtype | None = None) -> SVDSpec:
-    """Write a random SVD file (fp16 at real size, fp32 tiny unless `dtype` says otherwise)."""
+                                dtype: torch.dtype | None = None, image_decoder: bool = False) -> SVDSpec:
+    """Write a random SVD file (fp16 at real size, fp32 tiny unless `dtype` says otherwise); `image_decoder` as
+    in `svd_layout`."""
     spec = svd_spec(size)
     dtype = dtype or (torch.float16 if size == "real" else torch.float32)
     metadata = {}
@@ -77,5 +82,5 @@ def write_random_svd_checkpoint(path: str | os.PathLike, *, size: str = "tiny", 
                   "vae": {"norm_groups": spec.vae.norm_groups},
                   "clip_vision": {"num_heads": spec.vision.num_heads, "hidden_act": spec.vision.hidden_act}}
         metadata[CONFIG_METADATA_KEY] = json.dumps(config, sort_keys=True)
-    _write(path, svd_layout(spec), dtype, seed, metadata, {})
+    _write(path, svd_layout(spec, image_decoder=image_decoder), dtype, seed, metadata, {})
     return spec

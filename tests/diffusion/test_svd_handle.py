@@ -15,6 +15,7 @@ from diffusion.checkpoints.svd_files import detect_svd, load_svd_checkpoint
 from diffusion.memory import ModelManager
 from diffusion.models.svd_unet import svd_adm
 from diffusion.models.svd_vae import SVDAutoencoder
+from diffusion.models.vae import AutoencoderKL
 from diffusion.sampling.guidance import GuidanceStep
 from diffusion.sampling.model_sampling import ContinuousModelSampling
 from diffusion.sampling.video_guidance import frame_cfg_hooks, frame_cfg_scales
@@ -73,6 +74,18 @@ def test_guided_denoiser_is_the_hand_assembled_unet_step(svd_file):
     with model.denoiser() as denoiser, torch.no_grad():
         single = torch.cat([model.guider(denoiser, positive, negative, cfg)(x[i:i + 1], sigma) for i in range(frames)])
     assert (single - got).abs().max() > 1e-3
+
+
+def test_image_decoder_variant_loads_the_per_frame_decoder(tmp_path):
+    path = tmp_path / "svd_image_decoder.safetensors"
+    write_random_svd_checkpoint(path, seed=4, image_decoder=True)
+    loaded = load_svd_checkpoint(path)
+    assert isinstance(loaded.vae, AutoencoderKL) and not isinstance(loaded.vae, SVDAutoencoder)
+    z = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():  # the file has no quant convs: the stand-ins change nothing
+        torch.testing.assert_close(loaded.vae.decode(z), loaded.vae.decoder(z))
+        torch.testing.assert_close(loaded.vae.encode(images), loaded.vae.encoder(images)[:, :4])
 
 
 def test_concat_latent_is_resized_and_repeated():
