@@ -26,7 +26,8 @@ ALIASES = {
 }
 OUR_NAMES = ("nodes", "server")  # also our own packages: resolved for pack modules only
 SUBMODULES = {"comfy": ("utils", "model_management", "samplers", "model_patcher", "sd", "model_base", "ldm",
-                        "ldm.modules", "ldm.modules.attention"), "comfy_api": ("latest", "latest.io", "latest.ui")}
+                        "ldm.modules", "ldm.modules.attention", "comfy_types", "comfy_types.node_typing"),
+              "comfy_api": ("latest", "latest.io", "latest.ui")}
 
 
 def install(registry: Any, env: Any) -> None:

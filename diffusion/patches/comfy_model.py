@@ -23,8 +23,12 @@ from .patcher import WeightDiff
 class BaseModelView:
     """ComfyUI's BaseModel as packs read it, over a MODEL handle (live: an object patch shows)."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, guider: Any = None) -> None:
         self._handle = handle
+        self.guider = guider  # set in the args of cfg functions: what comfy.samplers.calc_cond_batch evaluates with
+
+    def with_guider(self, guider: Any) -> BaseModelView:
+        return BaseModelView(self._handle, guider)
 
     @property
     def model_sampling(self) -> ModelSampling:

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..sampling.guidance import GuidanceHooks, GuidanceStep
+from ..sampling.guidance import CFGGuider, GuidanceHooks, GuidanceStep
 from .unet_patches import Attend, Site, UNetPatches, cond_or_uncond
 
 PATCH_NAMES = ("attn1_patch", "attn2_patch", "attn1_output_patch", "attn2_output_patch", "middle_patch",
@@ -209,6 +209,10 @@ def guidance_hooks(options: dict[str, Any], model: Any) -> GuidanceHooks | None:
     if cfg_fn is None and not pre and not post and not no_cfg1:
         return None
 
+    def bound(step: GuidanceStep) -> Any:
+        """args["model"]: the view knowing the guider of this step, for comfy.samplers.calc_cond_batch."""
+        return model.with_guider(step.guider) if hasattr(model, "with_guider") else model
+
     def lists(step: GuidanceStep) -> tuple[Any, Any]:
         guider = step.guider
         return getattr(guider, "positive", None), getattr(guider, "negative", None)
@@ -217,14 +221,14 @@ def guidance_hooks(options: dict[str, Any], model: Any) -> GuidanceHooks | None:
         positive, negative = lists(step)
         args = {"cond": step.x - step.cond, "uncond": step.x - step.uncond, "cond_scale": step.cond_scale,
                 "timestep": step.sigma, "input": step.x, "sigma": step.sigma, "cond_denoised": step.cond,
-                "uncond_denoised": step.uncond, "model": model, "model_options": options,
+                "uncond_denoised": step.uncond, "model": bound(step), "model_options": options,
                 "input_cond": positive, "input_uncond": negative}
         return step.x - cfg_fn(args)
 
     def pre_hook(fn: Callable) -> Callable[[GuidanceStep], tuple[Tensor, Tensor]]:
         def run(step: GuidanceStep) -> tuple[Tensor, Tensor]:
             args = {"conds": list(lists(step)), "conds_out": [step.cond, step.uncond], "cond_scale": step.cond_scale,
-                    "timestep": step.sigma, "input": step.x, "sigma": step.sigma, "model": model,
+                    "timestep": step.sigma, "input": step.x, "sigma": step.sigma, "model": bound(step),
                     "model_options": options}
             out = fn(args)
             return out[0], out[1]
@@ -234,8 +238,8 @@ def guidance_hooks(options: dict[str, Any], model: Any) -> GuidanceHooks | None:
         def run(step: GuidanceStep) -> Tensor:
             positive, negative = lists(step)
             args = {"denoised": step.denoised, "cond": positive, "uncond": negative, "cond_scale": step.cond_scale,
-                    "model": model, "uncond_denoised": step.uncond, "cond_denoised": step.cond, "sigma": step.sigma,
-                    "model_options": options, "input": step.x}
+                    "model": bound(step), "uncond_denoised": step.uncond, "cond_denoised": step.cond,
+                    "sigma": step.sigma, "model_options": options, "input": step.x}
             return fn(args)
         return run
 
@@ -276,3 +280,27 @@ class FunctionWrapped:
         cond = {C_KEYS.get(key, key): value for key, value in c.items() if key not in ("c_concat",)}
         return self.denoiser(x, t, **cond)
 
+
+
+def evaluate_conds(guider: Any, conds: list[Any], x: Tensor, sigma: Tensor,
+                   transformer_options: dict[str, Any] | None = None) -> list[Tensor]:
+    """ComfyUI's calc_cond_batch on our guider: the denoised estimate of each conditioning list in `conds` (None:
+    zeros, as ComfyUI), batched where shapes allow, the UNet running `transformer_options` (a pack's per-call
+    patches) instead of the model's when given. The guider's negative list keeps its role (cond_or_uncond 1)."""
+    for cond in conds:
+        if cond is not None and not all(isinstance(e, list | tuple) and len(e) == 2 and isinstance(e[0], Tensor)
+                                        and isinstance(e[1], dict) for e in cond):
+            raise ValueError("calc_cond_batch: Latent Loom evaluates the conditioning lists a cfg function receives "
+                             "(args['cond'], args['conds']); this one is not such a list")
+    base = guider.denoiser
+    if transformer_options is None:
+        denoiser = base
+    else:
+        def denoiser(x_in: Tensor, sigma_in: Tensor, **cond: Any) -> Tensor:
+            return base(x_in, sigma_in, **{**cond, "transformer_options": transformer_options})
+    evaluator = CFGGuider(denoiser, guider.model_sampling, guider.positive, guider.negative, guider.cfg,
+                          extra_cond=guider.extra_cond)
+    given = [c for c in conds if c is not None]
+    sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+    outputs = iter(evaluator._predict(given, x, sigma) if given else [])
+    return [next(outputs) if c is not None else torch.zeros_like(x) for c in conds]

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
-from nodes import latent, loaders, sampling, text, vae
+from nodes import latent, loaders, model_patches, sampling, text, vae
 from tests.graph.test_comfy_v1_nodes import PackEngine
 
 
 class PatchPackEngine(PackEngine):
-    core_modules = (latent, loaders, sampling, text, vae)
+    core_modules = (latent, loaders, model_patches, sampling, text, vae)
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +34,13 @@ def log():
     return entries
 
 
-def prompt(kind: str | None = None, value: float = 1.0, cfg: float = 5.0, steps: int = 2) -> dict:
+def prompt(kind: str | None = None, value: float = 1.0, cfg: float = 5.0, steps: int = 2, size: int = 64) -> dict:
     """txt2img whose KSampler takes the checkpoint's model patched by PatchModel(kind, value) if given."""
     graph = {
         "c": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.safetensors"}},
         "p": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["c", 1]}},
         "n": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["c", 1]}},
-        "e": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "e": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
         "k": {"class_type": "KSampler", "inputs": {
             "model": ["m", 0] if kind else ["c", 0], "seed": 7, "steps": steps, "cfg": cfg, "sampler_name": "euler",
             "scheduler": "normal", "positive": ["p", 0], "negative": ["n", 0], "latent_image": ["e", 0],
@@ -52,8 +52,8 @@ def prompt(kind: str | None = None, value: float = 1.0, cfg: float = 5.0, steps:
     return graph
 
 
-def run(engine, kind=None, value=1.0, cfg=5.0, steps=2) -> torch.Tensor:
-    return engine.value(prompt(kind, value, cfg, steps), "k")[0]["samples"]
+def run(engine, kind=None, value=1.0, cfg=5.0, steps=2, size=64) -> torch.Tensor:
+    return engine.value(prompt(kind, value, cfg, steps, size), "k")[0]["samples"]
 
 
 def close(a, b):
@@ -109,7 +109,7 @@ def test_attn1_patch_runs_in_every_transformer_block_with_comfy_extra_options(en
     blocks = {entry[1] for entry in log}
     assert blocks == {("input", i) for i in (1, 2, 4, 5, 7, 8)} | {("middle", 0)} | {("output", i)
                                                                                       for i in range(3, 12)}
-    block, block_index, heads, dim_head, cond_or_uncond = log[0][1:]
+    _, block_index, heads, dim_head, cond_or_uncond = log[0][1:]
     assert block_index == 0 and heads == 2 and dim_head * heads == 16 and cond_or_uncond == [0, 1]
 
 
@@ -169,6 +169,34 @@ def test_model_sampling_object_and_object_patch(engine, plain, log):
     _, sigma_min, sigma_max, middle, top = log[0]
     assert sigma_min == pytest.approx(0.0292, abs=1e-3) and sigma_max == pytest.approx(14.6146, abs=1e-3)
     assert sigma_min < middle < sigma_max and top == pytest.approx(999, abs=0.5)
+
+
+def test_calc_cond_batch_reevaluates_the_step_and_model_is_a_base_model(engine, plain, log):
+    close(run(engine, "post_cfg_recompute"), plain)
+    assert len(log) == 2
+    for _, cond_diff, uncond_diff, zero, base, sd15, sdxl, eps, has_blocks in log:
+        assert cond_diff < 1e-5 and uncond_diff < 1e-5 and zero == 0
+        assert base and sd15 and not sdxl and eps and has_blocks
+
+
+def test_pag_written_as_packs_write_it_equals_our_perturbed_attention_guidance(engine):
+    """At 128 px the tiny UNet's middle block has 2x2 tokens (at 64 px one token, where attention is its value)."""
+    graph = prompt("post_cfg_pag", 3.0, size=128)
+    pack = engine.value(graph, "k")[0]["samples"]
+    graph["m"] = {"class_type": "PerturbedAttentionGuidance", "inputs": {"model": ["c", 0], "scale": 3.0}}
+    ours = engine.value(graph, "k")[0]["samples"]
+    close(pack, ours)
+    differs(pack, run(engine, size=128))
+
+
+@pytest.mark.parametrize(("kind", "words"), [
+    ("missing_module_name", ["'comfy.samplers'", "'sampling_function'", "PatchModel", "patch_pack"]),
+    ("missing_model_method", ["MODEL.set_model_denoise_mask_function", "PatchModel", "patch_pack", "'model'"])])
+def test_what_is_not_offered_is_named_with_the_node_and_the_pack(engine, kind, words):
+    result = engine.run(prompt(kind), ok=False)
+    assert result.status != "success"
+    message = result.error["exception_message"]
+    assert all(word in message for word in words), message
 
 
 def test_patches_stay_on_the_clone(engine, plain):

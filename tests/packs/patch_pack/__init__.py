@@ -4,9 +4,13 @@ post-cfg functions, object patches) and a CLIP through add_patches. Each patch r
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.samplers
 import comfy.sd
 import torch
-from comfy.ldm.modules.attention import optimized_attention
+from comfy.comfy_types.node_typing import IO, ComfyNodeABC
+from comfy.ldm.modules.attention import BasicTransformerBlock, optimized_attention
+from comfy.model_base import SD15, SDXL, BaseModel, ModelType
+from comfy.model_patcher import set_model_options_patch_replace
 
 LOG = []
 # SD1's transformer blocks, by ComfyUI's (block, number): what an attn replace is keyed by
@@ -17,17 +21,18 @@ KINDS = ["cfg_returns_cond", "pre_cfg_uncond_is_cond", "post_cfg_returns_cond", 
          "attn1_patch_identity", "attn1_replace_standard", "attn1_output_scale", "attn2_patch_zero_context",
          "attn2_replace_zero", "attn2_replace_one_block", "middle_patch_scale", "input_block_scale",
          "output_block_scale", "wrapper_count", "wrapper_sets_option", "direct_dict_output_scale",
-         "object_patch_model_sampling"]
+         "object_patch_model_sampling", "post_cfg_recompute", "post_cfg_pag", "missing_module_name",
+         "missing_model_method"]
 
 
-class PatchModel:
+class PatchModel(ComfyNodeABC):
     CATEGORY = "patch pack"
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "kind": (KINDS,), "value": ("FLOAT", {"default": 1.0})}}
+        return {"required": {"model": (IO.MODEL,), "kind": (KINDS,), "value": (IO.FLOAT, {"default": 1.0})}}
 
     def patch(self, model, kind, value):
         assert isinstance(model, comfy.model_patcher.ModelPatcher)
@@ -146,6 +151,39 @@ class PatchModel:
             return out * value
         to = m.model_options.setdefault("transformer_options", {})
         to.setdefault("patches", {})["attn1_output_patch"] = [patch]
+
+    def post_cfg_recompute(self, m, value):
+        """calc_cond_batch with the model's own options gives back the step's predictions; None gives zeros."""
+        def post(args):
+            model = args["model"]
+            cond, uncond, zero = comfy.samplers.calc_cond_batch(model, [args["cond"], args["uncond"], None],
+                                                                args["input"], args["sigma"], args["model_options"])
+            LOG.append(("recompute", float((cond - args["cond_denoised"]).abs().max()),
+                        float((uncond - args["uncond_denoised"]).abs().max()), float(zero.abs().max()),
+                        isinstance(model, BaseModel), isinstance(model, SD15), isinstance(model, SDXL),
+                        model.model_type == ModelType.EPS,
+                        any(isinstance(mod, BasicTransformerBlock) for mod in model.diffusion_model.modules())))
+            return args["denoised"]
+        m.set_model_sampler_post_cfg_function(post)
+
+    def post_cfg_pag(self, m, value):
+        """Perturbed-attention guidance as packs write it: the middle block's self-attention replaced by its values,
+        the positive evaluated again through calc_cond_batch."""
+        def identity(q, k, v, extra_options):
+            return v
+
+        def post(args):
+            options = set_model_options_patch_replace(args["model_options"], identity, "attn1", "middle", 0)
+            (perturbed,) = comfy.samplers.calc_cond_batch(args["model"], [args["cond"]], args["input"], args["sigma"],
+                                                          options)
+            return args["denoised"] + (args["cond_denoised"] - perturbed) * value
+        m.set_model_sampler_post_cfg_function(post)
+
+    def missing_module_name(self, m, value):
+        m.sampling_function = comfy.samplers.sampling_function  # ComfyUI's sampler internals: not offered
+
+    def missing_model_method(self, m, value):
+        m.set_model_denoise_mask_function(lambda sigma, denoise_mask, extra_options: denoise_mask)
 
     def object_patch_model_sampling(self, m, value):
         sampling = m.get_model_object("model_sampling")

@@ -3,7 +3,8 @@
 `optimized_attention(q, k, v, heads)` takes q, k, v as [B, tokens, heads * dim_head] (with `skip_reshape`:
 [B, heads, tokens, dim_head]) and returns [B, tokens, heads * dim_head] (with `skip_output_reshape`: [B, heads,
 tokens, dim_head]); `mask` is added to the scores (a bool mask keeps the True positions). One implementation,
-PyTorch's scaled_dot_product_attention, stands behind every name."""
+PyTorch's scaled_dot_product_attention, stands behind every name. `BasicTransformerBlock` and `CrossAttention`
+are our UNet's own classes (for isinstance checks on `model.model.diffusion_model`'s modules)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from comfy_compat.comfy._offered import not_offered
+from diffusion.models.unet_blocks import BasicTransformerBlock, CrossAttention
+
+__all__ = ["BasicTransformerBlock", "CrossAttention", "optimized_attention"]
+_ATTN_PRECISION = None  # ComfyUI's global precision override: none here (attention runs in the model's dtype)
 
 
 def optimized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -38,6 +43,11 @@ attention_basic = optimized_attention
 attention_pytorch = optimized_attention
 attention_split = optimized_attention
 attention_sub_quad = optimized_attention
+attention_xformers = optimized_attention
+
+
+def optimized_attention_for_device(device: Any = None, mask: bool = False, small_input: bool = False) -> Any:
+    return optimized_attention
 
 
 def __getattr__(name: str) -> Any:
