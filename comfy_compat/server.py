@@ -9,7 +9,9 @@ bearer token.
 
 from __future__ import annotations
 
+import io
 import logging
+import struct
 from typing import Any
 
 from aiohttp import web
@@ -67,13 +69,15 @@ class PromptServer:
             for prefix in ("", "/api"):
                 app.router.add_route(route.method, prefix + route.path, route.handler, **route.kwargs)
 
-    def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
+    def send_sync(self, event: str | int, data: Any, sid: str | None = None) -> None:
         """Send `{"type": event, "data": data}` to the client `sid`, or to every client when None (as ComfyUI).
+        An int `event` (BinaryEventTypes) sends a binary frame `[u32 event][payload]` (big-endian, as ComfyUI):
+        `data` is the payload bytes, or for PREVIEW_IMAGE / UNENCODED_PREVIEW_IMAGE an `(image_type, PIL image,
+        max_size)` tuple, sent as a PREVIEW_IMAGE frame `[u32 1][u32 format: 1 JPEG, 2 PNG][image]`.
         Without a server (a prompt run from the CLI) the message is logged at debug level and dropped; every
         server of the process gets it (a client id is one server's)."""
         if isinstance(event, int):
-            log.debug("binary message %s from a pack dropped (not supported)", event)
-            return
+            event, data = binary_payload(event, data)
         if not STATE.publishers:
             log.debug("pack message %s dropped: no server", event)
         for publish in STATE.publishers:  # one server per process, but tests start several
@@ -82,8 +86,45 @@ class PromptServer:
     async def send_json(self, event: str, data: Any, sid: str | None = None) -> None:
         self.send_sync(event, data, sid)
 
+    async def send_bytes(self, event: int, data: bytes, sid: str | None = None) -> None:
+        self.send_sync(event, data, sid)
+
+    def send_progress_text(self, text: str | bytes, node_id: str, sid: str | None = None) -> None:
+        """A TEXT frame ComfyUI's front end shows on node `node_id`: [u32 3][u32 len(node id)][node id][text]."""
+        node = str(node_id).encode()
+        body = text if isinstance(text, bytes) else str(text).encode()
+        self.send_sync(BinaryEventTypes.TEXT, struct.pack(">I", len(node)) + node + body, sid)
+
     def add_on_prompt_handler(self, handler: Any) -> None:
         log.warning("a pack's on-prompt handler was not installed: Latent Loom does not offer it")
+
+
+def binary_payload(event: int, data: Any) -> tuple[int, bytes]:
+    """(event, payload) of a binary message; image tuples are encoded (ComfyUI's send_image)."""
+    if event in (BinaryEventTypes.PREVIEW_IMAGE, BinaryEventTypes.UNENCODED_PREVIEW_IMAGE) and isinstance(
+            data, tuple | list):
+        return BinaryEventTypes.PREVIEW_IMAGE, _encode_image(*data)
+    if isinstance(data, bytes | bytearray | memoryview):
+        return int(event), bytes(data)
+    raise TypeError(f"PromptServer.send_sync({event}, ...): a binary event takes bytes (or an (image_type, image, "
+                    f"max_size) tuple for previews), got {type(data).__name__}")
+
+
+def _encode_image(image_type: str, image: Any, max_size: int | None = None) -> bytes:
+    """[u32 format][image bytes]: JPEG (1) or PNG (2), the image shrunk to fit `max_size` when given."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"a preview image must be a PIL image, got {type(image).__name__}")
+    if max_size:
+        image = image.copy()
+        image.thumbnail((max_size, max_size))
+    kind = str(image_type).upper()
+    if kind not in ("JPEG", "PNG"):
+        raise ValueError(f"preview image type {image_type!r}: JPEG or PNG")
+    buffer = io.BytesIO()
+    (image.convert("RGB") if kind == "JPEG" else image).save(buffer, format=kind, quality=95)
+    return struct.pack(">I", 1 if kind == "JPEG" else 2) + buffer.getvalue()
 
 
 PromptServer.instance = PromptServer()

@@ -5,22 +5,36 @@ imports the scripts without a token), and `GET /extensions` lists its `.js` file
 import. Only files inside the pack's web folder are served: a name with `..`, or a link out of the folder, is a
 404. A pack's own routes (added to `PromptServer.instance.routes` when it was imported) are mounted by the
 compatibility layer at `/path` and `/api/path`, behind our origin check and bearer token like every API route;
-`PromptServer.send_sync` reaches the WebSocket clients through `publish` below.
+`PromptServer.send_sync` reaches the WebSocket clients through `publish` below: text events as `{type, data}`,
+binary ones (an int event) as the frame `[u32 event][payload]` ComfyUI sends, never dropped for a slow client.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from server.state import STATE
-from server.websocket import text_message
+from server.websocket import Preview, text_message
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PackFrame(Preview):
+    """A pack's binary message: `image` holds the payload; image_format 0 keeps it out of the JPEG preview drop."""
+
+    event: int = 0
+
+    def frame(self, with_metadata: bool) -> bytes:
+        return struct.pack(">I", self.event) + self.image
+
 
 ROUTE_NAME = "pack-web"  # (and "pack-web-api") in server.app.STATIC_ROUTE_NAMES: no token, as the canvas' scripts
 
@@ -67,8 +81,9 @@ def setup(app: web.Application) -> None:
     if runtime is None or not getattr(state.registry, "packs", None):
         return  # no packs in this app's registry: none of the process's pack routes belong on it
 
-    def publish(event: str, data: Any, client_id: str | None) -> None:
-        state.hub.publish_threadsafe(text_message(event, data), client_id)
+    def publish(event: str | int, data: Any, client_id: str | None) -> None:
+        message = PackFrame(data, 0, {}, event) if isinstance(event, int) else text_message(event, data)
+        state.hub.publish_threadsafe(message, client_id)
 
     try:
         runtime.attach(app, publish)

@@ -5,14 +5,17 @@ and ui results reaching the WebSocket and the history."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import shutil
+import struct
 import time
 import uuid
 from pathlib import Path
 
 import aiohttp
 import pytest
+from PIL import Image
 
 from graph.registry import NodeRegistry
 from nodes.environment import Environment
@@ -82,6 +85,8 @@ def test_send_sync_and_ui_results_reach_the_client_and_history(server):
     client_id = uuid.uuid4().hex
     prompt = {"h": {"class_type": "V1Hello", "inputs": {"sampler": "euler", "scheduler": "normal"}}}
 
+    frames: list[bytes] = []
+
     async def exchange() -> tuple[str, list[dict]]:
         messages: list[dict] = []
         socket = f"{server.url}/ws?clientId={client_id}"
@@ -92,6 +97,8 @@ def test_send_sync_and_ui_results_reach_the_client_and_history(server):
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 message = await ws.receive(timeout=30)
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    frames.append(message.data)
                 if message.type != aiohttp.WSMsgType.TEXT:
                     continue
                 data = json.loads(message.data)
@@ -109,3 +116,9 @@ def test_send_sync_and_ui_results_reach_the_client_and_history(server):
     assert executed["data"]["output"] == {"modules": modules}
     status, history = server.json("GET", f"/history/{prompt_id}")
     assert status == 200 and history[prompt_id]["outputs"]["h"] == {"modules": modules}
+    # the pack's binary messages, as ComfyUI frames them: [u32 event][payload], big-endian
+    assert struct.pack(">I", 3) + b"\x00\x00\x00\x01hraw" in frames
+    assert struct.pack(">I", 3) + struct.pack(">I", 1) + b"h" + b"hello euler" in frames
+    preview = next(f for f in frames if f[:8] == struct.pack(">II", 1, 2))
+    image = Image.open(io.BytesIO(preview[8:]))
+    assert image.format == "PNG" and image.size == (16, 8) and image.getpixel((3, 3)) == (255, 0, 0)

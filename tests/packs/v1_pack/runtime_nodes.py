@@ -6,10 +6,11 @@ import comfy.utils
 import folder_paths
 import latent_preview
 from aiohttp import web
+from PIL import Image
 
 import nodes
 import server
-from server import PromptServer
+from server import BinaryEventTypes, PromptServer
 
 
 @PromptServer.instance.routes.get("/v1_pack/ping")
@@ -56,6 +57,13 @@ class V1Hello:
 
     def hello(self, sampler, scheduler):
         PromptServer.instance.send_sync("v1_pack.hello", {"sampler": sampler},
+                                        PromptServer.instance.client_id)
+        # binary messages: raw bytes under an event number, a progress text, a preview image (ComfyUI's frames)
+        PromptServer.instance.send_sync(BinaryEventTypes.TEXT, b"\x00\x00\x00\x01hraw",
+                                        PromptServer.instance.client_id)
+        PromptServer.instance.send_progress_text(f"hello {sampler}", "h", PromptServer.instance.client_id)
+        preview = Image.new("RGB", (64, 32), (255, 0, 0))
+        PromptServer.instance.send_sync(BinaryEventTypes.UNENCODED_PREVIEW_IMAGE, ("PNG", preview, 16),
                                         PromptServer.instance.client_id)
         return {"ui": {"modules": [nodes.__name__, server.__name__, folder_paths.__name__]}}
 
