@@ -17,9 +17,9 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import CLIPVisionModelWithProjection
 
 from ..models.clip_vision import clip_vision_from_state_dict
 from ..models.svd_unet import SVD_MARKER, SVDUNet, SVDUNetConfig
@@ -28,6 +28,9 @@ from ..models.vae import AutoencoderKL
 from .families import UNET_PREFIX, VAE_PREFIX, FamilyError, ModelFamily, config_metadata, detect_family
 from .files import CheckpointError, key_prefixes, read_metadata, read_state_dict, strip_prefix
 from .loader import _stored_dtype, fill_module, vae_dtype
+
+if TYPE_CHECKING:  # transformers is imported only when a tower is built (models/transformers_clip.py)
+    from transformers import CLIPVisionModelWithProjection
 
 log = logging.getLogger(__name__)
 
