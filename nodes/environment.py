@@ -199,6 +199,9 @@ class Environment:
     # Sampler previews (--preview-method): "auto" and "taesd" use a tiny decoder where one is found for the model
     # (preview_decoder), "latent2rgb" the linear map, "none" none at all (the server then asks for none).
     preview_method: str = "auto"
+    # --compile: the checkpoint loaders route the UNet's and the VAE decoder's forward through torch.compile
+    # (diffusion/patches/compile.py), its cache in DATA_DIR/cache/torchinductor.
+    compile_models: bool = False
     _manager: Any = field(default=None, init=False, repr=False)
     _manager_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 

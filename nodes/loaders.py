@@ -17,6 +17,7 @@ import torch
 
 from diffusion.checkpoints.loader import load_checkpoint, load_vae
 from diffusion.handles import ClipModel, DiffusionModel, VAEModel, wrap_checkpoint
+from diffusion.patches.compile import compile_forward, set_cache_dir
 from diffusion.patches.lora import load_lora, lora_patches
 from diffusion.patches.patcher import ModelPatcher
 from diffusion.preview import PreviewCache
@@ -70,6 +71,10 @@ def load_checkpoint_handles(env: Environment, name: str) -> tuple[DiffusionModel
         model, clip, vae = wrap_checkpoint(loaded, manager, name=Path(name).stem)
         model.preview_decoder = env.preview_decoder(loaded.family.name, Path(name).stem)
         model.preview_cache = PreviewCache(env.data_dir / "cache" / "previews", loaded.vae)
+        if env.compile_models:
+            set_cache_dir(env.data_dir / "cache" / "torchinductor")
+            compile_forward(loaded.unet, f"{name}: the diffusion model")
+            compile_forward(loaded.vae.decoder, f"{name}: the VAE decoder")
         return model, clip, vae
 
     return env.model_cache.load(("checkpoint", *_file_key(path)), load)

@@ -279,7 +279,8 @@ def make_environment(args: argparse.Namespace) -> Environment:
     data_dir = args.data_dir or default_data_dir()
     device, device_flag = resolve_device(args)
     env = Environment(data_dir, extra_model_dirs=read_model_paths(args, data_dir), device=device,
-                      vram=resolve_vram(args), **resolve_precision(args), **resolve_folders(args))
+                      vram=resolve_vram(args), compile_models=bool(getattr(args, "compile", False)),
+                      **resolve_precision(args), **resolve_folders(args))
     if device is not None:
         try:
             env.model_manager()

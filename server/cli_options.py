@@ -65,6 +65,11 @@ def add_engine_options(parser: argparse.ArgumentParser, suppress: bool = False) 
                        help="the diffusion model in bf16, whatever the other models use")
     group.add_argument("--fp32-vae", action="store_true", default=_default(suppress, False),
                        help="the VAE in fp32, whatever the other models use")
+    group.add_argument("--compile", action="store_true", default=_default(suppress, False),
+                       help="torch.compile the diffusion model and the VAE decoder (the first image of each size "
+                            "compiles for minutes, later ones and later runs are faster; compiled kernels are "
+                            "cached in DATA_DIR/cache/torchinductor; without a working compiler: one warning, "
+                            "then uncompiled)")
     group.add_argument("--lowvram", action="store_true", default=_default(suppress, False),
                        help="stream the layers of a model that does not fit in the device's free memory")
     group.add_argument("--novram", action="store_true", default=_default(suppress, False),

@@ -151,6 +151,7 @@ def server_config(args: argparse.Namespace, env: Environment) -> ServerConfig:
     config = ServerConfig(data_dir=env.data_dir, host=host, port=args.port, auth_token=args.auth_token,
                           device=env.device, vram=env.vram, precision=env.precision,
                           unet_precision=env.unet_precision, vae_precision=env.vae_precision,
+                          compile_models=env.compile_models,
                           output_dir=env.output_dir_override, input_dir=env.input_dir_override,
                           temp_dir=env.temp_dir_override, user_dir=args.user_directory,
                           preview_method=preview_method(args),

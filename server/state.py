@@ -60,6 +60,7 @@ class ServerConfig:
     precision: str | None = None
     unet_precision: str | None = None
     vae_precision: str | None = None
+    compile_models: bool = False  # --compile
     output_dir: Path | None = None
     input_dir: Path | None = None
     temp_dir: Path | None = None
@@ -81,7 +82,8 @@ class ServerState:
                                device=config.device, vram=config.vram, precision=config.precision,
                                unet_precision=config.unet_precision, vae_precision=config.vae_precision,
                                output_dir_override=config.output_dir, input_dir_override=config.input_dir,
-                               temp_dir_override=config.temp_dir, preview_method=config.preview_method)
+                               temp_dir_override=config.temp_dir, preview_method=config.preview_method,
+                               compile_models=config.compile_models)
         self.env.ensure_dirs()
         self.workflows_dir.mkdir(parents=True, exist_ok=True)
         self.registry = registry if registry is not None else build_registry(self.env)
