@@ -86,17 +86,21 @@ class SVDModel(DiffusionModel):
         if concat is not None:
             raise ValueError("SVD models take their image latent from SVD_img2vid_Conditioning, not from the latent's "
                              "inpainting channels")
-        if self.unet_patches or self.unet_wrapper is not None:
-            raise ValueError("model patches that hook into the UNet (FreeU, attention and block patches, DeepCache) "
-                             "are not supported on Stable Video Diffusion models")
+        options = self.model_options.get("transformer_options") or {}
+        if (self.unet_patches or self.unet_wrapper is not None or options.get("patches")
+                or options.get("patches_replace") or self.model_options.get("model_function_wrapper") is not None):
+            raise ValueError("model patches that hook into the UNet (FreeU, attention and block patches, DeepCache, "
+                             "node packs' transformer patches and wrappers) are not supported on Stable Video "
+                             "Diffusion models")
         with self.manager.use([self.patcher]) as (unet,):
             device, dtype = self.manager.device, self.dtype
 
             def net(x_in: Tensor, t: Tensor, context: Tensor, y: Tensor, c_concat: Tensor, frame_index: Tensor,
-                    sigma: Tensor | None = None, unet_patches: Any = None, control: Any = None) -> Tensor:
+                    sigma: Tensor | None = None, unet_patches: Any = None, control: Any = None,
+                    transformer_options: dict[str, Any] | None = None) -> Tensor:
                 """One UNet call; the guider stacks entries (cond, uncond) as whole clips, so the clip length is
                 the number of distinct frame indices."""
-                if unet_patches or control:
+                if unet_patches or control or (transformer_options or {}).get("patches"):
                     raise ValueError("ControlNets, GLIGEN and other UNet patches do not apply to Stable Video "
                                      "Diffusion models")
                 frames = int(frame_index.max().item()) + 1

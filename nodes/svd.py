@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from diffusion.checkpoints.svd_files import load_svd_checkpoint
+from diffusion.preview import PreviewCache
 from diffusion.sampling.video_guidance import frame_cfg_hooks
 from diffusion.svd_handle import wrap_svd
 from graph.node import Combo, Float, Int, Node, Output, Socket
@@ -48,7 +49,9 @@ class ImageOnlyCheckpointLoader(_ModelFileNode):
                                                  autoencoder_dtype=env.model_dtype("vae"))
                 except ValueError as e:
                     raise ValueError(f"ImageOnlyCheckpointLoader: ckpt_name {ckpt_name!r}: {e}") from None
-            return wrap_svd(loaded, env.model_manager(), name=Path(ckpt_name).stem)
+            model, vision, vae = wrap_svd(loaded, env.model_manager(), name=Path(ckpt_name).stem)
+            model.preview_cache = PreviewCache(env.data_dir / "cache" / "previews", loaded.vae)
+            return model, vision, vae
 
         return env.model_cache.load(("svd_checkpoint", *_file_key(path)), load)
 

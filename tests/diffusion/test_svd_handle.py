@@ -16,6 +16,7 @@ from diffusion.memory import ModelManager
 from diffusion.models.svd_unet import svd_adm
 from diffusion.models.svd_vae import SVDAutoencoder
 from diffusion.models.vae import AutoencoderKL
+from diffusion.patches.unet_patches import UNetPatches
 from diffusion.sampling.guidance import GuidanceStep
 from diffusion.sampling.model_sampling import ContinuousModelSampling
 from diffusion.sampling.video_guidance import frame_cfg_hooks, frame_cfg_scales
@@ -74,6 +75,15 @@ def test_guided_denoiser_is_the_hand_assembled_unet_step(svd_file):
     with model.denoiser() as denoiser, torch.no_grad():
         single = torch.cat([model.guider(denoiser, positive, negative, cfg)(x[i:i + 1], sigma) for i in range(frames)])
     assert (single - got).abs().max() > 1e-3
+
+
+def test_unet_patches_are_refused_by_name(svd_file):
+    model, _, _ = wrap_svd(load_svd_checkpoint(svd_file), ModelManager("cpu"))
+    patched = model.with_unet_patches(UNetPatches(input_block=(lambda h, site: h,)))
+    with pytest.raises(ValueError, match="not supported on Stable Video Diffusion"), patched.denoiser():
+        pass
+    with model.denoiser():  # the unpatched original still runs
+        pass
 
 
 def test_image_decoder_variant_loads_the_per_frame_decoder(tmp_path):
