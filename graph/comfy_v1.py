@@ -159,7 +159,9 @@ def _translate_input(pack_cls: type, section: str, name: str, spec: Any, skip_ch
     # With `input_types`, links of any type are the node's to judge: such an input is checked as "*" unless it
     # is a widget that takes literals (our validation casts those by their type, and would refuse "*" literals).
     widget = kind in WIDGET_NAMES and not config.get("forceInput")
-    check_type = ANY if skip_types and not widget else kind
+    # A V3 MatchType socket takes any type here, as ComfyUI's backend validation treats it (its front end keeps one
+    # template's sockets of one type).
+    check_type = ANY if (skip_types and not widget) or kind == "COMFY_MATCHTYPE_V3" else kind
     return PackInput(name, check_type, wire_type=kind, **numbers, **common)
 
 
