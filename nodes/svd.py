@@ -1,5 +1,5 @@
 """Stable Video Diffusion (image to video) nodes, with ComfyUI's interfaces: ImageOnlyCheckpointLoader,
-SVD_img2vid_Conditioning, VideoLinearCFGGuidance, VideoTriangleCFGGuidance.
+SVD_img2vid_Conditioning, VideoLinearCFGGuidance, VideoTriangleCFGGuidance, ImageOnlyCheckpointSave.
 
 The model code is in diffusion/ (models/svd_unet.py, models/svd_vae.py, checkpoints/svd_files.py, svd_handle.py,
 sampling/video_guidance.py); an SVD MODEL samples with the ordinary KSampler, its LATENT batch being the frames.
@@ -12,14 +12,17 @@ from pathlib import Path
 
 import torch
 
-from diffusion.checkpoints.svd_files import load_svd_checkpoint
+from diffusion.checkpoints.saving import modelspec_metadata
+from diffusion.checkpoints.svd_files import load_svd_checkpoint, svd_checkpoint_plan, svd_config_metadata
 from diffusion.preview import PreviewCache
 from diffusion.sampling.video_guidance import frame_cfg_hooks
-from diffusion.svd_handle import wrap_svd
-from graph.node import Combo, Float, Int, Node, Output, Socket
+from diffusion.svd_handle import SVDModel, wrap_svd
+from graph.node import Combo, Float, Int, Node, NodeOutput, Output, Socket, String
 from graph.types import CONDITIONING, IMAGE, LATENT, MODEL, VAE
 from nodes.clip_vision import CLIP_VISION
 from nodes.loaders import _file_key, _ModelFileNode, _models
+from nodes.merging import _Saver, save_path
+from nodes.model_io import latent_metadata
 from nodes.tensor_ops import resize, to_bchw, to_bhwc
 
 log = logging.getLogger(__name__)
@@ -115,4 +118,29 @@ class VideoTriangleCFGGuidance(Node):
         return (model.with_guidance_hooks(frame_cfg_hooks("triangle", min_cfg)),)
 
 
-NODE_CLASSES = [ImageOnlyCheckpointLoader, SVD_img2vid_Conditioning, VideoLinearCFGGuidance, VideoTriangleCFGGuidance]
+class ImageOnlyCheckpointSave(_Saver):
+    display_name = "ImageOnlyCheckpointSave"
+    description = ("Saves an image-to-video model, its CLIP image encoder and its autoencoder as one file in "
+                   "Stability's SVD layout, with the model's patches (merges, LoRA) applied.")
+    inputs = [Socket("model", MODEL), Socket("clip_vision", CLIP_VISION), Socket("vae", VAE),
+              String("filename_prefix", default="checkpoints/ComfyUI")]
+
+    def execute(self, model, clip_vision, vae, filename_prefix, prompt=None, extra_pnginfo=None, context=None):
+        if not isinstance(model, SVDModel):
+            raise ValueError(f"ImageOnlyCheckpointSave: model is {model.family.title}, not an image-to-video model "
+                             f"(Stable Video Diffusion); save image models with CheckpointSave")
+        path, _ = save_path(context, filename_prefix)
+        config = clip_vision.patcher.model.config
+        metadata = {**latent_metadata(prompt, extra_pnginfo),
+                    **modelspec_metadata("svd", "v", path.stem),
+                    **svd_config_metadata(model.family, vae.vae.config.norm_groups, config.num_attention_heads,
+                                          config.hidden_act)}
+        plan = svd_checkpoint_plan(model.patcher, clip_vision.patcher, vae.patcher)
+        with model.manager.use([model.patcher, clip_vision.patcher, vae.patcher]):
+            plan.write(path, metadata)
+        log.info("saved SVD checkpoint %s", context.env.public_name(path))
+        return NodeOutput()
+
+
+NODE_CLASSES = [ImageOnlyCheckpointLoader, SVD_img2vid_Conditioning, VideoLinearCFGGuidance, VideoTriangleCFGGuidance,
+                ImageOnlyCheckpointSave]

@@ -8,11 +8,13 @@ Stability's layout: `model.diffusion_model.*` (the spatio-temporal UNet, models/
 UNet's context); the rest of the conditioner (OpenCLIP's leftover text-side tensors, the conditioning frames'
 encoder copy) is not needed and not read. SVD and SVD-XT share one architecture; they differ in training length
 (14 and 25 frames), which the workflow's `video_frames` chooses. The network is an EDM v-predictor between sigmas
-0.002 and 700 (the family's `continuous` range).
+0.002 and 700 (the family's `continuous` range). `svd_checkpoint_plan` writes the same layout back (the image
+encoder, the UNet and the autoencoder; ComfyUI's ImageOnlyCheckpointSave).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -21,13 +23,24 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..models.clip_vision import clip_vision_from_state_dict
+from ..models.clip_vision import clip_vision_from_state_dict, to_open_clip
 from ..models.svd_unet import SVD_MARKER, SVDUNet, SVDUNetConfig
 from ..models.svd_vae import SVD_VAE_MARKER, SVDAutoencoder, svd_vae_config
 from ..models.vae import AutoencoderKL
-from .families import UNET_PREFIX, VAE_PREFIX, FamilyError, ModelFamily, config_metadata, detect_family
+from ..patches.patcher import ModelPatcher
+from .families import (
+    CONFIG_METADATA_KEY,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    FamilyError,
+    ModelFamily,
+    config_metadata,
+    detect_family,
+)
 from .files import CheckpointError, key_prefixes, read_metadata, read_state_dict, strip_prefix
 from .loader import _stored_dtype, fill_module, vae_dtype
+from .saving import TensorPlan, checkpoint_plan, patched_state_dict
+from .saving import config_metadata as saving_config_metadata
 
 if TYPE_CHECKING:  # transformers is imported only when a tower is built (models/transformers_clip.py)
     from transformers import CLIPVisionModelWithProjection
@@ -152,3 +165,19 @@ def load_svd_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = 
         raise type(e)(f"{path}: {e}") from None
     log.info("loaded %s as %s", path, family.title)
     return LoadedSVD(family, unet, vae, vision, metadata)
+
+
+def svd_checkpoint_plan(unet: ModelPatcher, vision: ModelPatcher, vae: ModelPatcher) -> TensorPlan:
+    """An SVD file's tensors in Stability's layout, the UNet's and the autoencoder's patches applied (saving.py
+    streams them one at a time), the image encoder converted back to OpenCLIP's layout under its prefix."""
+    plan = checkpoint_plan(unet, vae=vae)
+    for key, value in to_open_clip(patched_state_dict(vision), VISION_PREFIX).items():
+        plan.add_tensor(key, value)
+    return plan
+
+
+def svd_config_metadata(family: ModelFamily, vae_norm_groups: int, vision_heads: int, vision_act: str) -> dict:
+    """The `latentloom.config` entry that lets a saved tiny SVD load back as itself (real sizes need none)."""
+    raw = saving_config_metadata("svd", "v", family.unet, vae_norm_groups)[CONFIG_METADATA_KEY]
+    config = {**json.loads(raw), "clip_vision": {"num_heads": vision_heads, "hidden_act": vision_act}}
+    return {CONFIG_METADATA_KEY: json.dumps(config, sort_keys=True)}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion.checkpoints.files import read_state_dict
 from diffusion.checkpoints.random_svd import write_random_svd_checkpoint
 from diffusion.svd_handle import SVDModel
 from graph.executor import Executor
@@ -141,3 +142,31 @@ def test_svd_file_in_the_image_checkpoint_loader_says_which_loader(engine):
               "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "x"}}}
     message = error_of(engine, prompt)
     assert "Stable Video Diffusion" in message and "ImageOnlyCheckpointLoader" in message
+
+
+def test_image_only_checkpoint_save_round_trips(engine):
+    setup_files(engine)
+    prompt = {"1": {"class_type": "ImageOnlyCheckpointLoader", "inputs": {"ckpt_name": "svd.safetensors"}},
+              "2": {"class_type": "ImageOnlyCheckpointSave", "inputs": {
+                  "model": ["1", 0], "clip_vision": ["1", 1], "vae": ["1", 2], "filename_prefix": "checkpoints/svd"}}}
+    engine.run(prompt)
+    saved = engine.env.output_dir / "checkpoints" / "svd_00001_.safetensors"
+    original = read_state_dict(engine.env.models_dir / "checkpoints" / "svd.safetensors")
+    written = read_state_dict(saved)
+    assert written.keys() <= original.keys()  # OpenCLIP's unused text-side tensors are not written back
+    assert {k for k in original if not k.startswith("conditioner.")} <= written.keys()
+    first = [out[0] for out in engine.outputs(prompt, "1")]
+    saved.rename(engine.env.models_dir / "checkpoints" / "svd_saved.safetensors")
+    prompt["1"]["inputs"]["ckpt_name"] = "svd_saved.safetensors"
+    again = [out[0] for out in engine.outputs(prompt, "1")]
+    for before, after in ((first[0].patcher.model, again[0].patcher.model), (first[1].patcher.model,
+                                                                            again[1].patcher.model),
+                          (first[2].vae, again[2].vae)):
+        theirs = after.state_dict()
+        for key, value in before.state_dict().items():
+            assert torch.equal(value, theirs[key]), key
+    sd1 = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.safetensors"}},
+           "3": {"class_type": "ImageOnlyCheckpointLoader", "inputs": {"ckpt_name": "svd.safetensors"}},
+           "2": {"class_type": "ImageOnlyCheckpointSave", "inputs": {
+               "model": ["1", 0], "clip_vision": ["3", 1], "vae": ["1", 2], "filename_prefix": "checkpoints/x"}}}
+    assert "not an image-to-video model" in error_of(engine, sd1)
