@@ -1,5 +1,5 @@
-"""Patches of the UNet's self-attention: HyperTile, token merging (ToMe), and the perturbed and captured
-attention behind Perturbed-Attention Guidance and Self-Attention Guidance.
+"""Patches of the UNet's self-attention: HyperTile, and the perturbed and captured attention behind
+Perturbed-Attention Guidance and Self-Attention Guidance (token merging, ToMe, is in tome.py).
 
 Each is an `AttentionWrapper` (unet_patches.py): `wrapper(x, kv, inner, site)` with `x` the normed tokens
 [B, N, C] that queries come from, `kv` those of keys and values (None: x), `inner(x, kv)` the attention
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from ..sampling.guidance import GuidanceHooks, GuidanceStep
 from .guidance_patches import positive_only
+from .tome import bipartite_merge, tome_patches  # noqa: F401 (re-exported: they lived here)
 from .unet_patches import Attend, Site, UNetPatches, tokens_at_depth
 
 
@@ -181,84 +181,5 @@ def hypertile_patches(tile_size: int, swap_size: int, max_depth: int, scale_dept
         tiles = x.reshape(b, nh, th, nw, tw, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, th * tw, c)
         out = inner(tiles, None)
         return out.reshape(b, nh, nw, th, tw, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, h * w, -1)
-
-    return UNetPatches(self_attention=(wrapper,))
-
-
-# --- Token merging (Bolya & Hoffman 2023, "Token Merging for Fast Stable Diffusion") ----------------------
-
-
-def bipartite_merge(metric: Tensor, size: tuple[int, int], r: int,
-                    generator: torch.Generator | None = None) -> tuple[Callable[[Tensor], Tensor],
-                                                                        Callable[[Tensor], Tensor]]:
-    """(merge, unmerge) for tokens [B, h*w, C] on an h x w grid.
-
-    Bipartite soft matching with 2x2 strides: one token of every full 2x2 cell (chosen at random with
-    `generator`, else the top-left) is a destination, all others are sources. Each source is matched to its
-    most similar destination (cosine of `metric`); the r sources with the best matches are averaged into
-    their destinations, the rest are kept. merge gives [B, N - r, C]; unmerge puts each output back on its
-    token, the merged sources taking their destination's output."""
-    h, w = size
-    b, n, _ = metric.shape
-    cells_h, cells_w = h // 2, w // 2
-    dst_grid = torch.zeros(h, w, dtype=torch.bool)
-    if cells_h and cells_w:
-        pick = (torch.randint(4, (cells_h, cells_w), generator=generator) if generator is not None
-                else torch.zeros(cells_h, cells_w, dtype=torch.long))
-        rows = torch.arange(cells_h)[:, None] * 2 + pick // 2
-        cols = torch.arange(cells_w)[None, :] * 2 + pick % 2
-        dst_grid[rows, cols] = True
-    flat = dst_grid.flatten().to(metric.device)
-    dst_idx, src_idx = flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
-    r = min(r, src_idx.numel()) if dst_idx.numel() else 0
-    if r <= 0:
-        return (lambda t: t), (lambda t: t)
-    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    scores = unit[:, src_idx] @ unit[:, dst_idx].transpose(1, 2)  # [B, S, D]
-    best, best_dst = scores.max(-1)
-    order = best.argsort(-1, descending=True)
-    merged_src, kept_src = order[:, :r], order[:, r:]
-    target = best_dst.gather(1, merged_src)  # [B, r]
-
-    def expand(idx: Tensor, c: int) -> Tensor:
-        return idx[..., None].expand(*idx.shape, c)
-
-    def merge(x: Tensor) -> Tensor:
-        c = x.shape[-1]
-        src, dst = x[:, src_idx], x[:, dst_idx]
-        kept = src.gather(1, expand(kept_src, c))
-        moving = src.gather(1, expand(merged_src, c))
-        dst = dst.scatter_reduce(1, expand(target, c), moving, reduce="mean", include_self=True)
-        return torch.cat([kept, dst], dim=1)
-
-    def unmerge(y: Tensor) -> Tensor:
-        c = y.shape[-1]
-        keep = kept_src.shape[1]
-        kept, dst = y[:, :keep], y[:, keep:]
-        out = y.new_empty(b, n, c)
-        out[:, dst_idx] = dst
-        src_positions = src_idx[None].expand(b, -1)
-        out.scatter_(1, expand(src_positions.gather(1, kept_src), c), kept)
-        out.scatter_(1, expand(src_positions.gather(1, merged_src), c), dst.gather(1, expand(target, c)))
-        return out
-
-    return merge, unmerge
-
-
-def tome_patches(ratio: float) -> UNetPatches:
-    """ToMe on the full-resolution self-attentions: int(N * ratio) query tokens are merged away (the keys
-    and values keep every token, which keeps the attention's context whole; as ComfyUI's node does), and the
-    output is unmerged back to N tokens. The destination choice is seeded by the timestep (reproducible)."""
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"TomePatchModel ratio must be within 0..1, got {ratio}")
-
-    def wrapper(x: Tensor, kv: Tensor | None, inner: Attend, site: Site) -> Tensor:
-        whole = x.shape[1] == site.size[0] * site.size[1]  # not when an outer wrapper tiled the tokens
-        if kv is not None or not whole or tokens_at_depth(site.latent_shape, site.size, 0) != 0:
-            return inner(x, kv)
-        r = int(x.shape[1] * ratio)
-        generator = torch.Generator().manual_seed(int(site.timesteps.reshape(-1)[0]))
-        merge, unmerge = bipartite_merge(x, site.size, r, generator)
-        return unmerge(inner(merge(x), x))
 
     return UNetPatches(self_attention=(wrapper,))
