@@ -1,6 +1,6 @@
 """What ComfyUI node packs import, for packs only: `folder_paths`, `comfy.*`, `node_helpers`, `latent_preview`,
-`nodes`, `server` and `comfy_api`, each mapped onto our real data directory, progress, interrupt and model
-management.
+`nodes`, `server`, `comfy_api` and `comfy_extras`, each mapped onto our real data directory, progress, interrupt
+and model management.
 
 Nothing of ours imports this package. graph.registry imports it by name when it loads a folder of packs
 (graph.pack_loader): the modules are entered in `sys.modules` under ComfyUI's names, except `nodes` and
@@ -21,13 +21,14 @@ ALIASES = {
     "node_helpers": "comfy_compat.node_helpers",
     "latent_preview": "comfy_compat.latent_preview",
     "comfy_api": "comfy_compat.comfy_api",
+    "comfy_extras": "comfy_compat.comfy_extras",
     "nodes": "comfy_compat.nodes",
     "server": "comfy_compat.server",
 }
 OUR_NAMES = ("nodes", "server")  # also our own packages: resolved for pack modules only
 SUBMODULES = {"comfy": ("utils", "model_management", "samplers", "model_patcher", "sd", "model_base", "ldm",
                         "ldm.modules", "ldm.modules.attention", "comfy_types", "comfy_types.node_typing"),
-              "comfy_api": ("latest", "latest.io", "latest.ui")}
+              "comfy_api": ("latest", "latest.io", "latest.ui"), "comfy_extras": ("nodes_model_merging",)}
 
 
 def install(registry: Any, env: Any) -> None:

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
-from nodes import latent, loaders, model_patches, sampling, text, vae
+from nodes import latent, loaders, merging, model_patches, sampling, text, vae
 from tests.graph.test_comfy_v1_nodes import PackEngine
 
 
 class PatchPackEngine(PackEngine):
-    core_modules = (latent, loaders, model_patches, sampling, text, vae)
+    core_modules = (latent, loaders, merging, model_patches, sampling, text, vae)
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,7 @@ def engine(tmp_path_factory):
     data = tmp_path_factory.mktemp("patchdata")
     (data / "models" / "checkpoints").mkdir(parents=True)
     write_random_checkpoint(data / "models" / "checkpoints" / "sd1.safetensors", "sd1", seed=4)
+    write_random_checkpoint(data / "models" / "checkpoints" / "other.safetensors", "sd1", seed=5)
     return PatchPackEngine(data, ("model_pack", "patch_pack"))
 
 
@@ -202,6 +203,26 @@ def test_what_is_not_offered_is_named_with_the_node_and_the_pack(engine, kind, w
 def test_patches_stay_on_the_clone(engine, plain):
     run(engine, "attn1_output_scale", 0.5)
     close(run(engine), plain)
+
+
+def test_a_pack_subclassing_comfy_extras_model_merge_blocks(engine, plain):
+    def merged(node: dict) -> torch.Tensor:
+        graph = prompt()
+        graph["c2"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "other.safetensors"}}
+        graph["m"] = node
+        graph["k"]["inputs"]["model"] = ["m", 0]
+        return engine.value(graph, "k")[0]["samples"]
+
+    def pack(time, inputs, rest):
+        ratios = {"time_embed.": time, "label_emb.": time, "input_blocks.": inputs, "middle_block.": rest,
+                  "output_blocks.": rest, "out.": rest}
+        return merged({"class_type": "BlockMerge", "inputs": {"model1": ["c", 0], "model2": ["c2", 0], **ratios}})
+
+    close(pack(1.0, 1.0, 1.0), plain)  # all of model1
+    ours = merged({"class_type": "ModelMergeBlocks", "inputs": {"model1": ["c", 0], "model2": ["c2", 0],
+                                                                "input": 0.3, "middle": 0.8, "out": 0.8}})
+    close(pack(0.3, 0.3, 0.8), ours)  # our node gives keys no name covers (time_embed) the first ratio
+    differs(pack(0.3, 0.3, 0.8), plain)
 
 
 def clip_prompt(strength: float) -> dict:

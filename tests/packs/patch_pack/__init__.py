@@ -6,6 +6,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.samplers
 import comfy.sd
+import comfy_extras.nodes_model_merging
 import torch
 from comfy.comfy_types.node_typing import IO, ComfyNodeABC
 from comfy.ldm.modules.attention import BasicTransformerBlock, optimized_attention
@@ -217,5 +218,15 @@ class PatchClip:
         return (c, [[cond, out]])
 
 
-NODE_CLASS_MAPPINGS = {"PatchModel": PatchModel, "PatchClip": PatchClip}
+class BlockMerge(comfy_extras.nodes_model_merging.ModelMergeBlocks):
+    """A per-block merge as packs write one: ComfyUI's ModelMergeBlocks with its own ratio names, `merge` inherited."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        ratio = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01})
+        names = ["time_embed.", "label_emb.", "input_blocks.", "middle_block.", "output_blocks.", "out."]
+        return {"required": {"model1": ("MODEL",), "model2": ("MODEL",), **{name: ratio for name in names}}}
+
+
+NODE_CLASS_MAPPINGS = {"PatchModel": PatchModel, "PatchClip": PatchClip, "BlockMerge": BlockMerge}
 NODE_DISPLAY_NAME_MAPPINGS = {"PatchModel": "Patch a model (test pack)"}
