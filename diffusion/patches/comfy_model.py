@@ -73,6 +73,13 @@ class BaseModelView:
     def __repr__(self) -> str:
         return f"BaseModelView({self._handle.family.title})"
 
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(f"MODEL.model (ComfyUI's BaseModel) has no {name!r} in Latent Loom (offered: "
+                             f"model_sampling, diffusion_model, latent_format, model_type, model_config, get_dtype, "
+                             f"device)")
+
 
 class ComfyModelMethods:
     """ComfyUI's ModelPatcher methods; mixed into DiffusionModel, which has `model_options`, `patcher`,

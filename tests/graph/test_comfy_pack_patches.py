@@ -10,7 +10,10 @@ import sys
 import pytest
 import torch
 
+from diffusion.checkpoints.loader import load_checkpoint
 from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
+from diffusion.patches.lora import kohya_text_names, kohya_unet_names, save_lora
+from diffusion.patches.patcher import LoraDelta
 from nodes import latent, loaders, merging, model_patches, sampling, text, vae
 from tests.graph.test_comfy_v1_nodes import PackEngine
 
@@ -25,7 +28,27 @@ def engine(tmp_path_factory):
     (data / "models" / "checkpoints").mkdir(parents=True)
     write_random_checkpoint(data / "models" / "checkpoints" / "sd1.safetensors", "sd1", seed=4)
     write_random_checkpoint(data / "models" / "checkpoints" / "other.safetensors", "sd1", seed=5)
+    write_lora(data / "models" / "loras" / "tiny.safetensors", data / "models" / "checkpoints" / "sd1.safetensors")
     return PatchPackEngine(data, ("model_pack", "patch_pack"))
+
+
+def write_lora(path, checkpoint) -> None:
+    """A LoRA on one cross-attention query of the tiny UNet and one text encoder projection, in kohya's names."""
+    loaded = load_checkpoint(checkpoint)
+    params = dict(loaded.unet.named_parameters())
+    unet_names = kohya_unet_names(loaded.family.unet, params)
+    text_names = kohya_text_names(loaded.text)["l"]
+    gen = torch.Generator().manual_seed(11)
+    unet_module = "middle_block.1.transformer_blocks.0.attn2.to_q"
+    out_features, in_features = params[unet_module + ".weight"].shape
+    text_module = next(m for m in text_names if m.endswith("self_attn.out_proj"))
+    width = dict(loaded.text.encoders["l"].model.named_parameters())[text_module + ".weight"].shape[0]
+    layers = {unet_names[unet_module]: LoraDelta(torch.randn(out_features, 2, generator=gen),
+                                                 torch.randn(2, in_features, generator=gen)),
+              text_names[text_module]: LoraDelta(torch.randn(width, 2, generator=gen),
+                                                 torch.randn(2, width, generator=gen))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_lora(path, layers)
 
 
 @pytest.fixture
@@ -223,6 +246,22 @@ def test_a_pack_subclassing_comfy_extras_model_merge_blocks(engine, plain):
                                                                 "input": 0.3, "middle": 0.8, "out": 0.8}})
     close(pack(0.3, 0.3, 0.8), ours)  # our node gives keys no name covers (time_embed) the first ratio
     differs(pack(0.3, 0.3, 0.8), plain)
+
+
+def test_load_lora_for_models_equals_lora_loader(engine, plain):
+    def sampled(node: dict) -> torch.Tensor:
+        graph = prompt()
+        graph["l"] = node
+        graph["k"]["inputs"]["model"] = ["l", 0]
+        for encoder in ("p", "n"):
+            graph[encoder]["inputs"]["clip"] = ["l", 1]
+        return engine.value(graph, "k")[0]["samples"]
+
+    inputs = {"model": ["c", 0], "clip": ["c", 1], "lora_name": "tiny.safetensors", "strength_model": 0.8,
+              "strength_clip": 1.2}
+    pack = sampled({"class_type": "LoraThroughComfySd", "inputs": inputs})
+    close(pack, sampled({"class_type": "LoraLoader", "inputs": inputs}))
+    differs(pack, plain)
 
 
 def clip_prompt(strength: float) -> dict:

@@ -6,7 +6,9 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.samplers
 import comfy.sd
+import comfy.utils
 import comfy_extras.nodes_model_merging
+import folder_paths
 import torch
 from comfy.comfy_types.node_typing import IO, ComfyNodeABC
 from comfy.ldm.modules.attention import BasicTransformerBlock, optimized_attention
@@ -228,5 +230,25 @@ class BlockMerge(comfy_extras.nodes_model_merging.ModelMergeBlocks):
         return {"required": {"model1": ("MODEL",), "model2": ("MODEL",), **{name: ratio for name in names}}}
 
 
-NODE_CLASS_MAPPINGS = {"PatchModel": PatchModel, "PatchClip": PatchClip, "BlockMerge": BlockMerge}
+class LoraThroughComfySd:
+    """A LoRA applied the way packs apply one: read with comfy.utils.load_torch_file, comfy.sd.load_lora_for_models."""
+
+    CATEGORY = "patch pack"
+    RETURN_TYPES = ("MODEL", "CLIP")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        strength = ("FLOAT", {"default": 1.0})
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",),
+                             "lora_name": (folder_paths.get_filename_list("loras"),),
+                             "strength_model": strength, "strength_clip": strength}}
+
+    def load(self, model, clip, lora_name, strength_model, strength_clip):
+        lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", lora_name), safe_load=True)
+        return comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip)
+
+
+NODE_CLASS_MAPPINGS = {"PatchModel": PatchModel, "PatchClip": PatchClip, "BlockMerge": BlockMerge,
+                       "LoraThroughComfySd": LoraThroughComfySd}
 NODE_DISPLAY_NAME_MAPPINGS = {"PatchModel": "Patch a model (test pack)"}
