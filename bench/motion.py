@@ -4,8 +4,8 @@ Clips are made the way a user makes them: API-format workflows run by the engine
 ADE_AnimateDiffLoaderGen1 with the shipped module and beta_schedule "use existing" -> KSampler 20 steps cfg 5
 euler/normal over an EmptyLatentImage batch of 16 frames -> VAEDecode -> SaveImage), read back from the saved
 PNGs. The captions are those of held-out clips (train/motion_data.py, split "test": (shape, colour, background)
-combinations neither the image model nor the motion module was trained on), such as "a cyan star moving up on a
-black background"; the seed of clip i is i. The same prompts and seeds without the module (frames denoised
+combinations neither the image model nor the motion module was trained on), such as "a cyan star on a black
+background moving to the top"; the seed of clip i is i. The same prompts and seeds without the module (frames denoised
 independently) are the baseline.
 
 Per clip:

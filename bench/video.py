@@ -44,7 +44,7 @@ def child(frames: int, steps: int, context: int, overlap: int, threads: int) -> 
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         runner = VideoRunner(Path(tmp))
-        caption = "a red circle moving from left to right on a white background"
+        caption = "a red circle on a white background moving to the right"
         runner.clip(caption, 0, 1, steps=1, context=(context, overlap))
         warm = peak_rss()
         start = time.perf_counter()

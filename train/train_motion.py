@@ -13,8 +13,8 @@ Recipe (what `python -m train.train_motion` does with its defaults; timings and 
    one timestep per clip (every frame equally noisy, noise independent per frame), min-SNR-5 weighting, the
    base model's own noise schedule (the one it samples with: use beta_schedule "use existing" with it), AdamW
    `--lr` with warm-up and cosine decay, bf16 autocast. A clip is used forwards or reversed in time with the
-   opposite direction's caption (a free second clip); captions are "a red circle moving up on a gray background",
-   15 % with the size word, 10 % empty for classifier-free guidance.
+   opposite direction's caption (a free second clip); captions are "a red circle on a gray background moving to
+   the top", 15 % with the size word, 10 % empty for classifier-free guidance.
 4. The set is written in fp16 with the original AnimateDiff key names, so it loads (and is detected as v2) from
    `models/animatediff_models` like a downloaded module.
 
@@ -208,7 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clips", type=int, default=1024, help="training clips encoded once")
     p.add_argument("--frames", type=int, default=motion_data.DEFAULT_FRAMES)
-    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=4, help="clips per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--minutes", type=float, default=0.0, help="stop (state saved) after this long; 0: no limit")
