@@ -23,6 +23,7 @@ from torch import Tensor
 from .checkpoints.families import ModelFamily
 from .checkpoints.loader import LoadedCheckpoint
 from .memory import ModelManager
+from .models.attention import attention_budget
 from .models.clip_vision import ClipVisionOutput, encode_image
 from .models.text_encoders import TextEncoders
 from .models.unclip import NoiseAugmentor, revision_pooled, unclip_adm
@@ -176,7 +177,8 @@ class DiffusionModel(ComfyModelMethods):
     def denoiser(self, concat: Tensor | None = None) -> Iterator[Denoiser]:
         """`D(x, sigma, context=..., y=...)` with the UNet on the compute device while the block runs.
         `concat` ([1|B, C, h, w]) is appended to the input channels (inpainting models)."""
-        with self.manager.use([self.patcher]) as (unet,):
+        # attentions that cannot take SDPA's fused kernels split their queries to fit the free memory
+        with self.manager.use([self.patcher]) as (unet,), attention_budget(self.manager.working_memory()):
             device, dtype = self.manager.device, self.dtype
 
             def net(x_in: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
@@ -349,7 +351,7 @@ class VAEModel:
 
     def _run(self, fn: Callable[[Tensor], Tensor], tiled: Callable[[Tensor], Tensor], x: Tensor,
              out_pixels: int) -> Tensor:
-        with self.manager.use([self.patcher]), torch.no_grad():
+        with self.manager.use([self.patcher]), torch.no_grad(), attention_budget(self.manager.working_memory()):
             device = self.manager.device
             step = self._batches(x.shape[0], out_pixels)
             outputs = []

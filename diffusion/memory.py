@@ -170,6 +170,15 @@ class ModelManager:
             free = min(free, self.budget_bytes - self.loaded_nbytes())
         return free - self.reserve_bytes
 
+    def working_memory(self) -> int:
+        """Bytes a model's activations may take now (what `attention_budget` is given around a model call): the
+        device's free memory (the RAM's on the CPU, where `available` does not count), within the budget, less the
+        reserve; a fifth of it is kept back for the activations around the attention."""
+        free = self.memory_probe() if self.memory_probe is not None else free_memory(self.device)
+        if self.budget_bytes is not None:
+            free = min(free, self.budget_bytes - self.loaded_nbytes())
+        return max(0, (free - self.reserve_bytes) * 4 // 5)
+
     def loaded(self) -> list[tuple[str, int]]:
         """(name, bytes on the compute device) of the loaded models, least recently used first."""
         with self._lock:

@@ -6,9 +6,9 @@ output side, a ResBlock's input with its norm and SiLU copies, the feed-forward'
 decoder's 256-channel maps at full resolution). Counts are in elements per pixel of the level they run at,
 times the batch and the dtype's size. Attention scores are not counted: every attention here is
 `F.scaled_dot_product_attention`, whose CPU (flash) and CUDA (flash / memory-efficient) kernels work in
-blocks and never hold the (HW)² score matrix, given q, k and v in the layout the UNet passes. The fused
-kernels need each row of q, k and v contiguous; the VAE's decoder passes them transposed, so SDPA takes its
-math path there and its scores are counted (see _vae_attention).
+blocks and never hold the (HW)² score matrix, given q, k and v with each row contiguous, as the UNet and the VAE
+pass them. Elsewhere (MPS) the math path's scores are counted, split along the queries as
+diffusion/models/attention.py splits them (see _vae_attention).
 
 Models are not known before they load, so the MODEL and VAE shapes default to the released architectures:
 every SD VAE has the same one, and for the UNet the smaller of SD1/SD2's and SDXL's peaks is used (an
@@ -23,6 +23,7 @@ import logging
 import math
 from typing import Any
 
+from diffusion.models.attention import FUSED_DEVICES, scores_bytes
 from diffusion.models.unet import UNetConfig
 from diffusion.models.vae import VAEConfig
 from graph.memory_estimate import EstimateContext, MemoryEstimate, TensorSpec
@@ -189,20 +190,20 @@ def unet_bytes(config: UNetConfig | None, batch: int, height: int, width: int, i
     return int(per_entry * batch * itemsize)
 
 
-def _vae_attention(walk: _Walk, c: int, n: float, itemsize: int, channels_last: bool) -> None:
-    """The VAE's mid-block attention: one head as wide as the block, over every latent position. From
-    feature maps in the default (channels-first) layout its q, k and v reach SDPA with the positions' stride
-    not 1, which the fused kernels do not take: SDPA falls back to its math path and materialises the (HW)²
-    scores and their softmax (measured on the CPU: 9 bytes a score, fp32 and bf16 alike). That is how a decode
-    runs (latents come channels-first), and what bounds a large whole-image decode. An encode gets its image
-    channels-last (VAEModel moves the channel axis of [B, H, W, C]), the convolutions keep that layout, and
-    the fused kernel takes it: no scores."""
-    scores = 0.0 if channels_last else ATTENTION_SCORE_BYTES / itemsize * n * n
-    walk.need(n * 8 * c + scores)
+def _vae_attention(walk: _Walk, c: int, n: float, itemsize: int, device_type: str, budget: int | None = None) -> None:
+    """The VAE's mid-block attention: one head as wide as the block, over every latent position. Its q, k and v
+    reach SDPA contiguous (diffusion/models/vae.py), which the fused kernels of CPUs and CUDA take: no (HW)^2
+    scores. Elsewhere (MPS) SDPA's math path holds them (ATTENTION_SCORE_BYTES a score), split along the queries
+    to fit `budget` bytes when one is given (diffusion/models/attention.py; the model manager gives its free
+    memory at run time)."""
+    scores = scores_bytes(1, 1, int(n), int(n), budget, device_type in FUSED_DEVICES, ATTENTION_SCORE_BYTES)
+    walk.need(n * 8 * c + 3 * n * c + scores / itemsize)  # the contiguous q, k, v copies
 
 
-def vae_decode_elements(config: VAEConfig, height: int, width: int, itemsize: int, device_type: str) -> float:
-    """Peak live elements of decoding one latent of height × width (latent units) to an image."""
+def vae_decode_elements(config: VAEConfig, height: int, width: int, itemsize: int, device_type: str,
+                        budget: int | None = None) -> float:
+    """Peak live elements of decoding one latent of height × width (latent units) to an image (`budget`: the
+    attention's, where it takes SDPA's math path; see _vae_attention)."""
     walk = _Walk(1.0 if device_type == "cpu" else 0.0)
     norm = _norm_peak(itemsize)
     levels = len(config.ch_mult)
@@ -212,7 +213,7 @@ def vae_decode_elements(config: VAEConfig, height: int, width: int, itemsize: in
     walk.need(n * c * (1 + walk.conv_copy))
     walk.held += n * c
     _resblock(walk, c, c, n, norm)
-    _vae_attention(walk, c, n, itemsize, channels_last=False)
+    _vae_attention(walk, c, n, itemsize, device_type, budget)
     _resblock(walk, c, c, n, norm)
     for i in reversed(range(levels)):
         c_out = config.ch * config.ch_mult[i]
@@ -228,10 +229,8 @@ def vae_decode_elements(config: VAEConfig, height: int, width: int, itemsize: in
     return walk.peak
 
 
-def vae_encode_elements(config: VAEConfig, height: int, width: int, itemsize: int, device_type: str,
-                        channels_last: bool = True) -> float:
-    """Peak live elements of encoding one height × width image (pixels) to a latent (channels-last, as
-    VAEModel passes images; see _vae_attention)."""
+def vae_encode_elements(config: VAEConfig, height: int, width: int, itemsize: int, device_type: str) -> float:
+    """Peak live elements of encoding one height × width image (pixels) to a latent (see _vae_attention)."""
     walk = _Walk(1.0 if device_type == "cpu" else 0.0)
     norm = _norm_peak(itemsize)
     n = float(height * width)
@@ -250,7 +249,7 @@ def vae_encode_elements(config: VAEConfig, height: int, width: int, itemsize: in
             walk.held -= 0.75 * n * c
             n /= 4
     _resblock(walk, c, c, n, norm)
-    _vae_attention(walk, c, n, itemsize, channels_last)
+    _vae_attention(walk, c, n, itemsize, device_type)
     walk.need(n * max(norm * c, (2 + walk.conv_copy) * c + 2 * config.z_channels))
     return walk.peak
 

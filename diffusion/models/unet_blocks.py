@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..patches.unet_patches import Site, UNetPatches
+from .attention import attention
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -155,7 +156,7 @@ class CrossAttention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(value)
         # [B, N, heads*d] -> [B, heads, N, d]
         q, k, v = (t.view(b, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)  # SDPA; split along the queries where its scores would not fit (attention.py)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 

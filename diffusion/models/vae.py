@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..tiling import tiled_apply
+from .attention import attention
 from .unet_blocks import GroupNorm32
 
 
@@ -110,8 +111,11 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         hn = self.norm(x)
-        q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3) for t in (self.q(hn), self.k(hn), self.v(hn)))
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, 1, H*W, C]
+        # [B, 1, H*W, C] with each position's C values contiguous: SDPA's fused kernels take that layout and never
+        # hold the (HW)^2 scores (51 GB for a 2048x2048 image's decode); a transposed view would take the math path.
+        q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3).contiguous()
+                   for t in (self.q(hn), self.k(hn), self.v(hn)))
+        out = attention(q, k, v)  # [B, 1, H*W, C]; split along the queries where it still takes the math path
         return x + self.proj_out(out.transpose(2, 3).reshape(b, c, h, w))
 
 
