@@ -22,7 +22,8 @@ Rows printed:
 - Previews (`--preview-count` default-workflow runs): mean colour error of the last sampler preview against the
   decoded image, linear map (latent2rgb) vs the shipped tiny decoder (taesd).
 
-    python bench/quality.py [--count 200] [--cfg 5.0] [--skip-seen] [--skip-floor] [--skip-lora] [--only-lora]
+    python bench/quality.py [--count 200] [--cfg 5.0] [--skip-seen] [--skip-floor] [--skip-negative]
+                            [--skip-lora] [--only-lora]
                             [--lora-steps 300] [--lora-lr 5e-3] [--lora-count 60] [--threads 1]
                             [--checkpoint models/checkpoints/latentloom-shapes.safetensors]
                             [--controlnet models/controlnet/latentloom-shapes-silhouette.safetensors]
@@ -230,7 +231,9 @@ def shape_iou(image: np.ndarray, hint: np.ndarray) -> float:
 
 
 def controlnet_effect(runner: Runner, cfg: float, count: int, controlnet: str) -> None:
-    """Held-out-combination captions with and without the silhouette ControlNet on their own silhouettes."""
+    """Held-out-combination captions with and without the silhouette ControlNet on their own silhouettes; first the
+    IoU's two ceilings: the checker's mask of the true images (how well the mask can match a silhouette at all) and
+    of the model's VAE reconstructions of them (what a perfect UNet could reach through this decoder)."""
     from train.checker import classify_colour
     from train.train_controlnet import silhouette
 
@@ -239,6 +242,12 @@ def controlnet_effect(runner: Runner, cfg: float, count: int, controlnet: str) -
     for i, sample in enumerate(samples):
         hints.append(silhouette(sample))
         Image.fromarray(hints[-1]).save(runner.env.input_dir / f"hint-{i}.png")
+    truth = np.stack([shapes.render(s) for s in samples])
+    reconstructed = vae_round_trip(runner)(truth)
+    for label, images in (("the true images", truth), ("this model's VAE reconstructions", reconstructed)):
+        ious = np.array([shape_iou(im, hint) for im, hint in zip(images, hints, strict=True)])
+        log.info("%-58s IoU with the hint %.3f (median %.3f)", f"ceiling: {count} silhouettes, {label}", ious.mean(),
+                 np.median(ious))
     for label, use in (("without ControlNet", False), ("with the silhouette ControlNet", True)):
         start = time.perf_counter()
         images = [runner.txt2img(runner.model, s.caption, "", seed, cfg,
@@ -302,6 +311,7 @@ def main() -> None:
     parser.add_argument("--skip-floor", action="store_true")
     parser.add_argument("--skip-lora", action="store_true")
     parser.add_argument("--skip-seen", action="store_true")
+    parser.add_argument("--skip-negative", action="store_true", help="skip the negative-prompt rows")
     parser.add_argument("--checkpoint", type=Path, default=REPO / "models" / "checkpoints" / MODEL,
                         help="the model to measure (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=0)
@@ -348,7 +358,8 @@ def main() -> None:
             write_floor(tmp / "ckpt" / FLOOR)
             report(f"random weights (floor), same {args.count} held-out captions",
                    *adherence(runner, checker, FLOOR, test, args.cfg))
-        negative_prompt_effect(runner, checker, args.cfg, 60)
+        if not args.skip_negative:
+            negative_prompt_effect(runner, checker, args.cfg, 60)
         if not args.skip_lora:
             lora_effect(runner, checker, args.cfg, args.lora_count, args.lora_steps, args.lora_lr)
         if not args.skip_controlnet:

@@ -149,9 +149,10 @@ def write_checkpoint(path: str | os.PathLike, spec: ModelSpec, unet: nn.Module, 
 
 
 def denoising_loss(unet: nn.Module, latents: Tensor, context: Tensor, alphas_cumprod: Tensor,
-                   gen: torch.Generator, min_snr: float = 5.0) -> Tensor:
+                   gen: torch.Generator, min_snr: float = 5.0, pixel_weights: Tensor | None = None) -> Tensor:
     """eps-prediction loss at uniformly drawn timesteps, weighted by min(SNR, gamma)/SNR (Hang et al. 2023),
-    which stops the nearly-clean steps from dominating a short training run."""
+    which stops the nearly-clean steps from dominating a short training run. `pixel_weights` [B, 1, h, w]
+    (optional) weight the latent positions of each sample, normalised to a mean of 1 per sample."""
     b = latents.shape[0]
     t = torch.randint(0, alphas_cumprod.shape[0], (b,), generator=gen)
     noise = torch.randn(latents.shape, generator=gen)
@@ -160,4 +161,10 @@ def denoising_loss(unet: nn.Module, latents: Tensor, context: Tensor, alphas_cum
     pred = unet(noisy, t.float(), context).float()
     snr = abar / (1 - abar)
     weight = (snr.clamp(max=min_snr) / snr).flatten()
-    return (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+    err = F.mse_loss(pred, noise, reduction="none")
+    if pixel_weights is None:
+        per_sample = err.mean(dim=(1, 2, 3))
+    else:
+        w = pixel_weights.float()
+        per_sample = (w * err).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3))
+    return (weight * per_sample).mean()

@@ -16,6 +16,11 @@ Recipe (what `python -m train.train_controlnet` does with its defaults; timings 
    and the prompt keeps the colour.
 5. The ControlNet is written in fp16 through `write_controlnet_file` (original layout, head layout in metadata).
 
+Two options the shipped file's second stage uses (train/README.md): `--init FILE` starts from a ControlNet file
+instead of the copy of step 3 (continuing a finished run with a new seed and schedule), and `--shape-weight K`
+weights the loss K times on the latent cells the silhouette touches and the cells around them
+(`shape_weights`), where the shape's outline is decided; 1 (the default) is the plain loss.
+
 Deterministic given `--seed` and the thread count: every batch and noise draw is a function of (seed, step).
 `--minutes` stops with the state saved, `--resume` continues from it and ends with the same weights.
 """
@@ -32,7 +37,12 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from diffusion.checkpoints.controlnet_files import ControlNetInfo, write_controlnet_file
+from diffusion.checkpoints.controlnet_files import (
+    ControlNetInfo,
+    build_controlnet,
+    read_controlnet,
+    write_controlnet_file,
+)
 from diffusion.checkpoints.loader import load_checkpoint
 from diffusion.models.controlnet import ControlNet, ControlNetConfig
 from diffusion.models.text_encoders import TextEncoders
@@ -72,6 +82,23 @@ def hint_images(silhouettes: np.ndarray) -> Tensor:
     """uint8 [B, H, W] silhouettes -> [B, 3, H, W] in 0..1, the range ControlNet hints come in."""
     t = torch.from_numpy(silhouettes).float() / 255.0
     return t[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+def shape_weights(silhouettes: np.ndarray, weight: float, latent_size: int) -> Tensor:
+    """Per-latent-cell loss weights [B, 1, n, n]: `weight` on the cells any of the silhouette covers and their
+    neighbours (one cell, the blur of an 8x8 latent's decoder), 1 elsewhere."""
+    covered = torch.from_numpy(silhouettes).float()[:, None] / 255.0
+    covered = torch.nn.functional.adaptive_max_pool2d(covered, latent_size) > 0
+    near = torch.nn.functional.max_pool2d(covered.float(), 3, stride=1, padding=1)
+    return 1.0 + (weight - 1.0) * near
+
+
+def controlnet_from_file(path: str, unet: UNetModel) -> ControlNet:
+    """The ControlNet of an earlier run's file (`--init`), checked to fit `unet`."""
+    sd, info = read_controlnet(path)
+    if info.diff or info.config.unet != unet.config:
+        raise SystemExit(f"--init {path}: a {info.family} ControlNet for another UNet than the base model's")
+    return build_controlnet(sd, info, dtype=torch.float32).requires_grad_(True)  # built as frozen inference weights
 
 
 def controlnet_from_unet(unet: UNetModel, seed: int) -> ControlNet:
@@ -118,7 +145,10 @@ class ControlNetTrainer(ResumableTrainer):
         self.unet = base.unet.eval().requires_grad_(False)
         self.vae = base.vae.eval().requires_grad_(False)
         self.captions = CaptionCache(base.text)
-        self.net = controlnet_from_unet(self.unet, args.seed)
+        if args.init:
+            self.net = controlnet_from_file(args.init, self.unet)
+        else:
+            self.net = controlnet_from_unet(self.unet, args.seed)
         use_eager_attention(self.unet)
         use_eager_attention(self.net)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=args.lr, weight_decay=0.0)
@@ -139,26 +169,30 @@ class ControlNetTrainer(ResumableTrainer):
             samples += batch
         return torch.cat(latents) * SCALING_FACTOR, np.stack(hints), samples
 
-    def batch(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(latents, hints, context) of one step: a pure function of (seed, step)."""
+    def batch(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(latents, hints, context, loss weights or None) of one step: a pure function of (seed, step)."""
         rng = data.step_rng(self.args.seed, PHASE, step)
         indices = rng.integers(0, len(self.samples), size=self.args.batch)
         context = self.captions.batch([data.training_caption(rng, self.samples[i]) for i in indices])
-        return self.latents[torch.from_numpy(indices)], hint_images(self.hints[indices]), context
+        latents = self.latents[torch.from_numpy(indices)]
+        weights = None
+        if self.args.shape_weight != 1.0:
+            weights = shape_weights(self.hints[indices], self.args.shape_weight, latents.shape[-1])
+        return latents, hint_images(self.hints[indices]), context, weights
 
     # ---- training --------------------------------------------------------------------------------
     def train_step(self) -> float:
         a = self.args
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, a.steps, a.lr, min(100, a.steps // 10 + 1))
-        latents, hints, context = self.batch(self.step)
+        latents, hints, context, weights = self.batch(self.step)
         gen = torch.Generator().manual_seed(a.seed * 1_000_003 + 11 + self.step)
 
         def controlled(x: Tensor, t: Tensor, ctx: Tensor) -> Tensor:
             return self.unet(x, t, ctx, patches=residual_patches(self.net(x, hints, t, ctx)))
 
         with torch.autocast("cpu", torch.bfloat16, enabled=a.bf16):
-            loss = denoising_loss(controlled, latents, context, self.alphas_cumprod, gen)
+            loss = denoising_loss(controlled, latents, context, self.alphas_cumprod, gen, pixel_weights=weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
         self.opt.step()
@@ -192,6 +226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=900)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--init", metavar="FILE", help="start from this ControlNet file instead of the base UNet's copy")
+    p.add_argument("--shape-weight", type=float, default=1.0,
+                   help="loss weight of the latent cells on and around the silhouette (1: the plain loss)")
     p.add_argument("--minutes", type=float, default=0.0, help="stop (state saved) after this long; 0: no limit")
     p.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after this many steps; 0: no limit")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
@@ -213,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if not Path(args.base).is_file():
         raise SystemExit(f"--base {args.base} is missing: train it with python -m train.train_model")
+    if args.init and not Path(args.init).is_file():
+        raise SystemExit(f"--init {args.init}: no such ControlNet file")
     trainer = ControlNetTrainer(args)
     if args.resume:
         if not Path(args.state).exists():

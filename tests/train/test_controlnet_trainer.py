@@ -14,13 +14,14 @@ from diffusion.checkpoints.files import read_state_dict
 from diffusion.checkpoints.loader import load_checkpoint
 from diffusion.patches.control import residual_patches
 from train import shapes
-from train.recipe import build_text_encoder, build_unet, build_vae, tiny_spec, write_checkpoint
+from train.recipe import build_text_encoder, build_unet, build_vae, denoising_loss, tiny_spec, write_checkpoint
 from train.train_controlnet import (
     EXAMPLE_HINT,
     EXAMPLE_HINT_FILE,
     controlnet_from_unet,
     hint_images,
     main,
+    shape_weights,
     silhouette,
     write_example_hint,
 )
@@ -140,6 +141,56 @@ def test_resume_refuses_another_seed_and_a_missing_state(base, tmp_path):
         train(base, tmp_path, "cut", "--resume", "--seed", "5")
     with pytest.raises(SystemExit, match="no training state"):
         train(base, tmp_path, "nothing", "--resume")
+
+
+def test_shape_weights_cover_the_silhouettes_cells_and_their_neighbours():
+    hint = np.zeros((1, 64, 64), dtype=np.uint8)
+    hint[0, 20:27, 33:40] = 255  # latent cells (2..3, 4) : rows 16-31 and columns 32-39
+    weights = shape_weights(hint, 3.0, 8)
+    assert weights.shape == (1, 1, 8, 8)
+    heavy = {(int(y), int(x)) for y, x in zip(*np.nonzero(weights[0, 0].numpy() == 3.0), strict=True)}
+    assert heavy == {(y, x) for y in range(1, 5) for x in range(3, 6)}
+    assert set(np.unique(weights.numpy())) == {1.0, 3.0}
+    assert torch.equal(shape_weights(hint, 1.0, 8), torch.ones(1, 1, 8, 8))
+
+
+def test_pixel_weights_of_one_are_the_plain_loss_and_others_change_it():
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    latents, context = torch.randn(2, 4, 8, 8), torch.zeros(2, 77, 16)
+
+    def model(x, t, ctx):
+        return x * 0.5
+
+    def loss(weights):
+        return denoising_loss(model, latents, context, alphas, torch.Generator().manual_seed(0), pixel_weights=weights)
+
+    plain = loss(None)
+    torch.testing.assert_close(loss(torch.full((2, 1, 8, 8), 2.0)), plain, rtol=1e-6, atol=0)
+    uneven = torch.ones(2, 1, 8, 8)
+    uneven[:, :, :4] = 5.0
+    assert abs(float(loss(uneven)) - float(plain)) > 1e-4
+
+
+def test_init_continues_from_a_file(base, uninterrupted, tmp_path):
+    out, code = train(base, tmp_path, "continued", "--init", str(uninterrupted), "--steps", "2", "--shape-weight", "3")
+    assert code == 0
+    start, continued = weights(uninterrupted), weights(out)
+    changed = [k for k in start if not torch.equal(start[k], continued[k])]
+    assert changed
+    # from the file, not from the base UNet: the zero convs are not all where a fresh start would move them
+    fresh, _ = train(base, tmp_path, "fresh", "--steps", "2", "--shape-weight", "3")
+    assert any(not torch.equal(weights(fresh)[k], continued[k]) for k in continued)
+    with pytest.raises(SystemExit, match="no such ControlNet"):
+        train(base, tmp_path, "x", "--init", str(tmp_path / "none.safetensors"))
+
+
+def test_init_refuses_a_controlnet_of_another_model(base, tmp_path):
+    from diffusion.checkpoints.controlnet_files import write_random_controlnet
+
+    other = tmp_path / "other.safetensors"
+    write_random_controlnet(other, "sd2")
+    with pytest.raises(SystemExit, match="another UNet"):
+        train(base, tmp_path, "x", "--init", str(other))
 
 
 def test_refuses_a_missing_base(tmp_path):
