@@ -290,3 +290,25 @@ def test_clip_add_patches(engine, log):
     assert (patched - half).mean() == pytest.approx(0.125, abs=5e-3)
     (after, _), = engine.value(graph, "ours")[0]
     torch.testing.assert_close(after, ours)  # the checkpoint's CLIP is unchanged
+
+
+def test_model_options_of_a_clone_are_its_own(engine):
+    """ComfyUI's clone copies model_options: a pack patching a clone of a patched model leaves that model alone."""
+    model = engine.value(prompt(), "c")[0]
+    first = model.clone()
+    first.set_model_attn1_patch(lambda n, c, v, o: (n, c, v))
+    first.set_model_sampler_post_cfg_function(lambda args: args["denoised"])
+    second = first.clone()
+    second.set_model_attn1_patch(lambda n, c, v, o: (n, c, v))
+    second.set_model_attn2_replace(lambda q, k, v, o: q, "middle", 0)
+    second.set_model_sampler_post_cfg_function(lambda args: args["denoised"])
+    assert model.model_options == {}
+    assert len(first.model_options["transformer_options"]["patches"]["attn1_patch"]) == 1
+    assert "patches_replace" not in first.model_options["transformer_options"]
+    assert len(first.model_options["sampler_post_cfg_function"]) == 1
+    assert len(second.model_options["transformer_options"]["patches"]["attn1_patch"]) == 2
+    assert list(second.model_options["transformer_options"]["patches_replace"]["attn2"]) == [("middle", 0)]
+    assert len(second.model_options["sampler_post_cfg_function"]) == 2
+    assert second.is_clone(model) and first.get_model_object("model_sampling") is model.model_sampling
+    with pytest.raises(ValueError, match="model_sampling"):
+        first.add_object_patch("model_sampling", object())
