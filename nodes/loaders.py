@@ -17,6 +17,7 @@ import torch
 
 from diffusion.checkpoints.loader import load_checkpoint, load_vae
 from diffusion.handles import ClipModel, DiffusionModel, VAEModel, wrap_checkpoint
+from diffusion.models.transformers_clip import start_import
 from diffusion.patches.compile import compile_forward, set_cache_dir
 from diffusion.patches.lora import load_lora, lora_patches
 from diffusion.patches.patcher import ModelPatcher
@@ -57,6 +58,12 @@ class _ModelFileNode(Node):
         except ValueError as exc:
             return str(exc)
         return None
+
+
+def prefetch_imports() -> None:
+    """Start importing what loading a checkpoint needs besides the engine (transformers' CLIP) in a background
+    thread: a server calls this once it is up, so its first prompt does not wait for the import."""
+    start_import()
 
 
 def load_checkpoint_handles(env: Environment, name: str) -> tuple[DiffusionModel, ClipModel, VAEModel]:

@@ -188,6 +188,9 @@ def cmd_serve(args: argparse.Namespace, env: Environment, registry: NodeRegistry
     except OSError as exc:
         raise CliError(f"cannot open the data directory {env.data_dir}: {exc}") from None
     opener = open_browser if args.auto_launch else None
+    from nodes.loaders import prefetch_imports
+
+    prefetch_imports()  # the first prompt then finds transformers imported (3-5 s on a small CPU)
     try:
         asyncio.run(_serve(app, config.host, args.port, opener))
     except ConnectionError as exc:  # --workers ray: the cluster cannot be reached
