@@ -131,6 +131,20 @@ class ComfyModelMethods:
         it, as in ComfyUI)."""
         self.model_options["model_function_wrapper"] = fn
 
+    def set_model_denoise_mask_function(self, fn: Any) -> None:
+        """`fn(sigma, denoise_mask, extra_options) -> mask`: each step's inpainting mask (Differential Diffusion's
+        kind). extra_options has "sigmas" (the run's schedule) and "model", whose `inner_model` is the BaseModel
+        view (ComfyUI passes its sampling wrapper there). Set through this method only: it becomes the handle's
+        `denoise_mask_fn`, which the KSampler flow calls."""
+        self.model_options["denoise_mask_function"] = fn
+        view = self.model
+
+        def denoise_mask(sigma: Tensor, mask: Tensor, sigmas: Tensor, model_sampling: ModelSampling) -> Tensor:
+            wrapper = SimpleNamespace(inner_model=view, model_sampling=model_sampling)
+            return fn(sigma, mask, extra_options={"model": wrapper, "sigmas": sigmas})
+
+        self.denoise_mask_fn = denoise_mask
+
     # --- UNet patches -------------------------------------------------------------------------------------------
 
     def _transformer_options(self) -> dict[str, Any]:

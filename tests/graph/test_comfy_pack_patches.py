@@ -14,12 +14,12 @@ from diffusion.checkpoints.loader import load_checkpoint
 from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
 from diffusion.patches.lora import kohya_text_names, kohya_unet_names, save_lora
 from diffusion.patches.patcher import LoraDelta
-from nodes import latent, loaders, merging, model_patches, sampling, text, vae
+from nodes import image, latent, loaders, mask, merging, model_patches, sampling, text, vae
 from tests.graph.test_comfy_v1_nodes import PackEngine
 
 
 class PatchPackEngine(PackEngine):
-    core_modules = (latent, loaders, merging, model_patches, sampling, text, vae)
+    core_modules = (image, latent, loaders, mask, merging, model_patches, sampling, text, vae)
 
 
 @pytest.fixture(scope="module")
@@ -215,12 +215,37 @@ def test_pag_written_as_packs_write_it_equals_our_perturbed_attention_guidance(e
 
 @pytest.mark.parametrize(("kind", "words"), [
     ("missing_module_name", ["'comfy.samplers'", "'sampling_function'", "PatchModel", "patch_pack"]),
-    ("missing_model_method", ["MODEL.set_model_denoise_mask_function", "PatchModel", "patch_pack", "'model'"])])
+    ("missing_model_method", ["MODEL.set_model_noise_refiner", "PatchModel", "patch_pack", "'model'"])])
 def test_what_is_not_offered_is_named_with_the_node_and_the_pack(engine, kind, words):
     result = engine.run(prompt(kind), ok=False)
     assert result.status != "success"
     message = result.error["exception_message"]
     assert all(word in message for word in words), message
+
+
+def test_denoise_mask_function_equals_our_differential_diffusion(engine, log):
+    """An inpainting run with a half-strength mask (repainted from the middle of the run on): the pack's mask
+    function and our node agree."""
+    def inpaint(model: dict) -> torch.Tensor:
+        graph = prompt()
+        graph["ramp"] = {"class_type": "ImageToMask", "inputs": {"image": ["grad", 0], "channel": "red"}}
+        graph["grad"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                                "color": 0x808080}}
+        graph["noisy"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["e", 0], "mask": ["ramp", 0]}}
+        graph["k"]["inputs"]["latent_image"] = ["noisy", 0]
+        graph["k"]["inputs"]["steps"] = 4
+        graph["m"] = model
+        graph["k"]["inputs"]["model"] = ["m", 0]
+        return engine.value(graph, "k")[0]["samples"]
+
+    pack = inpaint({"class_type": "PatchModel", "inputs": {"model": ["c", 0], "kind": "differential_mask",
+                                                           "value": 1.0}})
+    assert len(log) >= 4
+    ours = inpaint({"class_type": "DifferentialDiffusion", "inputs": {"model": ["c", 0], "strength": 1.0}})
+    close(pack, ours)
+    plain_inpaint = inpaint({"class_type": "PatchModel", "inputs": {"model": ["c", 0], "kind": "attn1_output_scale",
+                                                                    "value": 1.0}})
+    differs(pack, plain_inpaint)
 
 
 def test_patches_stay_on_the_clone(engine, plain):

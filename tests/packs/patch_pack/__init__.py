@@ -25,7 +25,7 @@ KINDS = ["cfg_returns_cond", "pre_cfg_uncond_is_cond", "post_cfg_returns_cond", 
          "attn2_replace_zero", "attn2_replace_one_block", "middle_patch_scale", "input_block_scale",
          "output_block_scale", "wrapper_count", "wrapper_sets_option", "direct_dict_output_scale",
          "object_patch_model_sampling", "post_cfg_recompute", "post_cfg_pag", "missing_module_name",
-         "missing_model_method"]
+         "missing_model_method", "differential_mask"]
 
 
 class PatchModel(ComfyNodeABC):
@@ -186,7 +186,20 @@ class PatchModel(ComfyNodeABC):
         m.sampling_function = comfy.samplers.sampling_function  # ComfyUI's sampler internals: not offered
 
     def missing_model_method(self, m, value):
-        m.set_model_denoise_mask_function(lambda sigma, denoise_mask, extra_options: denoise_mask)
+        m.set_model_noise_refiner(lambda x: x)  # not a method ComfyUI or we have
+
+    def differential_mask(self, m, value):
+        """Differential Diffusion as packs write it: the region repainted grows as the timestep falls."""
+        def mask_fn(sigma, denoise_mask, extra_options):
+            sampling = extra_options["model"].inner_model.model_sampling
+            sigmas = extra_options["sigmas"]
+            sigma_to = max(float(sigmas[-1]), sampling.sigma_min)
+            ts_from = float(sampling.timestep(sigmas[:1]).reshape(-1)[0])
+            ts_to = float(sampling.timestep(torch.tensor([sigma_to])).reshape(-1)[0])
+            now = float(sampling.timestep(sigma.reshape(-1)[:1]).reshape(-1)[0])
+            LOG.append(("mask", now))
+            return (denoise_mask >= (now - ts_to) / (ts_from - ts_to)).to(denoise_mask.dtype)
+        m.set_model_denoise_mask_function(mask_fn)
 
     def object_patch_model_sampling(self, m, value):
         sampling = m.get_model_object("model_sampling")
