@@ -29,10 +29,10 @@ from .models.text_encoders import TextEncoders
 from .models.unclip import NoiseAugmentor, revision_pooled, unclip_adm
 from .models.unet import sdxl_adm, sdxl_refiner_adm
 from .models.vae import AutoencoderKL
-from .patches.comfy_model import ComfyModelMethods, weight_diff
+from .patches.comfy_model import ComfyClipMethods, ComfyModelMethods
 from .patches.comfy_options import FunctionWrapped, copy_options, guidance_hooks, transformer_patches
 from .patches.control import ControlNetHandle, ControlRows, control_residuals, residual_patches, uncond_control
-from .patches.patcher import ModelPatcher, WeightDiff
+from .patches.patcher import ModelPatcher
 from .patches.unet_patches import UNetPatches
 from .preview import (
     PreviewBudget,
@@ -246,8 +246,9 @@ class DiffusionModel(ComfyModelMethods):
 
 
 @dataclasses.dataclass
-class ClipModel:
-    """CLIP: the family's text encoders, their LoRA patches and the clip skip."""
+class ClipModel(ComfyClipMethods):
+    """CLIP: the family's text encoders, their LoRA patches and the clip skip (ComfyUI's CLIP methods for node
+    packs: patches/comfy_model.py)."""
 
     text: TextEncoders
     patchers: dict[str, ModelPatcher]
@@ -255,32 +256,6 @@ class ClipModel:
 
     def clone(self) -> ClipModel:
         return ClipModel(self.text.clone(), {k: p.clone() for k, p in self.patchers.items()}, self.manager)
-
-    def add_patches(self, patches: dict[str, Any], strength_patch: float = 1.0,
-                    strength_model: float = 1.0) -> list[str]:
-        """ComfyUI's CLIP.add_patches: weight differences keyed `clip_<encoder>.transformer.<parameter>` (ComfyUI's
-        names; `clip_l.` / `clip_g.` then the transformers CLIP parameter name) in the forms MODEL.add_patches
-        takes, at `strength_patch`; returns the keys applied. Call it on a clone: it changes this handle."""
-        if strength_model != 1.0:
-            raise ValueError(f"CLIP add_patches: strength_model={strength_model} (scaling the encoder's own weights) "
-                             "is not supported")
-        by_encoder: dict[str, dict[str, WeightDiff]] = {}
-        names: dict[tuple[str, str], str] = {}
-        params = {name: {p for p, _ in patcher.model.named_parameters()} for name, patcher in self.patchers.items()}
-        for key, value in patches.items():
-            prefix, _, rest = key.partition(".")
-            name = prefix.removeprefix("clip_")
-            if not prefix.startswith("clip_") or name not in self.patchers:
-                continue
-            param = rest.removeprefix("transformer.")
-            if param not in params[name]:  # our encoder may be the text transformer itself, without `text_model.`
-                param = param.removeprefix("text_model.")
-            by_encoder.setdefault(name, {})[param] = WeightDiff(weight_diff(key, value))
-            names[(name, param)] = key
-        applied = []
-        for name, diffs in by_encoder.items():
-            applied += [names[(name, param)] for param in self.patchers[name].add_patches(diffs, strength_patch)]
-        return sorted(applied)
 
     def with_clip_skip(self, layer: int) -> ClipModel:
         clone = self.clone()

@@ -1,4 +1,5 @@
-"""What ComfyUI node packs call on a MODEL (ComfyUI's ModelPatcher names), on our DiffusionModel handle.
+"""What ComfyUI node packs call on a MODEL (ComfyUI's ModelPatcher names), on our DiffusionModel handle, and the
+CLIP methods our ClipModel lacks by ComfyUI's names (`add_patches`).
 
 The setters write the handle's `model_options` exactly where ComfyUI's write theirs (comfy_options.py lists the
 keys and calling conventions), and the UNet and the guider read that dict at run time, so a pack that writes the
@@ -223,6 +224,39 @@ class ComfyModelMethods:
                  for key, value in patches.items()}
         applied = self.patcher.add_patches(diffs, strength_patch)
         return [f"diffusion_model.{key}" for key in applied]
+
+
+class ComfyClipMethods:
+    """ComfyUI's CLIP methods that ClipModel lacks by its own names; mixed into ClipModel, which has `patchers`
+    (encoder name -> ModelPatcher)."""
+
+    patchers: dict[str, Any]
+
+    def add_patches(self, patches: dict[str, Any], strength_patch: float = 1.0,
+                    strength_model: float = 1.0) -> list[str]:
+        """ComfyUI's CLIP.add_patches: weight differences keyed `clip_<encoder>.transformer.<parameter>` (ComfyUI's
+        names; `clip_l.` / `clip_g.` then the transformers CLIP parameter name) in the forms MODEL.add_patches
+        takes, at `strength_patch`; returns the keys applied. Call it on a clone: it changes this handle."""
+        if strength_model != 1.0:
+            raise ValueError(f"CLIP add_patches: strength_model={strength_model} (scaling the encoder's own weights) "
+                             "is not supported")
+        by_encoder: dict[str, dict[str, WeightDiff]] = {}
+        names: dict[tuple[str, str], str] = {}
+        params = {name: {p for p, _ in patcher.model.named_parameters()} for name, patcher in self.patchers.items()}
+        for key, value in patches.items():
+            prefix, _, rest = key.partition(".")
+            name = prefix.removeprefix("clip_")
+            if not prefix.startswith("clip_") or name not in self.patchers:
+                continue
+            param = rest.removeprefix("transformer.")
+            if param not in params[name]:  # our encoder may be the text transformer itself, without `text_model.`
+                param = param.removeprefix("text_model.")
+            by_encoder.setdefault(name, {})[param] = WeightDiff(weight_diff(key, value))
+            names[(name, param)] = key
+        applied = []
+        for name, diffs in by_encoder.items():
+            applied += [names[(name, param)] for param in self.patchers[name].add_patches(diffs, strength_patch)]
+        return sorted(applied)
 
 
 def weight_diff(key: str, value: Any) -> Tensor:
