@@ -30,7 +30,7 @@ from .models.unclip import NoiseAugmentor, revision_pooled, unclip_adm
 from .models.unet import sdxl_adm, sdxl_refiner_adm
 from .models.vae import AutoencoderKL
 from .patches.comfy_model import ComfyClipMethods, ComfyModelMethods
-from .patches.comfy_options import FunctionWrapped, copy_options, guidance_hooks, transformer_patches
+from .patches.comfy_options import FunctionWrapped, clone_options, guidance_hooks, transformer_patches
 from .patches.control import ControlNetHandle, ControlRows, control_residuals, residual_patches, uncond_control
 from .patches.patcher import ModelPatcher
 from .patches.unet_patches import UNetPatches
@@ -106,7 +106,7 @@ class DiffusionModel(ComfyModelMethods):
         return dataclasses.replace(self.clone(), model_sampling=model_sampling)
 
     def clone(self) -> DiffusionModel:
-        return dataclasses.replace(self, patcher=self.patcher.clone(), model_options=copy_options(self.model_options))
+        return dataclasses.replace(self, patcher=self.patcher.clone(), model_options=clone_options(self.model_options))
 
     @property
     def latent_scale(self) -> float:

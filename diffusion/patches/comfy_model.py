@@ -31,6 +31,9 @@ class BaseModelView:
     def with_guider(self, guider: Any) -> BaseModelView:
         return BaseModelView(self._handle, guider)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> BaseModelView:
+        return self  # a view of a shared model: model_options copies keep it (comfy_options.clone_options)
+
     @property
     def model_sampling(self) -> ModelSampling:
         return self._handle.model_sampling
@@ -87,6 +90,9 @@ class ComfyModelMethods:
     `model_sampling`, `family`, `manager` and `dtype`."""
 
     model_options: dict[str, Any]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return self  # a handle stored in model_options stays the same handle when a clone copies them
 
     @property
     def model(self) -> BaseModelView:
@@ -231,6 +237,9 @@ class ComfyClipMethods:
     (encoder name -> ModelPatcher)."""
 
     patchers: dict[str, Any]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return self  # as MODEL handles: never duplicated by a copy of model_options
 
     def add_patches(self, patches: dict[str, Any], strength_patch: float = 1.0,
                     strength_model: float = 1.0) -> list[str]:

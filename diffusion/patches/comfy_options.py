@@ -49,6 +49,7 @@ function is not called (ComfyUI calls it with a zero negative); "transformer_ind
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -63,10 +64,17 @@ PATCH_NAMES = ("attn1_patch", "attn2_patch", "attn1_output_patch", "attn2_output
 REPLACE_NAMES = ("attn1", "attn2")
 
 
+def clone_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A clone's model_options, deep-copied as ComfyUI's clone does: packs rely on it (a patch object the clone's
+    pack updates in place, IPAdapter's attn2 replacement for one, must not change the original's). Functions are
+    shared (deepcopy keeps them); our MODEL and CLIP handles and the BaseModel view are never copied (their
+    `__deepcopy__`: a copy would duplicate the UNet)."""
+    return copy.deepcopy(options)
+
+
 def copy_options(options: dict[str, Any]) -> dict[str, Any]:
-    """A clone's model_options: every dict and list copied, so that a pack patching the clone leaves the original
-    alone; the functions and other leaves shared (ComfyUI deep-copies, which would also copy tensors and modules a
-    patch object holds)."""
+    """model_options with every dict and list copied and the leaves shared: what ComfyUI's set_model_options_*
+    functions return (a per-call variant, e.g. PAG's, that must not copy every patch object at each step)."""
     if isinstance(options, dict):
         return {key: copy_options(value) for key, value in options.items()}
     if isinstance(options, list):

@@ -335,5 +335,19 @@ def test_model_options_of_a_clone_are_its_own(engine):
     assert list(second.model_options["transformer_options"]["patches_replace"]["attn2"]) == [("middle", 0)]
     assert len(second.model_options["sampler_post_cfg_function"]) == 2
     assert second.is_clone(model) and first.get_model_object("model_sampling") is model.model_sampling
+
+    class Replace:  # a patch object packs update in place on their clone (IPAdapter's attn2 replacement does)
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, q, k, v, extra_options):
+            return q
+
+    first.set_model_attn2_replace(Replace(), "input", 1)
+    first.model_options["kept"] = model  # a handle a pack keeps in the options is never copied
+    third = first.clone()
+    third.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1)].calls.append("third")
+    assert first.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1)].calls == []
+    assert third.model_options["kept"] is model
     with pytest.raises(ValueError, match="model_sampling"):
         first.add_object_patch("model_sampling", object())
