@@ -74,6 +74,11 @@ class BaseModelView:
     def get_dtype(self) -> torch.dtype:
         return self._handle.dtype
 
+    @property
+    def manual_cast_dtype(self) -> torch.dtype | None:
+        """ComfyUI's dtype for computing with weights stored in another one: None, ours compute in their own."""
+        return None
+
     def __repr__(self) -> str:
         return f"BaseModelView({self._handle.family.title})"
 
@@ -82,7 +87,7 @@ class BaseModelView:
             raise AttributeError(name)
         raise AttributeError(f"MODEL.model (ComfyUI's BaseModel) has no {name!r} in Latent Loom (offered: "
                              f"model_sampling, diffusion_model, latent_format, model_type, model_config, get_dtype, "
-                             f"device)")
+                             f"manual_cast_dtype, device)")
 
 
 class ComfyModelMethods:

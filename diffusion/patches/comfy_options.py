@@ -44,7 +44,9 @@ receives and returns), from ComfyUI's public node-pack documentation and the pac
 Where we differ: the UNet runs our own hooks (FreeU, ToMe, ...) before a pack's; an attn1/attn2 patch that returns a
 value different from its context runs the attention directly (our own `attention_kv` hooks, hypernetworks, are not
 applied to that call); with cfg 1 and no disable_cfg1_optimization the negative is not evaluated and the cfg
-function is not called (ComfyUI calls it with a zero negative); "transformer_index" is not set.
+function is not called (ComfyUI calls it with a zero negative); "transformer_index" is not set. A batched call puts
+the negative's rows first (ComfyUI's order, which packs such as NAG assume) only for a MODEL carrying model_options;
+our own patches read the rows' roles (`uncond_rows`) and take any order.
 """
 
 from __future__ import annotations
@@ -209,12 +211,13 @@ def _attention_wrapper(patches: list[Callable], replace: dict[Any, Callable], ou
 
 def guidance_hooks(options: dict[str, Any], model: Any) -> GuidanceHooks | None:
     """Guidance hooks running model_options' sampler functions; `model` is what they get as args["model"] (the
-    BaseModel view, comfy_model.py). None when the options set none."""
+    BaseModel view, comfy_model.py). None for empty options; any options put the negative's rows first in
+    batched calls, the order packs read `cond_or_uncond` in ([1, ..., 0, ...] in ComfyUI)."""
     cfg_fn = options.get("sampler_cfg_function")
     pre = list(options.get("sampler_pre_cfg_function") or [])
     post = list(options.get("sampler_post_cfg_function") or [])
     no_cfg1 = bool(options.get("disable_cfg1_optimization", False))
-    if cfg_fn is None and not pre and not post and not no_cfg1:
+    if not options:
         return None
 
     def bound(step: GuidanceStep) -> Any:
@@ -252,7 +255,7 @@ def guidance_hooks(options: dict[str, Any], model: Any) -> GuidanceHooks | None:
         return run
 
     return GuidanceHooks(combine=combine if cfg_fn is not None else None, post=[post_hook(fn) for fn in post],
-                         pre=[pre_hook(fn) for fn in pre], uncond_at_cfg1=no_cfg1)
+                         pre=[pre_hook(fn) for fn in pre], uncond_at_cfg1=no_cfg1, negative_first=True)
 
 
 # --- the model function wrapper ---------------------------------------------------------------------------------
@@ -307,7 +310,7 @@ def evaluate_conds(guider: Any, conds: list[Any], x: Tensor, sigma: Tensor,
         def denoiser(x_in: Tensor, sigma_in: Tensor, **cond: Any) -> Tensor:
             return base(x_in, sigma_in, **{**cond, "transformer_options": transformer_options})
     evaluator = CFGGuider(denoiser, guider.model_sampling, guider.positive, guider.negative, guider.cfg,
-                          extra_cond=guider.extra_cond)
+                          extra_cond=guider.extra_cond, hooks=GuidanceHooks(negative_first=True))
     given = [c for c in conds if c is not None]
     sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
     outputs = iter(evaluator._predict(given, x, sigma) if given else [])

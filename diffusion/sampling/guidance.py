@@ -60,19 +60,23 @@ class GuidanceHooks:
     `uncond + (cond - uncond) * cfg`, then each `post` hook runs in order on the result. Each `wrap` runs around
     the whole evaluation, the first added innermost (AnimateDiff's frame count, context windows). Each `pre` hook
     returns new (cond, uncond) predictions before they are combined (ComfyUI's pre-cfg functions); with
-    `uncond_at_cfg1` the negative is evaluated at cfg 1 too (ComfyUI's disable_cfg1_optimization)."""
+    `uncond_at_cfg1` the negative is evaluated at cfg 1 too (ComfyUI's disable_cfg1_optimization); with
+    `negative_first` a batched call puts the negative's rows first, the order ComfyUI's node packs read their
+    `cond_or_uncond` in (set for a MODEL that carries packs' model_options)."""
 
     combine: GuidanceHook | None = None
     post: list[GuidanceHook] = field(default_factory=list)
     wrap: list[GuidanceWrapper] = field(default_factory=list)
     pre: list[Callable[[GuidanceStep], tuple[Tensor, Tensor]]] = field(default_factory=list)
     uncond_at_cfg1: bool = False
+    negative_first: bool = False
 
     def merged(self, other: GuidanceHooks | None) -> GuidanceHooks:
         if other is None:
             return self
         return GuidanceHooks(other.combine or self.combine, [*self.post, *other.post], [*self.wrap, *other.wrap],
-                             [*self.pre, *other.pre], self.uncond_at_cfg1 or other.uncond_at_cfg1)
+                             [*self.pre, *other.pre], self.uncond_at_cfg1 or other.uncond_at_cfg1,
+                             self.negative_first or other.negative_first)
 
 _AREA_FEATHER = 8  # latent pixels over which an area's weight ramps up from its inner edges
 _EMPTY_WEIGHT = 1e-37  # so pixels no entry covers divide to 0 instead of NaN
@@ -229,8 +233,8 @@ class CFGGuider:
         for j in jobs:
             groups.setdefault(j.batch_key(), []).append(j)
         uncond_slot = next((i for i, entries in enumerate(lists) if len(lists) > 1 and entries is self.negative), -1)
-        for group in groups.values():
-            self._run(group, x, sigma, uncond_slot)
+        for group in groups.values():  # negative_first: the later lists' rows lead the batch (ComfyUI's order)
+            self._run(group[::-1] if self.hooks.negative_first else group, x, sigma, uncond_slot)
         sums = [torch.zeros_like(x) for _ in lists]
         weights = [torch.full_like(x, _EMPTY_WEIGHT) for _ in lists]
         for j in jobs:

@@ -134,7 +134,7 @@ def test_attn1_patch_runs_in_every_transformer_block_with_comfy_extra_options(en
     assert blocks == {("input", i) for i in (1, 2, 4, 5, 7, 8)} | {("middle", 0)} | {("output", i)
                                                                                       for i in range(3, 12)}
     _, block_index, heads, dim_head, cond_or_uncond = log[0][1:]
-    assert block_index == 0 and heads == 2 and dim_head * heads == 16 and cond_or_uncond == [0, 1]
+    assert block_index == 0 and heads == 2 and dim_head * heads == 16 and cond_or_uncond == [1, 0]
 
 
 def test_attn1_replace_with_optimized_attention_reproduces_the_model(engine, plain, log):
@@ -171,9 +171,13 @@ def test_middle_patch_input_and_output_block_patches(engine, plain, log):
 def test_unet_function_wrapper_wraps_every_model_call(engine, plain, log):
     close(run(engine, "wrapper_count", 1.0), plain)
     assert len(log) == 2  # one batched call (positive and negative) per step
-    assert log[0][1] == ["c", "cond_or_uncond", "input", "timestep"] and log[0][2] == [0, 1]
+    assert log[0][1] == ["c", "cond_or_uncond", "input", "timestep"] and log[0][2] == [1, 0]
     assert log[0][3] == (2, 77, 16)
     differs(run(engine, "wrapper_count", 0.9), plain)
+
+
+def test_cond_or_uncond_labels_the_chunks_negative_first(engine, plain, cfg1):
+    close(run(engine, "wrapper_uncond_is_cond"), cfg1)
 
 
 def test_transformer_options_a_wrapper_passes_reach_the_patches(engine, plain, log):

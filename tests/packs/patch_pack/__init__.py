@@ -25,7 +25,8 @@ KINDS = ["cfg_returns_cond", "pre_cfg_uncond_is_cond", "post_cfg_returns_cond", 
          "attn2_replace_zero", "attn2_replace_one_block", "middle_patch_scale", "input_block_scale",
          "output_block_scale", "wrapper_count", "wrapper_sets_option", "direct_dict_output_scale",
          "object_patch_model_sampling", "post_cfg_recompute", "post_cfg_pag", "missing_module_name",
-         "missing_model_method", "differential_mask"]
+         "missing_model_method", "differential_mask",
+         "wrapper_uncond_is_cond"]
 
 
 class PatchModel(ComfyNodeABC):
@@ -134,6 +135,17 @@ class PatchModel(ComfyNodeABC):
             c = args["c"]
             LOG.append(("wrapper", sorted(args), list(args["cond_or_uncond"]), tuple(c["c_crossattn"].shape)))
             return apply_model(args["input"], args["timestep"], **c) * value
+        m.set_model_unet_function_wrapper(wrapper)
+
+    def wrapper_uncond_is_cond(self, m, value):
+        """Each chunk's label in cond_or_uncond is its role: the negative's chunks replaced by the positive's give
+        the positive's prediction alone (cfg 1)."""
+        def wrapper(apply_model, args):
+            out = apply_model(args["input"], args["timestep"], **args["c"])
+            labels = args["cond_or_uncond"]
+            chunks = list(out.chunk(len(labels)))
+            positive = chunks[labels.index(0)]
+            return torch.cat([positive if label == 1 else chunk for label, chunk in zip(labels, chunks, strict=True)])
         m.set_model_unet_function_wrapper(wrapper)
 
     def wrapper_sets_option(self, m, value):
