@@ -7,8 +7,8 @@ IP-Adapter into image tokens and attended to at every cross-attention of the UNe
 (diffusion/patches/ip_adapter_patch.py). IPADAPTER is either the loaded adapter (IPAdapterModelLoader) or, as the
 pack's unified loader makes it, a pipeline `{"ipadapter": {"file", "model"}, "clipvision": {"file", "model"}}`.
 
-Implemented: weight_type "linear" (the simple node's "standard"), embeds_scaling "V only", every combine_embeds
-method; the other weight types and scalings are refused by name.
+Implemented: every weight type (per-layer multipliers, diffusion/patches/ip_adapter_weights.py), embeds_scaling
+"V only", every combine_embeds method; the other scalings are refused by name.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from diffusion.patches.ip_adapter_patch import (
     image_tokens,
     ip_adapter_patches,
 )
+from diffusion.patches.ip_adapter_weights import SIMPLE_WEIGHT_TYPES as SIMPLE_RULES
+from diffusion.patches.ip_adapter_weights import WEIGHT_TYPES as WEIGHT_RULES
+from diffusion.patches.ip_adapter_weights import block_weights
 from graph.node import Combo, Float, Node, Output, Socket
 from graph.types import IMAGE, MASK, MODEL
 from nodes.environment import Environment
@@ -41,12 +44,9 @@ log = logging.getLogger(__name__)
 IPADAPTER = "IPADAPTER"
 EMBEDS = "EMBEDS"
 CLIP_VISION = "CLIP_VISION"
-WEIGHT_TYPES = ["linear", "ease in", "ease out", "ease in-out", "reverse in-out", "weak input", "weak output",
-                "weak middle", "strong middle", "style transfer", "composition", "strong style transfer",
-                "style and composition", "style transfer precise", "composition precise"]
-SIMPLE_WEIGHT_TYPES = ["standard", "prompt is more important", "style transfer"]
+WEIGHT_TYPES = list(WEIGHT_RULES)
+SIMPLE_WEIGHT_TYPES = list(SIMPLE_RULES)
 EMBEDS_SCALING = ["V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty"]
-IMPLEMENTED_WEIGHT_TYPES = ("linear",)
 IMPLEMENTED_SCALING = ("V only",)
 # The unified loader's presets and the files (names as the pack's README lists them) each one looks for.
 PRESETS = {
@@ -170,9 +170,8 @@ def apply_ip_adapter(model: DiffusionModel, handle: IPAdapterHandle, positive: t
                      embeds_scaling: str = "V only", attn_mask: torch.Tensor | None = None,
                      node: str = "IPAdapterAdvanced") -> DiffusionModel:
     """A MODEL clone whose UNet attends to the images' tokens (see ip_adapter_patch.py); `model` is unchanged."""
-    if weight_type not in IMPLEMENTED_WEIGHT_TYPES:
-        raise ValueError(f"{node}: weight_type {weight_type!r} is not implemented; only "
-                         f"{', '.join(IMPLEMENTED_WEIGHT_TYPES)} is")
+    if weight_type not in WEIGHT_RULES:
+        raise ValueError(f"{node}: weight_type {weight_type!r} is not one of {', '.join(WEIGHT_RULES)}")
     if embeds_scaling not in IMPLEMENTED_SCALING:
         raise ValueError(f"{node}: embeds_scaling {embeds_scaling!r} is not implemented; only "
                          f"{', '.join(IMPLEMENTED_SCALING)} is")
@@ -185,13 +184,15 @@ def apply_ip_adapter(model: DiffusionModel, handle: IPAdapterHandle, positive: t
         cond = image_tokens(handle.model, positive, combine)
         uncond = image_tokens(handle.model, negative, combine)
         ms = model.model_sampling
+        blocks = None if weight_type == "linear" else block_weights(
+            model.patcher.model, weight_type, weight, model.family.name.startswith("sdxl"))
         hook = IPAttentionHook(handle, numbers, cond, uncond, weight, ms.percent_to_sigma(start_at),
-                               ms.percent_to_sigma(end_at), ms.sigma, attn_mask)
+                               ms.percent_to_sigma(end_at), ms.sigma, attn_mask, blocks)
     except ValueError as exc:
         message = str(exc)
         raise ValueError(message if message.startswith(node + ":") else f"{node}: {message}") from None
-    log.debug("%s: %s, %d image tokens, weight %s, %s..%s", node, handle.describe(), cond.shape[1], weight,
-              start_at, end_at)
+    log.debug("%s: %s, %d image tokens, weight %s (%s), %s..%s", node, handle.describe(), cond.shape[1], weight,
+              weight_type, start_at, end_at)
     return model.with_unet_patches(ip_adapter_patches(hook))
 
 
@@ -236,16 +237,16 @@ class IPAdapter(Node):
 
     def execute(self, model, ipadapter, image, weight, start_at, end_at, weight_type, attn_mask=None):
         node = "IPAdapter"
-        if weight_type != "standard":
-            raise ValueError(f"{node}: weight_type {weight_type!r} is not implemented; only 'standard' is")
+        if weight_type not in SIMPLE_RULES:
+            raise ValueError(f"{node}: weight_type {weight_type!r} is not one of {', '.join(SIMPLE_RULES)}")
         if not (isinstance(ipadapter, dict) and "ipadapter" in ipadapter and "clipvision" in ipadapter):
             raise ValueError(f"{node}: ipadapter must be the pipeline of IPAdapterUnifiedLoader (it carries the CLIP "
                              f"vision model); with IPAdapterModelLoader use IPAdapterAdvanced")
         handle, vision = _parts(ipadapter, None, node)
         positive = _encode(handle, vision, image)
         negative = _negative(handle, vision, positive, node)
-        return (apply_ip_adapter(model, handle, positive, negative, weight, "linear", start_at, end_at,
-                                 attn_mask=attn_mask, node=node),)
+        return (apply_ip_adapter(model, handle, positive, negative, weight, SIMPLE_RULES[weight_type], start_at,
+                                 end_at, attn_mask=attn_mask, node=node),)
 
 
 class IPAdapterEncoder(Node):

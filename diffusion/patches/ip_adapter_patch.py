@@ -12,7 +12,9 @@ The patch acts while the sampler's sigma lies in [sigma_end, sigma_start] (from 
 a mask, only where the mask (resized to each attention's feature map) is nonzero: it multiplies the image
 attention's contribution token by token (one mask, for every latent of the batch). Weight 0 or a step outside
 the range leaves the output bit for bit unchanged. Several reference images are combined before projection
-(`combine_embeds`) or, with "concat", each projected and their tokens concatenated.
+(`combine_embeds`) or, with "concat", each projected and their tokens concatenated. A weight type other than
+linear gives each cross-attention's block its own multiplier (ip_adapter_weights.py; blocks it leaves out keep
+the plain output, bit for bit).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.ip_adapter import FAMILY_TITLES, IPAdapterError, IPAdapterModel, Where, cross_attention_numbers
+from .ip_adapter_weights import Block, LayerWeight
 from .placement import PlacedModel
 from .unet_patches import Site, UNetPatches, uncond_rows
 
@@ -98,7 +101,8 @@ class IPAttentionHook:
 
     def __init__(self, handle: IPAdapterHandle, numbers: dict[Where, tuple[int, int]], cond: Tensor,
                  uncond: Tensor, weight: float, sigma_start: float, sigma_end: float,
-                 sigma_of: Callable[[Tensor], Tensor], mask: Tensor | None = None) -> None:
+                 sigma_of: Callable[[Tensor], Tensor], mask: Tensor | None = None,
+                 blocks: dict[Block, LayerWeight] | None = None) -> None:
         if mask is not None and mask.ndim == 2:
             mask = mask[None]
         if mask is not None and (mask.ndim != 3 or mask.shape[0] != 1):
@@ -107,6 +111,8 @@ class IPAttentionHook:
         self.handle, self.numbers, self.cond, self.uncond = handle, numbers, cond, uncond
         self.weight, self.sigma_start, self.sigma_end, self.sigma_of = weight, sigma_start, sigma_end, sigma_of
         self.mask = None if mask is None else mask.float().cpu()
+        # None: every cross-attention at `weight` (linear); else only the listed blocks (ip_adapter_weights.py)
+        self.blocks = blocks
 
     def active(self, site: Site) -> bool:
         if self.weight == 0:
@@ -130,15 +136,23 @@ class IPAttentionHook:
         where = (site.block[0], site.block[1], site.transformer)
         if where not in self.numbers:
             raise IPAdapterError(f"{self.handle.describe()}: no projection for the cross-attention at {where}")
+        rule = LayerWeight(self.weight) if self.blocks is None else self.blocks.get(site.block)
+        if rule is None or rule.scale == 0:
+            return out
         attention = site.attention
         kv = self.handle.placed(x.device, x.dtype).ip_adapter[str(self.numbers[where][0])]
         rows, heads = x.shape[0], attention.heads
-        q = attention.to_q(x)
         flags = uncond_rows()
         if flags is None or len(flags) != rows:
             flags = (False,) * rows
-        ip = torch.empty_like(q)
-        for negative, tokens in ((False, self.cond), (True, self.uncond)):
+        # a flipped layer: the negative rows attend to the reference image, the positive ones to nothing (zero
+        # tokens give zero keys and values, hence exactly zero attention output)
+        groups = ((True, self.cond),) if rule.flipped else ((False, self.cond), (True, self.uncond))
+        if rule.flipped and not any(flags):
+            return out
+        q = attention.to_q(x)
+        ip = torch.zeros_like(q) if rule.flipped else torch.empty_like(q)
+        for negative, tokens in groups:
             index = [r for r in range(rows) if flags[r] == negative]
             if not index:
                 continue
@@ -153,7 +167,7 @@ class IPAttentionHook:
                 ip = res
             else:
                 ip[index] = res
-        ip = ip * self.weight
+        ip = ip * rule.scale
         mask = self._mask(site.size, ip)
         if mask is not None:
             ip = ip * mask

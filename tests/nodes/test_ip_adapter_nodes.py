@@ -159,8 +159,6 @@ def test_errors_name_node_value_and_file(engine, model_dir):
     assert str(engine.env.models_dir) not in message  # named relative to the data directory
     traversal = validate_prompt(with_adapter(advanced("../checkpoints/x.safetensors")), engine.registry, engine.env)
     assert not traversal.ok and "ipadapter_file" in str(traversal.response())
-    message = error_of(engine, with_adapter(advanced(weight_type="style transfer")))
-    assert "IPAdapterAdvanced" in message and "'style transfer'" in message
     message = error_of(engine, with_adapter(advanced(embeds_scaling="K+V")))
     assert "'K+V'" in message
     nodes = advanced()
@@ -268,3 +266,38 @@ def test_attn_mask_on_the_apply_node(engine, model_dir):
     three["21"]["inputs"]["attn_mask"] = ["55", 0]
     message = error_of(engine, three)
     assert "IPAdapterAdvanced: attn_mask must be one MASK [1, H, W]" in message and "[3, 64, 64]" in message
+
+
+def test_every_weight_type_runs_on_sd1_and_sdxl(engine, model_dir):
+    """Each weight type of IPAdapterAdvanced and IPAdapterEmbeds samples on a tiny SD1 and SDXL model: finite,
+    different from no adapter, and the layer-selecting types differ from linear; the simple node's types are the
+    advanced node's "linear", "ease out" and "style transfer"."""
+    from diffusion.patches.ip_adapter_weights import WEIGHT_TYPES
+
+    setup_files(engine, model_dir)
+    for ckpt, file in (("sd1.safetensors", "ip-adapter_sd15.safetensors"), ("sdxl.safetensors", "xl.safetensors")):
+        plain = samples(engine, base_prompt(ckpt))
+        results = {}
+        for weight_type in WEIGHT_TYPES:
+            out = samples(engine, with_adapter(advanced(file, weight=1.5, weight_type=weight_type), ckpt=ckpt))
+            assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-4, (ckpt, weight_type)
+            results[weight_type] = out
+        for weight_type in ("style transfer", "composition", "ease in", "weak middle", "composition precise"):
+            assert (results[weight_type] - results["linear"]).abs().max() > 1e-4, (ckpt, weight_type)
+        nodes = advanced(file)
+        nodes["22"] = {"class_type": "IPAdapterEncoder", "inputs": {
+            "ipadapter": ["20", 0], "image": ["30", 0], "weight": 1.0, "clip_vision": ["40", 0]}}
+        nodes["23"] = {"class_type": "IPAdapterEmbeds", "inputs": {
+            "model": ["4", 0], "ipadapter": ["20", 0], "pos_embed": ["22", 0], "neg_embed": ["22", 1],
+            "weight": 1.5, "weight_type": "style transfer precise", "start_at": 0.0, "end_at": 1.0,
+            "embeds_scaling": "V only"}}
+        assert torch.equal(samples(engine, with_adapter(nodes, "23", ckpt=ckpt)), results["style transfer precise"])
+    simple = {"24": {"class_type": "IPAdapterUnifiedLoader", "inputs": {"model": ["4", 0],
+                                                                        "preset": "STANDARD (medium strength)"}}}
+    for simple_type, rule in (("standard", "linear"), ("prompt is more important", "ease out"),
+                              ("style transfer", "style transfer")):
+        simple["25"] = {"class_type": "IPAdapter", "inputs": {
+            "model": ["24", 0], "ipadapter": ["24", 1], "image": ["30", 0], "weight": 0.8, "start_at": 0.0,
+            "end_at": 1.0, "weight_type": simple_type}}
+        ours = samples(engine, with_adapter({**simple, **advanced()}, "25"))
+        assert torch.equal(ours, samples(engine, with_adapter(advanced(weight=0.8, weight_type=rule))))
