@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from diffusion.checkpoints.controlnet_files import write_random_controlnet
+from diffusion.checkpoints.motion_files import random_motion_state_dict, tiny_motion_config, write_motion_file
 from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
 from diffusion.patches.lora import kohya_unet_names, save_lora
 from diffusion.patches.patcher import LoraDelta
@@ -37,7 +38,23 @@ EXPECTED = {
     "area-composition": ((128, 64), 1, FEWER_STEPS),
     "animation": ((64, 64), 12, ["3.steps=6"]),
     "controlnet": ((64, 64), 1, FEWER_STEPS),
+    "video": ((64, 64), 16, ["3.steps=4"]),
 }
+
+
+def without_the_mp4(files: list[Path], size: tuple[int, int], frames: int) -> list[Path]:
+    """The video workflow writes an MP4 beside its animated WebP: the MP4 is H.264 with `frames` frames of `size`;
+    the other files are returned."""
+    import av
+
+    videos = [f for f in files if f.suffix == ".mp4"]
+    assert len(videos) == 1 and videos[0].is_file(), files
+    with av.open(str(videos[0])) as container:
+        stream = container.streams.video[0]
+        decoded = list(container.decode(stream))
+        assert stream.codec_context.name == "h264"
+    assert len(decoded) == frames and (decoded[0].width, decoded[0].height) == size
+    return [f for f in files if f not in videos]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +87,10 @@ def data_dir(tmp_path_factory):
     save_lora(data / "models" / "loras" / "latentloom-shapes-new-colour.safetensors", layers)
     (data / "models" / "controlnet").mkdir()  # a user's file of the shipped name wins over the repository's
     write_random_controlnet(data / "models" / "controlnet" / "latentloom-shapes-silhouette.safetensors", "sd1")
+    (data / "models" / "animatediff_models").mkdir()  # a v2 module of the random SD1 model's widths
+    motion = tiny_motion_config("v2", channels=(16, 32, 32, 32))
+    write_motion_file(data / "models" / "animatediff_models" / "latentloom-shapes-motion.safetensors",
+                      random_motion_state_dict(motion, seed=4))
     return data
 
 
@@ -98,10 +119,12 @@ def test_workflow_runs_from_the_cli(path, data_dir, tmp_path):
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     files = [Path(line.split(": ", 1)[1]) for line in proc.stdout.splitlines() if ": " in line]
+    if path.stem == "video":
+        files = without_the_mp4(files, size, frames)
     assert len(files) == 1 and files[0].is_file()
     image = Image.open(files[0])
     assert image.size == size and getattr(image, "n_frames", 1) == frames
-    expected_kind = "WEBP" if path.stem == "animation" else "PNG"
+    expected_kind = "WEBP" if path.stem in ("animation", "video") else "PNG"
     assert image.format == expected_kind
     if expected_kind == "PNG":  # the saved file carries the workflow that made it
         assert json.loads(image.text["workflow"]) == json.loads(path.read_text())
