@@ -18,6 +18,7 @@ import torch
 from diffusion.checkpoints.loader import load_checkpoint, load_vae
 from diffusion.handles import ClipModel, DiffusionModel, VAEModel, wrap_checkpoint
 from diffusion.models.transformers_clip import start_import
+from diffusion.models.unet_blocks import clip_group_norm_active
 from diffusion.patches.compile import compile_forward, set_cache_dir
 from diffusion.patches.lora import load_lora, lora_patches
 from diffusion.patches.patcher import ModelPatcher
@@ -80,7 +81,7 @@ def load_checkpoint_handles(env: Environment, name: str) -> tuple[DiffusionModel
         model.preview_cache = PreviewCache(env.data_dir / "cache" / "previews", loaded.vae)
         if env.compile_models:
             set_cache_dir(env.data_dir / "cache" / "torchinductor")
-            compile_forward(loaded.unet, f"{name}: the diffusion model")
+            compile_forward(loaded.unet, f"{name}: the diffusion model", eager_when=clip_group_norm_active)
             compile_forward(loaded.vae.decoder, f"{name}: the VAE decoder")
         return model, clip, vae
 

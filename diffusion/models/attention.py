@@ -44,6 +44,25 @@ def current_budget() -> int | None:
     return _BUDGET.get()
 
 
+# An additive bias [B, M] on the logits of the M keys of the cross-attention running now (a conditioning's
+# attention_bias: patches/context_bias.py sets it around each cross-attention of a UNet call that has one).
+_KEY_BIAS: ContextVar[Tensor | None] = ContextVar("latentloom_key_bias", default=None)
+
+
+@contextlib.contextmanager
+def key_bias(bias: Tensor | None) -> Iterator[None]:
+    """Within the block, a cross-attention adds `bias` [B, M] to the attention logits of its M keys."""
+    token = _KEY_BIAS.set(bias)
+    try:
+        yield
+    finally:
+        _KEY_BIAS.reset(token)
+
+
+def current_key_bias() -> Tensor | None:
+    return _KEY_BIAS.get()
+
+
 def fused_path(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether SDPA's fused kernels take these [B, heads, N, d] inputs: a CPU or CUDA device, 4-D, every last
     dimension contiguous, one head size (on CUDA also what torch says its flash or memory-efficient kernel takes)."""
@@ -76,17 +95,21 @@ def scores_bytes(batch: int, heads: int, queries: int, keys: int, budget: int | 
     return batch * heads * keys * score_bytes * query_chunk(batch, heads, queries, keys, budget, score_bytes)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, budget: int | None = None) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v over [B, heads, N, d] inputs, as F.scaled_dot_product_attention; on the math
-    path split along the queries to keep the scores under `budget` (default: `attention_budget`'s)."""
+def attention(q: Tensor, k: Tensor, v: Tensor, budget: int | None = None, bias: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v over [B, heads, N, d] inputs, as F.scaled_dot_product_attention; on the
+    math path split along the queries to keep the scores under `budget` (default: `attention_budget`'s). `bias`
+    (optional, [B, 1, 1, M], -inf allowed where a row keeps a finite key) biases every query's logit of each key;
+    SDPA's fused CPU kernels take no bias, so a biased call counts as the math path."""
+    if torch.compiler.is_compiling():  # compiled graphs run on CPUs and CUDA, where the fused kernels are; and
+        return F.scaled_dot_product_attention(q, k, v)  # torch.compile cannot trace ContextVar.get
     budget = current_budget() if budget is None else budget
-    if budget is None or fused_path(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v)
+    if budget is None or (bias is None and fused_path(q, k, v)):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     b, heads, n, _ = q.shape
     chunk = query_chunk(b, heads, n, k.shape[-2], budget)
     if chunk >= n:
-        return F.scaled_dot_product_attention(q, k, v)
-    parts = [F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v) for i in range(0, n, chunk)]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    parts = [F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v, attn_mask=bias) for i in range(0, n, chunk)]
     return torch.cat(parts, dim=2)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..patches.unet_patches import Site, UNetPatches
-from .attention import attention
+from .attention import attention, current_key_bias
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -64,10 +64,17 @@ def clip_group_norm(frames: int) -> Iterator[None]:
         _CLIP_FRAMES.reset(token)
 
 
+def clip_group_norm_active() -> bool:
+    """Whether a `clip_group_norm` block is active (a compiled forward must not run then)."""
+    return _CLIP_FRAMES.get() is not None
+
+
 def norm_first(layers: nn.Sequential, x: Tensor) -> Tensor:
     """`layers(x)` for a Sequential starting with a GroupNorm; under `clip_group_norm` that norm's statistics
     span each clip's frames (x [B*F, C, H, W] seen as [B, C, F, H, W])."""
-    frames = _CLIP_FRAMES.get()
+    # torch.compile cannot trace ContextVar.get: compiled calls never run under clip_group_norm (compile.py's
+    # CompiledForward sends those to the eager forward, see clip_group_norm_active)
+    frames = None if torch.compiler.is_compiling() else _CLIP_FRAMES.get()
     if not frames:
         return layers(x)
     norm = layers[0]
@@ -156,7 +163,10 @@ class CrossAttention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(value)
         # [B, N, heads*d] -> [B, heads, N, d]
         q, k, v = (t.view(b, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        out = attention(q, k, v)  # SDPA; split along the queries where its scores would not fit (attention.py)
+        bias = None if torch.compiler.is_compiling() else current_key_bias()  # a conditioning's attention_bias
+        if bias is not None:
+            bias = bias.to(q.dtype)[:, None, None, :]
+        out = attention(q, k, v, bias=bias)  # SDPA; split along the queries where its scores would not fit
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 

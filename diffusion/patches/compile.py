@@ -47,8 +47,10 @@ class CompiledForward:
     `what` names the module in the warning. `compiler` is torch.compile unless a test gives another."""
 
     def __init__(self, forward: Callable[..., Tensor], what: str,
-                 compiler: Callable[..., Callable[..., Tensor]] | None = None):
+                 compiler: Callable[..., Callable[..., Tensor]] | None = None,
+                 eager_when: Callable[[], bool] | None = None):
         self.eager = forward
+        self.eager_when = eager_when  # state the graph cannot see (a context variable): eager while it says so
         self.what = what
         self.compiler = compiler or torch.compile
         self.compiled: Callable[..., Tensor] | None = None
@@ -57,7 +59,7 @@ class CompiledForward:
         self._lock = threading.Lock()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
-        if self.failed or kwargs or not all(_plain(a) for a in args):
+        if self.failed or kwargs or not all(_plain(a) for a in args) or (self.eager_when and self.eager_when()):
             return self.eager(*args, **kwargs)
         try:
             with self._lock:  # one thread compiles; torch.compile's graphs are then safe to share
@@ -77,12 +79,13 @@ class CompiledForward:
 
 
 def compile_forward(module: nn.Module, what: str,
-                    compiler: Callable[..., Callable[..., Tensor]] | None = None) -> CompiledForward:
+                    compiler: Callable[..., Callable[..., Tensor]] | None = None,
+                    eager_when: Callable[[], bool] | None = None) -> CompiledForward:
     """Route `module`'s calls through a CompiledForward (once: a module already wrapped keeps its wrapper)."""
     current = module.__dict__.get("forward")
     if isinstance(current, CompiledForward):
         return current
-    wrapper = CompiledForward(module.forward, what, compiler)
+    wrapper = CompiledForward(module.forward, what, compiler, eager_when)
     module.forward = wrapper  # type: ignore[method-assign]
     return wrapper
 

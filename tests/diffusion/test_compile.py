@@ -68,6 +68,38 @@ def test_a_failing_compiler_costs_one_warning_and_gives_the_eager_result(caplog)
     assert len(compiler.compiled) == 1  # not tried again
 
 
+def test_calls_under_a_clip_group_norm_run_eagerly():
+    from diffusion.models.unet_blocks import clip_group_norm, clip_group_norm_active
+
+    unet = tiny_unet(TINY_SD1)
+    x, t, context = unet_inputs(TINY_SD1)
+    compiler = RecordingCompiler()
+    compile_forward(unet, "tiny", compiler, eager_when=clip_group_norm_active)
+    with clip_group_norm(1):
+        unet(x, t, context)
+    assert compiler.runs == 0
+    unet(x, t, context)
+    assert compiler.runs == 1
+
+
+def test_the_unet_and_the_vae_decoder_trace_as_one_graph():
+    """No graph breaks (a ContextVar read in the forward used to split the UNet into a graph per ResBlock, and its
+    recompiles ran into torch's limit of 8: most of the UNet then ran eagerly)."""
+    import torch._dynamo as dynamo
+
+    from diffusion.models.vae import AutoencoderKL, VAEConfig
+    from tests.diffusion.tiny_models import TINY_SDXL
+
+    for config in (TINY_SD1, TINY_SDXL):
+        with torch.no_grad():
+            explained = dynamo.explain(tiny_unet(config).forward)(*unet_inputs(config))
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:2]
+    vae = AutoencoderKL(VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4)).eval()
+    with torch.no_grad():
+        explained = dynamo.explain(vae.decoder.forward)(torch.randn(1, 4, 8, 8))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:2]
+
+
 def parse(*argv: str):
     return cli.build_parser().parse_args(list(argv))
 
