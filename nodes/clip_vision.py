@@ -9,6 +9,7 @@ manager. CLIP_VISION_OUTPUT carries `image_embeds`, `last_hidden_state` and `pen
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from diffusion.checkpoints.files import read_metadata, read_state_dict
 from diffusion.handles import ClipVisionModel
 from diffusion.models.clip_vision import clip_vision_from_state_dict, load_clip_vision
 from diffusion.models.style_model import StyleModel, load_style_model
+from diffusion.patches.context_bias import BIAS_KEY, append_bias
 from diffusion.patches.patcher import ModelPatcher
 from graph.node import Combo, Float, Node, Output, Socket
 from graph.types import CLIP, CONDITIONING, IMAGE, MODEL, VAE
@@ -146,20 +148,25 @@ class StyleModelApply(Node):
     outputs = [Output(CONDITIONING)]
 
     def execute(self, conditioning, style_model, clip_vision_output, strength, strength_type):
-        if strength_type == "attn_bias" and strength != 1.0:
-            raise ValueError(f"StyleModelApply: strength_type 'attn_bias' with strength {strength} needs attention "
-                             f"masks in cross-attention, which Latent Loom does not have yet; use 'multiply' (at "
-                             f"strength 1.0 both are the same)")
+        """multiply: the style tokens times strength; attn_bias: the tokens as they are, their attention logits in
+        every cross-attention biased by log(strength) (diffusion/patches/context_bias.py; 0 removes them)."""
         tokens = style_model.get_cond(clip_vision_output.last_hidden_state)
         tokens = tokens.reshape(1, -1, tokens.shape[-1])
         if strength_type == "multiply":
             tokens = tokens * strength
+        # strength 1 adds no bias (log 1 = 0): the plain concatenation, as multiply at 1, bit for bit
+        bias = None
+        if strength_type == "attn_bias" and strength != 1.0:
+            bias = math.log(strength) if strength > 0 else -math.inf  # 0: the tokens masked out
         out = []
         for t, opts in conditioning:
             if t.shape[-1] != tokens.shape[-1]:
                 raise ValueError(f"StyleModelApply: the style model makes {tokens.shape[-1]}-wide tokens but the "
                                  f"conditioning is {t.shape[-1]} wide (the style model is for SD1.x prompts)")
-            out.append((torch.cat([t, tokens.to(t)], dim=1), dict(opts)))
+            opts = dict(opts)
+            if bias is not None or BIAS_KEY in opts:  # a bias already there keeps covering its tokens
+                opts[BIAS_KEY] = append_bias(opts, t.shape[1], tokens.shape[1], 0.0 if bias is None else bias)
+            out.append((torch.cat([t, tokens.to(t)], dim=1), opts))
         return (out,)
 
 

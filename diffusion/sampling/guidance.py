@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..patches.context_bias import batch_bias, context_bias_patches
 from ..patches.gligen_patch import grounding_patches
 from ..patches.unet_patches import batch_roles
 from .context_windows import window_rows
@@ -216,6 +217,11 @@ class CFGGuider:
         grounding = grounding_patches([j.options for j in jobs], batch, tuple(xs[0].shape[-2:]))
         if grounding is not None:
             kwargs["unet_patches"] = grounding
+        # a style model's attn_bias on some entry: every cross-attention of this call biases those tokens
+        bias = batch_bias([j.options for j in jobs], [j.context.shape[1] for j in jobs], batch)
+        if bias is not None:
+            biased = context_bias_patches(bias.to(x.device))
+            kwargs["unet_patches"] = biased if grounding is None else grounding.merged(biased)
         controls = [j.options.get("control") for j in jobs]  # ControlNet chains: each entry's rows get their own
         if any(controls):
             kwargs["control"] = [(chain, batch) for chain in controls]
