@@ -16,7 +16,8 @@ Per clip:
   first frame's (the checker's shape CNN trained with this model's VAE round trip, as bench/quality.py does);
 - colour as captioned: the share of all frames whose checker colour is the caption's.
 
-    python bench/motion.py [--count 100] [--frames 16] [--steps 20] [--cfg 5.0] [--threads 1] [--skip-baseline]
+    python bench/motion.py [--count 100] [--first 0] [--frames 16] [--steps 20] [--cfg 5.0] [--threads 1]
+                           [--skip-baseline] [--only-baseline]
                            [--motion models/animatediff_models/latentloom-shapes-motion.safetensors]
 """
 
@@ -122,7 +123,7 @@ def judge_clip(checker: Checker, frames: np.ndarray, clip: motion_data.Clip) -> 
 def motion_row(runner: VideoRunner, checker: Checker, clips: list[motion_data.Clip], args: argparse.Namespace,
                motion: bool) -> dict[str, float]:
     start, totals = time.perf_counter(), {}
-    for seed, clip in enumerate(clips):
+    for seed, clip in enumerate(clips, start=args.first):
         frames = runner.clip(clip.caption, seed, args.frames, args.steps, args.cfg, motion)
         for key, value in judge_clip(checker, frames, clip).items():
             totals[key] = totals.get(key, 0.0) + value
@@ -153,6 +154,7 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--first", type=int, default=0, help="first clip index (to split a row over processes)")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0)
@@ -167,7 +169,7 @@ def main() -> None:
     for path in (args.checkpoint, args.motion):
         if not path.is_file():
             raise SystemExit(f"{path} is missing")
-    clips = motion_data.clips(0, "test", range(args.count), args.frames)
+    clips = motion_data.clips(0, "test", range(args.first, args.first + args.count), args.frames)
     with tempfile.TemporaryDirectory() as tmp:
         runner = VideoRunner(Path(tmp), args.checkpoint, args.motion)
         checker = trained_checker(runner)
