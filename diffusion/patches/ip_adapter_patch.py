@@ -113,9 +113,11 @@ class IPAttentionHook:
         self.mask = None if mask is None else mask.float().cpu()
         # None: every cross-attention at `weight` (linear); else only the listed blocks (ip_adapter_weights.py)
         self.blocks = blocks
+        # nothing to add anywhere (a weight of 0; "style and composition" keeps its composition layer at 1.0 then)
+        self.silent = weight == 0 if blocks is None else not any(rule.scale for rule in blocks.values())
 
     def active(self, site: Site) -> bool:
-        if self.weight == 0:
+        if self.silent:
             return False
         if site.sigmas is not None:
             sigma = float(torch.as_tensor(site.sigmas).reshape(-1)[0])

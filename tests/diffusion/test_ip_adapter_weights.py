@@ -167,3 +167,16 @@ def test_precise_flipped_layer_acts_on_the_negative_rows_only() -> None:
     # without a negative row (cfg 1) a flipped layer adds nothing
     before, after, _ = _run("style transfer precise", roles=(False,))
     assert all(torch.equal(p, q) for p, q in zip(before[("input", 8)], after[("input", 8)], strict=True))
+
+
+def test_a_zero_weight_keeps_the_fixed_composition_weight() -> None:
+    """As in the pack, "style and composition" at weight 0 still gives its composition layer 1.0."""
+    rules = block_weights(_unet("sdxl"), "style and composition", 0.0, sdxl=True)
+    assert rules == {("output", 1): LayerWeight(0.0), ("input", 8): LayerWeight(1.0)}
+    unet = _unet("sdxl")
+    adapter = random_ip_adapter(unet, "plain", clip_dim=16, seed=3)
+    handle = IPAdapterHandle(adapter, "random.safetensors")
+    tokens = torch.zeros(1, 4, checkpoint_spec("sdxl").unet.context_dim)
+    args = (handle, {}, tokens, tokens, 0.0, 1.0, 0.0, lambda t: t, None)
+    assert IPAttentionHook(*args, rules).silent is False
+    assert IPAttentionHook(*args).silent is True  # linear at 0: nothing anywhere
