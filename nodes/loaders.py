@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from diffusion.checkpoints.loader import load_checkpoint, load_vae
+from diffusion.checkpoints.loader import LoadedCheckpoint, load_checkpoint, load_vae
 from diffusion.handles import ClipModel, DiffusionModel, VAEModel, wrap_checkpoint
 from diffusion.models.transformers_clip import start_import
 from diffusion.models.unet_blocks import clip_group_norm_active
@@ -67,6 +67,18 @@ def prefetch_imports() -> None:
     start_import()
 
 
+def set_up_checkpoint(env: Environment, loaded: LoadedCheckpoint, model: DiffusionModel, name: str) -> None:
+    """What the environment adds to a loaded checkpoint's MODEL (every checkpoint loader calls this): the preview
+    decoder, the cache of the fitted preview map (DATA_DIR/cache/previews), and with --compile the compiled UNet
+    and VAE decoder (Inductor's cache in DATA_DIR/cache/torchinductor)."""
+    model.preview_decoder = env.preview_decoder(loaded.family.name, Path(name).stem)
+    model.preview_cache = PreviewCache(env.data_dir / "cache" / "previews", loaded.vae)
+    if env.compile_models:
+        set_cache_dir(env.data_dir / "cache" / "torchinductor")
+        compile_forward(loaded.unet, f"{name}: the diffusion model", eager_when=clip_group_norm_active)
+        compile_forward(loaded.vae.decoder, f"{name}: the VAE decoder")
+
+
 def load_checkpoint_handles(env: Environment, name: str) -> tuple[DiffusionModel, ClipModel, VAEModel]:
     path = env.find_model("checkpoints", name)
 
@@ -77,12 +89,7 @@ def load_checkpoint_handles(env: Environment, name: str) -> tuple[DiffusionModel
                                      autoencoder_dtype=env.model_dtype("vae"))
         loaded.text.embedding_dirs = [str(d) for d in env.model_dirs("embeddings")]
         model, clip, vae = wrap_checkpoint(loaded, manager, name=Path(name).stem)
-        model.preview_decoder = env.preview_decoder(loaded.family.name, Path(name).stem)
-        model.preview_cache = PreviewCache(env.data_dir / "cache" / "previews", loaded.vae)
-        if env.compile_models:
-            set_cache_dir(env.data_dir / "cache" / "torchinductor")
-            compile_forward(loaded.unet, f"{name}: the diffusion model", eager_when=clip_group_norm_active)
-            compile_forward(loaded.vae.decoder, f"{name}: the VAE decoder")
+        set_up_checkpoint(env, loaded, model, name)
         return model, clip, vae
 
     return env.model_cache.load(("checkpoint", *_file_key(path)), load)

@@ -28,7 +28,7 @@ from graph.node import Combo, Node, NodeOutput, Output, Socket, String
 from graph.types import CLIP, LATENT, MODEL, VAE
 from nodes.environment import Environment, UnsafePathError, list_files, safe_join
 from nodes.image_io import file_sha256, next_counter, output_folder
-from nodes.loaders import _file_key, _ModelFileNode, _models
+from nodes.loaders import _file_key, _ModelFileNode, _models, set_up_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class CheckpointLoader(_ModelFileNode):
                                  f"{ckpt_name!r} is {loaded.family.title}")
             loaded.text.embedding_dirs = [str(d) for d in env.model_dirs("embeddings")]
             model, clip, vae = wrap_checkpoint(loaded, manager, name=Path(ckpt_name).stem)
-            model.preview_decoder = env.preview_decoder(loaded.family.name, Path(ckpt_name).stem)
+            set_up_checkpoint(env, loaded, model, ckpt_name)
             return model, clip, vae
 
         config_key = ("config", config_name, _file_key(config_path)[1:] if config_path else None)

@@ -126,6 +126,15 @@ def test_loaders_wrap_the_unet_and_the_vae_decoder(tmp_path, monkeypatch):
     model, _, vae = load_checkpoint_handles(env, "sd1.safetensors")
     assert isinstance(model.patcher.model.__dict__.get("forward"), CompiledForward)
     assert isinstance(vae.vae.decoder.__dict__.get("forward"), CompiledForward)
+    assert model.preview_cache is not None
+    from types import SimpleNamespace
+
+    from nodes.model_io import CheckpointLoader
+
+    env.model_cache.clear()
+    model, _, vae = CheckpointLoader().execute("v1-inference.yaml", "sd1.safetensors", context=SimpleNamespace(env=env))
+    assert isinstance(model.patcher.model.__dict__.get("forward"), CompiledForward)
+    assert isinstance(vae.vae.decoder.__dict__.get("forward"), CompiledForward)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "data" / "cache" / "torchinductor")
 
 
