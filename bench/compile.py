@@ -82,23 +82,39 @@ def main() -> None:
         sync()
         return out
 
-    with torch.inference_mode():
-        _, eager, eager_out = timed(step, args.steps)
-        wrapper = compile_forward(unet, "SD1.5 UNet")
-        first, compiled, compiled_out = timed(step, args.steps)
-    if wrapper.failed:
-        log.info("the compiled path failed (see the warning above): nothing to compare")
-        return
-    log.info("UNet step (batch 2, 64x64): eager %.3f s, compiled %.3f s (%.2fx); first compiled call %.1f s "
-             "(compiling included); compiled vs eager max rel diff %.1e",
-             eager, compiled, eager / compiled, first, rel_diff(compiled_out, eager_out))
+    theirs = None
     if not args.no_diffusers:
         from diffusers import UNet2DConditionModel
 
         theirs = UNet2DConditionModel.from_single_file(
             str(path), config=str(config), subfolder="unet", local_files_only=True, torch_dtype=dtype).eval().to(device)
-        with torch.inference_mode():
-            _, diffusers_s, theirs_out = timed(lambda: theirs(x, t, encoder_hidden_states=context).sample, args.steps)
+    with torch.inference_mode():
+        eager_out = step()  # warm-up
+        wrapper = compile_forward(unet, "SD1.5 UNet")
+        started = time.perf_counter()
+        compiled_out = step()
+        first = time.perf_counter() - started
+        if wrapper.failed:
+            log.info("the compiled path failed (see the warning above): nothing to compare")
+            return
+        # rounds of eager, compiled and diffusers back to back, so that a shared machine's load drifts over all three
+        calls = {"eager": lambda: wrapper.eager(x, t, context), "compiled": step}
+        if theirs is not None:
+            calls["diffusers"] = lambda: theirs(x, t, encoder_hidden_states=context).sample
+            theirs_out = calls["diffusers"]()
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(args.steps):
+            for name, call in calls.items():
+                started = time.perf_counter()
+                call()
+                sync()
+                times[name].append(time.perf_counter() - started)
+    eager, compiled = statistics.median(times["eager"]), statistics.median(times["compiled"])
+    log.info("UNet step (batch 2, 64x64), median of %d rounds: eager %.3f s, compiled %.3f s (%.2fx); first compiled "
+             "call %.1f s (compiling, or reading Inductor's cache, included); compiled vs eager max rel diff %.1e",
+             args.steps, eager, compiled, eager / compiled, first, rel_diff(compiled_out, eager_out))
+    if theirs is not None:
+        diffusers_s = statistics.median(times["diffusers"])
         log.info("diffusers eager %.3f s: ours eager / diffusers %.2f (target <= 0.7), compiled / diffusers %.2f "
                  "(target <= 0.5); ours vs diffusers max rel diff %.1e", diffusers_s, eager / diffusers_s,
                  compiled / diffusers_s, rel_diff(eager_out, theirs_out))
