@@ -28,14 +28,17 @@ Rows printed:
                             [--checkpoint models/checkpoints/latentloom-shapes.safetensors]
                             [--controlnet models/controlnet/latentloom-shapes-silhouette.safetensors]
                             [--controlnet-count 200] [--only-controlnet] [--skip-controlnet]
+                            [--controlnet-rows both|with|without]
                             [--preview-count 20] [--only-previews] [--skip-previews]
 
-Measured (shared 2-core CPU, one thread, seed 0 model): checker 100 % / 100 % on real images; ceiling (VAE
-reconstructions) colour 99.5 %, shape 82.5 %; held-out combinations colour 99.0 %, shape 77.0 %; seen
-combinations colour 99.5 %, shape 57.5 %; random-weight floor colour 35.5 %, shape 27.0 %; red outputs for
-colour-free prompts 15 % -> 0 % with negative "red"; LoRA (300 steps, 120 s) orange 3.3 % -> 66.7 %.
-Silhouette ControlNet (100 held-out hints): IoU with the hint 0.597 -> 0.646, colour 98 % -> 97 %; the VAE's own
-reconstructions of those images reach 0.722.
+Measured (shared 2-core CPU, one thread, seed 0 model; train/README.md has the before/after tables): checker 100 % /
+100 % on real images; with the phase-5 decoder (2026-12-02): ceiling (VAE reconstructions) colour 100 %, shape
+82.0 %; held-out combinations colour 100 %, shape 65.5 %; seen combinations colour 99.5 %, shape 68.5 % (phases 1-4
+decoder: 99.5/82.5, 99.0/77.0, 99.5/57.5); random-weight floor colour 35.5 %, shape 27.0 %; red outputs for
+colour-free prompts 15 % -> 0 % with negative "red"; LoRA (300 steps, 120 s) orange 3.3 % -> 66.7 % (these three
+rows: phases 1-4 decoder, not re-measured). Silhouette ControlNet (200 held-out hints, two-stage ControlNet,
+phase-5 decoder): IoU with the hint 0.624 without -> 0.723 with, colour 99.5 % -> 97.5 %; ceilings: the checker's
+mask of the true images 0.960, the VAE's reconstructions 0.804.
 Previews (`--only-previews --preview-count 20`): the last preview is 38.0/255 off the decoded image at 8x8
 (36.7 at 64x64) with the linear map, 6.2/255 (7.2) with the shipped tiny decoder, which sends 11.2 of 20 frames
 a run within its 10 % budget.
@@ -230,7 +233,7 @@ def shape_iou(image: np.ndarray, hint: np.ndarray) -> float:
     return float((found & wanted).sum() / union) if union else 1.0
 
 
-def controlnet_effect(runner: Runner, cfg: float, count: int, controlnet: str) -> None:
+def controlnet_effect(runner: Runner, cfg: float, count: int, controlnet: str, rows: str = "both") -> None:
     """Held-out-combination captions with and without the silhouette ControlNet on their own silhouettes; first the
     IoU's two ceilings: the checker's mask of the true images (how well the mask can match a silhouette at all) and
     of the model's VAE reconstructions of them (what a perfect UNet could reach through this decoder)."""
@@ -249,6 +252,8 @@ def controlnet_effect(runner: Runner, cfg: float, count: int, controlnet: str) -
         log.info("%-58s IoU with the hint %.3f (median %.3f)", f"ceiling: {count} silhouettes, {label}", ious.mean(),
                  np.median(ious))
     for label, use in (("without ControlNet", False), ("with the silhouette ControlNet", True)):
+        if rows != "both" and use != (rows == "with"):
+            continue
         start = time.perf_counter()
         images = [runner.txt2img(runner.model, s.caption, "", seed, cfg,
                                  control=(controlnet, f"hint-{seed}.png") if use else None)
@@ -320,6 +325,8 @@ def main() -> None:
     parser.add_argument("--controlnet-count", type=int, default=200)
     parser.add_argument("--only-controlnet", action="store_true", help="skip everything but the ControlNet rows")
     parser.add_argument("--skip-controlnet", action="store_true")
+    parser.add_argument("--controlnet-rows", choices=("both", "with", "without"), default="both",
+                        help="which ControlNet rows (the one without needs no ControlNet: measure it once)")
     parser.add_argument("--preview-count", type=int, default=20, help="default-workflow runs of the preview rows")
     parser.add_argument("--only-previews", action="store_true", help="skip everything but the preview rows")
     parser.add_argument("--skip-previews", action="store_true")
@@ -334,7 +341,7 @@ def main() -> None:
         (tmp / "ckpt").mkdir()
         runner = Runner(tmp / "data", args.checkpoint.resolve(), tmp / "ckpt", args.controlnet.resolve())
         if args.only_controlnet:
-            controlnet_effect(runner, args.cfg, args.controlnet_count, args.controlnet.name)
+            controlnet_effect(runner, args.cfg, args.controlnet_count, args.controlnet.name, args.controlnet_rows)
             return
         if args.only_previews:
             preview_error(args, tmp, args.preview_count)
@@ -363,7 +370,7 @@ def main() -> None:
         if not args.skip_lora:
             lora_effect(runner, checker, args.cfg, args.lora_count, args.lora_steps, args.lora_lr)
         if not args.skip_controlnet:
-            controlnet_effect(runner, args.cfg, args.controlnet_count, args.controlnet.name)
+            controlnet_effect(runner, args.cfg, args.controlnet_count, args.controlnet.name, args.controlnet_rows)
         if not args.skip_previews:
             preview_error(args, tmp, args.preview_count)
 
