@@ -37,7 +37,8 @@ Measured (shared 2-core CPU, one thread, seed 0 model; train/README.md has the b
 decoder: 99.5/82.5, 99.0/77.0, 99.5/57.5); random-weight floor colour 35.5 %, shape 27.0 %; red outputs for
 colour-free prompts 15 % -> 0 % with negative "red"; LoRA (300 steps, 120 s) orange 3.3 % -> 66.7 % (these three
 rows: phases 1-4 decoder, not re-measured). Silhouette ControlNet (200 held-out hints, two-stage ControlNet,
-phase-5 decoder): IoU with the hint 0.624 without -> 0.723 with, colour 99.5 % -> 97.5 %; ceilings: the checker's
+phase-5 decoder): IoU with the hint 0.624 without -> 0.723 with (first stage alone 0.698), colour 99.5 % -> 97.5 %
+(first stage 99.0 %); ceilings: the checker's
 mask of the true images 0.960, the VAE's reconstructions 0.804.
 Previews (`--only-previews --preview-count 20`): the last preview is 38.0/255 off the decoded image at 8x8
 (36.7 at 64x64) with the linear map, 6.2/255 (7.2) with the shipped tiny decoder, which sends 11.2 of 20 frames
