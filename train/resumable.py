@@ -14,6 +14,34 @@ from pathlib import Path
 import torch
 
 
+def add_loop_arguments(p: argparse.ArgumentParser, state: str, base_help: str = "the frozen model") -> None:
+    """The flags every resumable recipe takes: its base model, state file, seed and budget."""
+    p.add_argument("--base", default="models/checkpoints/latentloom-shapes.safetensors", help=base_help)
+    p.add_argument("--state", default=state, help="training-state file (read by --resume)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=0.0, help="stop (state saved) after this long; 0: no limit")
+    p.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after this many steps; 0: no limit")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=25)
+
+
+def run(trainer_class: type[ResumableTrainer], args: argparse.Namespace) -> int:
+    """Build the recipe's trainer (resumed with --resume) and train: exit status 0 when its file is written, 3 when
+    the budget ran out first (the state is saved; rerun with --resume)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not Path(args.base).is_file():
+        raise SystemExit(f"--base {args.base} is missing: train it with python -m train.train_model")
+    trainer = trainer_class(args)
+    if args.resume:
+        if not Path(args.state).exists():
+            raise SystemExit(f"--resume: no training state at {args.state}")
+        trainer.load_state()
+    return 0 if trainer.train() else 3
+
+
 class ResumableTrainer:
     """Subclasses set `net` and `opt` in their constructor (after calling this one) and define `train_step()`
     (one optimiser step, returning its loss) and `write(path)` (the finished file)."""

@@ -52,7 +52,7 @@ from diffusion.sampling.schedules import DiscreteSchedule
 
 from . import data, shapes
 from .recipe import SCALING_FACTOR, denoising_loss, use_eager_attention
-from .resumable import ResumableTrainer
+from .resumable import ResumableTrainer, add_loop_arguments, run
 from .train_model import lr_at
 
 log = logging.getLogger("train.controlnet")
@@ -217,11 +217,8 @@ def write_example_hint(path: str | os.PathLike = EXAMPLE_HINT_FILE) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="models/checkpoints/latentloom-shapes.safetensors", help="the frozen model")
     p.add_argument("--out", default="models/controlnet/latentloom-shapes-silhouette.safetensors")
-    p.add_argument("--state", default="train-controlnet-state.pt", help="training-state file (read by --resume)")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    add_loop_arguments(p, "train-controlnet-state.pt")
     p.add_argument("--images", type=int, default=16384, help="training images (and silhouettes) encoded once")
     p.add_argument("--steps", type=int, default=900)
     p.add_argument("--batch", type=int, default=32)
@@ -229,12 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", metavar="FILE", help="start from this ControlNet file instead of the base UNet's copy")
     p.add_argument("--shape-weight", type=float, default=1.0,
                    help="loss weight of the latent cells on and around the silhouette (1: the plain loss)")
-    p.add_argument("--minutes", type=float, default=0.0, help="stop (state saved) after this long; 0: no limit")
-    p.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after this many steps; 0: no limit")
-    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--example-hint", nargs="?", const=str(EXAMPLE_HINT_FILE), default=None, metavar="PATH",
                    help="only write the shipped workflow's hint image (default examples/input/silhouette-star.png)")
     return p.parse_args(argv)
@@ -246,18 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.example_hint:
         write_example_hint(args.example_hint)
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not Path(args.base).is_file():
-        raise SystemExit(f"--base {args.base} is missing: train it with python -m train.train_model")
     if args.init and not Path(args.init).is_file():
         raise SystemExit(f"--init {args.init}: no such ControlNet file")
-    trainer = ControlNetTrainer(args)
-    if args.resume:
-        if not Path(args.state).exists():
-            raise SystemExit(f"--resume: no training state at {args.state}")
-        trainer.load_state()
-    return 0 if trainer.train() else 3
+    return run(ControlNetTrainer, args)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from diffusion.sampling.schedules import DiscreteSchedule
 
 from . import data, motion_data
 from .recipe import SCALING_FACTOR, use_eager_attention
-from .resumable import ResumableTrainer
+from .resumable import ResumableTrainer, add_loop_arguments, run
 from .train_controlnet import CaptionCache
 from .train_model import lr_at
 
@@ -201,38 +201,21 @@ class MotionTrainer(ResumableTrainer):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="models/checkpoints/latentloom-shapes.safetensors", help="the frozen model")
     p.add_argument("--out", default=DEFAULT_OUT)
-    p.add_argument("--state", default="train-motion-state.pt", help="training-state file (read by --resume)")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    add_loop_arguments(p, "train-motion-state.pt")
     p.add_argument("--clips", type=int, default=1024, help="training clips encoded once")
     p.add_argument("--frames", type=int, default=motion_data.DEFAULT_FRAMES)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=4, help="clips per step")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--minutes", type=float, default=0.0, help="stop (state saved) after this long; 0: no limit")
-    p.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after this many steps; 0: no limit")
-    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=25)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not Path(args.base).is_file():
-        raise SystemExit(f"--base {args.base} is missing: train it with python -m train.train_model")
-    trainer = MotionTrainer(args)
-    if args.resume:
-        if not Path(args.state).exists():
-            raise SystemExit(f"--resume: no training state at {args.state}")
-        trainer.load_state()
-    return 0 if trainer.train() else 3
+    return run(MotionTrainer, args)
 
 
 if __name__ == "__main__":

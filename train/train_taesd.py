@@ -33,7 +33,7 @@ from diffusion.models.taesd import TinyDecoder, write_tiny_decoder
 
 from . import data, shapes
 from .recipe import SCALING_FACTOR
-from .resumable import ResumableTrainer
+from .resumable import ResumableTrainer, add_loop_arguments, run
 from .train_model import lr_at
 
 log = logging.getLogger("train.taesd")
@@ -116,22 +116,13 @@ class TinyDecoderTrainer(ResumableTrainer):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="models/checkpoints/latentloom-shapes.safetensors", help="the model whose "
-                   "VAE is distilled")
     p.add_argument("--out", default=None, help="default: models/vae_approx/<base stem>_taesd_decoder.safetensors")
-    p.add_argument("--state", default="train-taesd-state.pt", help="training-state file (read by --resume)")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    add_loop_arguments(p, "train-taesd-state.pt", base_help="the model whose VAE is distilled")
     p.add_argument("--width", type=int, default=32, help="decoder channels (TAESD's own: 64)")
     p.add_argument("--images", type=int, default=4096, help="clean training images encoded once")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--minutes", type=float, default=0.0, help="stop (state saved) after this long; 0: no limit")
-    p.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after this many steps; 0: no limit")
-    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=25)
     args = p.parse_args(argv)
     if args.out is None:
         args.out = f"models/vae_approx/{Path(args.base).stem}_taesd_decoder.safetensors"
@@ -141,16 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not Path(args.base).is_file():
-        raise SystemExit(f"--base {args.base} is missing: train it with python -m train.train_model")
-    trainer = TinyDecoderTrainer(args)
-    if args.resume:
-        if not Path(args.state).exists():
-            raise SystemExit(f"--resume: no training state at {args.state}")
-        trainer.load_state()
-    return 0 if trainer.train() else 3
+    return run(TinyDecoderTrainer, args)
 
 
 if __name__ == "__main__":
