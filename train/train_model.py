@@ -157,29 +157,22 @@ class Trainer:
         """Decoder only, from the posterior means the UNet was trained to produce (the encoder, and so the
         latent space, stay as they are): removes the sampling noise the joint phase decoded through."""
         a = self.args
-        for group in self.decoder_opt.param_groups:
-            group["lr"] = lr_at(self.step, a.decoder_steps, a.decoder_lr, min(50, a.decoder_steps // 10 + 1))
-        images, weights = data.vae_batch(a.seed, self.step, a.vae_batch, phase=2,
-                                         random_colours=data.DECODER_RANDOM_COLOUR_FRACTION)
-        with self.autocast():
-            with torch.no_grad():
-                mean = self.vae.encode(images)
-            recon = self.vae.decode(mean).float()
-        err = recon - images
-        loss = (weights * (err.abs() + err.square())).mean()
-        loss.backward()
-        self.decoder_opt.step()
-        self.decoder_opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return self._decoder_only_step(self.decoder_opt, a.decoder_steps, a.decoder_lr, phase=2, band=None)
 
     def sharpen_step(self) -> float:
         """Decoder only, as `decoder_step`, with the shape's weight extended over a band around its edge."""
         a = self.args
-        for group in self.sharpen_opt.param_groups:
-            group["lr"] = lr_at(self.step, a.sharpen_steps, a.sharpen_lr, min(50, a.sharpen_steps // 10 + 1))
-        images, weights = data.vae_batch(a.seed, self.step, a.vae_batch, phase=data.SHARPEN_PHASE,
+        return self._decoder_only_step(self.sharpen_opt, a.sharpen_steps, a.sharpen_lr, phase=data.SHARPEN_PHASE,
+                                       band=a.sharpen_band)
+
+    def _decoder_only_step(self, opt: torch.optim.Optimizer, steps: int, lr: float, phase: int,
+                           band: int | None) -> float:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(self.step, steps, lr, min(50, steps // 10 + 1))
+        images, weights = data.vae_batch(self.args.seed, self.step, self.args.vae_batch, phase=phase,
                                          random_colours=data.DECODER_RANDOM_COLOUR_FRACTION)
-        weights = data.band_weights(weights, a.sharpen_band)
+        if band is not None:
+            weights = data.band_weights(weights, band)
         with self.autocast():
             with torch.no_grad():
                 mean = self.vae.encode(images)
@@ -187,8 +180,8 @@ class Trainer:
         err = recon - images
         loss = (weights * (err.abs() + err.square())).mean()
         loss.backward()
-        self.sharpen_opt.step()
-        self.sharpen_opt.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     @torch.no_grad()
