@@ -141,7 +141,9 @@ def test_declared_interfaces(motion_engine):
     info = motion_engine.registry.object_info(motion_engine.env)
     gen1_info = info["ADE_AnimateDiffLoaderGen1"]
     assert list(gen1_info["input"]["required"]) == ["model", "model_name", "beta_schedule"]
-    assert gen1_info["input"]["required"]["model_name"][0] == ["mm_v2.safetensors", "mm_xl.safetensors"]
+    modules = gen1_info["input"]["required"]["model_name"][0]
+    # the data directory's modules and the repository's shipped one (models/animatediff_models/)
+    assert sorted(modules) == ["latentloom-shapes-motion.safetensors", "mm_v2.safetensors", "mm_xl.safetensors"]
     assert gen1_info["input"]["required"]["beta_schedule"][1] == {"default": "autoselect"}
     assert list(gen1_info["input"]["optional"]) == ["context_options", "motion_lora", "ad_settings", "ad_keyframes",
                                                     "sample_settings", "scale_multival", "effect_multival",
