@@ -277,8 +277,9 @@ def test_drop_png_and_api_json_restore_their_workflow(page, server):
 
 
 def test_cancel_a_running_prompt(page, server):
-    # 400 steps outlast the clicks below; many more would flood a slow browser with a preview per step
-    page.evaluate("loom.setWidget(3, 'steps', 400)")
+    # the default 64x64 image samples 400 steps in about 2 s: a 512x512 one outlasts the clicks below (many more
+    # steps instead would flood a slow browser with a preview per step)
+    page.evaluate("loom.setWidget(5, 'width', 512); loom.setWidget(5, 'height', 512); loom.setWidget(3, 'steps', 400)")
     page.click("#queue-button")
     page.click('[data-panel-tab="queue"]')
     cancel = page.locator(".queue-list li.running .cancel")
