@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,6 +41,16 @@ def run(trainer_class: type[ResumableTrainer], args: argparse.Namespace) -> int:
             raise SystemExit(f"--resume: no training state at {args.state}")
         trainer.load_state()
     return 0 if trainer.train() else 3
+
+
+def load_sd1_base(path: str) -> Any:
+    """The frozen demo-family model a recipe trains against, in fp32; another family is refused by name."""
+    from diffusion.checkpoints.loader import load_checkpoint
+
+    base = load_checkpoint(path, dtype=torch.float32)
+    if base.family.name != "sd1":
+        raise SystemExit(f"{path} is an {base.family.title} checkpoint; this recipe trains for SD1 models")
+    return base
 
 
 class ResumableTrainer:

@@ -43,7 +43,6 @@ from diffusion.checkpoints.controlnet_files import (
     read_controlnet,
     write_controlnet_file,
 )
-from diffusion.checkpoints.loader import load_checkpoint
 from diffusion.models.controlnet import ControlNet, ControlNetConfig
 from diffusion.models.text_encoders import TextEncoders
 from diffusion.models.unet import UNetModel
@@ -52,7 +51,7 @@ from diffusion.sampling.schedules import DiscreteSchedule
 
 from . import data, shapes
 from .recipe import SCALING_FACTOR, denoising_loss, use_eager_attention
-from .resumable import ResumableTrainer, add_loop_arguments, run
+from .resumable import ResumableTrainer, add_loop_arguments, load_sd1_base, run
 from .train_model import lr_at
 
 log = logging.getLogger("train.controlnet")
@@ -139,9 +138,7 @@ class ControlNetTrainer(ResumableTrainer):
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
-        base = load_checkpoint(args.base, dtype=torch.float32)
-        if base.family.name != "sd1":
-            raise SystemExit(f"{args.base} is an {base.family.title} checkpoint; this recipe trains for SD1 models")
+        base = load_sd1_base(args.base)
         self.unet = base.unet.eval().requires_grad_(False)
         self.vae = base.vae.eval().requires_grad_(False)
         self.captions = CaptionCache(base.text)

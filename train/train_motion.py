@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffusion.checkpoints.files import write_safetensors
-from diffusion.checkpoints.loader import load_checkpoint
 from diffusion.models.motion_module import MotionConfig, MotionModuleSet
 from diffusion.models.unet import UNetModel
 from diffusion.patches.motion_patch import _locate
@@ -46,7 +45,7 @@ from diffusion.sampling.schedules import DiscreteSchedule
 
 from . import data, motion_data
 from .recipe import SCALING_FACTOR, use_eager_attention
-from .resumable import ResumableTrainer, add_loop_arguments, run
+from .resumable import ResumableTrainer, add_loop_arguments, load_sd1_base, run
 from .train_controlnet import CaptionCache
 from .train_model import lr_at
 
@@ -111,9 +110,7 @@ class MotionTrainer(ResumableTrainer):
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
-        base = load_checkpoint(args.base, dtype=torch.float32)
-        if base.family.name != "sd1":
-            raise SystemExit(f"{args.base} is an {base.family.title} checkpoint; this recipe trains for SD1 models")
+        base = load_sd1_base(args.base)
         if not 2 <= args.frames <= 32:
             raise SystemExit(f"--frames {args.frames}: the module's position encoding covers 2 to 32 frames")
         self.unet = base.unet.eval().requires_grad_(False)
