@@ -9,7 +9,13 @@ Diffusers needs a diffusers-layout config folder for single-file loading without
 from code next to the checkpoint. Each load runs in a fresh process; peak RSS is that process's VmHWM
 (getrusage's ru_maxrss would include the forked parent's size on Linux).
 
-    python bench/models.py [--cache-dir /tmp/latentloom-bench] [--steps 3] [--skip-load] [--skip-step]
+Each step round runs ours and diffusers' in alternating order on `--threads` threads (1 by default): on a shared
+2-core machine two OpenMP threads per process made bit-identical computations differ by 0.57x-1.41x from run to
+run (the two UNets give the same bf16 output, max rel diff 0: they run the same oneDNN kernels in the same order).
+`--profile` prints torch.profiler's top operators of one step of each.
+
+    python bench/models.py [--cache-dir /tmp/latentloom-bench] [--steps 3] [--threads 1] [--skip-load] [--skip-step]
+        [--profile]
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -182,11 +189,12 @@ def measure_load(which: str, path: Path, config: Path) -> dict:
 # --- UNet step time ---------------------------------------------------------------------------------
 
 
-def child_step(dtype_name: str, path: str, config: str, steps: int) -> dict:
+def child_step(dtype_name: str, path: str, config: str, steps: int, threads: int = 1, profile: bool = False) -> dict:
     from diffusers import UNet2DConditionModel
 
     from diffusion.checkpoints.loader import load_checkpoint
 
+    torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
     ours = load_checkpoint(path, dtype=dtype).unet
     theirs = UNet2DConditionModel.from_single_file(
@@ -198,15 +206,23 @@ def child_step(dtype_name: str, path: str, config: str, steps: int) -> dict:
     context = (torch.randn(2, 77, 768, generator=gen) * 0.5).to(dtype)
     timings: dict[str, list[float]] = {"ours": [], "diffusers": []}
     outputs = {}
+    calls = {"ours": lambda: ours(x, t, context),
+             "diffusers": lambda: theirs(x, t, encoder_hidden_states=context).sample}
     with torch.inference_mode():
-        for _ in range(steps + 1):  # the first round warms up
-            for name in timings:
+        for r in range(steps + 1):  # the first round warms up; the order alternates (a machine's load drifts)
+            for name in timings if r % 2 == 0 else list(reversed(timings)):
                 start = time.perf_counter()
-                if name == "ours":
-                    outputs[name] = ours(x, t, context)
-                else:
-                    outputs[name] = theirs(x, t, encoder_hidden_states=context).sample
+                outputs[name] = calls[name]()
                 timings[name].append(time.perf_counter() - start)
+        if profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            for name, call in calls.items():
+                with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                    call()
+                print(f"{name} {dtype_name}, one step:\n"
+                      + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10), file=sys.stderr)
     a, b = outputs["ours"].float(), outputs["diffusers"].float()
     rel = float((a - b).abs().max() / b.abs().max())
     median = {name: statistics.median(values[1:]) for name, values in timings.items()}
@@ -214,9 +230,13 @@ def child_step(dtype_name: str, path: str, config: str, steps: int) -> dict:
             "finite": bool(torch.isfinite(a).all())}
 
 
-def measure_step(dtype_name: str, path: Path, config: Path, steps: int) -> dict:
-    command = [sys.executable, __file__, "--child-step", dtype_name, str(path), str(config), str(steps)]
-    out = subprocess.run(command, capture_output=True, text=True, check=True)
+def measure_step(dtype_name: str, path: Path, config: Path, steps: int, threads: int, profile: bool) -> dict:
+    command = [sys.executable, __file__, "--child-step", dtype_name, str(path), str(config), str(steps),
+               "--threads", str(threads), *(["--profile"] if profile else [])]
+    out = subprocess.run(command, capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if profile:
+        log.info("%s", "\n".join(line for line in out.stderr.splitlines() if "one step" in line or "aten::" in line))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -226,6 +246,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="threads of the step measurement")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler's top operators of one step each")
     parser.add_argument("--child-load", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--child-step", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -234,7 +256,7 @@ def main() -> None:
         return
     if args.child_step:
         dtype_name, path, config, steps = args.child_step
-        print(json.dumps(child_step(dtype_name, path, config, int(steps))))
+        print(json.dumps(child_step(dtype_name, path, config, int(steps), args.threads, args.profile)))
         return
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -252,9 +274,12 @@ def main() -> None:
                  ours["load_s"] / theirs["load_s"], ours["load_and_read_s"] / theirs["load_and_read_s"])
     if not args.skip_step:
         for dtype_name in ("float32", "bfloat16"):
-            r = measure_step(dtype_name, path, config, args.steps)
-            log.info("UNet step %-8s ours %.3f s, diffusers %.3f s, ratio %.3f (target <= 1.0); max rel diff %.1e%s",
-                     dtype_name, r["ours_s"], r["diffusers_s"], r["ours_s"] / r["diffusers_s"], r["max_rel_diff"],
+            with open("/proc/loadavg") as f:
+                load = " ".join(f.read().split()[:3])
+            r = measure_step(dtype_name, path, config, args.steps, args.threads, args.profile)
+            log.info("UNet step %-8s (%d thread(s), load %s) ours %.3f s, diffusers %.3f s, ratio %.3f "
+                     "(target <= 0.7), max rel diff %.1e%s", dtype_name, args.threads, load, r["ours_s"],
+                     r["diffusers_s"], r["ours_s"] / r["diffusers_s"], r["max_rel_diff"],
                      "" if r["finite"] else " (non-finite output!)")
 
 

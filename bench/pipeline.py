@@ -90,8 +90,9 @@ def child_ours(path: Path, dtype: str, size: int, steps: int, out: Path, deep_ca
     from nodes.environment import Environment
 
     data = Path(tempfile.mkdtemp(prefix="bench-ours-"))
-    # A fresh data directory per process, but its cache/ (the fitted preview map) persists as a user's does: the
-    # first run after the bench files are made fits it, later ones read it (--fresh-cache: fit every time).
+    # A fresh data directory per process, but its cache/ (the fitted preview map, the weights cast to bf16) persists
+    # as a user's does: the first run after the bench files are made fits and casts, later ones read them
+    # (--fresh-cache: fit and cast every time).
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         (data / "cache").symlink_to(cache, target_is_directory=True)
@@ -261,7 +262,7 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="only profile our cold image (cProfile, the top N functions by cumulative time)")
     parser.add_argument("--fresh-cache", action="store_true",
-                        help="our data directory's cache (the fitted preview map) starts empty in every run")
+                        help="our data directory's cache (preview map, cast weights) starts empty in every run")
     parser.add_argument("--data-cache", help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

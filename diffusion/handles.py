@@ -31,6 +31,7 @@ from .models.unet import sdxl_adm, sdxl_refiner_adm
 from .models.vae import AutoencoderKL
 from .patches.comfy_model import ComfyClipMethods, ComfyModelMethods
 from .patches.comfy_options import FunctionWrapped, clone_options, guidance_hooks, transformer_patches
+from .patches.context_bias import patches_bias
 from .patches.control import ControlNetHandle, ControlRows, control_residuals, residual_patches, uncond_control
 from .patches.patcher import ModelPatcher
 from .patches.unet_patches import UNetPatches
@@ -195,7 +196,7 @@ class DiffusionModel(ComfyModelMethods):
                 patches = self.unet_patches.merged(unet_patches).merged(transformer_patches(transformer_options))
                 if control is not None:
                     residuals = control_residuals(control, x_in, t, context, y, sigma, self.model_sampling,
-                                                  self._check_control, model=self)
+                                                  self._check_control, model=self, bias=patches_bias(unet_patches))
                     if residuals is not None:
                         patches = residual_patches(residuals).merged(patches)
                 extra = {"patches": patches, "sigmas": sigma} if patches else {}
@@ -424,7 +425,8 @@ class ClipVisionModel:
     patcher: ModelPatcher
     manager: ModelManager
 
-    def encode(self, image: Tensor, crop: bool = True) -> ClipVisionOutput:
-        """CLIP_VISION_OUTPUT of IMAGE [B, H, W, C]; `crop` False squeezes instead of cutting the middle."""
+    def encode(self, image: Tensor, crop: bool = True, pixel_mask: Tensor | None = None) -> ClipVisionOutput:
+        """CLIP_VISION_OUTPUT of IMAGE [B, H, W, C]; `crop` False squeezes instead of cutting the middle;
+        `pixel_mask` multiplies the preprocessed pixels (`encode_image`)."""
         with self.manager.use([self.patcher]) as (model,):
-            return encode_image(model, image, crop)
+            return encode_image(model, image, crop, pixel_mask)

@@ -137,7 +137,7 @@ def control_device_bytes(config: UNetConfig | None, controls: tuple[ControlNetSh
     if count == 0:
         return 0
     conv_copy = 1.0 if device_type == "cpu" else 0.0
-    norm = _norm_peak(itemsize)
+    norm = _norm_peak(itemsize, device_type)
     configs = [config] if config is not None else SD_UNETS
     rows = batch * batch_factor
     extra = []

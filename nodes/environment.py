@@ -202,11 +202,20 @@ class Environment:
     # --compile: the checkpoint loaders route the UNet's and the VAE decoder's forward through torch.compile
     # (diffusion/patches/compile.py), its cache in DATA_DIR/cache/torchinductor.
     compile_models: bool = False
+    # --weight-cache-gb: the bytes DATA_DIR/cache/weights may hold (diffusion/checkpoints/cast_cache.py); 0: off.
+    weight_cache_bytes: int = 8 << 30
     _manager: Any = field(default=None, init=False, repr=False)
     _manager_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+
+    def cast_cache_options(self) -> dict[str, Any]:
+        """load_checkpoint's cast-cache arguments: the folder that keeps cast weights and its limit (none when
+        --weight-cache-gb 0)."""
+        if self.weight_cache_bytes <= 0:
+            return {"cast_cache": None}
+        return {"cast_cache": self.data_dir / "cache" / "weights", "cast_cache_limit": self.weight_cache_bytes}
 
     def model_manager(self) -> Any:
         """The `diffusion.memory.ModelManager` of this environment's compute device (made on first use)."""

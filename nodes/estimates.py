@@ -91,10 +91,13 @@ def compute_itemsize(context: EstimateContext, for_vae: bool = False) -> int:
     return _itemsize(context.device, for_vae, precisions)
 
 
-def _norm_peak(itemsize: int) -> float:
-    """Elements per channel a GroupNorm32 holds at its peak: its output in fp32; below fp32 it normalises a
-    float32 copy into a float32 result (8 bytes a value) before casting back."""
-    return 1.0 if itemsize >= 4 else 8 / itemsize
+def _norm_peak(itemsize: int, device_type: str) -> float:
+    """Elements per channel a GroupNorm32 holds at its peak: its output in fp32; below fp32 it normalises a float32
+    copy into a float32 result (8 bytes a value) before casting back, except on the CPU, where torch's 16-bit kernel
+    normalises the input as it is (diffusion.models.unet_blocks.native_group_norm) but still holds float32
+    temporaries: 6 bytes a value fits the measured peaks of tiled and untiled VAE decodes (tests/nodes/
+    test_memory_estimates.py) at two threads; at one thread a tiled decode's peak is lower (estimate 1.35x)."""
+    return 1.0 if itemsize >= 4 else 6 / itemsize if device_type == "cpu" else 8 / itemsize
 
 
 class _Walk:
@@ -186,7 +189,8 @@ def unet_bytes(config: UNetConfig | None, batch: int, height: int, width: int, i
     """Activation bytes of one UNet call on `batch` entries (cond and uncond together count twice)."""
     conv_copy = 1.0 if device_type == "cpu" else 0.0
     configs = [config] if config is not None else SD_UNETS
-    per_entry = min(unet_peak_elements(c, height, width, conv_copy, _norm_peak(itemsize)) for c in configs)
+    norm = _norm_peak(itemsize, device_type)
+    per_entry = min(unet_peak_elements(c, height, width, conv_copy, norm) for c in configs)
     return int(per_entry * batch * itemsize)
 
 
@@ -205,7 +209,7 @@ def vae_decode_elements(config: VAEConfig, height: int, width: int, itemsize: in
     """Peak live elements of decoding one latent of height × width (latent units) to an image (`budget`: the
     attention's, where it takes SDPA's math path; see _vae_attention)."""
     walk = _Walk(1.0 if device_type == "cpu" else 0.0)
-    norm = _norm_peak(itemsize)
+    norm = _norm_peak(itemsize, device_type)
     levels = len(config.ch_mult)
     n = float(height * width)
     c = config.ch * config.ch_mult[-1]
@@ -232,7 +236,7 @@ def vae_decode_elements(config: VAEConfig, height: int, width: int, itemsize: in
 def vae_encode_elements(config: VAEConfig, height: int, width: int, itemsize: int, device_type: str) -> float:
     """Peak live elements of encoding one height × width image (pixels) to a latent (see _vae_attention)."""
     walk = _Walk(1.0 if device_type == "cpu" else 0.0)
-    norm = _norm_peak(itemsize)
+    norm = _norm_peak(itemsize, device_type)
     n = float(height * width)
     c = config.ch
     walk.held = n * config.in_channels

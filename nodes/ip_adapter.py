@@ -8,7 +8,8 @@ IP-Adapter into image tokens and attended to at every cross-attention of the UNe
 pack's unified loader makes it, a pipeline `{"ipadapter": {"file", "model"}, "clipvision": {"file", "model"}}`.
 
 Implemented: every weight type (per-layer multipliers, diffusion/patches/ip_adapter_weights.py), embeds_scaling
-"V only", every combine_embeds method; the other scalings are refused by name.
+"V only", every combine_embeds method, IPAdapterEncoder's mask (as the pack: it blanks part of the reference image
+before CLIP vision, `encoder_pixel_mask`); the other scalings are refused by name.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from diffusion.patches.ip_adapter_patch import (
     IPAttentionHook,
     check_fits,
     combine_embeds,
+    encoder_pixel_mask,
     image_tokens,
     ip_adapter_patches,
 )
@@ -148,9 +150,14 @@ def _parts(ipadapter: Any, clip_vision: ClipVisionModel | None, node: str,
     return handle, clip_vision
 
 
-def _encode(handle: IPAdapterHandle, clip_vision: ClipVisionModel, image: torch.Tensor) -> torch.Tensor:
-    """The CLIP vision output this adapter projects (image embeds, or penultimate hidden states) of IMAGE."""
-    return getattr(clip_vision.encode(image, crop=True), handle.model.info.embeds)
+def _encode(handle: IPAdapterHandle, clip_vision: ClipVisionModel, image: torch.Tensor,
+            mask: torch.Tensor | None = None, node: str = "IPAdapterEncoder") -> torch.Tensor:
+    """The CLIP vision output this adapter projects (image embeds, or penultimate hidden states) of IMAGE; `mask`
+    (IPAdapterEncoder's) blanks part of the image first (`encoder_pixel_mask`)."""
+    pixel_mask = None
+    if mask is not None:
+        pixel_mask = encoder_pixel_mask(mask, clip_vision.patcher.model.config.image_size, node)
+    return getattr(clip_vision.encode(image, crop=True, pixel_mask=pixel_mask), handle.model.info.embeds)
 
 
 def _negative(handle: IPAdapterHandle, clip_vision: ClipVisionModel | None, positive: torch.Tensor,
@@ -261,11 +268,8 @@ class IPAdapterEncoder(Node):
 
     def execute(self, ipadapter, image, weight, mask=None, clip_vision=None):
         node = "IPAdapterEncoder"
-        if mask is not None:
-            raise ValueError(f"{node}: the mask input (masked CLIP vision encoding) is not implemented; mask the "
-                             f"image itself, or use attn_mask on the apply node")
         handle, vision = _parts(ipadapter, clip_vision, node)
-        positive = _encode(handle, vision, image)
+        positive = _encode(handle, vision, image, mask, node)
         negative = _negative(handle, vision, positive, node)
         return positive * weight if weight != 1 else positive, negative
 

@@ -17,7 +17,6 @@ import torch
 
 from diffusion.checkpoints.loader import LoadedCheckpoint, load_checkpoint, load_vae
 from diffusion.handles import ClipModel, DiffusionModel, VAEModel, wrap_checkpoint
-from diffusion.models.transformers_clip import start_import
 from diffusion.models.unet_blocks import clip_group_norm_active
 from diffusion.patches.compile import compile_forward, set_cache_dir
 from diffusion.patches.lora import load_lora, lora_patches
@@ -61,12 +60,6 @@ class _ModelFileNode(Node):
         return None
 
 
-def prefetch_imports() -> None:
-    """Start importing what loading a checkpoint needs besides the engine (transformers' CLIP) in a background
-    thread: a server calls this once it is up, so its first prompt does not wait for the import."""
-    start_import()
-
-
 def set_up_checkpoint(env: Environment, loaded: LoadedCheckpoint, model: DiffusionModel, name: str) -> None:
     """What the environment adds to a loaded checkpoint's MODEL (every checkpoint loader calls this): the preview
     decoder, the cache of the fitted preview map (DATA_DIR/cache/previews), and with --compile the compiled UNet
@@ -86,7 +79,8 @@ def load_checkpoint_handles(env: Environment, name: str) -> tuple[DiffusionModel
         manager = env.model_manager()
         with env.naming_files():  # diffusion's errors name the file by its absolute path
             loaded = load_checkpoint(path, dtype=env.model_dtype("unet"), text_dtype=env.model_dtype("text"),
-                                     autoencoder_dtype=env.model_dtype("vae"))
+                                     autoencoder_dtype=env.model_dtype("vae"),
+                                     **env.cast_cache_options())
         loaded.text.embedding_dirs = [str(d) for d in env.model_dirs("embeddings")]
         model, clip, vae = wrap_checkpoint(loaded, manager, name=Path(name).stem)
         set_up_checkpoint(env, loaded, model, name)

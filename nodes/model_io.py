@@ -87,7 +87,8 @@ class CheckpointLoader(_ModelFileNode):
             manager = env.model_manager()
             with env.naming_files():
                 loaded = load_checkpoint(path, dtype=env.model_dtype("unet"), prediction=config.prediction,
-                                         text_dtype=env.model_dtype("text"), autoencoder_dtype=env.model_dtype("vae"))
+                                         text_dtype=env.model_dtype("text"), autoencoder_dtype=env.model_dtype("vae"),
+                                         **env.cast_cache_options())
             if loaded.family.name != config.family or loaded.family.inpaint != config.inpaint:
                 wanted = config.family + (" inpainting" if config.inpaint else "")
                 raise ValueError(f"CheckpointLoader: config {config_name!r} describes an {wanted} model but "

@@ -280,6 +280,7 @@ def make_environment(args: argparse.Namespace) -> Environment:
     device, device_flag = resolve_device(args)
     env = Environment(data_dir, extra_model_dirs=read_model_paths(args, data_dir), device=device,
                       vram=resolve_vram(args), compile_models=bool(getattr(args, "compile", False)),
+                      weight_cache_bytes=int(getattr(args, "weight_cache_gb", 8.0) * (1 << 30)),
                       **resolve_precision(args), **resolve_folders(args))
     if device is not None:
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,16 @@ def cuda_index(value: str) -> int:
     return index
 
 
+def weight_cache_gb(value: str) -> float:
+    try:
+        gb = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of gigabytes, got {value!r}") from None
+    if not math.isfinite(gb) or gb < 0 or gb > 1e6:
+        raise argparse.ArgumentTypeError(f"a number of gigabytes from 0 to 1000000, got {value}")
+    return gb
+
+
 def add_engine_options(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
     """Device, precision, memory and folder flags. On the main parser (`suppress` False: with defaults) and again
     on each subcommand (`suppress` True: absent unless typed there), so `latentloom --cpu serve` and `latentloom
@@ -65,6 +76,9 @@ def add_engine_options(parser: argparse.ArgumentParser, suppress: bool = False) 
                        help="the diffusion model in bf16, whatever the other models use")
     group.add_argument("--fp32-vae", action="store_true", default=_default(suppress, False),
                        help="the VAE in fp32, whatever the other models use")
+    group.add_argument("--weight-cache-gb", type=weight_cache_gb, default=_default(suppress, 8.0), metavar="GB",
+                       help="disk kept for weights a load had to cast (fp16 files run in bf16 on a CPU), in "
+                            "DATA_DIR/cache/weights, so that the next start maps them (default 8; 0: off)")
     group.add_argument("--compile", action="store_true", default=_default(suppress, False),
                        help="torch.compile the diffusion model and the VAE decoder (the first image of each size "
                             "compiles for minutes, later ones and later runs are faster; compiled kernels are "

@@ -151,7 +151,7 @@ def server_config(args: argparse.Namespace, env: Environment) -> ServerConfig:
     config = ServerConfig(data_dir=env.data_dir, host=host, port=args.port, auth_token=args.auth_token,
                           device=env.device, vram=env.vram, precision=env.precision,
                           unet_precision=env.unet_precision, vae_precision=env.vae_precision,
-                          compile_models=env.compile_models,
+                          compile_models=env.compile_models, weight_cache_bytes=env.weight_cache_bytes,
                           output_dir=env.output_dir_override, input_dir=env.input_dir_override,
                           temp_dir=env.temp_dir_override, user_dir=args.user_directory,
                           preview_method=preview_method(args),
@@ -188,9 +188,6 @@ def cmd_serve(args: argparse.Namespace, env: Environment, registry: NodeRegistry
     except OSError as exc:
         raise CliError(f"cannot open the data directory {env.data_dir}: {exc}") from None
     opener = open_browser if args.auto_launch else None
-    from nodes.loaders import prefetch_imports
-
-    prefetch_imports()  # the first prompt then finds transformers imported (3-5 s on a small CPU)
     try:
         asyncio.run(_serve(app, config.host, args.port, opener))
     except ConnectionError as exc:  # --workers ray: the cluster cannot be reached

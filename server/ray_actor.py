@@ -73,10 +73,10 @@ class WorkerEnvironment(Environment):
 
 
 # The server's engine flags a worker takes over (--precision and ComfyUI's --force-fp32, --bf16-unet, --fp32-vae,
-# --lowvram/--novram/--highvram, --input-directory, --preview-method, --compile). The device is the one Ray gives
-# the actor; output and temp are the worker's scratch folders.
+# --lowvram/--novram/--highvram, --input-directory, --preview-method, --compile, --weight-cache-gb). The device is
+# the one Ray gives the actor; output and temp are the worker's scratch folders.
 ENGINE_FIELDS = ("precision", "unet_precision", "vae_precision", "vram", "input_dir_override", "preview_method",
-                 "compile_models")
+                 "compile_models", "weight_cache_bytes")
 
 
 def engine_options(env: Environment) -> dict[str, Any]:

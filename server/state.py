@@ -61,6 +61,7 @@ class ServerConfig:
     unet_precision: str | None = None
     vae_precision: str | None = None
     compile_models: bool = False  # --compile
+    weight_cache_bytes: int = 8 << 30  # --weight-cache-gb (diffusion/checkpoints/cast_cache.py); 0: off
     output_dir: Path | None = None
     input_dir: Path | None = None
     temp_dir: Path | None = None
@@ -83,7 +84,8 @@ class ServerState:
                                unet_precision=config.unet_precision, vae_precision=config.vae_precision,
                                output_dir_override=config.output_dir, input_dir_override=config.input_dir,
                                temp_dir_override=config.temp_dir, preview_method=config.preview_method,
-                               compile_models=config.compile_models)
+                               compile_models=config.compile_models,
+                               weight_cache_bytes=config.weight_cache_bytes)
         self.env.ensure_dirs()
         self.workflows_dir.mkdir(parents=True, exist_ok=True)
         self.registry = registry if registry is not None else build_registry(self.env)

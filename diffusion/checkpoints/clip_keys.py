@@ -1,8 +1,9 @@
-"""Text-encoder key layouts: checkpoint layouts ↔ the layout of transformers' CLIP text models.
+"""Text-encoder key layouts: checkpoint layouts ↔ the layout of our CLIP text model (models/clip_text.py).
 
-Our working layout is `CLIPTextModelWithProjection.state_dict()`'s: `text_model.embeddings.…`,
-`text_model.encoder.layers.N.…`, `text_model.final_layer_norm.…`, and `text_projection.weight` when the
-encoder has a projection. Checkpoints keep text encoders in one of two layouts under a prefix:
+Our working layout is that model's `state_dict()`, which spells transformers 4's
+`CLIPTextModelWithProjection` names: `text_model.embeddings.…`, `text_model.encoder.layers.N.…`,
+`text_model.final_layer_norm.…`, and `text_projection.weight` when the encoder has a projection.
+Checkpoints keep text encoders in one of two layouts under a prefix:
 
 - HF (`cond_stage_model.transformer.`, `conditioner.embedders.0.transformer.`): transformers' own names,
   with or without the `text_model.` level;

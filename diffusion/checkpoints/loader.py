@@ -17,10 +17,10 @@ from torch import nn
 
 from ..models.text_encoders import FAMILIES as TEXT_FAMILIES
 from ..models.text_encoders import TextEncoders
-from ..models.transformers_clip import start_import
 from ..models.unclip import NoiseAugmentor
 from ..models.unet import UNetModel
 from ..models.vae import AutoencoderKL, VAEConfig
+from .cast_cache import CastCache
 from .clip_keys import KeyLayoutError
 from .families import UNET_PREFIX, VAE_PREFIX, ModelFamily, config_metadata, detect_family
 from .files import CheckpointError, key_prefixes, read_metadata, read_state_dict, strip_prefix
@@ -69,6 +69,20 @@ def _cast_half(t: Tensor, dtype: torch.dtype) -> Tensor:
     return out
 
 
+def _cast_cached(cache: CastCache | None, part: str, key: str, t: Tensor, dtype: torch.dtype | None,
+                 device: torch.device) -> Tensor:
+    """`_cast`, through `cache` for the tensors it changes on the CPU: a stored cast when there is one, else cast
+    and kept for the cache's `save`."""
+    if cache is None or device.type != "cpu" or dtype is None or not t.dtype.is_floating_point or t.dtype == dtype:
+        return _cast(t, dtype, device)
+    hit = cache.get(part, key, t, dtype)
+    if hit is not None:
+        return hit
+    out = _cast(t, dtype, device)
+    cache.put(part, key, out)
+    return out
+
+
 def _stored_dtype(sd: Mapping[str, Tensor]) -> torch.dtype:
     """The floating dtype holding most of the values (files sometimes keep a few tensors in fp32)."""
     totals: dict[torch.dtype, int] = {}
@@ -84,9 +98,11 @@ def vae_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def fill_module(
-    module: nn.Module, sd: Mapping[str, Tensor], what: str, dtype: torch.dtype | None, device: torch.device
+    module: nn.Module, sd: Mapping[str, Tensor], what: str, dtype: torch.dtype | None, device: torch.device,
+    cache: CastCache | None = None,
 ) -> nn.Module:
-    """Load `sd` into a meta-built `module` by assignment, casting tensor by tensor, every key required."""
+    """Load `sd` into a meta-built `module` by assignment, casting tensor by tensor (through `cache`, when given),
+    every key required."""
     expected = set(module.state_dict())
     missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
     if missing or unexpected:
@@ -102,7 +118,7 @@ def fill_module(
     ]
     if wrong:
         raise CheckpointError(f"{what} weights do not fit the detected architecture: {_sample(wrong)}")
-    cast = {key: _cast(value, dtype, device) for key, value in sd.items()}
+    cast = {key: _cast_cached(cache, what, key, value, dtype, device) for key, value in sd.items()}
     try:
         module.load_state_dict(cast, strict=True, assign=True)
     except RuntimeError as e:
@@ -128,9 +144,11 @@ def build_modules(
     device: str | torch.device = "cpu",
     text_dtype: torch.dtype | None = None,
     autoencoder_dtype: torch.dtype | None = None,
+    cache: CastCache | None = None,
 ) -> tuple[UNetModel, AutoencoderKL, TextEncoders]:
     """The three modules of a checkpoint state dict whose family is known. `text_dtype` and `autoencoder_dtype`
-    (None: follow the UNet's, see load_checkpoint) set the text encoders' and the VAE's dtypes apart."""
+    (None: follow the UNet's, see load_checkpoint) set the text encoders' and the VAE's dtypes apart; `cache` holds
+    (and takes) the tensors cast to those dtypes."""
     device = torch.device(device)
     unet_sd = strip_prefix(sd, UNET_PREFIX)
     dtype = dtype or _stored_dtype(unet_sd)
@@ -139,9 +157,10 @@ def build_modules(
             unet, vae = UNetModel(family.unet), AutoencoderKL(family.vae)
     except ValueError as e:  # e.g. GroupNorm groups that do not divide a non-standard width
         raise CheckpointError(f"the {family.title} modules cannot be built from the detected shapes: {e}") from None
-    fill_module(unet, unet_sd, "UNet", dtype, device)
-    fill_module(vae, strip_prefix(sd, VAE_PREFIX), "VAE", autoencoder_dtype or vae_dtype(dtype), device)
-    text_sd = {k: _cast(v, text_dtype or dtype, device) for k, v in _text_keys(sd, family.text_family).items()}
+    fill_module(unet, unet_sd, "UNet", dtype, device, cache)
+    fill_module(vae, strip_prefix(sd, VAE_PREFIX), "VAE", autoencoder_dtype or vae_dtype(dtype), device, cache)
+    text_sd = {k: _cast_cached(cache, "text", k, v, text_dtype or dtype, device)
+               for k, v in _text_keys(sd, family.text_family).items()}
     try:
         text = TextEncoders.from_state_dict(text_sd, family.text_family, num_heads=family.clip_heads)
     except (KeyLayoutError, KeyError, ValueError) as e:
@@ -158,20 +177,26 @@ def load_checkpoint(
     prediction: str | None = None,
     text_dtype: torch.dtype | None = None,
     autoencoder_dtype: torch.dtype | None = None,
+    cast_cache: str | os.PathLike | None = None,
+    cast_cache_limit: int | None = None,
 ) -> LoadedCheckpoint:
     """UNet, VAE and text encoders of a single-file checkpoint (.safetensors, or a legacy pickle loaded
     without running code). dtype None keeps the UNet's stored dtype; text encoders follow the UNet, the
     VAE too except that fp16 becomes fp32, unless `text_dtype` or `autoencoder_dtype` say otherwise (--bf16-unet,
-    --fp32-vae). `prediction` forces "eps" or "v"."""
-    start_import()  # transformers' CLIP (3-5 s) imports in a thread while the UNet and VAE weights are cast
+    --fp32-vae). `prediction` forces "eps" or "v". `cast_cache` (a folder: DATA_DIR/cache/weights) keeps the weights
+    this load casts on disk, so that the next load of the same file maps them instead of casting (cast_cache.py),
+    the folder kept under `cast_cache_limit` bytes (None: cast_cache.LIMIT)."""
     sd = read_state_dict(path)
     metadata = read_metadata(path)
+    cache = None if cast_cache is None else CastCache(cast_cache, path, cast_cache_limit)
     try:
         family = detect_family(sd, metadata, prediction=prediction)
         unet, vae, text = build_modules(sd, family, dtype=dtype, device=device, text_dtype=text_dtype,
-                                        autoencoder_dtype=autoencoder_dtype)
+                                        autoencoder_dtype=autoencoder_dtype, cache=cache)
     except CheckpointError as e:
         raise type(e)(f"{path}: {e}") from None
+    if cache is not None:
+        cache.save()
     augmentor = None
     if family.unclip:
         try:

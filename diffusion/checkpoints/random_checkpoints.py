@@ -19,12 +19,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..models.clip_text import ClipTextModel
 from ..models.text_encoders import TextEncoderConfig
-from ..models.transformers_clip import clip_classes
 from ..models.unet import UNetConfig, UNetModel
 from ..models.vae import AutoencoderKL, VAEConfig
-from ..text.tokenizer import CLIPTokenizer
-from .clip_keys import from_transformers, to_hf_checkpoint, to_open_clip
+from .clip_keys import to_hf_checkpoint, to_open_clip
 from .families import CONFIG_METADATA_KEY, SD2_V_PROBE, UNET_PREFIX, VAE_PREFIX
 from .files import write_safetensors
 
@@ -121,11 +120,8 @@ def checkpoint_spec(family: str, size: str = "tiny", *, inpaint: bool = False) -
 
 
 def _text_layout(spec: TextSpec) -> dict[str, Tensor]:
-    pad = CLIPTokenizer.eos_id if spec.layout == "hf" else 0
-    classes = clip_classes()
-    cls = classes.CLIPTextModel if spec.config.projection_dim is None else classes.CLIPTextModelWithProjection
     with torch.device("meta"):
-        ours = from_transformers(cls(spec.config.transformers_config(pad)).state_dict())
+        ours = ClipTextModel(spec.config.clip_config()).state_dict()  # our layout, as the model's names are
     if spec.layout == "hf":  # released SD1/SDXL files keep the position_ids buffer
         return to_hf_checkpoint(ours, spec.prefix, with_position_ids=True)
     return to_open_clip(ours, spec.prefix)

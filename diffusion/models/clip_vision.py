@@ -277,11 +277,16 @@ def load_clip_vision(path: str | os.PathLike, *, dtype: torch.dtype | None = Non
 
 
 @torch.no_grad()
-def encode_image(model: CLIPVisionModelWithProjection, image: Tensor, crop: bool = True) -> ClipVisionOutput:
+def encode_image(model: CLIPVisionModelWithProjection, image: Tensor, crop: bool = True,
+                 pixel_mask: Tensor | None = None) -> ClipVisionOutput:
     """CLIP_VISION_OUTPUT of IMAGE [B, H, W, C] in 0..1: ComfyUI's preprocessing at the tower's own size,
-    then the tower; outputs on the CPU in fp32."""
+    then the tower; outputs on the CPU in fp32. `pixel_mask` ([1, size, size] at the tower's size) multiplies the
+    normalised pixels (IPAdapterEncoder's mask: what it zeroes reads as the normalisation's mean colour)."""
     param = model.vision_model.embeddings.patch_embedding.weight
-    pixels = clip_preprocess(image, model.config.image_size, crop=crop).to(param.device, param.dtype)
+    pixels = clip_preprocess(image, model.config.image_size, crop=crop)
+    if pixel_mask is not None:
+        pixels = pixels * pixel_mask.to(pixels.dtype)[:, None]
+    pixels = pixels.to(param.device, param.dtype)
     out = model(pixel_values=pixels, output_hidden_states=True)
     return ClipVisionOutput(out.image_embeds.float().cpu(), out.last_hidden_state.float().cpu(),
                             out.hidden_states[-2].float().cpu())

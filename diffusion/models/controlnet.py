@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .unet import UNetConfig
-from .unet_blocks import Downsample, ResBlock, SpatialTransformer, TimestepEmbedSequential, timestep_embedding
+from .unet import UNetConfig, encoder_blocks, label_embedding, middle_block, time_embedding
+from .unet_blocks import timestep_embedding
 
 # The released ControlNets' hint encoder widths (diffusers' conditioning_embedding_out_channels).
 HINT_WIDTHS = (16, 32, 96, 256)
@@ -62,41 +62,14 @@ class ControlNet(nn.Module):
         super().__init__()
         self.config = config
         c = config.unet
-        mc, ted, groups = c.model_channels, c.time_embed_dim, c.norm_groups
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        self.time_embed = time_embedding(c)
         if c.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(c.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
-            )
-        self.input_hint_block = _hint_encoder(config)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
-        widths = [mc]
-        ch = mc
-        last = len(c.channel_mult) - 1
-        for level, (mult, depth) in enumerate(zip(c.channel_mult, c.transformer_depth, strict=True)):
-            for _ in range(c.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, ted, mult * mc, groups)]
-                ch = mult * mc
-                if depth > 0:
-                    layers.append(self._transformer(ch, depth))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                widths.append(ch)
-            if level != last:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                widths.append(ch)
+            self.label_emb = label_embedding(c)
+        self.input_hint_block = _hint_encoder(config)  # built here, between them, to keep the seeded init order
+        self.input_blocks, widths = encoder_blocks(c)
         self.zero_convs = nn.ModuleList(nn.Sequential(nn.Conv2d(w, w, 1)) for w in widths)
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, ted, ch, groups),
-            self._transformer(ch, c.transformer_depth_middle),
-            ResBlock(ch, ted, ch, groups),
-        )
-        self.middle_block_out = nn.Sequential(nn.Conv2d(ch, ch, 1))
-
-    def _transformer(self, channels: int, depth: int) -> SpatialTransformer:
-        c = self.config.unet
-        heads, dim_head = c.head_layout(channels)
-        return SpatialTransformer(channels, heads, dim_head, depth, c.context_dim, c.norm_groups,
-                                  c.use_linear_in_transformer)
+        self.middle_block = middle_block(c, widths[-1])
+        self.middle_block_out = nn.Sequential(nn.Conv2d(widths[-1], widths[-1], 1))
 
     @property
     def residual_widths(self) -> list[int]:

@@ -1,9 +1,9 @@
-"""CLIP text encoders through transformers' CLIP text models, with ComfyUI's encoding behaviour.
+"""CLIP text encoders (our plain torch CLIP, clip_text.py) with ComfyUI's encoding behaviour.
 
-One `ClipTextEncoder` wraps one transformers model plus its options (which hidden layer, whether the
-final layer norm is applied to it, pad token); `TextEncoders` is a family's set of them (SD1: CLIP-L;
-SD2: OpenCLIP ViT-H; SDXL: CLIP-L + bigG; SDXL refiner: bigG) that turns prompt text into
-`(cond [1, 77·k, dim], pooled [1, dim_pooled])`.
+One `ClipTextEncoder` wraps one CLIP text model plus its options (which hidden layer, whether the final layer norm
+is applied to it, pad token); `TextEncoders` is a family's set of them (SD1: CLIP-L; SD2: OpenCLIP ViT-H; SDXL:
+CLIP-L + bigG; SDXL refiner: bigG) that turns prompt text into `(cond [1, 77·k, dim], pooled [1, dim_pooled])`.
+Nothing here imports transformers.
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import torch
 from ..checkpoints.clip_keys import PROJECTION, TEXT, text_encoder_state_dict
 from ..text.prompt import Chunk, PromptTokenizer
 from ..text.tokenizer import CLIPTokenizer
-from .transformers_clip import clip_classes
+from .clip_text import ClipTextConfig, ClipTextModel
 
-if TYPE_CHECKING:  # transformers is imported when a model is built (transformers_clip.py: 3-5 s)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    ClipModel = CLIPTextModel | CLIPTextModelWithProjection
+if TYPE_CHECKING:  # only the trainer asks for a transformers config (train/recipe.py)
+    from transformers import CLIPTextConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +65,24 @@ class TextEncoderConfig:
             hidden_act=hidden_act,
         )
 
+    def clip_config(self) -> ClipTextConfig:
+        return ClipTextConfig(
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            vocab_size=self.vocab_size,
+            max_position_embeddings=self.max_positions,
+            projection_dim=self.projection_dim,
+            hidden_act=self.hidden_act,
+            eos_token_id=CLIPTokenizer.eos_id,
+        )
+
     def transformers_config(self, pad_id: int) -> CLIPTextConfig:
+        """The same model as a transformers CLIPTextConfig, for the trainer (train/recipe.py), which trains
+        through transformers' CLIPTextModel. Imports transformers (3-5 s); the engine never calls this."""
+        from .transformers_clip import clip_classes
+
         return clip_classes().CLIPTextConfig(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -91,33 +106,19 @@ def require(sd: Mapping[str, Tensor], key: str) -> Tensor:
     return sd[key]
 
 
-def text_module(model: ClipModel) -> torch.nn.Module:
-    """The transformer inside (`text_model` on models with a projection; the model itself otherwise)."""
-    return getattr(model, "text_model", model)
-
-
-def build_clip_model(sd: Mapping[str, Tensor], config: TextEncoderConfig, pad_id: int) -> ClipModel:
-    """A transformers CLIP text model holding exactly the tensors of `sd` (our layout): built on the meta
-    device and filled with `assign=True`, so no second copy of the weights is ever allocated."""
-    classes = clip_classes()
-    cls = classes.CLIPTextModel if config.projection_dim is None else classes.CLIPTextModelWithProjection
+def build_clip_model(sd: Mapping[str, Tensor], config: TextEncoderConfig) -> ClipTextModel:
+    """A CLIP text model holding exactly the tensors of `sd` (our layout): built on the meta device and filled
+    with `assign=True`, so no second copy of the weights is ever allocated."""
     with torch.device("meta"):
-        model = cls(config.transformers_config(pad_id))
-    has_text_level = hasattr(model, "text_model")
-    renamed = {
-        key if has_text_level or key == PROJECTION else key.removeprefix(TEXT): v for key, v in sd.items()
-    }
+        model = ClipTextModel(config.clip_config())
     expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(renamed)), sorted(set(renamed) - expected)
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:
         raise ValueError(
-            f"text encoder weights do not fit {cls.__name__}: missing {missing[:8]}, "
+            f"text encoder weights do not fit a CLIP text model of {config}: missing {missing[:8]}, "
             f"unexpected {unexpected[:8]}"
         )
-    model.load_state_dict(renamed, strict=True, assign=True)
-    embeddings = text_module(model).embeddings
-    device = embeddings.token_embedding.weight.device
-    embeddings.position_ids = torch.arange(config.max_positions, device=device).expand(1, -1)
+    model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
@@ -125,11 +126,11 @@ def build_clip_model(sd: Mapping[str, Tensor], config: TextEncoderConfig, pad_id
 class ClipTextEncoder:
     """One CLIP text model and the options ComfyUI sets on it.
 
-    layer: None for the last layer's output with the final layer norm; -k for transformers'
+    layer: None for the last layer's output with the final layer norm; -k for the model's
     hidden_states[-k] (-1 the last layer, -2 the penultimate, …), with the final layer norm applied
     only when `layer_norm_hidden` (SD1/SD2 yes; SDXL's two encoders no)."""
 
-    model: ClipModel
+    model: ClipTextModel
     pad_id: int
     layer: int | None = None
     layer_norm_hidden: bool = True
@@ -178,7 +179,7 @@ class ClipTextEncoder:
         """Run the model on a batch of chunks; embedding slots (tensors) replace their rows of the token
         embedding through a forward hook, their ids standing in as 0 (never the end token, so pooling at
         the first end token is unaffected)."""
-        token_embedding = text_module(self.model).embeddings.token_embedding
+        token_embedding = self.model.text_model.embeddings.token_embedding
         device = token_embedding.weight.device
         ids = torch.tensor([[s if isinstance(s, int) else 0 for s, _ in c] for c in chunks], device=device)
         slots = [(b, j, s) for b, c in enumerate(chunks) for j, (s, _) in enumerate(c) if torch.is_tensor(s)]
@@ -195,12 +196,12 @@ class ClipTextEncoder:
         finally:
             if hook is not None:
                 hook.remove()
-        pooled = output.text_embeds if hasattr(output, "text_embeds") else output.pooler_output
+        pooled = output.pooler_output if output.text_embeds is None else output.text_embeds
         if self.layer is None:
             return output.last_hidden_state, pooled
         hidden = output.hidden_states[self.layer]
         if self.layer_norm_hidden:
-            hidden = text_module(self.model).final_layer_norm(hidden)
+            hidden = self.model.text_model.final_layer_norm(hidden)
         return hidden, pooled
 
 
@@ -269,7 +270,7 @@ class TextEncoders:
             config = TextEncoderConfig.from_state_dict(
                 weights, num_heads=num_heads, hidden_act=spec.hidden_act
             )
-            model = build_clip_model(weights, config, spec.pad_id)
+            model = build_clip_model(weights, config)
             encoders[spec.name] = ClipTextEncoder(model, spec.pad_id, spec.layer, spec.layer_norm_hidden)
         return cls(family, encoders, tokenizer or CLIPTokenizer(), list(embedding_dirs))
 

@@ -1,11 +1,12 @@
 """transformers' CLIP classes, imported on first use, or in a background thread ahead of it.
 
 Importing transformers' CLIP modelling code costs 3-5 s on a small CPU (transformers pulls in
-torch.distributed.tensor, torch._dynamo, scipy and sympy), about twice torch's own import, and it used to be
-paid by every process at start-up before anything else could run. Now nothing imports transformers at module
-level: the text encoders and CLIP vision ask `clip_classes()` when they build a model, and a checkpoint load
-calls `start_import()` first, so the import runs in a thread while the weights are read and cast (those copies
-release the GIL) and is usually done by the time the text encoders are built.
+torch.distributed.tensor, torch._dynamo, scipy and sympy), about twice torch's own import. The text encoders no
+longer need it (they are our own plain torch CLIP, clip_text.py), so a text-to-image run never imports
+transformers. What still asks `clip_classes()` when it builds a model: the CLIP vision towers (clip_vision.py,
+for CLIPVisionLoader, unCLIP checkpoints and SVD) and the trainer's text model (TextEncoderConfig's
+`transformers_config`, train/recipe.py). Nothing imports transformers at module level; `start_import()` runs the
+import in a daemon thread for a caller that knows it will need the classes soon.
 
 Only one thread ever imports transformers here: `clip_classes()` waits for a started background import instead
 of importing concurrently (two threads importing one package can see each other's half-initialised modules).

@@ -194,6 +194,55 @@ def _read_levels(sd: dict[str, Tensor], model_channels: int) -> list[tuple[int, 
     return levels
 
 
+def transformer(c: UNetConfig, channels: int, depth: int) -> SpatialTransformer:
+    """The spatial transformer of a block `channels` wide, `depth` layers deep, with the config's head layout."""
+    heads, dim_head = c.head_layout(channels)
+    return SpatialTransformer(channels, heads, dim_head, depth, c.context_dim, c.norm_groups,
+                              c.use_linear_in_transformer)
+
+
+def time_embedding(c: UNetConfig) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(c.model_channels, c.time_embed_dim), nn.SiLU(),
+                         nn.Linear(c.time_embed_dim, c.time_embed_dim))
+
+
+def label_embedding(c: UNetConfig) -> nn.Sequential:
+    """SDXL's ADM vector embedding (`label_emb.0.*`: a Sequential in a Sequential, as the checkpoints name it)."""
+    ted = c.time_embed_dim
+    return nn.Sequential(nn.Sequential(nn.Linear(c.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted)))
+
+
+def encoder_blocks(c: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The UNet's input blocks (the input convolution, then per level ResBlocks, each with its transformer where
+    the level has one, and a Downsample but at the last level) and the width each block outputs. A ControlNet
+    builds the same encoder, so its copy of the UNet's weights loads by name."""
+    mc, ted, groups = c.model_channels, c.time_embed_dim, c.norm_groups
+    blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
+    widths = [mc]
+    ch = mc
+    last = len(c.channel_mult) - 1
+    for level, (mult, depth) in enumerate(zip(c.channel_mult, c.transformer_depth, strict=True)):
+        for _ in range(c.num_res_blocks):
+            layers: list[nn.Module] = [ResBlock(ch, ted, mult * mc, groups)]
+            ch = mult * mc
+            if depth > 0:
+                layers.append(transformer(c, ch, depth))
+            blocks.append(TimestepEmbedSequential(*layers))
+            widths.append(ch)
+        if level != last:
+            blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            widths.append(ch)
+    return blocks, widths
+
+
+def middle_block(c: UNetConfig, channels: int) -> TimestepEmbedSequential:
+    return TimestepEmbedSequential(
+        ResBlock(channels, c.time_embed_dim, channels, c.norm_groups),
+        transformer(c, channels, c.transformer_depth_middle),
+        ResBlock(channels, c.time_embed_dim, channels, c.norm_groups),
+    )
+
+
 class UNetModel(nn.Module):
     """The LDM/SGM UNet: `forward(x, timesteps, context, y)` predicts the model output (eps or v, as trained)
     for latents x [B, C, H, W] at float timesteps [B], text context [B, T, context_dim] and, for SDXL,
@@ -204,33 +253,12 @@ class UNetModel(nn.Module):
         c = config
         self.config = c
         mc, ted, groups = c.model_channels, c.time_embed_dim, c.norm_groups
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        self.time_embed = time_embedding(c)
         if c.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(c.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
-            )
-
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
-        skip_channels = [mc]
-        ch = mc
-        last = len(c.channel_mult) - 1
-        for level, (mult, depth) in enumerate(zip(c.channel_mult, c.transformer_depth, strict=True)):
-            for _ in range(c.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, ted, mult * mc, groups)]
-                ch = mult * mc
-                if depth > 0:
-                    layers.append(self._transformer(ch, depth))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != last:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
-
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, ted, ch, groups),
-            self._transformer(ch, c.transformer_depth_middle),
-            ResBlock(ch, ted, ch, groups),
-        )
+            self.label_emb = label_embedding(c)
+        self.input_blocks, skip_channels = encoder_blocks(c)
+        ch = skip_channels[-1]
+        self.middle_block = middle_block(c, ch)
 
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(len(c.channel_mult))):
@@ -239,24 +267,12 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), ted, mult * mc, groups)]
                 ch = mult * mc
                 if depth > 0:
-                    layers.append(self._transformer(ch, depth))
+                    layers.append(transformer(c, ch, depth))
                 if level > 0 and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(mc, c.out_channels, 3, padding=1))
-
-    def _transformer(self, channels: int, depth: int) -> SpatialTransformer:
-        heads, dim_head = self.config.head_layout(channels)
-        return SpatialTransformer(
-            channels,
-            heads,
-            dim_head,
-            depth,
-            self.config.context_dim,
-            self.config.norm_groups,
-            self.config.use_linear_in_transformer,
-        )
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                 patches: UNetPatches | None = None, sigmas: Tensor | None = None) -> Tensor:

@@ -35,6 +35,7 @@ from ..models.controlnet import ControlNet
 from ..models.unet import UNetConfig
 from ..sampling.context_windows import window_rows
 from ..sampling.model_sampling import ModelSampling
+from .context_bias import cross_attention_bias
 from .patcher import ModelPatcher
 from .t2i_adapter_control import ControlResiduals, T2IAdapterHandle, intrablock_patches
 from .unet_patches import Site, UNetPatches
@@ -171,11 +172,12 @@ def _rows(v: Tensor, index: Tensor, every: bool) -> Tensor:
 
 def control_residuals(control: ControlRows, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None,
                       sigma: Tensor | None, model_sampling: ModelSampling,
-                      fits: Any = None, model: Any = None) -> list[Tensor] | None:
+                      fits: Any = None, model: Any = None, bias: Tensor | None = None) -> list[Tensor] | None:
     """Summed strength × residuals [N, C_i, h_i, w_i] of every active step over the N rows of one UNet call (x is
     the UNet's scaled input, without inpainting channels); None when no step acts now. `fits(handle)` raises when
     a ControlNet does not fit the model. `model` (the DiffusionModel whose call this is) is what a Control-LoRA
-    is composed with (`bind`, control_lora_handle.py)."""
+    is composed with (`bind`, control_lora_handle.py). `bias` [N, tokens] (a style model's attn_bias, the UNet
+    call's `patches_bias`) biases the ControlNets' cross-attentions as it does the UNet's."""
     offsets, start = [], 0
     for _, rows in control:
         offsets.append((start, rows))
@@ -206,10 +208,12 @@ def control_residuals(control: ControlRows, x: Tensor, t: Tensor, context: Tenso
         with handle.manager.use([handle.patcher]) as (net,), torch.no_grad():
             device, dtype = handle.manager.device, handle.dtype
             hint = _hint_rows(step, spans, x.shape[-2], x.shape[-1], device, dtype)
-            out = net(_rows(x, index, every).to(device, dtype), hint,
-                      _rows(t.expand(x.shape[0]), index, every).to(device),
-                      _rows(context, index, every).to(device, dtype),
-                      None if y is None else _rows(y, index, every).to(device, dtype), **handle.options)
+            rows_bias = None if bias is None else _rows(bias, index, every).to(device)
+            with cross_attention_bias(net, rows_bias):
+                out = net(_rows(x, index, every).to(device, dtype), hint,
+                          _rows(t.expand(x.shape[0]), index, every).to(device),
+                          _rows(context, index, every).to(device, dtype),
+                          None if y is None else _rows(y, index, every).to(device, dtype), **handle.options)
         if total is None:
             total = [torch.zeros(x.shape[0], *r.shape[1:], device=x.device, dtype=x.dtype) for r in out]
         for acc, r in zip(total, out, strict=True):

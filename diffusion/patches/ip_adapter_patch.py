@@ -74,6 +74,28 @@ def image_tokens(model: IPAdapterModel, embeds: Tensor, method: str = "concat") 
     return tokens.reshape(1, -1, tokens.shape[-1]).float().cpu()
 
 
+def encoder_pixel_mask(mask: Tensor, size: int, node: str = "IPAdapterEncoder") -> Tensor:
+    """IPAdapterEncoder's mask (MASK [1, H, W] or [H, W]) as the pixel mask [1, size, size] of a CLIP vision input of
+    `size` pixels, as the node pack makes it: cut to its centre square and resized (bicubic, antialiased, not
+    clamped), so that it covers the pixels the crop-center preprocessing keeps of the image; a mask already at
+    size x size is taken as it is. The encoding multiplies the normalised pixels by it: a masked-out region reads
+    as the normalisation's mean colour, i.e. the reference image loses that part (it does not restrict where the
+    adapter acts: that is the apply nodes' attn_mask)."""
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3 or mask.shape[0] != 1:
+        raise IPAdapterError(f"{node}: mask must be one MASK [1, H, W] (it applies to every image of the batch), "
+                             f"got {list(mask.shape)}")
+    mask = mask.float().cpu()
+    if tuple(mask.shape[-2:]) == (size, size):
+        return mask
+    height, width = mask.shape[-2:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = mask[:, top:top + side, left:left + side]
+    return F.interpolate(square[:, None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)[:, 0]
+
+
 def check_fits(handle: IPAdapterHandle, unet: nn.Module, family_title: str,
                node: str = "IPAdapter") -> dict[Where, tuple[int, int]]:
     """Each cross-attention of `unet` → its (number, width), after checking the adapter has a projection of that

@@ -1,6 +1,7 @@
 """What the first image of a process no longer pays for: the 16-bit → 16-bit cast goes through fp32 chunks (same
 values as torch's own cast), the preview map is read back from the data directory's cache instead of fitted again,
-and transformers is not imported until a text encoder or a CLIP vision tower is built."""
+and transformers is never imported by a text-to-image run (the text encoders are our own CLIP; only a CLIP vision
+tower imports transformers, when it is built)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from diffusion.checkpoints import loader
+from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
 from diffusion.models.vae import AutoencoderKL, VAEConfig
 from diffusion.preview import PreviewCache, fit_latent_rgb_projection, weights_digest
 
@@ -105,19 +107,61 @@ def test_unreadable_cache_entry_is_fitted_again(tmp_path, caplog):
     assert json.loads(entry.read_text())["bias"] == projection.bias.tolist()  # rewritten
 
 
-def test_engine_modules_do_not_import_transformers_until_a_model_is_built():
-    code = ("import sys\n"
-            "import diffusion.handles, diffusion.checkpoints.loader, diffusion.models.clip_vision, nodes.loaders\n"
-            "assert not [m for m in sys.modules if m.startswith('transformers')], 'imported at start-up'\n"
-            "from diffusion.models import transformers_clip\n"
-            "from diffusion.models.transformers_clip import clip_classes, start_import\n"
-            "nodes.loaders.prefetch_imports()  # what serve calls once it is up\n"
-            "thread = transformers_clip._thread\n"
-            "assert thread is not None and thread.name == 'import-transformers'\n"
-            "start_import()\n"
-            "assert transformers_clip._thread is thread  # started once\n"
-            "classes = clip_classes()\n"
-            "from transformers import CLIPTextModel\n"
-            "assert classes.CLIPTextModel is CLIPTextModel and clip_classes() is classes\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+def run_python(code: str) -> None:
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_transformers_clip_imports_once_when_a_vision_tower_asks():
+    run_python("import sys\n"
+               "import diffusion.handles, diffusion.checkpoints.loader, diffusion.models.clip_vision, nodes.loaders\n"
+               "assert not [m for m in sys.modules if m.startswith('transformers')], 'imported at start-up'\n"
+               "from diffusion.models import transformers_clip\n"
+               "from diffusion.models.transformers_clip import clip_classes, start_import\n"
+               "start_import()\n"
+               "thread = transformers_clip._thread\n"
+               "assert thread is not None and thread.name == 'import-transformers'\n"
+               "start_import()\n"
+               "assert transformers_clip._thread is thread  # started once\n"
+               "classes = clip_classes()\n"
+               "from transformers import CLIPVisionModelWithProjection\n"
+               "assert classes.CLIPVisionModelWithProjection is CLIPVisionModelWithProjection\n"
+               "assert clip_classes() is classes\n")
+
+
+def test_text_to_image_never_imports_transformers(tmp_path):
+    """ComfyUI's default graph (checkpoint loader, two CLIPTextEncode, KSampler, VAEDecode, SaveImage) on a tiny SD1
+    checkpoint, in a fresh process, as a server runs it: transformers is in sys.modules neither before nor after."""
+    models = tmp_path / "models"
+    models.mkdir()
+    write_random_checkpoint(models / "sd1.safetensors", "sd1", seed=3)
+    graph = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a (red:1.2) circle", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+        "3": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "seed": 1, "steps": 2, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+                                                   "positive": ["6", 0], "negative": ["7", 0],
+                                                   "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "cold"}},
+    }
+    run_python("import json, sys\n"
+               "from pathlib import Path\n"
+               "from graph.executor import Executor\n"
+               "from graph.validation import validate_prompt\n"
+               "from nodes import build_registry\n"
+               "from nodes.environment import Environment\n"
+               f"data, models = Path({str(tmp_path / 'data')!r}), Path({str(models)!r})\n"
+               "env = Environment(data, extra_model_dirs={'checkpoints': [models]})\n"
+               "env.ensure_dirs()\n"
+               "registry = build_registry(env, plugins=False)\n"
+               "assert 'transformers' not in sys.modules, 'imported by the registry'\n"
+               f"validation = validate_prompt(json.loads({json.dumps(json.dumps(graph))}), registry, env)\n"
+               "assert validation.ok, validation.response()\n"
+               "result = Executor(env=env).execute(validation.prompt, 'p', lambda event, data: None)\n"
+               "assert result.status == 'success', result.error\n"
+               "assert list(env.output_dir.glob('cold_*.png')), 'no image written'\n"
+               "imported = sorted(m for m in sys.modules if m.split('.')[0] == 'transformers')\n"
+               "assert not imported, imported[:5]\n")

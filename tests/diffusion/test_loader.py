@@ -143,8 +143,8 @@ def test_dtype_choices(tmp_path):
     assert {p.dtype for p in bf16.vae.parameters()} == {torch.bfloat16}
     full = load_checkpoint(path, dtype=torch.float32)
     assert torch.equal(full.unet.out[2].weight, stored.unet.out[2].weight.float())
-    ids = full.text.encoders["l"].model.embeddings.position_ids
-    assert ids.dtype == torch.int64  # non-float tensors are never cast
+    assert full.text.encoders["l"].model.dtype == torch.float32  # text encoders follow the UNet's dtype
+    assert bf16.text.encoders["l"].model.dtype == torch.bfloat16
 
 
 def test_loaded_weights_are_views_of_the_file(files):

@@ -61,10 +61,11 @@ def ours(model):
 
 
 def reference(model, ids):
+    """(outputs, pooled or text_embeds, the final layer norm) of a transformers model or of ours."""
     text = getattr(model, "text_model", model)
     with torch.no_grad():
         out = model(input_ids=torch.tensor(ids), output_hidden_states=True)
-    pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+    pooled = out.pooler_output if getattr(out, "text_embeds", None) is None else out.text_embeds
     return out, pooled, text.final_layer_norm
 
 
@@ -131,7 +132,7 @@ def test_weights_are_assigned_not_copied(clip_l):
     sd = to_hf_checkpoint(ours(clip_l), "cond_stage_model.transformer.")
     model = TextEncoders.from_state_dict(sd, "sd1", num_heads=HEADS).encoders["l"].model
     key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-    assert model.embeddings.token_embedding.weight.data_ptr() == sd[key].data_ptr()
+    assert model.text_model.embeddings.token_embedding.weight.data_ptr() == sd[key].data_ptr()
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 

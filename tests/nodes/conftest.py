@@ -42,6 +42,15 @@ class Engine:
         assert result.status == "success", result.error and result.error["exception_message"]
         return result
 
+    def error(self, prompt) -> str:
+        """Run a valid prompt that must fail at execution, in an executor of its own (nothing cached), and return
+        the failing node's message."""
+        validation = validate_prompt(prompt, self.registry, self.env)
+        assert validation.ok, validation.response()
+        result = Executor(env=self.env).execute(validation.prompt, "p", lambda event, data: None)
+        assert result.status == "error"
+        return result.error["exception_message"]
+
     def outputs(self, prompt, node_id, prompt_id="p"):
         """Run and return the cached output values of one node."""
         self.run(prompt, prompt_id)

@@ -83,14 +83,6 @@ def unclip_node(strength=1.0, augmentation=0.0, conditioning=("6", 0)) -> dict:
         "noise_augmentation": augmentation}}
 
 
-def error_of(engine, prompt) -> str:
-    validation = validate_prompt(prompt, engine.registry, engine.env)
-    assert validation.ok, validation.response()
-    result = Executor(env=engine.env).execute(validation.prompt, "p", lambda event, data: None)
-    assert result.status == "error"
-    return result.error["exception_message"]
-
-
 def test_clip_vision_loader_and_encode(engine):
     setup_files(engine)
     vision = engine.outputs(encode_prompt(), "1")[0][0]
@@ -110,7 +102,7 @@ def test_clip_vision_loader_and_encode(engine):
 
 def test_clip_vision_loader_refuses_a_checkpoint(engine):
     setup_files(engine)
-    message = error_of(engine, encode_prompt("not_vision.safetensors"))
+    message = engine.error(encode_prompt("not_vision.safetensors"))
     assert "clip_vision/not_vision.safetensors" in message and "not a CLIP vision model" in message
     assert "Stable Diffusion checkpoint" in message
 
@@ -165,13 +157,13 @@ def test_unclip_loader_on_a_plain_checkpoint_and_unclip_on_sd1_are_clear_errors(
     setup_files(engine)
     prompt = {"4": {"class_type": "unCLIPCheckpointLoader", "inputs": {"ckpt_name": "sd1.safetensors"}},
               "9": {"class_type": "Sink", "inputs": {"source": ["4", 3]}}}
-    message = error_of(engine, prompt)
+    message = engine.error(prompt)
     assert "sd1.safetensors" in message and "not a unCLIP image encoder model" in message
     assert "SD1.x (eps-prediction)" in message
     sd1 = sample_prompt("sd1.safetensors", ["1", 0], {
         "1": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "vision.safetensors"}},
         "20": unclip_node()})
-    assert "unCLIPConditioning does not apply to a SD1.x (eps-prediction) model" in error_of(engine, sd1)
+    assert "unCLIPConditioning does not apply to a SD1.x (eps-prediction) model" in engine.error(sd1)
 
 
 def style_prompt(strength=1.0, strength_type="multiply", ckpt="sd1.safetensors") -> dict:
@@ -204,12 +196,12 @@ def test_style_model_errors(engine):
                              StyleAdapterConfig(32, 24, 2, 1, 2))
     wide = style_prompt()
     wide["13"] = {"class_type": "StyleModelLoader", "inputs": {"style_model_name": "wide.safetensors"}}
-    assert "the style model makes 24-wide tokens but the conditioning is 16 wide" in error_of(engine, wide)
+    assert "the style model makes 24-wide tokens but the conditioning is 16 wide" in engine.error(wide)
     vision = style_prompt()
     vision["13"] = {"class_type": "StyleModelLoader",
                     "inputs": {"style_model_name": "../clip_vision/vision.safetensors"}}
     assert not validate_prompt(vision, engine.registry, engine.env).ok  # names cannot leave their folder
     write_random_clip_vision(engine.env.models_dir / "style_models" / "vision.safetensors")
     vision["13"]["inputs"]["style_model_name"] = "vision.safetensors"
-    message = error_of(engine, vision)
+    message = engine.error(vision)
     assert "style_models/vision.safetensors" in message and "not a T2I-Adapter style model" in message

@@ -54,14 +54,6 @@ def latent(engine, prompt) -> torch.Tensor:
     return engine.outputs(prompt, "3")[0][0]["samples"]
 
 
-def error_of(engine, prompt) -> str:
-    validation = validate_prompt(prompt, engine.registry, engine.env)
-    assert validation.ok, validation.response()
-    result = Executor(env=engine.env).execute(validation.prompt, "p", lambda event, data: None)
-    assert result.status == "error"
-    return result.error["exception_message"]
-
-
 def test_controlnet_steers_sampling_and_strength_zero_changes_nothing(engine):
     write_random_controlnet(controlnet_dir(engine) / "cn.safetensors", "sd1", seed=1)
     plain = latent(engine, sampled(None))
@@ -102,17 +94,17 @@ def test_diff_controlnet_gets_the_models_weights(engine, model_dir, monkeypatch)
                                rtol=1e-3, atol=1e-3)
     # DiffControlNetLoader also loads a plain ControlNet (as ComfyUI's does)
     torch.testing.assert_close(latent(engine, sampled("full.safetensors", loader="DiffControlNetLoader")), reference)
-    message = error_of(engine, sampled("diff.safetensors"))
+    message = engine.error(sampled("diff.safetensors"))
     assert "diff ControlNet" in message and "DiffControlNetLoader" in message and "diff.safetensors" in message
 
 
 def test_wrong_files_and_families_get_clear_errors(engine):
     write_random_vae(controlnet_dir(engine) / "vae.safetensors", prefix=False)
-    message = error_of(engine, sampled("vae.safetensors"))
+    message = engine.error(sampled("vae.safetensors"))
     assert "ControlNetLoader" in message and "vae.safetensors" in message and "not a ControlNet" in message
     assert "a VAE" in message and str(engine.env.data_dir) not in message
     write_random_controlnet(controlnet_dir(engine) / "cn.safetensors", "sd1", seed=1)
-    message = error_of(engine, sampled(ckpt="sdxl.safetensors"))
+    message = engine.error(sampled(ckpt="sdxl.safetensors"))
     assert "SD1.x ControlNet" in message and "SDXL base" in message
     validation = validate_prompt(sampled("../checkpoints/sd1.safetensors"), engine.registry, engine.env)
     assert not validation.ok
@@ -122,7 +114,7 @@ def test_hint_batch_follows_the_latent_batch(engine):
     write_random_controlnet(controlnet_dir(engine) / "cn.safetensors", "sd1", seed=1)
     assert latent(engine, sampled(hint_batch=2, latent_batch=2)).shape[0] == 2
     assert latent(engine, sampled(hint_batch=1, latent_batch=2)).shape[0] == 2
-    message = error_of(engine, sampled(hint_batch=3, latent_batch=2))
+    message = engine.error(sampled(hint_batch=3, latent_batch=2))
     assert "hint image batch is 3 but the latent batch is 2" in message
 
 

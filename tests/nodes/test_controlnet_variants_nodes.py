@@ -18,7 +18,7 @@ from diffusion.checkpoints.files import read_state_dict, strip_prefix, write_saf
 from diffusion.checkpoints.random_checkpoints import random_tensor
 from diffusion.models.controlnet_union import UnionConfig, UnionControlNet
 from tests.diffusion.test_control_lora import control_lora_of
-from tests.nodes.test_controlnet_nodes import controlnet_dir, error_of, latent, sampled
+from tests.nodes.test_controlnet_nodes import controlnet_dir, latent, sampled
 
 
 def write_lora(path, lora, family: str) -> None:
@@ -40,7 +40,7 @@ def test_control_lora_samples_as_the_full_controlnet_it_means(engine, model_dir)
     assert (composed - latent(engine, sampled(None))).abs().max() > 1e-2  # it steers
     old = latent(engine, sampled("control-lora-canny-rank3.safetensors", node="ControlNetApply"))
     torch.testing.assert_close(old, reference, rtol=1e-3, atol=1e-3)
-    message = error_of(engine, sampled("control-lora-canny-rank3.safetensors", ckpt="sdxl.safetensors"))
+    message = engine.error(sampled("control-lora-canny-rank3.safetensors", ckpt="sdxl.safetensors"))
     assert "Control-LoRA 'control-lora-canny-rank3'" in message
     assert "made for SD1.x and the model is SDXL" in message
 
@@ -78,7 +78,7 @@ def test_union_type_is_chosen_per_use(engine):
     torch.testing.assert_close(run(None), auto)  # no SetUnionControlNetType: auto, as in ComfyUI
     torch.testing.assert_close(run("depth"), depth)  # the loaded ControlNet kept no type from another use
     assert (run("tile") - depth).abs().max() > 1e-3  # promax knows tile
-    message = error_of(engine, with_type(sampled("union.safetensors", ckpt="sdxl.safetensors"), "tile"))
+    message = engine.error(with_type(sampled("union.safetensors", ckpt="sdxl.safetensors"), "tile"))
     assert "SetUnionControlNetType" in message and "knows 6 control types" in message and "'tile'" in message
 
 

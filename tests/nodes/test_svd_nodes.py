@@ -11,8 +11,6 @@ from PIL import Image
 from diffusion.checkpoints.files import read_state_dict
 from diffusion.checkpoints.random_svd import write_random_svd_checkpoint
 from diffusion.svd_handle import SVDModel
-from graph.executor import Executor
-from graph.validation import validate_prompt
 from nodes.tensor_ops import resize, to_bchw, to_bhwc
 
 FRAMES = 4
@@ -49,14 +47,6 @@ def video_prompt(image="start.png", motion=127, fps=6, augmentation=0.0, guidanc
 
 def sampled(engine, **kwargs) -> torch.Tensor:
     return engine.outputs(video_prompt(**kwargs), "5")[0][0]["samples"]
-
-
-def error_of(engine, prompt) -> str:
-    validation = validate_prompt(prompt, engine.registry, engine.env)
-    assert validation.ok, validation.response()
-    result = Executor(env=engine.env).execute(validation.prompt, "p", lambda event, data: None)
-    assert result.status == "error"
-    return result.error["exception_message"]
 
 
 def test_image_to_video_runs_end_to_end(engine):
@@ -123,7 +113,7 @@ def test_image_checkpoint_is_refused_naming_its_family(engine):
     setup_files(engine)
     prompt = video_prompt()
     prompt["1"]["inputs"]["ckpt_name"] = "sd1.safetensors"
-    message = error_of(engine, prompt)
+    message = engine.error(prompt)
     assert "ImageOnlyCheckpointLoader" in message and "sd1.safetensors" in message
     assert "SD1.x" in message and "not a Stable Video Diffusion" in message
 
@@ -140,7 +130,7 @@ def test_svd_file_in_the_image_checkpoint_loader_says_which_loader(engine):
                   "denoise": 1.0}},
               "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
               "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "x"}}}
-    message = error_of(engine, prompt)
+    message = engine.error(prompt)
     assert "Stable Video Diffusion" in message and "ImageOnlyCheckpointLoader" in message
 
 
@@ -169,4 +159,4 @@ def test_image_only_checkpoint_save_round_trips(engine):
            "3": {"class_type": "ImageOnlyCheckpointLoader", "inputs": {"ckpt_name": "svd.safetensors"}},
            "2": {"class_type": "ImageOnlyCheckpointSave", "inputs": {
                "model": ["1", 0], "clip_vision": ["3", 1], "vae": ["1", 2], "filename_prefix": "checkpoints/x"}}}
-    assert "not an image-to-video model" in error_of(engine, sd1)
+    assert "not an image-to-video model" in engine.error(sd1)

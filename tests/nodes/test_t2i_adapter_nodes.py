@@ -10,8 +10,6 @@ from diffusion.checkpoints.controlnet_files import write_random_controlnet
 from diffusion.checkpoints.random_checkpoints import checkpoint_spec
 from diffusion.checkpoints.t2i_adapter_files import config_for_unet, random_t2i_adapter, write_random_t2i_adapter
 from diffusion.models.t2i_adapter import T2IAdapter
-from graph.executor import Executor
-from graph.validation import validate_prompt
 
 
 def adapter_config(family: str = "sd1", variant: str = "full", in_channels: int = 3):
@@ -61,14 +59,6 @@ def sampled(controls=(), ckpt: str = "sd1.safetensors", node: str = "ControlNetA
 
 def latent(engine, prompt) -> torch.Tensor:
     return engine.outputs(prompt, "3")[0][0]["samples"]
-
-
-def error_of(engine, prompt) -> str:
-    validation = validate_prompt(prompt, engine.registry, engine.env)
-    assert validation.ok, validation.response()
-    result = Executor(env=engine.env).execute(validation.prompt, "p", lambda event, data: None)
-    assert result.status == "error"
-    return result.error["exception_message"]
 
 
 def counted(monkeypatch) -> list[int]:
@@ -129,14 +119,14 @@ def test_chained_with_a_controlnet(engine):
 
 def test_wrong_families_and_files_get_clear_errors(engine):
     write_adapter(engine, "sd1_adapter.safetensors")
-    message = error_of(engine, sampled([("sd1_adapter.safetensors", 1.0, 0.0, 1.0)], ckpt="sdxl.safetensors"))
+    message = engine.error(sampled([("sd1_adapter.safetensors", 1.0, 0.0, 1.0)], ckpt="sdxl.safetensors"))
     assert "SD1.x T2I-Adapter" in message and "SDXL base" in message and "sd1_adapter" in message
     write_adapter(engine, "xl_adapter.safetensors", family="sdxl")
-    message = error_of(engine, sampled([("xl_adapter.safetensors", 1.0, 0.0, 1.0)]))
+    message = engine.error(sampled([("xl_adapter.safetensors", 1.0, 0.0, 1.0)]))
     assert "SDXL base T2I-Adapter" in message and "SD1.x" in message
     bad = random_t2i_adapter(adapter_config())
     bad["conv_in.weight"] = torch.zeros(16, 100, 3, 3)
     torch.save(bad, engine.env.models_dir / "controlnet" / "bad.pth")
-    message = error_of(engine, sampled([("bad.pth", 1.0, 0.0, 1.0)]))
+    message = engine.error(sampled([("bad.pth", 1.0, 0.0, 1.0)]))
     assert "ControlNetLoader" in message and "bad.pth" in message and "reads 100 channels" in message
     assert str(engine.env.data_dir) not in message

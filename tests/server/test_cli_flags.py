@@ -376,3 +376,15 @@ def test_listen_in_a_real_process_binds_all_interfaces_and_caps_uploads(tmp_path
         assert "listening on 0.0.0.0 without --auth-token" in server.log()
     finally:
         server.stop()
+
+
+def test_weight_cache_flag_sets_the_cast_cache_or_turns_it_off(tmp_path, capsys):
+    assert environment(tmp_path).cast_cache_options() == {
+        "cast_cache": tmp_path / "data" / "cache" / "weights", "cast_cache_limit": 8 << 30}
+    assert environment(tmp_path, "--weight-cache-gb", "0.5").cast_cache_options()["cast_cache_limit"] == 1 << 29
+    assert environment(tmp_path, "--weight-cache-gb", "0").cast_cache_options() == {"cast_cache": None}
+    assert served_state(serve_config(tmp_path, "--weight-cache-gb", "2")).env.weight_cache_bytes == 2 << 30
+    for bad in ("-1", "nan", "inf", "lots"):
+        with pytest.raises(SystemExit):
+            parse("--weight-cache-gb", bad, "serve")
+        assert "--weight-cache-gb" in capsys.readouterr().err
