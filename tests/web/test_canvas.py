@@ -15,18 +15,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
-from tests.server.harness import ServerProcess
 from tests.web.browser import (
     ARTIFACTS,
-    CHROMIUM,
-    LAUNCH_ARGS,
     ROOT,
+    browser_test_server,
     connect,
     drag,
+    finish,
     input_link_origin,
     missing_reason,
     next_frame,
+    random_sd1_data,
 )
 
 REASON = missing_reason()
@@ -37,27 +36,16 @@ CHECKPOINT = "latentloom-shapes.safetensors"
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    data = tmp_path_factory.mktemp("canvas") / "data"
-    (data / "models" / "checkpoints").mkdir(parents=True)
-    write_random_checkpoint(data / "models" / "checkpoints" / CHECKPOINT, "sd1")
-    return data
+    return random_sd1_data(tmp_path_factory.mktemp("canvas") / "data", CHECKPOINT)
 
 
 @pytest.fixture(scope="module")
 def server(data_dir):
-    process = ServerProcess(data_dir).start()
+    # latent2rgb previews: the cancel test samples 256x256, whose tiny-decoder previews (256x256 JPEGs, one a step)
+    # would keep a loaded machine's browser busy; the linear map's are 32x32
+    process = browser_test_server(data_dir, "--preview-method", "latent2rgb")
     yield process
     process.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
@@ -70,9 +58,7 @@ def page(browser, server, request):
     page.goto(server.url + "/")
     page.wait_for_function("document.body.dataset.ready === 'true'", timeout=30_000)
     yield page
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"))
-    context.close()
+    finish(context, page, ARTIFACTS / f"{request.node.name}.png")
     assert not errors, errors
 
 
@@ -277,16 +263,21 @@ def test_drop_png_and_api_json_restore_their_workflow(page, server):
 
 
 def test_cancel_a_running_prompt(page, server):
-    # the default 64x64 image samples 400 steps in about 2 s: a 512x512 one outlasts the clicks below (many more
-    # steps instead would flood a slow browser with a preview per step)
-    page.evaluate("loom.setWidget(5, 'width', 512); loom.setWidget(5, 'height', 512); loom.setWidget(3, 'steps', 400)")
-    page.click("#queue-button")
-    page.click('[data-panel-tab="queue"]')
-    cancel = page.locator(".queue-list li.running .cancel")
-    cancel.wait_for(timeout=30_000)  # the server reports it running: cancelling now interrupts it
-    cancel.click()
-    page.locator(".toast", has_text="interrupted").wait_for(timeout=30_000)
-    wait_idle(server)
+    # 256x256 and 400 steps: about 0.2 s a step here, so the run outlasts the clicks below, yet each step sends one
+    # progress event and one preview (many fast steps would flood a slow browser; 512x512 takes 1.5 s a step on all
+    # cores, and a run the click failed to cancel once starved the rest of a CI run for minutes)
+    page.evaluate("loom.setWidget(5, 'width', 256); loom.setWidget(5, 'height', 256); loom.setWidget(3, 'steps', 400)")
+    try:
+        page.click("#queue-button")
+        page.click('[data-panel-tab="queue"]')
+        cancel = page.locator(".queue-list li.running .cancel")
+        cancel.wait_for(timeout=30_000)  # the server reports it running: cancelling now interrupts it
+        cancel.click()
+        page.locator(".toast", has_text="interrupted").wait_for(timeout=30_000)
+        wait_idle(server)
+    finally:  # whatever failed above, the run does not go on under the tests that follow
+        server.json("POST", "/queue", {"clear": True})
+        server.json("POST", "/interrupt", {})
     _, history = server.json("GET", "/history")
     last = list(history.values())[-1]
     assert last["status"]["status_str"] == "error"
@@ -296,7 +287,7 @@ def test_cancel_a_running_prompt(page, server):
 def test_server_with_auth_token_asks_once_per_session(browser, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    protected = ServerProcess(data, "--auth-token", TOKEN).start()
+    protected = browser_test_server(data, "--auth-token", TOKEN)
     try:
         context = browser.new_context(viewport={"width": 1400, "height": 900})
         page = context.new_page()

@@ -19,9 +19,16 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
-from tests.server.harness import ServerProcess
-from tests.web.browser import ARTIFACTS, CHROMIUM, LAUNCH_ARGS, ROOT, connect, missing_reason, next_frame
+from tests.web.browser import (
+    ARTIFACTS,
+    ROOT,
+    browser_test_server,
+    connect,
+    finish,
+    missing_reason,
+    next_frame,
+    random_sd1_data,
+)
 
 REASON = missing_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"browser tests need the canvas' tools: {REASON}")
@@ -33,27 +40,14 @@ FIRST_UNSAFE = 0x2190
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    data = tmp_path_factory.mktemp("first-hour") / "data"
-    (data / "models" / "checkpoints").mkdir(parents=True)
-    write_random_checkpoint(data / "models" / "checkpoints" / CHECKPOINT, "sd1")
-    return data
+    return random_sd1_data(tmp_path_factory.mktemp("first-hour") / "data", CHECKPOINT)
 
 
 @pytest.fixture(scope="module")
 def server(data_dir):
-    process = ServerProcess(data_dir).start()
+    process = browser_test_server(data_dir)
     yield process
     process.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def open_canvas(browser, server, width: int = 1800, height: int = 1000):
@@ -72,9 +66,7 @@ def page(browser, server, request):
     """A fresh context (empty local storage) on the canvas with the default workflow; a screenshot when done."""
     context, page, errors = open_canvas(browser, server)
     yield page
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"first_hour_{request.node.name}.png"))
-    context.close()
+    finish(context, page, ARTIFACTS / f"first_hour_{request.node.name}.png")
     assert not errors, errors
 
 
@@ -215,7 +207,7 @@ def test_long_palette_categories_wrap_with_their_caret_on_the_first_line(browser
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "first_hour_palette_1024.png"))
     finally:
-        context.close()
+        finish(context)
     assert not errors, errors
 
 
@@ -399,9 +391,7 @@ def ran(browser, server):
     page.wait_for_function("loom.nodeImages['8']?.length === 4 && loom.nodeImages['9']?.length === 4", timeout=20_000)
     next_frame(page)
     yield page
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "first_hour_run.png"))
-    context.close()
+    finish(context, page, ARTIFACTS / "first_hour_run.png")
     assert not errors, errors
 
 

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
 from server.front_end import PACKAGE, TESTED_VERSION
-from tests.server.harness import ServerProcess
-from tests.web.browser import ARTIFACTS, CHROMIUM, LAUNCH_ARGS, ROOT
+from tests.web.browser import ARTIFACTS, CHROMIUM, ROOT, browser_test_server, finish, random_sd1_data
 
 
 def _missing() -> str | None:
@@ -52,9 +50,7 @@ SETTINGS = {"Comfy.Notification.ShowVersionUpdates": False, "Comfy.TutorialCompl
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    data = tmp_path_factory.mktemp("comfyui-front-end") / "data"
-    (data / "models" / "checkpoints").mkdir(parents=True)
-    write_random_checkpoint(data / "models" / "checkpoints" / CHECKPOINT, "sd1")
+    data = random_sd1_data(tmp_path_factory.mktemp("comfyui-front-end") / "data", CHECKPOINT)
     (data / "user" / "default").mkdir(parents=True)
     (data / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
     return data
@@ -62,19 +58,9 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(data_dir):
-    process = ServerProcess(data_dir, "--front-end", "comfyui").start()
+    process = browser_test_server(data_dir, "--front-end", "comfyui")
     yield process
     process.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        yield chromium
-        chromium.close()
 
 
 class Watched:
@@ -141,9 +127,7 @@ def ui(browser, server, request):
     watched = Watched(context.new_page(), server.url)
     watched.open()
     yield watched
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    watched.page.screenshot(path=str(ARTIFACTS / f"comfyui_{request.node.name}.png"))
-    context.close()
+    finish(context, watched.page, ARTIFACTS / f"comfyui_{request.node.name}.png")
     assert not watched.unexpected(), "\n".join(watched.unexpected())
 
 
@@ -176,7 +160,7 @@ def test_first_visit_offers_the_template_browser(browser, server, data_dir):
         fresh.page.screenshot(path=str(ARTIFACTS / "comfyui_test_first_visit_offers_the_template_browser.png"))
         assert not fresh.problems, "\n".join(fresh.problems)
     finally:
-        context.close()
+        finish(context)
         settings.write_text(json.dumps(SETTINGS))
 
 
@@ -270,7 +254,7 @@ def test_saved_workflow_lands_in_the_user_folder_and_reopens(ui, data_dir, brows
         fresh.page.screenshot(path=str(ARTIFACTS / "comfyui_saved_workflow_in_a_new_browser.png"))
         assert not fresh.problems, fresh.problems
     finally:
-        context.close()
+        finish(context)
 
 
 def test_setting_changed_in_the_dialog_survives_a_reload(ui, data_dir):
@@ -360,7 +344,7 @@ def test_shipped_workflows_open_from_the_template_browser(ui):
 def test_a_server_with_a_token_works_after_opening_the_page_with_it(browser, data_dir, tmp_path):
     """ComfyUI's front end sends no Authorization header: opened once as /?token=TOKEN, the session cookie the
     server sets carries every API call and the WebSocket; without it the API stays closed."""
-    guarded = ServerProcess(data_dir, "--front-end", "comfyui", "--auth-token", "s3cret").start()
+    guarded = browser_test_server(data_dir, "--front-end", "comfyui", "--auth-token", "s3cret")
     context = browser.new_context(viewport={"width": 1600, "height": 1000})
     try:
         assert guarded.request("GET", "/api/object_info")[0] == 401
@@ -374,5 +358,5 @@ def test_a_server_with_a_token_works_after_opening_the_page_with_it(browser, dat
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         watched.page.screenshot(path=str(ARTIFACTS / "comfyui_test_a_server_with_a_token.png"))
     finally:
-        context.close()
+        finish(context)
         guarded.stop()
