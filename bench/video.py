@@ -1,4 +1,5 @@
-"""Time and peak memory per frame of text-to-video on this machine: the demo model with its motion module, 16, 32
+"""Time and peak memory per frame of text-to-video on this machine: the demo model with its motion module (and
+the module's cross-attention adapter, as workflows/video.json applies them), 16, 32
 and 64 frames, context windows of 16 frames (ADE_StandardUniformContextOptions, overlap 4, pyramid fuse) so the
 memory of a step is bounded by the window, not by the clip.
 

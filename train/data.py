@@ -81,6 +81,37 @@ def band_weights(weights: Tensor, band: int) -> Tensor:
     return 1.0 + (FOREGROUND_WEIGHT - 1.0) * near
 
 
+SMALL_SHAPE_AREA = 600.0  # pixels: shapes smaller than this get their weight raised (`small_shape_boost`)
+
+
+def small_shape_boost(weights: Tensor, shape_weights: Tensor, most: float) -> Tensor:
+    """`weights` [B, 1, H, W] with each image's extra weight (above 1) multiplied by SMALL_SHAPE_AREA / the area
+    of its shape (from `shape_weights`, `vae_batch`'s weights), clamped to 1..`most`.
+
+    A small star covers a fifth of a large one's pixels, so with per-pixel weights its points cost a fifth as
+    much to lose: the VAE learnt large shapes and drew small ones as blobs. This gives every shape about the
+    same say, up to `most` times the weight."""
+    area = (shape_weights > 1.0).float().sum(dim=(1, 2, 3), keepdim=True).clamp(min=1.0)
+    factor = (SMALL_SHAPE_AREA / area).clamp(1.0, most)
+    return 1.0 + (weights - 1.0) * factor
+
+
+def edge_loss(recon: Tensor, images: Tensor, weights: Tensor) -> Tensor:
+    """Weighted L1 of the difference between the horizontal and vertical pixel differences of `recon` and
+    `images` [B, C, H, W] (weights [B, 1, H, W]; a difference counts with the larger weight of its two pixels).
+
+    A pixel loss pays little for a soft edge: the few pixels it blurs are each a little off. The differences
+    across an edge are large and few, so their error is what a soft or misplaced edge costs; it is what makes
+    a small star's points and a square's corners worth keeping."""
+    loss = recon.new_zeros(())
+    for dim in (2, 3):
+        n = images.shape[dim] - 1
+        diff = recon.diff(dim=dim) - images.diff(dim=dim)
+        w = torch.maximum(weights.narrow(dim, 0, n), weights.narrow(dim, 1, n))
+        loss = loss + (w * diff.abs()).mean()
+    return loss
+
+
 class CaptionEncoder:
     """Caption -> context [77, width] through the project's text-encoding path, cached."""
 

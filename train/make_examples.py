@@ -7,10 +7,14 @@
   bench/quality.py's recipe (TrainLoraFromImages, five orange shapes from `shapes.draw_sample(7, "train", i,
   "orange")`, 300 steps, rank 8, lr 5e-3, seed 0), trained in a workflow run by the same CLI. Orange never
   appears in the base model's training data, so the LoRA teaches it a colour.
+- `docs/examples/controlnet-N-{hint,with,without}.png` (README's ControlNet pictures, not needed by a workflow):
+  workflows/controlnet.json on three held-out samples of bench/quality.py's ControlNet row (their silhouettes as
+  hints, their captions without the position as prompts, so that only the hint says where, seed 42), with the
+  ControlNet and at strength 0.
 
-    OMP_NUM_THREADS=1 python -m train.make_examples [--only image|lora] [--seed 42] [--lora-steps 300]
+    OMP_NUM_THREADS=1 python -m train.make_examples [--only image|lora|controlnet] [--seed 42] [--lora-steps 300]
 
-Everything runs in a scratch data directory; only the two files above are written into the repository.
+Everything runs in a scratch data directory; only the files above are written into the repository.
 Deterministic for a given machine and thread count (the seeds are fixed).
 """
 
@@ -20,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +45,8 @@ LORA_FILE = REPO / "models" / "loras" / "latentloom-shapes-new-colour.safetensor
 # The inpainting hole: rows and columns [40, 60) of the 64x64 image, the "bottom right" cell of shapes.POSITIONS.
 HOLE = (slice(40, 60), slice(40, 60))
 LORA_DATA_SEED = 7  # bench/quality.py's lora_effect draws its five training images with this seed
+CONTROLNET_HINT_SEED = 2  # bench/quality.py's controlnet_effect draws its held-out hints with this seed
+DOCS = REPO / "docs" / "examples"
 
 
 def run_cli(data_dir: Path, workflow: Path, *extra: str) -> list[Path]:
@@ -105,10 +112,38 @@ def make_lora(scratch: Path, steps: int, lr: float) -> Path:
     return LORA_FILE
 
 
+def without_position(caption: str) -> str:
+    """"a small red circle at the left on a green background" -> "a small red circle on a green background"."""
+    return re.sub(r" (at|in) the [a-z ]+? on a ", " on a ", caption)
+
+
+def make_controlnet_examples(scratch: Path, seed: int, count: int = 3) -> list[Path]:
+    from .train_controlnet import silhouette
+
+    (scratch / "input").mkdir(parents=True, exist_ok=True)
+    DOCS.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(count):
+        sample = shapes.draw_sample(CONTROLNET_HINT_SEED, "test", i)
+        hint = DOCS / f"controlnet-{i}-hint.png"
+        Image.fromarray(silhouette(sample)).save(hint, optimize=True)
+        shutil.copyfile(hint, scratch / "input" / hint.name)
+        for label, strength in (("with", 1.0), ("without", 0.0)):
+            files = run_cli(scratch, REPO / "workflows" / "controlnet.json", "--set", f"11.image={hint.name}",
+                            "--set", f"6.text={without_position(sample.caption)}", "--set", f"12.strength={strength}",
+                            "--set", f"3.seed={seed}")
+            target = DOCS / f"controlnet-{i}-{label}.png"
+            with Image.open(files[0]) as image:
+                image.convert("RGB").save(target, optimize=True)  # the picture without the workflow chunks
+            written.append(target)
+        log.info("wrote %s and its results for %r", hint.relative_to(REPO), without_position(sample.caption))
+    return written
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("image", "lora"), default=None)
+    parser.add_argument("--only", choices=("image", "lora", "controlnet"), default=None)
     parser.add_argument("--seed", type=int, default=42, help="txt2img seed of the example image")
     parser.add_argument("--lora-steps", type=int, default=300)
     parser.add_argument("--lora-lr", type=float, default=5e-3)
@@ -118,6 +153,8 @@ def main() -> None:
             make_image(Path(tmp) / "image", args.seed)
         if args.only in (None, "lora"):
             make_lora(Path(tmp) / "lora", args.lora_steps, args.lora_lr)
+        if args.only in (None, "controlnet"):
+            make_controlnet_examples(Path(tmp) / "controlnet", args.seed)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@ drawn at std 0.1 instead of 0.02: at 0.02 a random encoder barely tells "red" fr
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import types
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +66,35 @@ def tiny_spec() -> ModelSpec:
 
 
 SPECS = {"shapes": shapes_spec, "tiny": tiny_spec}
+
+# train_model's VAE flags with their v1 values (the defaults, which write the shipped file's bytes): any of them that
+# differs is written into the file's `latentloom.training` metadata. RECIPES: the defaults each --recipe changes.
+V1_VALUES: dict[str, object] = {"vae_lr": 2e-3, "vae_kl": 1e-6, "vae_band": 0, "vae_edge": 0.0, "vae_small_boost": 0.0,
+                                "vae_logvar_init": None, "vae_init": None, "vae_ch": None, "vae_mult": None,
+                                "vae_blocks": None}
+RECIPES: dict[str, dict[str, object]] = {
+    "v1": {},
+    # continues a v1 VAE (--vae-init, required) with the shape-edge losses; see train/README.md "Recipe v2"
+    "v2": {"vae_steps": 1600, "vae_lr": 1e-3, "vae_band": 2, "vae_edge": 3.0, "vae_small_boost": 4.0,
+           "sharpen_steps": 0},
+}
+
+
+def vae_spec(spec: ModelSpec, args: argparse.Namespace) -> ModelSpec:
+    """`spec` with the VAE widths and depth `--vae-ch/--vae-mult/--vae-blocks` ask for (the SD1 layout keeps
+    4 latent channels and /8, which the nodes assume; widths and depth are free: the loader reads them from
+    the tensor shapes)."""
+    changes = {}
+    if args.vae_ch is not None:
+        changes["ch"] = args.vae_ch
+    if args.vae_mult is not None:
+        mult = tuple(int(m) for m in str(args.vae_mult).split(","))
+        if len(mult) != len(spec.vae.ch_mult):
+            raise SystemExit(f"--vae-mult {args.vae_mult}: needs {len(spec.vae.ch_mult)} levels (the latents are /8)")
+        changes["ch_mult"] = mult
+    if args.vae_blocks is not None:
+        changes["num_res_blocks"] = args.vae_blocks
+    return replace(spec, vae=replace(spec.vae, **changes)) if changes else spec
 
 
 def build_text_encoder(spec: ModelSpec, seed: int) -> CLIPTextModel:
@@ -149,19 +180,22 @@ def write_checkpoint(path: str | os.PathLike, spec: ModelSpec, unet: nn.Module, 
 
 
 def denoising_loss(unet: nn.Module, latents: Tensor, context: Tensor, alphas_cumprod: Tensor,
-                   gen: torch.Generator, min_snr: float = 5.0, pixel_weights: Tensor | None = None) -> Tensor:
+                   gen: torch.Generator, min_snr: float = 5.0, pixel_weights: Tensor | None = None,
+                   target: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> Tensor:
     """eps-prediction loss at uniformly drawn timesteps, weighted by min(SNR, gamma)/SNR (Hang et al. 2023),
     which stops the nearly-clean steps from dominating a short training run. `pixel_weights` [B, 1, h, w]
-    (optional) weight the latent positions of each sample, normalised to a mean of 1 per sample."""
+    (optional) weight the latent positions of each sample, normalised to a mean of 1 per sample. `target(noisy, t,
+    noise)` (optional) replaces the noise as what the prediction regresses onto (computed after the prediction)."""
     b = latents.shape[0]
     t = torch.randint(0, alphas_cumprod.shape[0], (b,), generator=gen)
     noise = torch.randn(latents.shape, generator=gen)
     abar = alphas_cumprod[t].float()[:, None, None, None]
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
     pred = unet(noisy, t.float(), context).float()
+    goal = noise if target is None else target(noisy, t, noise)
     snr = abar / (1 - abar)
     weight = (snr.clamp(max=min_snr) / snr).flatten()
-    err = F.mse_loss(pred, noise, reduction="none")
+    err = F.mse_loss(pred, goal, reduction="none")
     if pixel_weights is None:
         per_sample = err.mean(dim=(1, 2, 3))
     else:

@@ -16,10 +16,16 @@ Recipe (what `python -m train.train_controlnet` does with its defaults; timings 
    and the prompt keeps the colour.
 5. The ControlNet is written in fp16 through `write_controlnet_file` (original layout, head layout in metadata).
 
-Two options the shipped file's second stage uses (train/README.md): `--init FILE` starts from a ControlNet file
+Options the shipped file's later stages use (train/README.md): `--init FILE` starts from a ControlNet file
 instead of the copy of step 3 (continuing a finished run with a new seed and schedule), and `--shape-weight K`
 weights the loss K times on the latent cells the silhouette touches and the cells around them
 (`shape_weights`), where the shape's outline is decided; 1 (the default) is the plain loss.
+`--empty-target base` (third stage) changes what the empty-caption rows learn: instead of the image's noise (the
+hint's shape in whatever colour the empty prompt averages to), the frozen base model's own prediction for that
+input without the ControlNet, so the ControlNet stays silent on CFG's unconditional half. Trained on the noise, the
+ControlNet drew the shape on both halves, cond in the prompt's colour and uncond in that average colour, and CFG's
+difference of the two, amplified 5x, painted a green or cyan rim on small blue stars on black (`controlnet_loss`);
+`--empty-fraction` raises the share of empty captions so that the silence is learned in a short stage.
 
 Deterministic given `--seed` and the thread count: every batch and noise draw is a function of (seed, step).
 `--minutes` stops with the state saved, `--resume` continues from it and ends with the same weights.
@@ -117,6 +123,24 @@ def controlnet_from_unet(unet: UNetModel, seed: int) -> ControlNet:
     return net
 
 
+def controlnet_loss(controlled, base, latents: Tensor, context: Tensor, empty: Tensor, alphas_cumprod: Tensor,
+                    gen: torch.Generator, min_snr: float = 5.0, pixel_weights: Tensor | None = None) -> Tensor:
+    """`recipe.denoising_loss` (the same draws from `gen`, the same min-SNR and pixel weighting) except that the rows
+    where `empty` [B] bool is set regress onto `base(noisy, t, context)` (the frozen model without the ControlNet,
+    no gradient) instead of the noise: there the ControlNet learns to change nothing."""
+    def silent_where_empty(noisy: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        if not bool(empty.any()):
+            return noise
+        with torch.no_grad():
+            silent = base(noisy[empty], t[empty].float(), context[empty]).float()
+        target = noise.clone()
+        target[empty] = silent
+        return target
+
+    return denoising_loss(controlled, latents, context, alphas_cumprod, gen, min_snr, pixel_weights,
+                          target=silent_where_empty)
+
+
 class CaptionCache:
     """Caption -> context [77, width] through the base model's own text encoders, cached (few distinct captions)."""
 
@@ -166,30 +190,46 @@ class ControlNetTrainer(ResumableTrainer):
             samples += batch
         return torch.cat(latents) * SCALING_FACTOR, np.stack(hints), samples
 
-    def batch(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """(latents, hints, context, loss weights or None) of one step: a pure function of (seed, step)."""
+    def caption(self, rng: np.random.Generator, sample: shapes.Sample) -> str:
+        """The main trainer's caption mix, with more empty captions when `--empty-fraction` asks for them (an extra
+        draw only then, so the default draws stay those of the earlier stages)."""
+        caption = data.training_caption(rng, sample)
+        extra = (self.args.empty_fraction - data.EMPTY_CAPTION_FRACTION) / (1 - data.EMPTY_CAPTION_FRACTION)
+        if caption and extra > 0 and rng.random() < extra:
+            return ""
+        return caption
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+        """(latents, hints, context, loss weights or None, empty-caption rows [B] bool) of one step: a pure function
+        of (seed, step)."""
         rng = data.step_rng(self.args.seed, PHASE, step)
         indices = rng.integers(0, len(self.samples), size=self.args.batch)
-        context = self.captions.batch([data.training_caption(rng, self.samples[i]) for i in indices])
+        captions = [self.caption(rng, self.samples[i]) for i in indices]
+        context = self.captions.batch(captions)
         latents = self.latents[torch.from_numpy(indices)]
         weights = None
         if self.args.shape_weight != 1.0:
             weights = shape_weights(self.hints[indices], self.args.shape_weight, latents.shape[-1])
-        return latents, hint_images(self.hints[indices]), context, weights
+        empty = torch.tensor([c == "" for c in captions])
+        return latents, hint_images(self.hints[indices]), context, weights, empty
 
     # ---- training --------------------------------------------------------------------------------
     def train_step(self) -> float:
         a = self.args
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, a.steps, a.lr, min(100, a.steps // 10 + 1))
-        latents, hints, context, weights = self.batch(self.step)
+        latents, hints, context, weights, empty = self.batch(self.step)
         gen = torch.Generator().manual_seed(a.seed * 1_000_003 + 11 + self.step)
 
         def controlled(x: Tensor, t: Tensor, ctx: Tensor) -> Tensor:
             return self.unet(x, t, ctx, patches=residual_patches(self.net(x, hints, t, ctx)))
 
         with torch.autocast("cpu", torch.bfloat16, enabled=a.bf16):
-            loss = denoising_loss(controlled, latents, context, self.alphas_cumprod, gen, pixel_weights=weights)
+            if a.empty_target == "base":
+                loss = controlnet_loss(controlled, self.unet, latents, context, empty, self.alphas_cumprod, gen,
+                                       pixel_weights=weights)
+            else:
+                loss = denoising_loss(controlled, latents, context, self.alphas_cumprod, gen, pixel_weights=weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
         self.opt.step()
@@ -223,6 +263,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", metavar="FILE", help="start from this ControlNet file instead of the base UNet's copy")
     p.add_argument("--shape-weight", type=float, default=1.0,
                    help="loss weight of the latent cells on and around the silhouette (1: the plain loss)")
+    p.add_argument("--empty-target", choices=("noise", "base"), default="noise",
+                   help="what the empty-caption rows learn: the image's noise (the plain loss) or the base model's "
+                        "prediction without the ControlNet (the ControlNet stays silent on CFG's unconditional half)")
+    p.add_argument("--empty-fraction", type=float, default=data.EMPTY_CAPTION_FRACTION,
+                   help=f"share of empty captions, at least the main trainer's {data.EMPTY_CAPTION_FRACTION}")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--example-hint", nargs="?", const=str(EXAMPLE_HINT_FILE), default=None, metavar="PATH",
                    help="only write the shipped workflow's hint image (default examples/input/silhouette-star.png)")
@@ -235,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.example_hint:
         write_example_hint(args.example_hint)
         return 0
+    if not data.EMPTY_CAPTION_FRACTION <= args.empty_fraction <= 1:
+        raise SystemExit(f"--empty-fraction {args.empty_fraction}: must be in [{data.EMPTY_CAPTION_FRACTION}, 1]")
     if args.init and not Path(args.init).is_file():
         raise SystemExit(f"--init {args.init}: no such ControlNet file")
     return run(ControlNetTrainer, args)

@@ -24,6 +24,13 @@ Recipe (what `python -m train.train_model` does with its defaults; see train/REA
    what this seed's text encoder and that file's metadata say), giving the same bytes as the full run.
 6. The EMA UNet, the VAE and the text encoder are written in fp16 through our own safetensors writer.
 
+Recipe v2 (`--recipe v2 --vae-init V1_FILE`, research of 2026-12-02, not the shipped file; train/README.md "Recipe
+v2" has the experiments): phase 1 starts from a v1 model's VAE and continues it 1600 steps at lr 1e-3 with the
+shape's weight extended 2 pixels around it (`--vae-band`), small shapes weighted like large ones (`--vae-small-boost
+4`) and an edge loss on the images' pixel differences (`--vae-edge 3`); the decoder polish uses the same loss and the
+sharpening phase is left out. The UNet and the decoder then train as in v1 on the new latents. Each v2 flag also
+works alone, from random weights too (`--vae-logvar-init`, `--vae-ch/--vae-mult/--vae-blocks` for other VAE sizes).
+
 Deterministic given `--seed` (and the thread count): every batch and noise draw is a function of (seed, step).
 `--resume` continues from the training-state file written every `--save-every` steps and when `--minutes` runs
 out, so a run cut short by the budget picks up where it stopped and ends with the same weights.
@@ -45,9 +52,11 @@ from diffusion.checkpoints.files import read_metadata, read_state_dict, strip_pr
 from diffusion.sampling.schedules import DiscreteSchedule
 
 from . import data, shapes
+from .model_flags import parse_args
 from .recipe import (
     SCALING_FACTOR,
     SPECS,
+    V1_VALUES,
     ModelSpec,
     build_text_encoder,
     build_unet,
@@ -56,12 +65,12 @@ from .recipe import (
     denoising_loss,
     rescale_latents,
     use_eager_attention,
+    vae_spec,
     write_checkpoint,
 )
 
 log = logging.getLogger("train")
 
-KL_WEIGHT = 1e-6
 EMA_DECAY = 0.998
 
 
@@ -77,9 +86,13 @@ class Trainer:
     """Both phases, with their state (weights, optimisers, step) saved to and restored from one file."""
 
     def __init__(self, args: argparse.Namespace, spec: ModelSpec):
+        spec = vae_spec(spec, args)
         self.args, self.spec = args, spec
         self.text = build_text_encoder(spec, args.seed)
         self.vae = build_vae(spec, args.seed + 1)
+        if args.vae_logvar_init is not None:
+            with torch.no_grad():  # start with little posterior noise
+                self.vae.quant_conv.bias[spec.vae.embed_dim:] = args.vae_logvar_init
         self.unet = build_unet(spec, args.seed + 2)
         self.ema = build_unet(spec, args.seed + 2).requires_grad_(False)
         self.ema.load_state_dict(self.unet.state_dict())
@@ -113,7 +126,11 @@ class Trainer:
         if state["seed"] != self.args.seed:
             raise SystemExit(f"{self.args.state} was trained with --seed {state['seed']}, not {self.args.seed}")
         self.text.load_state_dict(state["text"])
-        self.vae.load_state_dict(state["vae"])
+        try:
+            self.vae.load_state_dict(state["vae"])
+        except RuntimeError as e:
+            raise SystemExit(f"{self.args.state}: its VAE is not the one these flags build (--recipe, --vae-ch, "
+                             f"--vae-mult, --vae-blocks): {str(e).splitlines()[1].strip()}") from None
         self.vae_opt.load_state_dict(state["vae_opt"])
         self.unet.load_state_dict(state["unet"])
         self.unet_opt.load_state_dict(state["unet_opt"])
@@ -145,19 +162,36 @@ class Trainer:
             mean, logvar = self.vae.encode_moments(images)
             z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen)
             recon = self.vae.decode(z).float()
-        err = recon - images
-        loss = (weights * (err.abs() + err.square())).mean()
+        loss = self.reconstruction_loss(recon, images, weights, a.vae_band or None)
         kl = 0.5 * (mean.float().square() + logvar.float().exp() - 1.0 - logvar.float()).sum(dim=(1, 2, 3)).mean()
-        (loss + KL_WEIGHT * kl).backward()
+        (loss + a.vae_kl * kl).backward()
         self.vae_opt.step()
         self.vae_opt.zero_grad(set_to_none=True)
         return float(loss.detach())
+
+    def reconstruction_loss(self, recon: torch.Tensor, images: torch.Tensor, weights: torch.Tensor,
+                            band: int | None) -> torch.Tensor:
+        """Weighted L1 + MSE (`weights` from `data.vae_batch`: the shape 5x), the shape's weight extended over
+        `band` pixels around it, small shapes boosted (`--vae-small-boost`) and the edge loss added
+        (`--vae-edge`) when asked: every VAE and decoder phase uses it (v1: the first two off)."""
+        a = self.args
+        shape_weights = weights
+        if band is not None:
+            weights = data.band_weights(weights, band)
+        if a.vae_small_boost:
+            weights = data.small_shape_boost(weights, shape_weights, a.vae_small_boost)
+        err = recon - images
+        loss = (weights * (err.abs() + err.square())).mean()
+        if a.vae_edge:
+            loss = loss + a.vae_edge * data.edge_loss(recon, images, weights)
+        return loss
 
     def decoder_step(self) -> float:
         """Decoder only, from the posterior means the UNet was trained to produce (the encoder, and so the
         latent space, stay as they are): removes the sampling noise the joint phase decoded through."""
         a = self.args
-        return self._decoder_only_step(self.decoder_opt, a.decoder_steps, a.decoder_lr, phase=2, band=None)
+        return self._decoder_only_step(self.decoder_opt, a.decoder_steps, a.decoder_lr, phase=2,
+                                       band=a.vae_band or None)  # phase 1's loss: v1 the shape alone
 
     def sharpen_step(self) -> float:
         """Decoder only, as `decoder_step`, with the shape's weight extended over a band around its edge."""
@@ -171,14 +205,11 @@ class Trainer:
             group["lr"] = lr_at(self.step, steps, lr, min(50, steps // 10 + 1))
         images, weights = data.vae_batch(self.args.seed, self.step, self.args.vae_batch, phase=phase,
                                          random_colours=data.DECODER_RANDOM_COLOUR_FRACTION)
-        if band is not None:
-            weights = data.band_weights(weights, band)
         with self.autocast():
             with torch.no_grad():
                 mean = self.vae.encode(images)
             recon = self.vae.decode(mean).float()
-        err = recon - images
-        loss = (weights * (err.abs() + err.square())).mean()
+        loss = self.reconstruction_loss(recon, images, weights, band)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -196,6 +227,7 @@ class Trainer:
         a = self.args
         text = (f"train.train_model seed={a.seed} vae_steps={a.vae_steps} unet_steps={a.unet_steps} "
                 f"decoder_steps={a.decoder_steps}")
+        text += "".join(f" {k}={getattr(a, k)}" for k, v1 in V1_VALUES.items() if getattr(a, k) != v1)
         if phases_1_to_4 or not a.sharpen_steps:
             return text
         return f"{text} sharpen_steps={a.sharpen_steps} sharpen_band={a.sharpen_band} sharpen_lr={a.sharpen_lr:g}"
@@ -219,6 +251,24 @@ class Trainer:
                              f"and --spec {self.args.spec} ({len(differ)} tensors differ, e.g. {differ[:3]})")
         self.phase, self.step = "sharpen", 0
         log.info("phases 1-4 loaded from %s; continuing with phase 5 (decoder sharpening)", path)
+
+    @torch.no_grad()
+    def load_vae_init(self, path: str) -> None:
+        """Start phase 1 from the VAE of a checkpoint or training state (`--vae-init`), e.g. the v1 model's, not random
+        weights: v2 continues the v1 VAE with its own loss rather than paying for the slow first thousands of
+        steps again."""
+        if not Path(path).is_file():
+            raise SystemExit(f"--vae-init: no file at {path}")
+        if path.endswith(".pt"):  # a training state (e.g. a v2 run stopped at the end of phase 1)
+            vae = torch.load(path, weights_only=True)["vae"]
+        else:
+            vae = strip_prefix(read_state_dict(path), VAE_PREFIX)
+        try:
+            self.vae.load_state_dict({k: v.float() for k, v in vae.items()})
+        except RuntimeError as e:
+            raise SystemExit(f"--vae-init {path}: its VAE is not the one these flags build (--vae-ch, --vae-mult, "
+                             f"--vae-blocks): {str(e).splitlines()[1].strip()}") from None
+        log.info("phase 1 starts from the VAE of %s", path)
 
     # ---- phase 2: latents ------------------------------------------------------------------------
     @torch.no_grad()
@@ -293,6 +343,9 @@ class Trainer:
             self.fit_latent_scale()
             self.phase, self.step = "unet", 0
             self.save_state()
+            if self.out_of_time():  # a VAE-only run (--stop-after = --vae-steps) ends here, before any UNet step
+                log.warning("budget spent at the end of phase 1; rerun with --resume")
+                return False
         self.vae.eval().requires_grad_(False)
         if self.phase == "unet":
             latents, samples = self.encode_dataset()
@@ -325,36 +378,6 @@ class Trainer:
         return True
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="models/checkpoints/latentloom-shapes.safetensors")
-    p.add_argument("--state", default="train-state.pt", help="training-state file (written, and read by --resume)")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--spec", choices=sorted(SPECS), default="shapes")
-    p.add_argument("--vae-steps", type=int, default=2400)
-    p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--latents", type=int, default=32768, help="training images encoded for the UNet")
-    p.add_argument("--unet-steps", type=int, default=1800)
-    p.add_argument("--unet-batch", type=int, default=64)
-    p.add_argument("--unet-lr", type=float, default=1e-3)
-    p.add_argument("--decoder-steps", type=int, default=400)
-    p.add_argument("--decoder-lr", type=float, default=1e-3)
-    p.add_argument("--sharpen-steps", type=int, default=600, help="phase 5 (decoder sharpening); 0: skip it")
-    p.add_argument("--sharpen-lr", type=float, default=1e-3)
-    p.add_argument("--sharpen-band", type=int, default=3, help="pixels around the shape weighted as the shape")
-    p.add_argument("--from-checkpoint", metavar="FILE",
-                   help="run phase 5 alone, from a file phases 1-4 wrote with the same seed and arguments")
-    p.add_argument("--minutes", type=float, default=0.0, help="stop (state saved) after this long; 0: no limit")
-    p.add_argument("--stop-after", type=int, default=0, help="stop (state saved) after this many steps; 0: no limit")
-    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false")
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--log-every", type=int, default=50)
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_args(argv)
@@ -365,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.state).exists():
             raise SystemExit(f"--resume: no training state at {args.state}")
         trainer.load_state()
+    elif args.recipe == "v2" and not args.vae_init:
+        raise SystemExit("--recipe v2 continues a v1 model's VAE: pass --vae-init FILE (train/README.md, Recipe v2)")
+    elif args.vae_init:
+        trainer.load_vae_init(args.vae_init)
     elif args.from_checkpoint:
         if not Path(args.from_checkpoint).is_file():
             raise SystemExit(f"--from-checkpoint: no file at {args.from_checkpoint}")

@@ -9,14 +9,21 @@ Recipe (what `python -m train.train_motion` does with its defaults; timings and 
    temporal transformer after each input-level block (widths 64/128/128), two after each output level's blocks,
    one in the middle block, 8 heads, a 32-frame position encoding, GroupNorm 32. Its `proj_out` layers start at
    zero (as AnimateDiff's do), so step 0 is the image model applied to every frame.
-3. Only the motion modules train (AnimateDiff's recipe: the image UNet stays frozen): eps-prediction loss with
-   one timestep per clip (every frame equally noisy, noise independent per frame), min-SNR-5 weighting, the
+3. With them trains an image-model adapter (`--lora-rank`, 0: none): low-rank deltas on the UNet's
+   cross-attention projections (attn2 to_q/to_k/to_v/to_out), as AnimateDiff v3 ships a LoRA beside its module.
+   The motion module never sees the text; it reads the caption only through the image UNet's per-frame features,
+   and the frozen demo UNet's features barely change between "moving to the left" and "... to the right". The
+   adapter lets the caption's direction change those features. The image UNet's own weights stay frozen:
+   eps-prediction loss with
+   one timestep per clip (every frame equally noisy, noise independent per frame), min-SNR-5 weighting with an
+   SNR floor (`--snr-floor`; the shipped module: 1, and `--high-noise-share 0.5`: see clip_loss), the
    base model's own noise schedule (the one it samples with: use beta_schedule "use existing" with it), AdamW
    `--lr` with warm-up and cosine decay, bf16 autocast. A clip is used forwards or reversed in time with the
    opposite direction's caption (a free second clip); captions are "a red circle on a gray background moving to
    the top", 15 % with the size word, 10 % empty for classifier-free guidance.
 4. The set is written in fp16 with the original AnimateDiff key names, so it loads (and is detected as v2) from
-   `models/animatediff_models` like a downloaded module.
+   `models/animatediff_models` like a downloaded module; the adapter as a kohya LoRA (`--lora-out`, fp16,
+   alpha = rank) for LoraLoaderModelOnly, to be applied together with the module.
 
 Deterministic given `--seed` and the thread count: every batch and noise draw is a function of (seed, step).
 `--minutes` stops with the state saved, `--resume` continues from it and ends with the same weights.
@@ -34,12 +41,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffusion.checkpoints.files import write_safetensors
 from diffusion.models.motion_module import MotionConfig, MotionModuleSet
 from diffusion.models.unet import UNetModel
+from diffusion.patches.lora import kohya_unet_names, save_lora
 from diffusion.patches.motion_patch import _locate
+from diffusion.patches.patcher import LoraDelta
 from diffusion.patches.unet_patches import Site, UNetPatches
 from diffusion.sampling.schedules import DiscreteSchedule
 
@@ -53,6 +62,8 @@ log = logging.getLogger("train.motion")
 
 PHASE = 4  # data.step_rng's phase number for motion batches (0-2: the main trainer, 3: the ControlNet)
 DEFAULT_OUT = "models/animatediff_models/latentloom-shapes-motion.safetensors"
+DEFAULT_LORA_OUT = "models/loras/latentloom-shapes-motion-adapter.safetensors"
+LORA_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")  # the UNet's cross-attention
 
 
 def motion_config_for(unet: UNetModel, max_len: int = 32) -> MotionConfig:
@@ -75,6 +86,46 @@ def new_motion_set(unet: UNetModel, seed: int) -> MotionModuleSet:
     return motion
 
 
+class LowRank(nn.Module):
+    """A trainable delta (up @ down) x added to a frozen nn.Linear's output by a forward hook."""
+
+    def __init__(self, linear: nn.Linear, rank: int, gen: torch.Generator):
+        super().__init__()
+        self.down = nn.Parameter(torch.randn(rank, linear.in_features, generator=gen) / linear.in_features ** 0.5)
+        self.up = nn.Parameter(torch.zeros(linear.out_features, rank))  # starts as the frozen layer
+
+    def hook(self, layer: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        return out + F.linear(F.linear(args[0], self.down.to(args[0].dtype)), self.up.to(args[0].dtype))
+
+
+class MotionAndAdapter(nn.Module):
+    """What the recipe trains: the motion module set and, keyed by UNet module path ('.' as '-'), the adapter's
+    low-rank deltas on the UNet's cross-attention (none at rank 0)."""
+
+    def __init__(self, motion: MotionModuleSet, unet: UNetModel, rank: int, seed: int):
+        super().__init__()
+        self.motion = motion
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + 29)
+        layers = {} if rank <= 0 else {
+            name: m for name, m in sorted(unet.named_modules())
+            if isinstance(m, nn.Linear) and name.endswith(LORA_TARGETS)}
+        self.adapter = nn.ModuleDict({name.replace(".", "-"): LowRank(m, rank, gen) for name, m in layers.items()})
+
+    def attach(self, unet: UNetModel) -> list:
+        """Hook the adapter's deltas into `unet` (the trainer's own frozen copy); returns the hook handles."""
+        modules = dict(unet.named_modules())
+        return [modules[key.replace("-", ".")].register_forward_hook(delta.hook)
+                for key, delta in self.adapter.items()]
+
+    def lora_deltas(self, unet: UNetModel) -> dict[str, LoraDelta]:
+        """kohya layer name -> the adapter's delta (alpha = rank: scale 1 at strength 1)."""
+        names = kohya_unet_names(unet.config, [n for n, _ in unet.named_parameters()])
+        return {names[key.replace("-", ".")]: LoraDelta(d.up.detach().to(torch.float16).contiguous(),
+                                                         d.down.detach().to(torch.float16).contiguous(),
+                                                         float(d.down.shape[0]))
+                for key, d in self.adapter.items()}
+
+
 def training_patches(motion: MotionModuleSet, num_res_blocks: int, frames: int) -> UNetPatches:
     """The UNet hook that runs the trainable modules themselves (the sampling patch runs a device/dtype copy of
     a loaded set, which would not pass gradients back), every `frames` batch rows one clip."""
@@ -89,17 +140,28 @@ def training_patches(motion: MotionModuleSet, num_res_blocks: int, frames: int) 
 
 
 def clip_loss(predict: Callable[[Tensor, Tensor, Tensor], Tensor], latents: Tensor, context: Tensor,
-              alphas_cumprod: Tensor, gen: torch.Generator, frames: int, min_snr: float = 5.0) -> Tensor:
+              alphas_cumprod: Tensor, gen: torch.Generator, frames: int, min_snr: float = 5.0,
+              high_noise_share: float = 0.0, snr_floor: float = 0.0) -> Tensor:
     """eps-prediction loss on [clips * frames, C, h, w] latents: one timestep per clip, noise per frame, each
-    clip weighted by min(SNR, gamma) / SNR."""
-    clips = latents.shape[0] // frames
-    t = torch.randint(0, alphas_cumprod.shape[0], (clips,), generator=gen).repeat_interleave(frames)
+    clip weighted by clamp(SNR, snr_floor, min_snr) / SNR. A `high_noise_share` of the clips draw their timestep
+    from the noisier half of the schedule only, where a clip's layout over time, and so its direction, is decided
+    (at low noise the noisy frames already show where the shape is).
+
+    Why the floor: an eps error is sqrt(SNR) times the implied x0 error, so min-SNR weighting prices an x0 error
+    at SNR (0.005 at t = 999 on SD's schedule): at high noise, where the layout is decided, a clip moving the wrong
+    way costs almost nothing. With a floor the x0 error there costs as much as at SNR = snr_floor."""
+    clips, steps = latents.shape[0] // frames, alphas_cumprod.shape[0]
+    t = torch.randint(0, steps, (clips,), generator=gen)
+    if high_noise_share > 0:
+        noisier = torch.randint(steps // 2, steps, (clips,), generator=gen)
+        t = torch.where(torch.rand(clips, generator=gen) < high_noise_share, noisier, t)
+    t = t.repeat_interleave(frames)
     noise = torch.randn(latents.shape, generator=gen)
     abar = alphas_cumprod[t].float()[:, None, None, None]
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
     pred = predict(noisy, t.float(), context).float()
     snr = abar / (1 - abar)
-    weight = (snr.clamp(max=min_snr) / snr).flatten()
+    weight = (snr.clamp(min=snr_floor, max=min_snr) / snr).flatten()
     return (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
 
 
@@ -116,14 +178,20 @@ class MotionTrainer(ResumableTrainer):
         self.unet = base.unet.eval().requires_grad_(False)
         self.vae = base.vae.eval().requires_grad_(False)
         self.captions = CaptionCache(base.text)
-        self.net = new_motion_set(self.unet, args.seed)
+        self.net = MotionAndAdapter(new_motion_set(self.unet, args.seed), self.unet, args.lora_rank, args.seed)
+        self.net.attach(self.unet)
         use_eager_attention(self.unet)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=args.lr, weight_decay=0.0)
         self.alphas_cumprod = DiscreteSchedule.from_config().alphas_cumprod.float()
         self.latents, self.clips = self.dataset()
 
     def identity(self) -> dict:
-        return {"seed": self.args.seed, "frames": self.args.frames, "clips": self.args.clips}
+        a = self.args
+        identity = {"seed": a.seed, "frames": a.frames, "clips": a.clips, "lora-rank": a.lora_rank}
+        for flag, value in (("high-noise-share", a.high_noise_share), ("snr-floor", a.snr_floor)):
+            if value:  # absent from the states of runs before the flag
+                identity[flag] = value
+        return identity
 
     def check_identity(self, stored: dict) -> None:
         for key, value in self.identity().items():
@@ -171,13 +239,14 @@ class MotionTrainer(ResumableTrainer):
             group["lr"] = lr_at(self.step, a.steps, a.lr, min(100, a.steps // 10 + 1))
         latents, context = self.batch(self.step)
         gen = torch.Generator().manual_seed(a.seed * 1_000_003 + 13 + self.step)
-        patches = training_patches(self.net, self.unet.config.num_res_blocks, a.frames)
+        patches = training_patches(self.net.motion, self.unet.config.num_res_blocks, a.frames)
 
         def predict(x: Tensor, t: Tensor, ctx: Tensor) -> Tensor:
             return self.unet(x, t, ctx, patches=patches)
 
         with torch.autocast("cpu", torch.bfloat16, enabled=a.bf16):
-            loss = clip_loss(predict, latents, context, self.alphas_cumprod, gen, a.frames)
+            loss = clip_loss(predict, latents, context, self.alphas_cumprod, gen, a.frames,
+                             high_noise_share=a.high_noise_share, snr_floor=a.snr_floor)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
         self.opt.step()
@@ -185,15 +254,23 @@ class MotionTrainer(ResumableTrainer):
         return float(loss.detach())
 
     def write(self, path: str | os.PathLike) -> None:
-        """fp16, original AnimateDiff key names, the recipe in the metadata."""
+        """The module in fp16 with original AnimateDiff key names, and the adapter (if any) as a kohya LoRA at
+        `--lora-out`; the recipe in both files' metadata."""
         a = self.args
-        tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in self.net.state_dict().items()}
-        recipe = {"steps": a.steps, "batch": a.batch, "frames": a.frames, "clips": a.clips, "lr": a.lr,
-                  "seed": a.seed, "schedule": "the base model's (use beta_schedule 'use existing')"}
+        tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in self.net.motion.state_dict().items()}
+        recipe = json.dumps({"steps": a.steps, "batch": a.batch, "frames": a.frames, "clips": a.clips, "lr": a.lr,
+                             "seed": a.seed, "lora_rank": a.lora_rank, "high_noise_share": a.high_noise_share,
+                             "snr_floor": a.snr_floor,
+                             "schedule": "the base model's (use beta_schedule 'use existing')"}, sort_keys=True)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_safetensors(path, {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}, tensors.__getitem__,
-                          {"format": "pt", "latentloom.recipe": json.dumps(recipe, sort_keys=True)})
+                          {"format": "pt", "latentloom.recipe": recipe})
         log.info("wrote %s (%.1f MB)", path, os.path.getsize(path) / 2**20)
+        if self.net.adapter:
+            Path(a.lora_out).parent.mkdir(parents=True, exist_ok=True)
+            save_lora(a.lora_out, self.net.lora_deltas(self.unet),
+                      {"latentloom.recipe": recipe, "latentloom.motion_module": Path(path).name})
+            log.info("wrote %s (%.2f MB)", a.lora_out, os.path.getsize(a.lora_out) / 2**20)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -202,11 +279,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_loop_arguments(p, "train-motion-state.pt")
     p.add_argument("--clips", type=int, default=1024, help="training clips encoded once")
     p.add_argument("--frames", type=int, default=motion_data.DEFAULT_FRAMES)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=4, help="clips per step")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lora-rank", type=int, default=16,
+                   help="rank of the cross-attention adapter trained with the module; 0: the module alone")
+    p.add_argument("--lora-out", default=DEFAULT_LORA_OUT, help="where the adapter's LoRA file goes")
+    p.add_argument("--high-noise-share", type=float, default=0.0,
+                   help="share of clips whose timestep comes from the noisier half of the schedule (0: uniform)")
+    p.add_argument("--snr-floor", type=float, default=0.0,
+                   help="price x0 errors at no less than this SNR (0: min-SNR-5 alone, the recipe before)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 <= args.snr_floor <= 5:
+        raise SystemExit(f"--snr-floor {args.snr_floor}: must be in [0, 5] (5: min-SNR's own cap)")
+    if not 0 <= args.high_noise_share <= 1:
+        raise SystemExit(f"--high-noise-share {args.high_noise_share}: must be in [0, 1]")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

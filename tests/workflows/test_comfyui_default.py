@@ -4,15 +4,11 @@ references is in models/checkpoints."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 from PIL import Image
 
 from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.workflows.test_shipped_workflows import run_in_process
 
 COMFYUI_DEFAULT = {
     "3": {"class_type": "KSampler", "inputs": {"cfg": 8, "denoise": 1, "latent_image": ["5", 0], "model": ["4", 0],
@@ -34,11 +30,10 @@ def test_comfyui_default_workflow_runs_unchanged(tmp_path):
     write_random_checkpoint(data / "models" / "checkpoints" / "v1-5-pruned-emaonly.safetensors", "sd1")
     workflow = tmp_path / "default_api.json"
     workflow.write_text(json.dumps(COMFYUI_DEFAULT))
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "--data-dir", str(data), "run", str(workflow)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    status, stdout, stderr = run_in_process(data, "run", str(workflow))
+    assert status == 0, stderr[-2000:]
     saved = data / "output" / "ComfyUI_00001_.png"
-    assert f"node 9 (SaveImage): {saved}" in proc.stdout
+    assert f"node 9 (SaveImage): {saved}" in stdout
     image = Image.open(saved)
     assert image.size == (512, 512)
     assert json.loads(image.text["prompt"]) == COMFYUI_DEFAULT

@@ -12,8 +12,6 @@ family); this file runs the real shipped files.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -26,8 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server import cli
-from tests.workflows.test_shipped_workflows import EXPECTED, without_the_mp4
+from tests.workflows.test_shipped_workflows import EXPECTED, run_in_process, without_the_mp4
 
 ROOT = Path(__file__).resolve().parents[2]
 # The workflows a fresh clone has: those in git (one still being written, untracked, is not shipped yet).
@@ -94,14 +91,6 @@ def test_the_clone_runs_its_own_code(clone):
     assert proc.stdout.strip() == str((clone / "models").resolve())
 
 
-def run_in_process(data: Path, *args: str) -> tuple[int, str, str]:
-    """`latentloom --data-dir DATA ARGS...` in this process (the CLI's own main; no second torch import)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main(["--data-dir", str(data), *args])
-    return status, out.getvalue(), err.getvalue()
-
-
 def run_from_clone(clone: Path) -> Runner:
     def run(data: Path, *args: str) -> tuple[int, str, str]:
         proc = run_cli(clone, data, *args)
@@ -142,8 +131,11 @@ def check_workflow(path: Path, run: Runner, workflows: Path, tmp_path: Path) -> 
     if path.stem == "inpaint":  # the green shape is painted into the example's transparent square, not elsewhere
         from train.make_examples import HOLE
 
-        green = np.linalg.norm(pixels - np.array([35, 185, 55], dtype=np.float32), axis=-1) < 70
-        assert green[HOLE].sum() >= 15 and green[HOLE].sum() >= 0.8 * green.sum()  # measured: 53 of 56 pixels
+        # green by hue: the model paints the triangle darker there than the palette's (35, 185, 55) (median
+        # (11, 88, 13) in the hole at 20 steps)
+        r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+        green = (g > r + 30) & (g > b + 30)
+        assert green[HOLE].sum() >= 40 and green[HOLE].sum() >= 0.8 * green.sum()  # measured: 166 of 168 pixels
     if path.stem == "lora":  # the shipped LoRA teaches the colour the base model never saw
         assert orange_share(pixels) > 0.1
         status, out, err = run(data, *args, "--set", "10.strength_model=0", "--set", "10.strength_clip=0")
@@ -166,8 +158,8 @@ def test_workflow_runs_from_a_clone_with_an_empty_data_directory(path, clone, tm
 
 def orange_share(pixels: np.ndarray) -> float:
     """The share of pixels within 60 (RGB distance) of the LoRA's orange, train.shapes.NEW_COLOUR_RGB. Measured at
-    6 steps, seed 42: 0.232 with the LoRA, 0.0 without; at the workflow's 20 steps over seeds 42-47 0.295 and
-    0.0 (the checker called 6 of 6 images orange with it, none without)."""
+    6 steps, seed 42: 0.333 with the LoRA, 0.0 without; at the workflow's 20 steps over seeds 42-47 0.370 and
+    0.036 (the checker called 6 of 6 images orange with it, 1 of 6 without)."""
     from train.shapes import NEW_COLOUR_RGB
 
     return float((np.linalg.norm(pixels - np.array(NEW_COLOUR_RGB, dtype=np.float32), axis=-1) < 60).mean())
