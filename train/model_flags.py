@@ -1,5 +1,6 @@
 """The command-line flags of `python -m train.train_model` (its docstring is the recipe): v1's defaults write the
-shipped checkpoint; `--recipe v2` changes the defaults listed in `recipe.RECIPES`."""
+first model; `--recipe v2` changes the defaults listed in `recipe.RECIPES` (the shipped checkpoint: train/README.md,
+Recipe v2)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description='Train the demo model ("latentloom-shapes") from procedurally drawn '
                                             'shapes, and write it as an SD1 file.')
     p.add_argument("--recipe", choices=sorted(RECIPES), default="v1",
-                   help="v1: the shipped model's recipe; v2: the sharper VAE (its flags' defaults change; flags "
-                        "given explicitly still win)")
+                   help="v1: the first model's recipe; v2 (the shipped model's, from a v1 VAE: --vae-init): the "
+                        "sharper VAE (its flags' defaults change; flags given explicitly still win)")
     p.add_argument("--out", default="models/checkpoints/latentloom-shapes.safetensors")
     p.add_argument("--state", default="train-state.pt", help="training-state file (written, and read by --resume)")
     p.add_argument("--resume", action="store_true")

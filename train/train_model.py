@@ -24,7 +24,7 @@ Recipe (what `python -m train.train_model` does with its defaults; see train/REA
    what this seed's text encoder and that file's metadata say), giving the same bytes as the full run.
 6. The EMA UNet, the VAE and the text encoder are written in fp16 through our own safetensors writer.
 
-Recipe v2 (`--recipe v2 --vae-init V1_FILE`, research of 2026-12-02, not the shipped file; train/README.md "Recipe
+Recipe v2 (`--recipe v2 --vae-init V1_FILE`, the shipped file since 2026-12-02; train/README.md "Recipe
 v2" has the experiments): phase 1 starts from a v1 model's VAE and continues it 1600 steps at lr 1e-3 with the
 shape's weight extended 2 pixels around it (`--vae-band`), small shapes weighted like large ones (`--vae-small-boost
 4`) and an edge loss on the images' pixel differences (`--vae-edge 3`); the decoder polish uses the same loss and the

@@ -81,7 +81,9 @@ def run(engine, kind=None, value=1.0, cfg=5.0, steps=2, size=64) -> torch.Tensor
 
 
 def close(a, b):
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    """Equal up to float noise. The two runs batch the cond and uncond rows differently, so their kernels round
+    differently (7e-5 apart on one CPU); a random model's latents reach ~100, so the noise scales with them."""
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
 def differs(a, b):

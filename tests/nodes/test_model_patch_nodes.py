@@ -92,7 +92,9 @@ def test_perp_neg_nodes(engine):
                                                                 "latent_image": ["5", 0]}},
     })
     # the guider and the patched model take the same steps from the same noise: the same latent
-    torch.testing.assert_close(latent(engine, guided), deprecated, rtol=1e-4, atol=1e-4)
+    # (up to float noise, which grows with the latents' scale: ~300 here, 8e-4 apart on one CPU, 31.7 from `plain`)
+    torch.testing.assert_close(latent(engine, guided), deprecated, rtol=1e-4,
+                               atol=1e-5 * float(deprecated.abs().max()))
     # at cfg 1 the guider still evaluates all three (e + pos - neg_scale perp is not the positive alone)
     guided["31"]["inputs"]["cfg"] = 1.0
     basic = dict(guided)

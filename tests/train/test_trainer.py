@@ -173,10 +173,15 @@ def v2_run(tmp_path_factory):
     return out
 
 
-def test_v1_defaults_write_the_shipped_files_training_metadata():
+def test_the_readmes_v2_command_writes_the_shipped_files_training_metadata():
+    """train/README.md, Recipe v2: the second stage's flags made the shipped file (v1 defaults: the first model)."""
     shipped = read_metadata("models/checkpoints/latentloom-shapes.safetensors")["latentloom.training"]
-    assert Trainer.training_metadata(types.SimpleNamespace(args=parse_args([]))) == shipped
-    assert Trainer.training_metadata(types.SimpleNamespace(args=parse_args(["--recipe", "v1"]))) == shipped
+    stage_2 = ["--recipe", "v2", "--vae-init", "v2-stage1.pt", "--vae-steps", "1200", "--vae-lr", "5e-4",
+               "--unet-steps", "3600"]
+    assert Trainer.training_metadata(types.SimpleNamespace(args=parse_args(stage_2))) == shipped
+    first_model = Trainer.training_metadata(types.SimpleNamespace(args=parse_args([])))
+    assert first_model == Trainer.training_metadata(types.SimpleNamespace(args=parse_args(["--recipe", "v1"])))
+    assert first_model != shipped and "sharpen_steps=600" in first_model
 
 
 def test_recipe_v2_sets_its_defaults_and_explicit_flags_win():
