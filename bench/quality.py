@@ -22,7 +22,7 @@ Rows printed:
 - Previews (`--preview-count` default-workflow runs): mean colour error of the last sampler preview against the
   decoded image, linear map (latent2rgb) vs the shipped tiny decoder (taesd).
 
-    python bench/quality.py [--count 200] [--cfg 5.0] [--skip-seen] [--skip-floor] [--skip-negative]
+    python bench/quality.py [--count 200] [--cfg 5.0] [--size 64|128] [--skip-seen] [--skip-floor] [--skip-negative]
                             [--skip-lora] [--only-lora] [--only-ceiling]
                             [--lora-steps 300] [--lora-lr 5e-3] [--lora-count 60] [--threads 1]
                             [--checkpoint models/checkpoints/latentloom-shapes.safetensors]
@@ -78,8 +78,9 @@ CONTROLNET = "latentloom-shapes-silhouette.safetensors"
 class Runner:
     """An engine over a scratch data directory that also sees the repository's and the floor's checkpoints."""
 
-    def __init__(self, data_dir: Path, checkpoint: Path, extra_checkpoints: Path, controlnet: Path | None = None):
-        self.model = checkpoint.name
+    def __init__(self, data_dir: Path, checkpoint: Path, extra_checkpoints: Path, controlnet: Path | None = None,
+                 size: int = shapes.SIZE):
+        self.model, self.size = checkpoint.name, size
         extra = {"checkpoints": [checkpoint.parent, extra_checkpoints]}
         if controlnet is not None:
             extra["controlnet"] = [controlnet.parent]
@@ -109,7 +110,8 @@ class Runner:
                                                                    "strength_model": 1.0, "strength_clip": 1.0}}
             model, clip = ["10", 0], ["10", 1]
         prompt.update({
-            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": self.size, "height": self.size,
+                                                             "batch_size": 1}},
             "6": {"class_type": "CLIPTextEncode", "inputs": {"text": positive, "clip": clip}},
             "7": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": clip}},
             "3": {"class_type": "KSampler", "inputs": {"model": model, "seed": seed, "steps": 20, "cfg": cfg,
@@ -134,7 +136,8 @@ class Runner:
 
     def generate(self, ckpt: str, captions: list[str], cfg: float, negative: str = "", lora: str | None = None
                  ) -> list[np.ndarray]:
-        return [self.txt2img(ckpt, c, negative, seed, cfg, lora) for seed, c in enumerate(captions)]
+        """Images at the runner's size, as the checker judges them: 64x64 (larger ones box-filtered down)."""
+        return [as_judged(self.txt2img(ckpt, c, negative, seed, cfg, lora)) for seed, c in enumerate(captions)]
 
     def train_lora(self, images: np.ndarray, captions: list[str], steps: int, lr: float, name: str) -> str:
         """TrainLoraFromImages in a workflow: five LoadImage nodes batched, then the training node."""
@@ -159,6 +162,12 @@ def write_floor(path: Path) -> None:
     unet = build_unet(spec, 123)
     torch.nn.init.normal_(unet.out[-1].weight, std=0.02)
     write_checkpoint(path, spec, unet, build_vae(spec, 124), build_text_encoder(spec, 125))
+
+
+def as_judged(image: np.ndarray) -> np.ndarray:
+    """A larger image box-filtered to 64x64, the size the checker was trained at (64x64 ones unchanged)."""
+    factor = image.shape[0] // shapes.SIZE
+    return image if factor == 1 else np.asarray(Image.fromarray(image).reduce(factor))
 
 
 def held_out(count: int, split: str, seed: int, colour: str | None = None) -> list[shapes.Sample]:
@@ -191,10 +200,11 @@ def vae_round_trip(runner: Runner) -> Callable[[np.ndarray], np.ndarray]:
     return round_trip
 
 
-def vae_ceiling(checker: Checker, round_trip: Callable[[np.ndarray], np.ndarray], samples: list[shapes.Sample]
-                ) -> dict[str, float]:
+def vae_ceiling(checker: Checker, round_trip: Callable[[np.ndarray], np.ndarray], samples: list[shapes.Sample],
+                size: int = shapes.SIZE) -> dict[str, float]:
     """The checker on the model's own VAE reconstructions of real images: what a perfect UNet could reach."""
-    return checker.judge(list(round_trip(np.stack([shapes.render(s) for s in samples]))), samples)
+    images = round_trip(np.stack([shapes.render(s, size) for s in samples]))
+    return checker.judge([as_judged(im) for im in images], samples)
 
 
 def negative_prompt_effect(runner: Runner, checker: Checker, cfg: float, count: int) -> None:
@@ -321,6 +331,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=REPO / "models" / "checkpoints" / MODEL,
                         help="the model to measure (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--size", type=int, choices=(64, 128), default=64,
+                        help="image size of every generated image (128: the 128x128 option; the checker judges "
+                             "images box-filtered to 64x64)")
     parser.add_argument("--controlnet", type=Path, default=REPO / "models" / "controlnet" / CONTROLNET,
                         help="the ControlNet of the ControlNet rows (default: the shipped one)")
     parser.add_argument("--controlnet-count", type=int, default=200)
@@ -332,6 +345,11 @@ def main() -> None:
     parser.add_argument("--only-previews", action="store_true", help="skip everything but the preview rows")
     parser.add_argument("--skip-previews", action="store_true")
     args = parser.parse_args()
+    if args.size != shapes.SIZE:
+        if args.only_lora or args.only_controlnet or args.only_previews:
+            parser.error(f"--size {args.size}: the LoRA, ControlNet and preview rows are measured at 64x64 only")
+        log.info("--size %d: the LoRA, ControlNet and preview rows (64x64 rows) are skipped", args.size)
+        args.skip_lora = args.skip_controlnet = args.skip_previews = True
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.checkpoint.is_file():
@@ -340,7 +358,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "ckpt").mkdir()
-        runner = Runner(tmp / "data", args.checkpoint.resolve(), tmp / "ckpt", args.controlnet.resolve())
+        runner = Runner(tmp / "data", args.checkpoint.resolve(), tmp / "ckpt", args.controlnet.resolve(), args.size)
         if args.only_controlnet:
             controlnet_effect(runner, args.cfg, args.controlnet_count, args.controlnet.name, args.controlnet_rows)
             return
@@ -356,9 +374,11 @@ def main() -> None:
             lora_effect(runner, checker, args.cfg, args.lora_count, args.lora_steps, args.lora_lr)
             return
         test = held_out(args.count, "test", 1)
-        report("ceiling: checker on this model's VAE reconstructions", vae_ceiling(checker, round_trip, test))
+        report("ceiling: checker on this model's VAE reconstructions",
+               vae_ceiling(checker, round_trip, test, args.size))
         # the same with a judge that never saw this VAE's drawings: it cannot have grown lenient towards them
-        report("ceiling, checker trained on true images only", vae_ceiling(Checker.train(), round_trip, test))
+        report("ceiling, checker trained on true images only",
+               vae_ceiling(Checker.train(), round_trip, test, args.size))
         if args.only_ceiling:
             return
         report(f"trained, {args.count} held-out-combination captions (cfg {args.cfg})",

@@ -154,24 +154,25 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     return [(cx + q * math.cos(math.radians(a)), cy + q * math.sin(math.radians(a))) for a, q in points]
 
 
-def render(sample: Sample) -> np.ndarray:
-    """The image [64, 64, 3] uint8: drawn at 4x then box-filtered down, so edges are anti-aliased."""
-    s = SUPERSAMPLE
-    canvas = Image.new("RGB", (SIZE * s, SIZE * s), BACKGROUNDS[sample.background])
+def render(sample: Sample, size: int = SIZE) -> np.ndarray:
+    """The image [size, size, 3] uint8: drawn at 4x then box-filtered down, so edges are anti-aliased. Other sizes
+    than 64 scale the whole picture (position, radius), as the 128x128 model's data does."""
+    s = SUPERSAMPLE * size / SIZE
+    canvas = Image.new("RGB", (size * SUPERSAMPLE, size * SUPERSAMPLE), BACKGROUNDS[sample.background])
     draw = ImageDraw.Draw(canvas)
     cx, cy, r = sample.cx * s, sample.cy * s, sample.radius * s
     if sample.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=sample.rgb)
     else:
         draw.polygon(shape_polygon(sample.shape, cx, cy, r), fill=sample.rgb)
-    return np.array(canvas.reduce(s), dtype=np.uint8)
+    return np.array(canvas.reduce(SUPERSAMPLE), dtype=np.uint8)
 
 
-def batch(seed: int, split: str, indices: list[int] | np.ndarray, colour: str | None = None
+def batch(seed: int, split: str, indices: list[int] | np.ndarray, colour: str | None = None, size: int = SIZE
           ) -> tuple[np.ndarray, list[Sample]]:
-    """Images [B, 64, 64, 3] uint8 and their ground truth for the given sample indices."""
+    """Images [B, size, size, 3] uint8 and their ground truth for the given sample indices."""
     samples = [draw_sample(seed, split, int(i), colour) for i in indices]
-    return np.stack([render(s) for s in samples]), samples
+    return np.stack([render(s, size) for s in samples]), samples
 
 
 def captions_of(samples: list[Sample]) -> list[str]:

@@ -1,0 +1,106 @@
+"""The 128x128 recipe on the tiny spec (its data at both sizes, deterministic, resumable, a file that is the base
+file with another UNet), and the shapes drawn at 128x128."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion.checkpoints.families import UNET_PREFIX
+from diffusion.checkpoints.files import read_metadata, read_state_dict
+from diffusion.checkpoints.loader import load_checkpoint
+from train import shapes
+from train.train_128 import Trainer128, main, parse_args
+
+from .conftest import run_recipe
+
+TINY = ["--steps", "4", "--batch", "2", "--log-every", "2", "--save-every", "3", "--seed", "3"]
+
+
+def train(base: Path, folder: Path, name: str, *extra: str) -> tuple[Path, int]:
+    return run_recipe(main, TINY, base, folder, name, *extra)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(base, tmp_path_factory) -> Path:
+    out, code = train(base, tmp_path_factory.mktemp("full"), "full")
+    assert code == 0
+    return out
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in read_state_dict(path).items()}
+
+
+def test_a_128_render_is_the_64_picture_drawn_twice_as_large():
+    for index in range(6):
+        sample = shapes.draw_sample(0, "train", index)
+        small, large = shapes.render(sample), shapes.render(sample, 128)
+        assert large.shape == (128, 128, 3) and np.array_equal(shapes.render(sample, 64), small)
+        halved = np.asarray(Image.fromarray(large).reduce(2)).astype(np.float64)
+        # the same picture: only anti-aliased edge pixels differ, by less than the edge's contrast
+        assert np.abs(halved - small).mean() < 2.0, index
+        assert (np.abs(halved - small).max(-1) > 60).mean() < 0.02, index
+
+
+def test_batches_are_128_except_the_64_share(base):
+    args = parse_args([*TINY, "--base", str(base), "--share-64", "0.5"])
+    trainer = Trainer128(args)
+    sizes = [trainer.batch(step)[0].shape[-1] for step in range(24)]
+    assert set(sizes) == {8, 16} and 4 <= sizes.count(8) <= 20  # 8x8 latents: 64x64, 16x16: 128x128
+    latents, context = trainer.batch(5)
+    again = trainer.batch(5)
+    assert torch.equal(latents, again[0]) and torch.equal(context, again[1])  # a function of (seed, step)
+    assert context.shape[:2] == (2, 77)
+    only_128 = Trainer128(parse_args([*TINY, "--base", str(base), "--share-64", "0"]))
+    assert {only_128.batch(step)[0].shape[-1] for step in range(12)} == {16}
+
+
+def test_writes_the_base_file_with_a_tuned_unet(base, uninterrupted):
+    ours, theirs = weights(uninterrupted), weights(base)
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype for k in ours)
+    unet = [k for k in ours if k.startswith(UNET_PREFIX)]
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith(UNET_PREFIX))  # VAE, text
+    assert any(not torch.equal(ours[k], theirs[k]) for k in unet)
+    metadata, base_metadata = read_metadata(uninterrupted), read_metadata(base)
+    assert metadata["latentloom.config"] == base_metadata["latentloom.config"]
+    assert metadata["latentloom.training"].startswith("train.train_128 base=tiny.safetensors seed=3 steps=4 batch=2")
+    model = load_checkpoint(uninterrupted, dtype=torch.float32)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    context = torch.zeros(1, 77, model.unet.config.context_dim)
+    assert model.unet(x, torch.tensor([500.0]), context).shape == (1, 4, 16, 16)
+
+
+def test_same_seed_gives_the_same_file(base, uninterrupted, tmp_path):
+    out, code = train(base, tmp_path, "again")
+    assert code == 0
+    first, second = weights(uninterrupted), weights(out)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("first_run_steps", [1, 3])  # before and at the periodic save (every 3 steps)
+def test_resume_gives_the_same_weights(base, uninterrupted, tmp_path, first_run_steps):
+    out, code = train(base, tmp_path, "cut", "--stop-after", str(first_run_steps))
+    assert code == 3 and not out.exists() and (tmp_path / "cut.pt").exists()
+    out, code = train(base, tmp_path, "cut", "--resume")
+    assert code == 0
+    full, resumed = weights(uninterrupted), weights(out)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_refuses_a_resume_with_other_flags_and_a_bad_share(base, tmp_path):
+    _, code = train(base, tmp_path, "cut", "--stop-after", "1")
+    assert code == 3
+    with pytest.raises(SystemExit, match=r"share_64 0\.25, not 0\.5"):
+        train(base, tmp_path, "cut", "--resume", "--share-64", "0.5")
+    with pytest.raises(SystemExit, match="seed 3, not 4"):
+        train(base, tmp_path, "cut", "--resume", "--seed", "4")
+    with pytest.raises(SystemExit):
+        parse_args(["--share-64", "1"])
+    with pytest.raises(SystemExit, match=r"--base .* is missing"):
+        main(["--base", str(tmp_path / "none.safetensors")])
