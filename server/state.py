@@ -66,7 +66,9 @@ class ServerConfig:
     input_dir: Path | None = None
     temp_dir: Path | None = None
     user_dir: Path | None = None  # --user-directory: the front end's files in user_dir/default (DATA_DIR/user)
-    preview_method: str = "latent2rgb"  # "none": no sampler previews are made or sent
+    # "none": no sampler previews are made or sent. An embedding program's default is the cheap linear map; `latentloom
+    # serve` passes its --preview-method, "auto" unless given (a tiny decoder where models/vae_approx has one).
+    preview_method: str = "latent2rgb"
 
     @property
     def user_root(self) -> Path:

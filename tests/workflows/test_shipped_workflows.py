@@ -29,6 +29,7 @@ WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 FEWER_STEPS = ["3.steps=6"]
 EXPECTED = {
     "txt2img": ((64, 64), 1, FEWER_STEPS),
+    "txt2img-128": ((128, 128), 1, FEWER_STEPS),
     "txt2img-sdxl": ((64, 64), 1, ["5.width=64", "5.height=64", "10.steps=4", "10.end_at_step=3", "11.steps=4",
                                    "11.start_at_step=3"]),
     "img2img": ((64, 64), 1, FEWER_STEPS),
@@ -91,6 +92,7 @@ def data_dir(tmp_path_factory):
     checkpoints = data / "models" / "checkpoints"
     checkpoints.mkdir(parents=True)
     write_random_checkpoint(checkpoints / "latentloom-shapes.safetensors", "sd1", seed=1)
+    write_random_checkpoint(checkpoints / "latentloom-shapes-128.safetensors", "sd1", seed=4)
     write_random_checkpoint(checkpoints / "sd_xl_base_1.0.safetensors", "sdxl", seed=2)
     write_random_checkpoint(checkpoints / "sd_xl_refiner_1.0.safetensors", "sdxl_refiner", seed=3)
     (data / "input").mkdir()
