@@ -1,5 +1,6 @@
-"""What the resumable recipes' tests share (tests/train/test_motion.py, test_controlnet_trainer.py): a tiny SD1
-shapes checkpoint at random weights to train against, and running a recipe's `main` on it."""
+"""What the resumable recipes' tests share (tests/train/test_motion.py, test_controlnet_trainer.py,
+test_train_128.py): a tiny SD1 shapes checkpoint at random weights to train against, running a recipe's `main` on it,
+and the check that a stopped and resumed run ends where an uninterrupted one does."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffusion.checkpoints.files import read_state_dict
 from train.recipe import build_text_encoder, build_unet, build_vae, tiny_spec, write_checkpoint
 
 
@@ -30,3 +32,20 @@ def run_recipe(main: Callable[[list[str]], int], settings: list[str], base: Path
     out = folder / f"{name}.safetensors"
     code = main([*settings, "--base", str(base), "--out", str(out), "--state", str(folder / f"{name}.pt"), *extra])
     return out, code
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, copied out of its memory map."""
+    return {k: v.clone() for k, v in read_state_dict(path).items()}
+
+
+def check_resume(train: Callable[..., tuple[Path, int]], base: Path, folder: Path, uninterrupted: Path,
+                 first_run_steps: int) -> None:
+    """`train(base, folder, name, *flags)` stopped after `first_run_steps` (exit 3, the state saved, no file) and
+    resumed writes the same tensors as the uninterrupted run."""
+    out, code = train(base, folder, "cut", "--stop-after", str(first_run_steps))
+    assert code == 3 and not out.exists() and (folder / "cut.pt").exists()
+    out, code = train(base, folder, "cut", "--resume")
+    assert code == 0
+    full, resumed = weights(uninterrupted), weights(out)
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)

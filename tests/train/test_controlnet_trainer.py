@@ -29,7 +29,7 @@ from train.train_controlnet import (
     write_example_hint,
 )
 
-from .conftest import run_recipe
+from .conftest import check_resume, run_recipe, weights
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "models" / "controlnet" / "latentloom-shapes-silhouette.safetensors"
@@ -51,10 +51,6 @@ def uninterrupted(base, tmp_path_factory) -> Path:
     out, code = train(base, tmp_path_factory.mktemp("full"), "full")
     assert code == 0
     return out
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in read_state_dict(path).items()}
 
 
 def test_silhouette_is_the_rendered_shape_white_on_black():
@@ -120,12 +116,7 @@ def test_same_seed_gives_the_same_file(base, uninterrupted, tmp_path):
 
 @pytest.mark.parametrize("first_run_steps", [1, 3])  # before and at the periodic save (every 3 steps)
 def test_resume_gives_the_same_weights(base, uninterrupted, tmp_path, first_run_steps):
-    out, code = train(base, tmp_path, "cut", "--stop-after", str(first_run_steps))
-    assert code == 3 and not out.exists() and (tmp_path / "cut.pt").exists()
-    out, code = train(base, tmp_path, "cut", "--resume")
-    assert code == 0
-    full, resumed = weights(uninterrupted), weights(out)
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    check_resume(train, base, tmp_path, uninterrupted, first_run_steps)
 
 
 def test_resume_refuses_another_seed_and_a_missing_state(base, tmp_path):

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from diffusion.checkpoints.families import UNET_PREFIX
-from diffusion.checkpoints.files import read_metadata, read_state_dict
+from diffusion.checkpoints.files import read_metadata
 from diffusion.checkpoints.loader import load_checkpoint
 from train import shapes
 from train.train_128 import Trainer128, main, parse_args
 
-from .conftest import run_recipe
+from .conftest import check_resume, run_recipe, weights
 
 TINY = ["--steps", "4", "--batch", "2", "--log-every", "2", "--save-every", "3", "--seed", "3"]
 
@@ -30,10 +30,6 @@ def uninterrupted(base, tmp_path_factory) -> Path:
     out, code = train(base, tmp_path_factory.mktemp("full"), "full")
     assert code == 0
     return out
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in read_state_dict(path).items()}
 
 
 def test_a_128_render_is_the_64_picture_drawn_twice_as_large():
@@ -85,12 +81,7 @@ def test_same_seed_gives_the_same_file(base, uninterrupted, tmp_path):
 
 @pytest.mark.parametrize("first_run_steps", [1, 3])  # before and at the periodic save (every 3 steps)
 def test_resume_gives_the_same_weights(base, uninterrupted, tmp_path, first_run_steps):
-    out, code = train(base, tmp_path, "cut", "--stop-after", str(first_run_steps))
-    assert code == 3 and not out.exists() and (tmp_path / "cut.pt").exists()
-    out, code = train(base, tmp_path, "cut", "--resume")
-    assert code == 0
-    full, resumed = weights(uninterrupted), weights(out)
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    check_resume(train, base, tmp_path, uninterrupted, first_run_steps)
 
 
 def test_refuses_a_resume_with_other_flags_and_a_bad_share(base, tmp_path):
