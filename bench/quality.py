@@ -41,7 +41,7 @@ colour-free prompts 11.7 % -> 3.3 % with negative "red"; LoRA (300 steps, 188 s)
 (`--only-previews --preview-count 20`): the last preview is 30.1/255 off the decoded image at 8x8 (30.9 at 64x64)
 with the linear map, 4.4/255 (6.0) with the shipped tiny decoder, which sends 15.2 of 20 frames a run within its
 10 % budget. (The first model's numbers: train/README.md.) `--size 128` (2026-12-03): the 128x128 option
-(latentloom-shapes-128) held-out colour / shape 100 / 100 %, seen 100 / 100 %, ceiling 100 / 100 %; the 64x64 model
+(latentloom-shapes_128) held-out colour / shape 100 / 100 %, seen 100 / 100 %, ceiling 100 / 100 %; the 64x64 model
 asked for 128x128: held-out 100 / 53.0 %. The motion module's row is bench/motion.py's (100 clips of 16 frames).
 """
 

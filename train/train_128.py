@@ -48,7 +48,7 @@ log = logging.getLogger("train.128")
 
 PHASE = 6  # data.step_rng's phase number for these batches (0-5 are the other recipes')
 SIZE = 128
-DEFAULT_OUT = "models/checkpoints/latentloom-shapes-128.safetensors"
+DEFAULT_OUT = "models/checkpoints/latentloom-shapes_128.safetensors"
 
 
 class Trainer128(ResumableTrainer):

@@ -191,7 +191,7 @@ def test_cli_validate_prints_the_explanation(tmp_path):
     out = proc.stdout + proc.stderr
     assert ("node 4 (CheckpointLoaderSimple), input 'ckpt_name': Value not in list (ckpt_name: "
             "'sd_xl_base_1.0.safetensors' not found in data/models/checkpoints/, the extra model paths (none "
-            "configured) or the shipped models/checkpoints/; files there: latentloom-shapes-128.safetensors, "
-            "latentloom-shapes.safetensors; put it in data/models/checkpoints/)") in out
+            "configured) or the shipped models/checkpoints/; files there: latentloom-shapes.safetensors, "
+            "latentloom-shapes_128.safetensors; put it in data/models/checkpoints/)") in out
     assert str(tmp_path) not in out
 

@@ -424,8 +424,8 @@ def test_info_routes(server):
     assert server.json("GET", "/embeddings")[1] == ["nice"]
     assert "checkpoints" in server.json("GET", "/models")[1]
     # the data directory's models, then the repository's own (the shipped demo model)
-    assert server.json("GET", "/models/checkpoints")[1] == ["latentloom-shapes-128.safetensors",
-                                                            "latentloom-shapes.safetensors", "sub/tiny.safetensors"]
+    assert server.json("GET", "/models/checkpoints")[1] == ["latentloom-shapes.safetensors",
+                                                            "latentloom-shapes_128.safetensors", "sub/tiny.safetensors"]
     assert server.json("GET", "/models/nonsense")[0] == 404
     features = server.json("GET", "/features")[1]
     assert features["supports_preview_metadata"] is True and features["max_upload_size"] == 100 << 20

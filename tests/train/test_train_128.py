@@ -21,7 +21,7 @@ from .conftest import check_resume, run_recipe, weights
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "models" / "checkpoints" / "latentloom-shapes.safetensors"
-SHIPPED = ROOT / "models" / "checkpoints" / "latentloom-shapes-128.safetensors"
+SHIPPED = ROOT / "models" / "checkpoints" / "latentloom-shapes_128.safetensors"
 DECODERS = ROOT / "models" / "vae_approx"
 TINY = ["--steps", "4", "--batch", "2", "--log-every", "2", "--save-every", "3", "--seed", "3"]
 
@@ -111,7 +111,7 @@ def test_the_shipped_128_model_is_the_demo_model_with_a_tuned_unet():
         "train.train_128 base=latentloom-shapes.safetensors seed=0 steps=1200 batch=24 lr=0.0002 share_64=0.25")
     # the same VAE, so the same preview decoder, under the name the preview lookup tries for this checkpoint
     shared = (DECODERS / "latentloom-shapes_taesd_decoder.safetensors").read_bytes()
-    assert (DECODERS / "latentloom-shapes-128_taesd_decoder.safetensors").read_bytes() == shared
+    assert (DECODERS / "latentloom-shapes_128_taesd_decoder.safetensors").read_bytes() == shared
 
 
 def one_shape(image: np.ndarray) -> tuple[int, float]:

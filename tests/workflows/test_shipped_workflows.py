@@ -92,7 +92,7 @@ def data_dir(tmp_path_factory):
     checkpoints = data / "models" / "checkpoints"
     checkpoints.mkdir(parents=True)
     write_random_checkpoint(checkpoints / "latentloom-shapes.safetensors", "sd1", seed=1)
-    write_random_checkpoint(checkpoints / "latentloom-shapes-128.safetensors", "sd1", seed=4)
+    write_random_checkpoint(checkpoints / "latentloom-shapes_128.safetensors", "sd1", seed=4)
     write_random_checkpoint(checkpoints / "sd_xl_base_1.0.safetensors", "sdxl", seed=2)
     write_random_checkpoint(checkpoints / "sd_xl_refiner_1.0.safetensors", "sdxl_refiner", seed=3)
     (data / "input").mkdir()
