@@ -181,7 +181,8 @@ def _text_prefixes(names: list[str]) -> dict[str, tuple[str, str]]:
 
 
 def _text_models(text_encoders: object) -> dict[str, nn.Module]:
-    """Encoder name → transformers model, from a `TextEncoders`, a mapping of `ClipTextEncoder`s or of models."""
+    """Encoder name → its text model (our CLIP text transformer, or a transformers CLIPTextModel a caller passes),
+    from a `TextEncoders`, a mapping of `ClipTextEncoder`s or of models."""
     encoders = getattr(text_encoders, "encoders", text_encoders)
     if not isinstance(encoders, Mapping):
         raise TypeError(f"expected text encoders or a mapping of them, got {type(text_encoders).__name__}")
@@ -190,7 +191,8 @@ def _text_models(text_encoders: object) -> dict[str, nn.Module]:
 
 def _text_modules(model: nn.Module) -> dict[str, str]:
     """Module path in `model` → the path LoRA files spell, which is transformers 4's CLIPTextModel layout:
-    everything under `text_model.` except the projection. transformers 5's CLIPTextModel has no such level."""
+    everything under `text_model.` except the projection. Our CLIP text model and transformers 5's have no such
+    level, so it is added for them."""
     nested = hasattr(model, "text_model")
     return {
         module: module if nested or module == "text_projection" else "text_model." + module
