@@ -191,8 +191,8 @@ def _text_models(text_encoders: object) -> dict[str, nn.Module]:
 
 def _text_modules(model: nn.Module) -> dict[str, str]:
     """Module path in `model` → the path LoRA files spell, which is transformers 4's CLIPTextModel layout:
-    everything under `text_model.` except the projection. Our CLIP text model and transformers 5's have no such
-    level, so it is added for them."""
+    everything under `text_model.` except the projection, as in our CLIP text model. transformers 5's CLIPTextModel
+    has no such level, so it is added for it."""
     nested = hasattr(model, "text_model")
     return {
         module: module if nested or module == "text_projection" else "text_model." + module
