@@ -100,7 +100,6 @@ class CastCache:
         self._trim()
         log.info("cached %d cast weights of %s in %s", len(self.new), self.source.name, self.path)
 
-
     def _trim(self) -> None:
         """Removes the least recently used cache files (never this one) until the folder is within its limit."""
         try:

@@ -83,21 +83,10 @@ class TextEncoderConfig:
         through transformers' CLIPTextModel. Imports transformers (3-5 s); the engine never calls this."""
         from .transformers_clip import clip_classes
 
-        return clip_classes().CLIPTextConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            max_position_embeddings=self.max_positions,
-            hidden_act=self.hidden_act,
-            projection_dim=self.projection_dim or self.hidden_size,
-            layer_norm_eps=1e-5,
-            bos_token_id=CLIPTokenizer.bos_id,
-            eos_token_id=CLIPTokenizer.eos_id,
-            pad_token_id=pad_id,
-            attn_implementation="sdpa",
-        )
+        fields = dataclasses.asdict(self.clip_config())  # ClipTextConfig spells transformers' names
+        fields["projection_dim"] = self.projection_dim or self.hidden_size  # transformers wants a number
+        return clip_classes().CLIPTextConfig(**fields, bos_token_id=CLIPTokenizer.bos_id, pad_token_id=pad_id,
+                                             attn_implementation="sdpa")
 
 
 def require(sd: Mapping[str, Tensor], key: str) -> Tensor:
