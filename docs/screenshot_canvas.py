@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.web.browser import CHROMIUM, LAUNCH_ARGS, browser_test_server  # noqa: E402
+from tests.web.browser import CHROMIUM, LAUNCH_ARGS, browser_test_server, open_canvas  # noqa: E402
 
 log = logging.getLogger("docs.screenshot")
 
@@ -38,9 +38,7 @@ def main() -> int:
         try:
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-                page = browser.new_page(viewport={"width": 1800, "height": 1000})
-                page.goto(server.url + "/")
-                page.wait_for_function("document.body.dataset.ready === 'true'", timeout=30_000)
+                _, page, _ = open_canvas(browser, server.url)
                 sampler = page.evaluate("loom.graph.findNodesByType('KSampler')[0].id")
                 save = page.evaluate("loom.graph.findNodesByType('SaveImage')[0].id")
                 page.evaluate(f"loom.setWidget({sampler}, 'seed', {args.seed})")

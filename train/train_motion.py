@@ -14,10 +14,10 @@ Recipe (what `python -m train.train_motion` does with its defaults; timings and 
    The motion module never sees the text; it reads the caption only through the image UNet's per-frame features,
    and the frozen demo UNet's features barely change between "moving to the left" and "... to the right". The
    adapter lets the caption's direction change those features. The image UNet's own weights stay frozen:
-   eps-prediction loss with
-   one timestep per clip (every frame equally noisy, noise independent per frame), min-SNR-5 weighting with an
-   SNR floor (`--snr-floor`; the shipped module: 1, and `--high-noise-share 0.5`: see clip_loss), the
-   base model's own noise schedule (the one it samples with: use beta_schedule "use existing" with it), AdamW
+   eps-prediction loss with one timestep per clip (every frame equally noisy, noise independent per frame),
+   min-SNR-5 weighting with an SNR floor (`--snr-floor`; the shipped module: 1, and `--high-noise-share 0.5`: see
+   clip_loss), the base model's own noise schedule (the one it samples with: use beta_schedule "use existing"
+   with it), AdamW
    `--lr` with warm-up and cosine decay, bf16 autocast. A clip is used forwards or reversed in time with the
    opposite direction's caption (a free second clip); captions are "a red circle on a gray background moving to
    the top", 15 % with the size word, 10 % empty for classifier-free guidance.

@@ -151,6 +151,19 @@ def next_frame(page) -> None:
         requestAnimationFrame(() => requestAnimationFrame(() => { clearTimeout(late); done(); })); })""")
 
 
+def open_canvas(browser, url: str, width: int = 1800, height: int = 1000):
+    """A fresh browser context (empty session and local storage) on the canvas at `url`, once the page says it is
+    ready and has drawn a frame: (context, page, the page's uncaught errors as they come)."""
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url + "/")
+    page.wait_for_function("document.body.dataset.ready === 'true'", timeout=30_000)
+    next_frame(page)
+    return context, page, errors
+
+
 def drag(page, start: list[float], end: list[float]) -> None:
     """A mouse drag in small steps, as a person would do it (litegraph tracks pointer moves)."""
     next_frame(page)

@@ -25,6 +25,7 @@ from tests.web.browser import (
     input_link_origin,
     missing_reason,
     next_frame,
+    open_canvas,
     random_sd1_data,
 )
 
@@ -51,12 +52,7 @@ def server(data_dir):
 @pytest.fixture
 def page(browser, server, request):
     """A fresh browser context (empty session and local storage) on the canvas; a screenshot when done."""
-    context = browser.new_context(viewport={"width": 1800, "height": 1000})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(server.url + "/")
-    page.wait_for_function("document.body.dataset.ready === 'true'", timeout=30_000)
+    context, page, errors = open_canvas(browser, server.url)
     yield page
     finish(context, page, ARTIFACTS / f"{request.node.name}.png")
     assert not errors, errors

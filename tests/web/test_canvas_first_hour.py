@@ -27,6 +27,7 @@ from tests.web.browser import (
     finish,
     missing_reason,
     next_frame,
+    open_canvas,
     random_sd1_data,
 )
 
@@ -50,21 +51,10 @@ def server(data_dir):
     process.stop()
 
 
-def open_canvas(browser, server, width: int = 1800, height: int = 1000):
-    context = browser.new_context(viewport={"width": width, "height": height})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(server.url + "/")
-    page.wait_for_function("document.body.dataset.ready === 'true'", timeout=30_000)
-    next_frame(page)
-    return context, page, errors
-
-
 @pytest.fixture
 def page(browser, server, request):
     """A fresh context (empty local storage) on the canvas with the default workflow; a screenshot when done."""
-    context, page, errors = open_canvas(browser, server)
+    context, page, errors = open_canvas(browser, server.url)
     yield page
     finish(context, page, ARTIFACTS / f"first_hour_{request.node.name}.png")
     assert not errors, errors
@@ -185,7 +175,7 @@ def test_convert_seed_to_input_shows_a_socket_and_hides_the_widget(page):
 
 # 4 ------------------------------------------------------------------------------------------------------------
 def test_long_palette_categories_wrap_with_their_caret_on_the_first_line(browser, server):
-    context, page, errors = open_canvas(browser, server, 1024, 768)
+    context, page, errors = open_canvas(browser, server.url, 1024, 768)
     try:
         rows = page.evaluate("""(() => {
             const palette = document.getElementById('palette').getBoundingClientRect();
@@ -379,7 +369,7 @@ def test_socket_type_shown_on_hover(page):
 @pytest.fixture(scope="module")
 def ran(browser, server):
     """One run of the default workflow (batch of 4, 2 steps, seed 7) with the VAE Decode's image previewed on it."""
-    context, page, errors = open_canvas(browser, server)
+    context, page, errors = open_canvas(browser, server.url)
     page.evaluate("""(() => { window.previewFrames = 0;
         loom.api.addEventListener('b_preview', () => window.previewFrames++);
         loom.setWidget(5, 'batch_size', 4); loom.setWidget(3, 'steps', 2); loom.setWidget(3, 'seed', 7);

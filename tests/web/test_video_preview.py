@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.web.browser import ARTIFACTS, browser_test_server, missing_reason, next_frame
+from tests.web.browser import ARTIFACTS, browser_test_server, missing_reason, next_frame, open_canvas
 
 REASON = missing_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"browser tests need the canvas' tools: {REASON}")
@@ -40,12 +40,7 @@ def test_video_upload_and_result_play_on_their_nodes_and_in_results(browser, ser
                                                                 "select_every_nth": 1}},
               "2": {"class_type": "SaveWEBM", "inputs": {"images": ["1", 0], "filename_prefix": "clip",
                                                          "codec": "vp9", "fps": 6.0, "crf": 32.0}}}
-    context = browser.new_context(viewport={"width": 1400, "height": 900})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(server.url + "/")
-    page.wait_for_function("document.body.dataset.ready === 'true'", timeout=30_000)
+    context, page, errors = open_canvas(browser, server.url, 1400, 900)
     page.evaluate("(prompt) => loom.loadApiWorkflow(prompt)", prompt)
     # the upload button of a video_upload combo takes videos, and the upload shows on the node
     node = page.evaluate("loom.graph._nodes.find((n) => n.type === 'LoadVideoFrames').id")
