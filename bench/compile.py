@@ -1,13 +1,16 @@
-"""`--compile`: UNet step time eager vs torch.compile'd, and diffusers' eager step, on the full-size random SD1.5 file.
+"""`--compile`: UNet step time eager vs torch.compile'd, and diffusers' eager step, on a full-size random checkpoint.
 
-One process: our UNet (bf16 by default) from the cached random checkpoint, the same weights in diffusers'
-UNet2DConditionModel; batch 2 (cond and uncond), 64x64 latent, 77 tokens. Our forward goes through
-diffusion/patches/compile.py exactly as `--compile` installs it; the first compiled call's time (compiling
-included) is printed apart, then the median of `--steps` calls of each. The compiled output is compared with the
-eager one (max relative difference). Inductor's cache goes to --cache-dir/inductor, so a second run shows the
-cached compile time. `--vae` adds the VAE decoder at 512x512 (eager vs compiled).
+One process: our UNet (bf16 by default) from the cached random checkpoint (SD1.5, or SDXL with `--family sdxl`), the
+same weights in diffusers' UNet2DConditionModel (SD1.5 only: the SDXL rows are ours alone); batch 2 (cond and
+uncond), a `--size`/8 latent (default 512: 64x64), 77 tokens. Our forward goes through diffusion/patches/compile.py
+exactly as `--compile` installs it; the first compiled call's time (compiling included) is printed apart, then the
+median of `--steps` calls of each, in seconds and in steps a second (it/s, as GPU numbers are quoted). The compiled
+output is compared with the eager one (max relative difference). Inductor's cache goes to --cache-dir/inductor, so
+a second run shows the cached compile time. `--no-compile` times the eager paths only; `--vae` adds the VAE decoder
+at `--size` (eager vs compiled). bench/gpu.sh runs the GPU rows.
 
-    python bench/compile.py [--threads 1] [--steps 3] [--dtype bfloat16] [--vae]
+    python bench/compile.py [--threads 1] [--steps 3] [--dtype bfloat16] [--family sd1|sdxl] [--size 512]
+                            [--device cuda] [--no-compile] [--no-diffusers] [--vae]
 """
 
 from __future__ import annotations
@@ -45,6 +48,19 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
+def ensure_sdxl_file(cache: Path) -> Path:
+    """A full-size random SDXL fp16 checkpoint (6.9 GB), written once into the cache."""
+    from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
+
+    path = cache / "sdxl-random-fp16.safetensors"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        write_random_checkpoint(partial, "sdxl", size="real", dtype=torch.float16, seed=0)
+        partial.rename(path)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/latentloom-bench"))
@@ -52,9 +68,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--vae", action="store_true", help="also the VAE decoder at 512x512")
+    parser.add_argument("--family", default="sd1", choices=("sd1", "sdxl"))
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels (the latent is a eighth)")
+    parser.add_argument("--vae", action="store_true", help="also the VAE decoder at --size")
+    parser.add_argument("--no-compile", action="store_true", help="eager paths only")
     parser.add_argument("--no-diffusers", action="store_true")
     args = parser.parse_args()
+    if args.size % 8 or not 64 <= args.size <= 4096:
+        parser.error(f"--size {args.size}: a multiple of 8 from 64 to 4096")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.cache_dir / "inductor"))
@@ -63,22 +84,30 @@ def main() -> None:
     from diffusion.checkpoints.loader import load_checkpoint
     from diffusion.patches.compile import compile_forward
 
-    path, config = ensure_files(args.cache_dir)
+    if args.family == "sd1":
+        path, config = ensure_files(args.cache_dir)
+    else:
+        path, config, args.no_diffusers = ensure_sdxl_file(args.cache_dir), None, True
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
-    log.info("%s on %s, %s, %d thread(s), load average %s; inductor cache %s", path.name, device, args.dtype,
-             args.threads, load, os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} thread(s)"
+    log.info("%s on %s (%s), %s, %dx%d, load average %s; inductor cache %s", path.name, device, where, args.dtype,
+             args.size, args.size, load, os.environ["TORCHINDUCTOR_CACHE_DIR"])
     loaded = load_checkpoint(path, dtype=dtype, device=device)
     unet = loaded.unet
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 64, 64, generator=gen).to(device, dtype)
+    side = args.size // 8
+    x = torch.randn(2, 4, side, side, generator=gen).to(device, dtype)
     t = torch.tensor([999.0, 500.0], device=device)
-    context = (torch.randn(2, 77, 768, generator=gen) * 0.5).to(device, dtype)
+    context = (torch.randn(2, 77, unet.config.context_dim, generator=gen) * 0.5).to(device, dtype)
+    adm = unet.config.adm_in_channels
+    y = (torch.randn(2, adm, generator=gen) * 0.5).to(device, dtype) if adm else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    what = f"{args.family.upper()} UNet, batch 2, {side}x{side} latent"
 
     def step():
-        out = unet(x, t, context)
+        out = unet(x, t, context, y)
         sync()
         return out
 
@@ -90,44 +119,54 @@ def main() -> None:
             str(path), config=str(config), subfolder="unet", local_files_only=True, torch_dtype=dtype).eval().to(device)
     with torch.inference_mode():
         eager_out = step()  # warm-up
-        wrapper = compile_forward(unet, "SD1.5 UNet")
-        started = time.perf_counter()
-        compiled_out = step()
-        first = time.perf_counter() - started
-        if wrapper.failed:
-            log.info("the compiled path failed (see the warning above): nothing to compare")
-            return
+        calls = {"eager": step}
+        if not args.no_compile:
+            wrapper = compile_forward(unet, f"{args.family} UNet")
+            started = time.perf_counter()
+            compiled_out = step()
+            first = time.perf_counter() - started
+            if wrapper.failed:
+                log.info("the compiled path failed (see the warning above): eager only")
+            else:
+                calls = {"eager": lambda: (wrapper.eager(x, t, context, y), sync()), "compiled": step}
         # rounds of eager, compiled and diffusers back to back, so that a shared machine's load drifts over all three
-        calls = {"eager": lambda: wrapper.eager(x, t, context), "compiled": step}
         if theirs is not None:
-            calls["diffusers"] = lambda: theirs(x, t, encoder_hidden_states=context).sample
-            theirs_out = calls["diffusers"]()
+            calls["diffusers"] = lambda: (theirs(x, t, encoder_hidden_states=context).sample, sync())
+            theirs_out = theirs(x, t, encoder_hidden_states=context).sample
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(args.steps):
             for name, call in calls.items():
                 started = time.perf_counter()
                 call()
-                sync()
                 times[name].append(time.perf_counter() - started)
-    eager, compiled = statistics.median(times["eager"]), statistics.median(times["compiled"])
-    log.info("UNet step (batch 2, 64x64), median of %d rounds: eager %.3f s, compiled %.3f s (%.2fx); first compiled "
-             "call %.1f s (compiling, or reading Inductor's cache, included); compiled vs eager max rel diff %.1e",
-             args.steps, eager, compiled, eager / compiled, first, rel_diff(compiled_out, eager_out))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    log.info("%s, median of %d rounds: %s", what, args.steps,
+             ", ".join(f"{name} {s:.3f} s ({1 / s:.2f} it/s)" for name, s in medians.items()))
+    eager = medians["eager"]
+    if "compiled" in medians:
+        log.info("compiled: %.2fx eager; first compiled call %.1f s (compiling, or reading Inductor's cache, "
+                 "included); compiled vs eager max rel diff %.1e", eager / medians["compiled"], first,
+                 rel_diff(compiled_out, eager_out))
     if theirs is not None:
-        diffusers_s = statistics.median(times["diffusers"])
-        log.info("diffusers eager %.3f s: ours eager / diffusers %.2f (target <= 0.7), compiled / diffusers %.2f "
-                 "(target <= 0.5); ours vs diffusers max rel diff %.1e", diffusers_s, eager / diffusers_s,
-                 compiled / diffusers_s, rel_diff(eager_out, theirs_out))
+        diffusers_s = medians["diffusers"]
+        log.info("ours eager / diffusers %.2f (CPU target <= 0.7; GPU: diffusers' it/s over ours, target <= 0.91)%s; "
+                 "ours vs diffusers max rel diff %.1e", eager / diffusers_s,
+                 f", compiled / diffusers {medians['compiled'] / diffusers_s:.2f} (CPU target <= 0.5, GPU <= 0.67)"
+                 if "compiled" in medians else "", rel_diff(eager_out, theirs_out))
         del theirs
     if args.vae:
         decoder = loaded.vae
-        z = torch.randn(1, 4, 64, 64, generator=gen).to(device, decoder.post_quant_conv.weight.dtype)
+        z = torch.randn(1, 4, side, side, generator=gen).to(device, decoder.post_quant_conv.weight.dtype)
         with torch.inference_mode():
-            _, eager, eager_out = timed(lambda: decoder.decode(z), max(1, args.steps - 1))
-            compile_forward(decoder.decoder, "SD1.5 VAE decoder")
-            first, compiled, compiled_out = timed(lambda: decoder.decode(z), max(1, args.steps - 1))
-        log.info("VAE decode 512x512: eager %.3f s, compiled %.3f s (%.2fx); first compiled call %.1f s; "
-                 "max rel diff %.1e", eager, compiled, eager / compiled, first, rel_diff(compiled_out, eager_out))
+            _, eager, eager_out = timed(lambda: (decoder.decode(z), sync())[0], max(1, args.steps - 1))
+            if args.no_compile:
+                log.info("VAE decode %dx%d: eager %.3f s", args.size, args.size, eager)
+                return
+            compile_forward(decoder.decoder, f"{args.family} VAE decoder")
+            first, compiled, compiled_out = timed(lambda: (decoder.decode(z), sync())[0], max(1, args.steps - 1))
+        log.info("VAE decode %dx%d: eager %.3f s, compiled %.3f s (%.2fx); first compiled call %.1f s; "
+                 "max rel diff %.1e", args.size, args.size, eager, compiled, eager / compiled, first,
+                 rel_diff(compiled_out, eager_out))
 
 
 if __name__ == "__main__":
