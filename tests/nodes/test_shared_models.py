@@ -23,7 +23,7 @@ from tests.nodes.test_sd_nodes import txt2img
 
 log = logging.getLogger(__name__)
 
-ROUNDS = 20
+ROUNDS = 10  # the unguarded code got 36 of 40 images wrong
 # (LoRA file or None, strength_model, strength_clip): two LoRAs at several strengths, and none
 VARIANTS = [("a", 0.8, 1.0), ("b", 1.3, -0.6), (None, 0.0, 0.0), ("a", -0.5, 0.4)]
 
