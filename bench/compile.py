@@ -48,19 +48,6 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
-def ensure_sdxl_file(cache: Path) -> Path:
-    """A full-size random SDXL fp16 checkpoint (6.9 GB), written once into the cache."""
-    from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
-
-    path = cache / "sdxl-random-fp16.safetensors"
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        write_random_checkpoint(partial, "sdxl", size="real", dtype=torch.float16, seed=0)
-        partial.rename(path)
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/latentloom-bench"))
@@ -80,14 +67,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.cache_dir / "inductor"))
 
-    from bench.models import ensure_files
+    from bench.models import ensure_files, ensure_random_checkpoint
     from diffusion.checkpoints.loader import load_checkpoint
     from diffusion.patches.compile import compile_forward
 
     if args.family == "sd1":
         path, config = ensure_files(args.cache_dir)
-    else:
-        path, config, args.no_diffusers = ensure_sdxl_file(args.cache_dir), None, True
+    else:  # diffusers' SDXL UNet would need a config of its own: ours alone
+        path = ensure_random_checkpoint(args.cache_dir, "sdxl", "sdxl-random-fp16.safetensors")
+        args.no_diffusers = True
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
@@ -103,13 +91,18 @@ def main() -> None:
     context = (torch.randn(2, 77, unet.config.context_dim, generator=gen) * 0.5).to(device, dtype)
     adm = unet.config.adm_in_channels
     y = (torch.randn(2, adm, generator=gen) * 0.5).to(device, dtype) if adm else None
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     what = f"{args.family.upper()} UNet, batch 2, {side}x{side} latent"
 
-    def step():
-        out = unet(x, t, context, y)
-        sync()
-        return out
+    def synced(fn):
+        """`fn` timed to its end: on a GPU, the call returns once the kernels it queued have run."""
+        def call():
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return out
+        return call
+
+    step = synced(lambda: unet(x, t, context, y))
 
     theirs = None
     if not args.no_diffusers:
@@ -128,11 +121,11 @@ def main() -> None:
             if wrapper.failed:
                 log.info("the compiled path failed (see the warning above): eager only")
             else:
-                calls = {"eager": lambda: (wrapper.eager(x, t, context, y), sync()), "compiled": step}
+                calls = {"eager": synced(lambda: wrapper.eager(x, t, context, y)), "compiled": step}
         # rounds of eager, compiled and diffusers back to back, so that a shared machine's load drifts over all three
         if theirs is not None:
-            calls["diffusers"] = lambda: (theirs(x, t, encoder_hidden_states=context).sample, sync())
-            theirs_out = theirs(x, t, encoder_hidden_states=context).sample
+            calls["diffusers"] = synced(lambda: theirs(x, t, encoder_hidden_states=context).sample)
+            theirs_out = calls["diffusers"]()
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(args.steps):
             for name, call in calls.items():
@@ -158,12 +151,13 @@ def main() -> None:
         decoder = loaded.vae
         z = torch.randn(1, 4, side, side, generator=gen).to(device, decoder.post_quant_conv.weight.dtype)
         with torch.inference_mode():
-            _, eager, eager_out = timed(lambda: (decoder.decode(z), sync())[0], max(1, args.steps - 1))
+            decode = synced(lambda: decoder.decode(z))
+            _, eager, eager_out = timed(decode, max(1, args.steps - 1))
             if args.no_compile:
                 log.info("VAE decode %dx%d: eager %.3f s", args.size, args.size, eager)
                 return
             compile_forward(decoder.decoder, f"{args.family} VAE decoder")
-            first, compiled, compiled_out = timed(lambda: (decoder.decode(z), sync())[0], max(1, args.steps - 1))
+            first, compiled, compiled_out = timed(decode, max(1, args.steps - 1))
         log.info("VAE decode %dx%d: eager %.3f s, compiled %.3f s (%.2fx); first compiled call %.1f s; "
                  "max rel diff %.1e", args.size, args.size, eager, compiled, eager / compiled, first,
                  rel_diff(compiled_out, eager_out))

@@ -126,17 +126,25 @@ def write_diffusers_config(folder: Path) -> Path:
     return folder
 
 
-def ensure_files(cache: Path) -> tuple[Path, Path]:
+def ensure_random_checkpoint(cache: Path, family: str, name: str) -> Path:
+    """A full-size random fp16 checkpoint of `family` (seed 0) at cache/name, written once (through a .partial
+    file, so an interrupted write is never taken for a finished one)."""
     from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
 
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / "sd15-random-fp16.safetensors"
+    path = cache / name
     if not path.exists():
         start = time.perf_counter()
         partial = path.with_suffix(".partial")
-        write_random_checkpoint(partial, "sd1", size="real", dtype=torch.float16, seed=0)
+        write_random_checkpoint(partial, family, size="real", dtype=torch.float16, seed=0)
         partial.rename(path)
         log.info("wrote %s (%.1f GB) in %.1f s", path, path.stat().st_size / 1e9, time.perf_counter() - start)
+    return path
+
+
+def ensure_files(cache: Path) -> tuple[Path, Path]:
+    """The full-size random SD1.5 file and the diffusers config folder that reads it."""
+    path = ensure_random_checkpoint(cache, "sd1", "sd15-random-fp16.safetensors")
     return path, write_diffusers_config(cache / "sd15-diffusers-config")
 
 
