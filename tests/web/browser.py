@@ -93,17 +93,19 @@ class Watchdog:
         self._timer.cancel()
 
 
-def finish(context, page=None, screenshot: Path | None = None, limit_s: float = 60.0) -> None:
-    """A test's browser context at tear-down: its screenshot (an artifact) and its close, within limit_s. Chromium
-    has been seen spinning at full CPU after a run, answering neither (a CI run hung there); the test's checks have
-    run by then, so a context that does not finish is killed with its driver and the tear-down goes on with a
-    warning. A later test of the module that needs the browser fails on its own."""
+def finish(context, page=None, screenshot: Path | None = None, limit_s: float = 60.0,
+           screenshot_limit_s: float = 30.0) -> None:
+    """A test's browser context at tear-down: its screenshot (an artifact, within screenshot_limit_s) and its
+    close, within limit_s. Chromium has been seen spinning at full CPU after a run, answering neither (a CI run hung
+    there); the test's checks have run by then, so a context that does not finish is killed with its driver and the
+    tear-down goes on with a warning. A later test of the module that needs the browser fails on its own. The
+    screenshot has its own limit: a first screenshot on a busy 2-core machine has taken over 1.5 s."""
     from playwright.sync_api import Error
 
     if page is not None and screenshot is not None:
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         try:
-            page.screenshot(path=str(screenshot), timeout=limit_s * 500)  # half the limit, in ms
+            page.screenshot(path=str(screenshot), timeout=screenshot_limit_s * 1000)
         except Error as error:
             warnings.warn(f"no screenshot {screenshot.name}: {error}", stacklevel=2)
     watchdog = Watchdog("closing a browser context", limit_s)
