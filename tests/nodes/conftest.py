@@ -42,14 +42,18 @@ class Engine:
         assert result.status == "success", result.error and result.error["exception_message"]
         return result
 
-    def error(self, prompt) -> str:
+    def failure(self, prompt) -> dict:
         """Run a valid prompt that must fail at execution, in an executor of its own (nothing cached), and return
-        the failing node's message."""
+        the error (node_id, node_type, exception_message, ...)."""
         validation = validate_prompt(prompt, self.registry, self.env)
         assert validation.ok, validation.response()
         result = Executor(env=self.env).execute(validation.prompt, "p", lambda event, data: None)
         assert result.status == "error"
-        return result.error["exception_message"]
+        return result.error
+
+    def error(self, prompt) -> str:
+        """The failing node's message of a valid prompt that must fail at execution."""
+        return self.failure(prompt)["exception_message"]
 
     def outputs(self, prompt, node_id, prompt_id="p"):
         """Run and return the cached output values of one node."""

@@ -14,7 +14,6 @@ from diffusion.checkpoints.motion_files import (
     write_motion_file,
 )
 from diffusion.patches.unet_patches import UNetPatches
-from graph.validation import validate_prompt
 from nodes.animatediff import (
     ADE_StandardStaticContextOptions,
     ADE_StandardUniformContextOptions,
@@ -115,18 +114,10 @@ def test_context_windows_bound_the_unet_batch(motion_engine):
     assert seen and max(seen) == 2 * 4  # positive and negative rows of one 4-frame window
 
 
-def run_error(engine, prompt) -> str:
-    validation = validate_prompt(prompt, engine.registry, engine.env)
-    assert validation.ok, validation.response()
-    result = engine.executor.execute(validation.prompt, "e", lambda e, d: None)
-    assert result.status == "error"
-    return result.error["exception_message"]
-
-
 def test_errors_name_the_node_and_the_value(motion_engine):
-    message = run_error(motion_engine, gen1(model_name="mm_xl.safetensors"))
+    message = motion_engine.error(gen1(model_name="mm_xl.safetensors"))
     assert "ADE_AnimateDiffLoaderGen1" in message and "mm_xl.safetensors" in message and "SD1.x" in message
-    assert "beta_schedule 'lcm' is not supported" in run_error(motion_engine, gen1(beta="lcm"))
+    assert "beta_schedule 'lcm' is not supported" in motion_engine.error(gen1(beta="lcm"))
     with pytest.raises(ValueError, match="ADE_StandardUniformContextOptions: fuse_method '🔬random'"):
         ADE_StandardUniformContextOptions().execute(16, 1, 4, fuse_method="🔬random")
     with pytest.raises(ValueError, match="input 'view_opts' is not supported"):

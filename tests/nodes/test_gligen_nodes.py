@@ -8,7 +8,6 @@ from diffusion.checkpoints.random_checkpoints import checkpoint_spec
 from diffusion.models.gligen import write_random_gligen
 from diffusion.models.unet import UNetModel
 from diffusion.patches.gligen_patch import GLIGENHandle
-from graph.executor import Executor
 from graph.validation import validate_prompt
 
 PHRASE = 16  # pooled width of the tiny SD1 CLIP
@@ -46,14 +45,6 @@ def grounded(gligen="g.safetensors", ckpt="sd1.safetensors", boxes=2, seed=3):
     return prompt
 
 
-def error_of(engine, prompt) -> dict:
-    validation = validate_prompt(prompt, engine.registry, engine.env)
-    assert validation.ok, validation.response()
-    result = Executor(env=engine.env).execute(validation.prompt, "p", lambda event, data: None)
-    assert result.status == "error"
-    return result.error
-
-
 def test_boxes_chain_onto_the_conditioning(engine):
     write_gligen(engine, "g.safetensors")
     conditioning = engine.outputs(grounded(), "21")[0][0]
@@ -84,7 +75,7 @@ def test_grounding_changes_the_sample_and_zero_gates_do_not(engine):
 def test_sdxl_or_sd2_clip_with_an_sd1_gligen_names_both(engine):
     write_gligen(engine, "gligen_sd14_textbox_pruned.safetensors")
     for ckpt, family in (("sdxl.safetensors", "SDXL"), ("sd2-v.safetensors", "SD2.x")):
-        error = error_of(engine, grounded("gligen_sd14_textbox_pruned.safetensors", ckpt=ckpt, boxes=1))
+        error = engine.failure(grounded("gligen_sd14_textbox_pruned.safetensors", ckpt=ckpt, boxes=1))
         message = error["exception_message"]
         assert error["node_id"] == "20", message
         assert "gligen_sd14_textbox_pruned.safetensors" in message and f"{family} checkpoint" in message, message
@@ -94,7 +85,7 @@ def test_loader_rejects_a_file_that_is_not_gligen(engine):
     folder = engine.env.models_dir / "gligen"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "notes.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
-    error = error_of(engine, grounded("notes.safetensors", boxes=1))
+    error = engine.failure(grounded("notes.safetensors", boxes=1))
     assert error["node_id"] == "10" and "notes.safetensors" in error["exception_message"], error
     assert "not a GLIGEN" in error["exception_message"], error["exception_message"]
     validation = validate_prompt(grounded("../checkpoints/sd1.safetensors", boxes=1), engine.registry, engine.env)

@@ -12,7 +12,6 @@ from diffusion.checkpoints.loader import load_checkpoint
 from diffusion.models.clip_vision import write_random_clip_vision
 from diffusion.models.ip_adapter import write_random_ip_adapter
 from diffusion.patches.ip_adapter_patch import IPAdapterHandle
-from graph.executor import Executor
 from graph.validation import validate_prompt
 
 VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
@@ -68,14 +67,6 @@ def advanced(file: str = "ip-adapter_sd15.safetensors", image: list | None = Non
 
 def samples(engine, prompt) -> torch.Tensor:
     return engine.outputs(prompt, "3")[0][0]["samples"]
-
-
-def error_of(engine, prompt) -> str:
-    validation = validate_prompt(prompt, engine.registry, engine.env)
-    assert validation.ok, validation.response()
-    result = Executor(env=engine.env).execute(validation.prompt, "p", lambda event, data: None)
-    assert result.status == "error"
-    return result.error["exception_message"]
 
 
 def with_adapter(nodes: dict, node: str = "21", **base) -> dict:
@@ -138,15 +129,15 @@ def test_unified_loader_and_simple_node(engine, model_dir):
     simple = samples(engine, with_adapter({**nodes, **advanced()}, "25"))
     torch.testing.assert_close(simple, samples(engine, with_adapter(advanced())))
     plus = dict(nodes, **{"24": {**nodes["24"], "inputs": {**nodes["24"]["inputs"], "preset": "PLUS (high strength)"}}})
-    message = error_of(engine, with_adapter(plus, "25"))
+    message = engine.error(with_adapter(plus, "25"))
     assert "PLUS (high strength)" in message and "ip-adapter-plus_sd15.safetensors" in message
 
 
 def test_errors_name_node_value_and_file(engine, model_dir):
     setup_files(engine, model_dir)
-    message = error_of(engine, with_adapter(advanced("xl.safetensors")))
+    message = engine.error(with_adapter(advanced("xl.safetensors")))
     assert "IPAdapterAdvanced" in message and "'xl.safetensors'" in message and "this model is SD1.x" in message
-    message = error_of(engine, with_adapter(advanced("notes.safetensors")))
+    message = engine.error(with_adapter(advanced("notes.safetensors")))
     assert "IPAdapterModelLoader" in message and "notes.safetensors" in message
     class Evil:
         def __reduce__(self):
@@ -154,21 +145,21 @@ def test_errors_name_node_value_and_file(engine, model_dir):
 
     torch.save({"image_proj": {"proj.weight": torch.ones(1)}, "ip_adapter": Evil()},
                engine.env.models_dir / "ipadapter" / "evil.bin")
-    message = error_of(engine, with_adapter(advanced("evil.bin")))
+    message = engine.error(with_adapter(advanced("evil.bin")))
     assert "IPAdapterModelLoader" in message and "evil.bin" in message and "refused" in message
     assert str(engine.env.models_dir) not in message  # named relative to the data directory
     traversal = validate_prompt(with_adapter(advanced("../checkpoints/x.safetensors")), engine.registry, engine.env)
     assert not traversal.ok and "ipadapter_file" in str(traversal.response())
-    message = error_of(engine, with_adapter(advanced(embeds_scaling="K+V")))
+    message = engine.error(with_adapter(advanced(embeds_scaling="K+V")))
     assert "'K+V'" in message
     nodes = advanced()
     nodes["21"]["inputs"].pop("clip_vision")
-    assert "no CLIP vision model" in error_of(engine, with_adapter(nodes))
+    assert "no CLIP vision model" in engine.error(with_adapter(nodes))
     nodes = advanced()
     nodes["25"] = {"class_type": "IPAdapter", "inputs": {"model": ["4", 0], "ipadapter": ["20", 0],
                                                          "image": ["30", 0], "weight": 1.0, "start_at": 0.0,
                                                          "end_at": 1.0, "weight_type": "standard"}}
-    assert "IPAdapterUnifiedLoader" in error_of(engine, with_adapter(nodes, "25"))
+    assert "IPAdapterUnifiedLoader" in engine.error(with_adapter(nodes, "25"))
 
 
 def has(config: dict, expected: dict) -> bool:
@@ -237,7 +228,7 @@ def test_weighted_embeds_combined(engine, model_dir):
         "ipadapter": ["29", 0], "image": ["31", 0], "weight": 1.0, "clip_vision": ["40", 0]}}
     nodes["29"] = {"class_type": "IPAdapterModelLoader", "inputs": {"ipadapter_file": "ip-adapter_sd15.safetensors"}}
     nodes["27"]["inputs"]["embed3"] = ["28", 0]  # image embeds [1, 24] among hidden states
-    assert "differ in shape" in error_of(engine, with_adapter(nodes, "23"))
+    assert "differ in shape" in engine.error(with_adapter(nodes, "23"))
 
 
 def test_attn_mask_on_the_apply_node(engine, model_dir):
@@ -264,7 +255,7 @@ def test_attn_mask_on_the_apply_node(engine, model_dir):
     three["54"] = {"class_type": "MaskToImage", "inputs": {"mask": ["52", 0]}}
     three["55"] = {"class_type": "ImageToMask", "inputs": {"image": ["53", 0], "channel": "red"}}
     three["21"]["inputs"]["attn_mask"] = ["55", 0]
-    message = error_of(engine, three)
+    message = engine.error(three)
     assert "IPAdapterAdvanced: attn_mask must be one MASK [1, H, W]" in message and "[3, 64, 64]" in message
 
 
