@@ -9,21 +9,11 @@ import pytest
 import torch
 
 from diffusion.patches.hypernetwork import attention_input_widths
-from graph.executor import Executor
 from graph.validation import validate_prompt
 from nodes.schedulers import BasicScheduler
 from tests.diffusion.test_hypernetwork import Payload, write_hypernetwork
 from tests.nodes.test_model_patch_nodes import latent, patched
 from tests.nodes.test_sd_nodes import txt2img
-
-
-def failed(engine, prompt) -> dict:
-    validation = validate_prompt(prompt, engine.registry, engine.env)
-    assert validation.ok, validation.response()
-    result = Executor(env=engine.env).execute(validation.prompt, "p", lambda event, data: None)
-    assert result.status == "error"
-    return result.error
-
 
 # --- ModelSamplingContinuousEDM / ModelSamplingContinuousV ------------------------------------------------------
 
@@ -65,7 +55,7 @@ def test_basic_scheduler_follows_the_continuous_range(engine):
     ({**EDM, "sigma_min": 100.0}, ["sigma_min=100.0", "sigma_max=80.0"]),
 ])
 def test_refused_continuous_settings_are_named(engine, inputs, words):
-    error = failed(engine, patched([("ModelSamplingContinuousEDM", inputs)]))
+    error = engine.failure(patched([("ModelSamplingContinuousEDM", inputs)]))
     assert error["node_type"] == "ModelSamplingContinuousEDM" and error["node_id"] == "20"
     for word in words:
         assert word in error["exception_message"], error["exception_message"]
@@ -106,16 +96,16 @@ def test_hypernetwork_errors_name_the_node_and_the_file(engine, sd1_widths):
     _, context_dim = sd1_widths
     folder = engine.env.models_dir / "hypernetworks"
     write_hypernetwork(folder / "other.pt", widths=(context_dim + 8,))
-    error = failed(engine, hypernetwork_prompt("other.pt"))
+    error = engine.failure(hypernetwork_prompt("other.pt"))
     assert error["node_type"] == "HypernetworkLoader"
     assert f"no attention input of width {context_dim + 8}" in error["exception_message"]
     torch.save({context_dim: [Payload(), {}]}, folder / "evil.pt")
-    error = failed(engine, hypernetwork_prompt("evil.pt"))
+    error = engine.failure(hypernetwork_prompt("evil.pt"))
     message = error["exception_message"]
     assert "models/hypernetworks/evil.pt" in message and "needs code" in message
     assert str(engine.env.data_dir) not in message
     (folder / "text.pt").write_text("not a pickle")
-    assert "text.pt" in failed(engine, hypernetwork_prompt("text.pt"))["exception_message"]
+    assert "text.pt" in engine.failure(hypernetwork_prompt("text.pt"))["exception_message"]
 
 
 def test_a_hypernetwork_name_outside_its_folder_is_refused(engine):
