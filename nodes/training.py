@@ -10,9 +10,7 @@ by forward hooks that are removed when training ends, so the shared checkpoint s
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from torch import Tensor, nn
 from diffusion.handles import ClipModel, DiffusionModel, VAEModel
 from diffusion.patches.lora import kohya_unet_names, load_lora, save_lora
 from diffusion.patches.patcher import LoraDelta
+from diffusion.patches.trainable_lora import LowRankDelta
 from graph.node import Float, Input, Int, Node, Output, Socket, String
 from graph.types import CLIP, IMAGE, MODEL, STRING, VAE
 from nodes.environment import embedding_file_names, safe_join
@@ -33,34 +32,10 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 MIN_SNR = 5.0
 
 
-@dataclass
-class LoraLayer:
-    """One trainable low-rank pair for a frozen nn.Linear: y = W x + (up @ down) x."""
-
-    module: str
-    down: nn.Parameter  # [rank, in]
-    up: nn.Parameter  # [out, rank]
-
-    def hook(self, layer: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
-        x = args[0]
-        delta = F.linear(F.linear(x.to(self.down.dtype), self.down), self.up)
-        return out + delta.to(out.dtype)
-
-
 def attention_layers(unet: nn.Module) -> dict[str, nn.Linear]:
     """Our module path -> layer for every attention projection of the UNet."""
     return {name: m for name, m in unet.named_modules()
             if isinstance(m, nn.Linear) and name.endswith(tuple("." + t for t in TARGETS)) and ".attn" in name}
-
-
-def make_layers(unet: nn.Module, rank: int, gen: torch.Generator) -> list[LoraLayer]:
-    """Down matrices drawn like a Linear's init, up matrices at zero: training starts from the base model."""
-    layers = []
-    for name, linear in sorted(attention_layers(unet).items()):
-        down = torch.randn(rank, linear.in_features, generator=gen) / math.sqrt(linear.in_features)
-        up = torch.zeros(linear.out_features, rank)
-        layers.append(LoraLayer(name, nn.Parameter(down), nn.Parameter(up)))
-    return layers
 
 
 def _targets(model: DiffusionModel, latents: Tensor, noise: Tensor, abar: Tensor) -> Tensor:
@@ -98,14 +73,15 @@ def train_lora(model: DiffusionModel, clip: ClipModel, vae: VAEModel, images: Te
     losses: list[float] = []
     with model.manager.use([model.patcher], exclusive=True) as (unet,):  # hooks and flags: nobody else
         device, dtype = model.device, model.dtype
-        layers = make_layers(unet, rank, gen)
+        # down drawn in sorted layer order from the seed's generator: the same seed trains the same LoRA
+        layers = {name: LowRankDelta(linear, rank, gen) for name, linear in sorted(attention_layers(unet).items())}
         names = kohya_unet_names(model.family.unet, [n for n, _ in unet.named_parameters()])
-        params = [p for layer in layers for p in (layer.down, layer.up)]
+        params = [p for layer in layers.values() for p in (layer.down, layer.up)]
         for p in params:
             p.data = p.data.to(device)
         optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
         modules = dict(unet.named_modules())
-        handles = [modules[layer.module].register_forward_hook(layer.hook) for layer in layers]
+        handles = [modules[name].register_forward_hook(layer.hook) for name, layer in layers.items()]
         grad_flags = [p.requires_grad for p in unet.parameters()]
         unet.requires_grad_(False)
         x0 = latents.repeat(repeats, 1, 1, 1)
@@ -133,10 +109,7 @@ def train_lora(model: DiffusionModel, clip: ClipModel, vae: VAEModel, images: Te
                 handle.remove()
             for p, flag in zip(unet.parameters(), grad_flags, strict=True):
                 p.requires_grad_(flag)
-    deltas = {names[layer.module]: LoraDelta(layer.up.detach().cpu().contiguous(),
-                                             layer.down.detach().cpu().contiguous(), float(rank))
-              for layer in layers}
-    return deltas, losses
+    return {names[name]: layer.as_lora() for name, layer in layers.items()}, losses
 
 
 def lora_path(models_dir: Path, name: str) -> Path:

@@ -49,6 +49,7 @@ from diffusion.models.unet import UNetModel
 from diffusion.patches.lora import kohya_unet_names, save_lora
 from diffusion.patches.motion_patch import _locate
 from diffusion.patches.patcher import LoraDelta
+from diffusion.patches.trainable_lora import LowRankDelta
 from diffusion.patches.unet_patches import Site, UNetPatches
 from diffusion.sampling.schedules import DiscreteSchedule
 
@@ -86,18 +87,6 @@ def new_motion_set(unet: UNetModel, seed: int) -> MotionModuleSet:
     return motion
 
 
-class LowRank(nn.Module):
-    """A trainable delta (up @ down) x added to a frozen nn.Linear's output by a forward hook."""
-
-    def __init__(self, linear: nn.Linear, rank: int, gen: torch.Generator):
-        super().__init__()
-        self.down = nn.Parameter(torch.randn(rank, linear.in_features, generator=gen) / linear.in_features ** 0.5)
-        self.up = nn.Parameter(torch.zeros(linear.out_features, rank))  # starts as the frozen layer
-
-    def hook(self, layer: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
-        return out + F.linear(F.linear(args[0], self.down.to(args[0].dtype)), self.up.to(args[0].dtype))
-
-
 class MotionAndAdapter(nn.Module):
     """What the recipe trains: the motion module set and, keyed by UNet module path ('.' as '-'), the adapter's
     low-rank deltas on the UNet's cross-attention (none at rank 0)."""
@@ -109,7 +98,7 @@ class MotionAndAdapter(nn.Module):
         layers = {} if rank <= 0 else {
             name: m for name, m in sorted(unet.named_modules())
             if isinstance(m, nn.Linear) and name.endswith(LORA_TARGETS)}
-        self.adapter = nn.ModuleDict({name.replace(".", "-"): LowRank(m, rank, gen) for name, m in layers.items()})
+        self.adapter = nn.ModuleDict({name.replace(".", "-"): LowRankDelta(m, rank, gen) for name, m in layers.items()})
 
     def attach(self, unet: UNetModel) -> list:
         """Hook the adapter's deltas into `unet` (the trainer's own frozen copy); returns the hook handles."""
@@ -120,10 +109,7 @@ class MotionAndAdapter(nn.Module):
     def lora_deltas(self, unet: UNetModel) -> dict[str, LoraDelta]:
         """kohya layer name -> the adapter's delta (alpha = rank: scale 1 at strength 1)."""
         names = kohya_unet_names(unet.config, [n for n, _ in unet.named_parameters()])
-        return {names[key.replace("-", ".")]: LoraDelta(d.up.detach().to(torch.float16).contiguous(),
-                                                         d.down.detach().to(torch.float16).contiguous(),
-                                                         float(d.down.shape[0]))
-                for key, d in self.adapter.items()}
+        return {names[key.replace("-", ".")]: d.as_lora(torch.float16) for key, d in self.adapter.items()}
 
 
 def training_patches(motion: MotionModuleSet, num_res_blocks: int, frames: int) -> UNetPatches:
