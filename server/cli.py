@@ -62,21 +62,24 @@ def read_workflow(path: str) -> Any:
         raise CliError(f"{path} is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}") from None
 
 
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """`NODE_ID.INPUT=VALUE` -> (node id, input, value); VALUE is read as JSON when it parses, else as a string."""
+    target, sep, raw = item.partition("=")
+    node_id, dot, name = target.partition(".")
+    if not sep or not dot or not node_id or not name:
+        raise CliError(f"--set {item!r}: expected NODE_ID.INPUT=VALUE")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return node_id, name, {"__value__": value} if isinstance(value, list) else value
+
+
 def apply_overrides(prompt: dict[str, Any], overrides: list[str]) -> None:
-    """`NODE_ID.INPUT=VALUE`; VALUE is read as JSON when it parses, else as a string."""
     for item in overrides:
-        target, sep, raw = item.partition("=")
-        node_id, dot, name = target.partition(".")
-        if not sep or not dot or not node_id or not name:
-            raise CliError(f"--set {item!r}: expected NODE_ID.INPUT=VALUE")
+        node_id, name, value = parse_override(item)
         if node_id not in prompt or not isinstance(prompt[node_id], dict):
             raise CliError(f"--set {item!r}: there is no node {node_id!r} in the workflow")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        if isinstance(value, list):
-            value = {"__value__": value}
         prompt[node_id].setdefault("inputs", {})[name] = value
 
 
@@ -101,10 +104,15 @@ def load(path: str, registry: NodeRegistry, overrides: list[str] | None = None,
          env: Environment | None = None) -> tuple[Any, dict[str, Any]]:
     """The file's JSON as read, and the API-format prompt (converted, with overrides applied). `env` lists the
     model files a model combo saved without a value defaults to (the first, as ComfyUI's front end picks)."""
+    return convert(path, read_workflow(path), registry, overrides, env)
+
+
+def convert(path: str, data: Any, registry: NodeRegistry, overrides: list[str] | None = None,
+            env: Environment | None = None) -> tuple[Any, dict[str, Any]]:
+    """`load` for a file already read: `path` names it in errors."""
     from graph.ui_format import to_api_prompt
     from graph.workflow import WorkflowFormatError
 
-    data = read_workflow(path)
     try:
         prompt = to_api_prompt(data, registry, env)
     except WorkflowFormatError as exc:
@@ -166,7 +174,7 @@ def cmd_run(args: argparse.Namespace, env: Environment, registry: NodeRegistry) 
     from graph.workflow import is_ui_workflow
     from server.admission import cli_refusal
 
-    data, prompt = load(args.workflow, registry, args.set, env)
+    data, prompt = convert(args.workflow, args.workflow_data, registry, args.set, env)
     validation = validate_prompt(prompt, registry, env)
     if not validation.ok:
         for line in describe_errors(validation):
@@ -194,7 +202,7 @@ def cmd_validate(args: argparse.Namespace, env: Environment, registry: NodeRegis
     from graph.validation import validate_prompt
     from server.admission import cli_refusal
 
-    _, prompt = load(args.workflow, registry, env=env)
+    _, prompt = convert(args.workflow, args.workflow_data, registry, env=env)
     validation = validate_prompt(prompt, registry, env)
     for line in describe_errors(validation):
         print(line, file=sys.stderr if not validation.ok else sys.stdout)
@@ -300,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             resolve_host(args)  # contradicting flags fail before the engine loads
+        if args.command in ("run", "validate"):  # a mistyped path or --set answers before torch is imported
+            args.workflow_data = read_workflow(args.workflow)
+            for item in getattr(args, "set", []):
+                parse_override(item)
         env = make_environment(args)
         from nodes import build_registry
 

@@ -101,6 +101,18 @@ def test_user_errors_are_one_line(tmp_path, data_dir, args, needle):
     assert proc.stderr.strip().count("\n") == 0 and needle in proc.stderr
 
 
+def test_a_bad_path_or_set_answers_before_the_engine_is_imported(tmp_path, data_dir):
+    """A typo costs a fraction of a second, not torch's import."""
+    script = (f"import sys; from server.cli import main; "
+              f"codes = [main(['--data-dir', {str(data_dir)!r}, 'run', '/nonexistent/wf.json']), "
+              f"main(['--data-dir', {str(data_dir)!r}, 'run', {write(tmp_path, 'wf.json', PROMPT)!r}, '--set', 'x']),"
+              f"main(['--data-dir', {str(data_dir)!r}, 'validate', {write(tmp_path, 'bad.json', '[')!r}])]; "
+              f"print(codes, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["[2,", "2,", "2]", "False"], proc.stdout + proc.stderr
+    assert "expected NODE_ID.INPUT=VALUE" in proc.stderr and "bad.json is not valid JSON" in proc.stderr
+
+
 def test_invalid_json_is_one_line(tmp_path, data_dir):
     proc = cli(data_dir, "run", write(tmp_path, "bad.json", '{"1": {"class_type": '))
     assert proc.returncode == 2 and "is not valid JSON: line 1" in proc.stderr
