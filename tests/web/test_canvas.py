@@ -167,18 +167,18 @@ def test_incompatible_connection_refused_and_undo_redo(page):
     connect(page, 4, 1, 8, 1)  # CLIP output onto VAEDecode's vae input
     assert input_link_origin(page, 8, 1) == [4, 2]
     connect(page, 7, 0, 3, 1)  # a compatible one replaces the positive conditioning
-    page.wait_for_function(link_is(3, 1, [7, 0]), timeout=5_000)
+    page.wait_for_function(link_is(3, 1, [7, 0]), timeout=20_000)
     page.click("#undo")
-    page.wait_for_function(link_is(3, 1, [6, 0]), timeout=5_000)
+    page.wait_for_function(link_is(3, 1, [6, 0]), timeout=20_000)
     page.click("#redo")
-    page.wait_for_function(link_is(3, 1, [7, 0]), timeout=5_000)
+    page.wait_for_function(link_is(3, 1, [7, 0]), timeout=20_000)
     # delete a node with the keyboard, then undo it
     select_by_click(page, 8)
     page.focus("#graph")
     page.keyboard.press("Delete")
-    page.wait_for_function("loom.graph.getNodeById(8) == null", timeout=5_000)
+    page.wait_for_function("loom.graph.getNodeById(8) == null", timeout=20_000)
     page.keyboard.press("Control+z")
-    page.wait_for_function(link_is(8, 1, [4, 2]), timeout=5_000)
+    page.wait_for_function(link_is(8, 1, [4, 2]), timeout=20_000)
     # copy and paste a node; move one by its title
     count = page.evaluate("loom.graph._nodes.length")
     select_by_click(page, 7)
@@ -186,11 +186,11 @@ def test_incompatible_connection_refused_and_undo_redo(page):
     page.keyboard.press("Control+c")
     page.mouse.move(*page.evaluate("loom.titlePosition(5)"))
     page.keyboard.press("Control+v")
-    page.wait_for_function(f"loom.graph._nodes.length === {count + 1}", timeout=5_000)
+    page.wait_for_function(f"loom.graph._nodes.length === {count + 1}", timeout=20_000)
     before = page.evaluate("loom.graph.getNodeById(9).pos[1]")
     start = page.evaluate("loom.titlePosition(9)")
     drag(page, start, [start[0] + 40, start[1] + 120])
-    page.wait_for_function(f"loom.graph.getNodeById(9).pos[1] > {before + 50}", timeout=5_000)
+    page.wait_for_function(f"loom.graph.getNodeById(9).pos[1] > {before + 50}", timeout=20_000)
 
 
 def test_bad_value_shows_the_servers_error_on_its_node(page):

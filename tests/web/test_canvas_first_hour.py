@@ -75,7 +75,7 @@ def close_to(colour: list[int], hex_colour: str, tolerance: int = 24) -> bool:
 def context_menu_entries(page, at: list[float]) -> list[str]:
     next_frame(page)
     page.mouse.click(*at, button="right")
-    page.locator(".litecontextmenu").first.wait_for(timeout=5_000)
+    page.locator(".litecontextmenu").first.wait_for(timeout=20_000)
     entries = page.evaluate("[...document.querySelectorAll('.litecontextmenu .litemenu-entry')]"
                             ".map(e => e.textContent)")
     page.keyboard.press("Escape")
@@ -244,12 +244,12 @@ def test_no_emoji_in_the_interface(page, server):
     page.route("**/queue", lambda route: route.fulfill(status=200, content_type="application/json", body=fake)
                if route.request.method == "GET" else route.continue_())
     page.click('[data-panel-tab="queue"]')
-    page.locator(".queue-list li.pending").wait_for(timeout=5_000)
+    page.locator(".queue-list li.pending").wait_for(timeout=20_000)
     queue_text = page.inner_text("[data-panel='queue']")
     page.unroute("**/queue")
     texts.append(queue_text)
     page.click('[data-panel-tab="workflows"]')
-    page.locator('.workflow-list li[data-name="kept.json"]').wait_for(timeout=5_000)
+    page.locator('.workflow-list li[data-name="kept.json"]').wait_for(timeout=20_000)
     texts.append(page.inner_text("[data-panel='workflows']"))
     texts.append(page.inner_text("#toolbar"))
     # and on the canvas: the text of one frame with a pinned node
@@ -301,13 +301,13 @@ def test_error_labels_readable_over_other_nodes_and_one_line_per_error(page):
 # 10 -----------------------------------------------------------------------------------------------------------
 def test_group_and_refresh_give_feedback_and_a_group_of_all_keeps_its_title_in_view(page):
     page.click("#group")
-    page.locator(".toast", has_text="select the nodes").wait_for(timeout=5_000)
+    page.locator(".toast", has_text="select the nodes").wait_for(timeout=20_000)
     page.click("#refresh")
     page.locator(".toast", has_text="refreshed").wait_for(timeout=10_000)
     page.evaluate("loom.fitView()")
     page.focus("#graph")
     page.keyboard.press("Control+a")
-    page.wait_for_function("loom.canvas.selectedItems.size === loom.graph._nodes.length", timeout=5_000)
+    page.wait_for_function("loom.canvas.selectedItems.size === loom.graph._nodes.length", timeout=20_000)
     page.click("#group")
     group = page.evaluate("""(() => { const g = loom.graph._groups[0];
         return [...loom.canvas.convertOffsetToCanvas([g.pos[0], g.pos[1]]),
@@ -359,10 +359,10 @@ def test_socket_type_shown_on_hover(page):
     for node, is_input, slot, expected in ((3, "true", 0, "MODEL"), (8, "false", 0, "IMAGE"), (4, "false", 1, "CLIP")):
         next_frame(page)
         page.mouse.move(*page.evaluate(f"loom.slotPosition({node}, {is_input}, {slot})"))
-        tooltip.wait_for(state="visible", timeout=5_000)
+        tooltip.wait_for(state="visible", timeout=20_000)
         assert expected in tooltip.inner_text()
         page.mouse.move(5, 500)
-        tooltip.wait_for(state="hidden", timeout=5_000)
+        tooltip.wait_for(state="hidden", timeout=20_000)
 
 
 # runs: 6 (live preview), 12 (results), also (preview on node, a batch as a grid) -------------------------------
