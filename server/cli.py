@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             resolve_host(args)  # contradicting flags fail before the engine loads
         if args.command in ("run", "validate"):  # a mistyped path or --set answers before torch is imported
+            for resolve in (resolve_device, resolve_precision, resolve_vram, resolve_folders):
+                resolve(args)  # contradicting flags are named first, as make_environment would
             args.workflow_data = read_workflow(args.workflow)
             for item in getattr(args, "set", []):
                 parse_override(item)

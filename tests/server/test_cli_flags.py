@@ -110,12 +110,14 @@ def test_device_flags_choose_the_model_managers_device(tmp_path):
 def test_a_gpu_that_is_not_there_is_one_line(tmp_path, capsys):
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     index = count + 1
-    status = cli.main(["--data-dir", str(tmp_path / "data"), "--cuda-device", str(index), "validate", "w.json"])
+    workflow = tmp_path / "w.json"
+    workflow.write_text("{}")
+    status = cli.main(["--data-dir", str(tmp_path / "data"), "--cuda-device", str(index), "validate", str(workflow)])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == cli.EXIT_USAGE and len(err) == 1
     expected = "CUDA is not available" if count == 0 else f"this machine has {count} CUDA device(s)"
     assert err[0].startswith(f"error: --cuda-device {index}: device 'cuda:{index}' asked for") and expected in err[0]
-    status = cli.main(["--data-dir", str(tmp_path / "data"), "validate", "w.json", "--device", f"cuda:{index}"])
+    status = cli.main(["--data-dir", str(tmp_path / "data"), "validate", str(workflow), "--device", f"cuda:{index}"])
     assert status == cli.EXIT_USAGE and f"--device cuda:{index}: " in capsys.readouterr().err
 
 
