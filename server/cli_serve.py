@@ -67,6 +67,9 @@ def add_serve_parser(sub: Any) -> None:
                        help="uploads may not take the input folder past this many files (default 10000; 0: no limit)")
     serve.add_argument("--max-workflows", type=limit_option(), default=1000,
                        help="saved workflows at most (default 1000; 0: no limit)")
+    serve.add_argument("--max-history", type=limit_option(), default=10_000,
+                       help="history entries kept (default 10000, as ComfyUI; the oldest go first, with their temp "
+                            "files; 0: no limit)")
     serve.add_argument("--max-workflow-mb", type=limit_option(0, float), default=16,
                        help="size limit of one saved workflow in MiB (default 16; 0: only --max-upload-mb's)")
     serve.add_argument("--web-root", type=Path, default=None, help="folder of the canvas (default: web/)")
@@ -162,6 +165,7 @@ def server_config(args: argparse.Namespace, env: Environment) -> ServerConfig:
                           max_image_pixels=args.max_image_pixels, workers=args.workers,
                           max_image_frames=args.max_image_frames, max_input_bytes=int(args.max_input_mb * (1 << 20)),
                           max_input_files=args.max_input_files, max_workflows=args.max_workflows,
+                          max_history=args.max_history,
                           max_workflow_bytes=int(args.max_workflow_mb * (1 << 20)),
                           extra_model_dirs=env.extra_model_dirs, max_prompt_memory=args.max_prompt_memory)
     if args.front_end == "comfyui":

@@ -15,10 +15,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Container
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps
 
+from nodes.environment import Environment, UnsafePathError, safe_join
 from server.progress_state import ENDS, ProgressStates
 from server.store import QueueItem, Store, history_entry
 from server.websocket import JPEG, PNG, Hub, Preview, text_message
@@ -108,6 +110,29 @@ def interrupt_if_asked(lock: threading.Lock, asked: Container[str], prompt_id: s
         interrupt(prompt_id)
 
 
+def delete_temp_files(temp_dir: Path, entries: list[dict[str, Any]]) -> int:
+    """Remove the temp-folder files that deleted history entries referenced; returns how many. A file that cannot
+    be removed is logged and left."""
+    removed = 0
+    for entry in entries:
+        for ui in (entry.get("outputs") or {}).values():
+            for items in ui.values() if isinstance(ui, dict) else ():
+                for item in items if isinstance(items, list) else ():
+                    if not isinstance(item, dict) or item.get("type") != "temp" or "filename" not in item:
+                        continue
+                    try:
+                        path = safe_join(temp_dir, str(item.get("subfolder") or ""), str(item["filename"]))
+                        if path.is_file():
+                            path.unlink()
+                            removed += 1
+                    except UnsafePathError:
+                        continue
+                    except OSError as exc:
+                        log.warning("temp file %s of a deleted history entry was not removed: %s", item["filename"],
+                                    exc.strerror or exc)
+    return removed
+
+
 class PromptPool:
     """What every worker pool answers and does the same way: queue status, cancel, the running node, the end
     of a prompt. A pool has `work` (an Event its dispatcher waits on), `store`, `hub`, `on_finished`, `lock`
@@ -115,6 +140,7 @@ class PromptPool:
 
     work: threading.Event
     store: Store
+    env: Environment
     hub: Hub
     on_finished: FinishedCallback
     lock: threading.Lock
@@ -164,6 +190,7 @@ class PromptPool:
     def cancel(self, prompt_id: str) -> str | None:
         """Cancel a pending ('pending') or running ('running') prompt; None if it is neither."""
         item = self.store.cancel_pending(prompt_id, cancelled_entry)
+        delete_temp_files(self.env.temp_dir, self.store.take_dropped())
         if item is not None:
             with self.lock:
                 self.forget(prompt_id)
@@ -185,6 +212,7 @@ class PromptPool:
             self.store.finish(item.prompt_id, entry)
         except Exception:
             log.exception("prompt %s: the history entry could not be written", item.prompt_id)
+        delete_temp_files(self.env.temp_dir, self.store.take_dropped())  # entries past --max-history
         with self.lock:
             release()
             self.cancelled.discard(item.prompt_id)

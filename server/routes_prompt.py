@@ -18,8 +18,8 @@ from aiohttp import web
 from graph.ui_format import ui_to_api
 from graph.validation import validate_prompt
 from graph.workflow import WorkflowFormatError, is_ui_workflow
-from nodes.environment import UnsafePathError, safe_join
 from server.json_values import dumps
+from server.prompt_run import delete_temp_files
 from server.state import STATE, ApiError, ServerState, read_json_object
 from server.store import AddRequest, DuplicatePromptId, QueueItem
 from server.webhook import WebhookRefused, check_webhook_url
@@ -242,25 +242,6 @@ async def get_history_entry(request: web.Request) -> web.Response:
     return web.json_response({prompt_id: entry} if entry is not None else {}, dumps=dumps)
 
 
-def delete_temp_files(state: ServerState, entries: list[dict[str, Any]]) -> int:
-    """Remove the temp-folder files that deleted history entries referenced; returns how many."""
-    removed = 0
-    for entry in entries:
-        for ui in (entry.get("outputs") or {}).values():
-            for items in ui.values() if isinstance(ui, dict) else ():
-                for item in items if isinstance(items, list) else ():
-                    if not isinstance(item, dict) or item.get("type") != "temp" or "filename" not in item:
-                        continue
-                    try:
-                        path = safe_join(state.env.temp_dir, str(item.get("subfolder") or ""), str(item["filename"]))
-                    except UnsafePathError:
-                        continue
-                    if path.is_file():
-                        path.unlink()
-                        removed += 1
-    return removed
-
-
 async def post_history(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json_object(request)
@@ -272,7 +253,7 @@ async def post_history(request: web.Request) -> web.Response:
             deleted += state.store.delete_history(None)
         if delete:
             deleted += state.store.delete_history(delete)
-        delete_temp_files(state, deleted)
+        delete_temp_files(state.env.temp_dir, deleted)
     await asyncio.to_thread(change)
     return web.Response(status=200)
 

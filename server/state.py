@@ -17,6 +17,7 @@ from graph.registry import NodeRegistry
 from nodes import build_registry
 from nodes.environment import Environment
 from server.json_values import JsonValueError, parse_json
+from server.prompt_run import delete_temp_files
 from server.store import Store
 from server.submissions import SubmissionWriter
 from server.webhook import WebhookSender
@@ -46,6 +47,7 @@ class ServerConfig:
     max_input_bytes: int = 2048 << 20  # files under input/ together; 0: no limit
     max_input_files: int = 10_000  # files under input/ (LoadImage's list shows each one); 0: no limit
     max_workflows: int = 1000  # saved workflows in DATA_DIR/workflows; 0: no limit
+    max_history: int = 10_000  # history entries kept, as ComfyUI; the oldest go, with their temp files; 0: no limit
     max_workflow_bytes: int = 16 << 20  # one PUT /workflows/{name} body
     web_root: Path = ROOT / "web"
     front_end: str = "latentloom"  # or "comfyui": web_root is comfyui-frontend-package's static/ (server/front_end.py)
@@ -94,11 +96,14 @@ class ServerState:
         cluster = None
         if isinstance(config.workers, str):  # prompts run on Ray actors; Ray is imported only then
             from server import ray_workers as cluster
-        self.store = (cluster.ClusterStore if cluster else Store)(config.data_dir / "latentloom.sqlite3")
+        self.store = (cluster.ClusterStore if cluster else Store)(config.data_dir / "latentloom.sqlite3",
+                                                                  max_history=config.max_history or None)
         recovered = self.store.recover()
         if recovered:
             log.warning("%d prompt(s) were running when the server stopped; recorded as failed: %s",
                         len(recovered), ", ".join(recovered))
+        self.store.apply_history_limit()  # the last server may have kept more
+        delete_temp_files(self.env.temp_dir, self.store.take_dropped())
         self.features = {"supports_preview_metadata": True, "max_upload_size": config.max_upload_bytes}
         self.waiters: dict[str, list[asyncio.Future]] = {}
         self.hub = Hub(self.status, self.features, lambda cid: self.pool.running_node(cid))

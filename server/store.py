@@ -107,8 +107,13 @@ def history_entry(item: QueueItem, outputs: dict[str, Any], status_str: str, com
 class Store:
     """Thread-safe access to the queue and history (one connection, one lock: every statement is short)."""
 
-    def __init__(self, path: Path, durable: bool = True) -> None:
+    def __init__(self, path: Path, durable: bool = True, max_history: int | None = None) -> None:
+        """`max_history`: the most history entries kept (ComfyUI keeps 10,000); each new entry past it drops the
+        oldest, and `take_dropped` hands the dropped entries to whoever deletes their temp files. None: no limit."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_history = max_history
+        self._dropped: list[dict[str, Any]] = []
+        self._dropping: list[dict[str, Any]] = []  # dropped by the transaction under way
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -136,9 +141,12 @@ class Store:
                 length = self._count_queue()
             except BaseException:
                 self._db.execute("ROLLBACK")
+                self._dropping.clear()
                 raise
             self._db.execute("COMMIT")
             self._queue_length = length
+            self._dropped += self._dropping  # only what a committed transaction dropped
+            self._dropping.clear()
             return result
 
     # queue -----------------------------------------------------------------------------------------
@@ -249,12 +257,33 @@ class Store:
         return self._tx(lambda db: db.execute("DELETE FROM queue WHERE state='pending'").rowcount)
 
     # history ---------------------------------------------------------------------------------------
+    def _record(self, db: sqlite3.Connection, prompt_id: str, entry: dict[str, Any]) -> None:
+        """Write a history entry, then drop the oldest entries past `max_history` (kept for `take_dropped`)."""
+        db.execute("INSERT OR REPLACE INTO history (prompt_id, entry, created) VALUES (?, ?, ?)",
+                   (prompt_id, dumps(entry), time.time()))
+        self._trim(db)
+
+    def _trim(self, db: sqlite3.Connection) -> None:
+        if self.max_history is not None:
+            rows = db.execute("DELETE FROM history WHERE seq <= (SELECT seq FROM history ORDER BY seq DESC "
+                              "LIMIT 1 OFFSET ?) RETURNING entry", (self.max_history,)).fetchall()
+            self._dropping.extend(json.loads(r[0]) for r in rows)
+
+    def apply_history_limit(self) -> None:
+        """Drop the entries past `max_history` now (a server started with a lower limit than the last one)."""
+        self._tx(self._trim)
+
+    def take_dropped(self) -> list[dict[str, Any]]:
+        """The history entries dropped for `max_history` since the last call (their temp files are to go)."""
+        with self._lock:
+            dropped, self._dropped = self._dropped, []
+        return dropped
+
     def finish(self, prompt_id: str, entry: dict[str, Any]) -> None:
         """Move a prompt from the queue to history, in one transaction."""
         def finish(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM queue WHERE prompt_id=?", (prompt_id,))
-            db.execute("INSERT OR REPLACE INTO history (prompt_id, entry, created) VALUES (?, ?, ?)",
-                       (prompt_id, dumps(entry), time.time()))
+            self._record(db, prompt_id, entry)
         self._tx(finish)
 
     def cancel_pending(self, prompt_id: str, entry_for: Any) -> QueueItem | None:
@@ -265,8 +294,7 @@ class Store:
             if row is None:
                 return None
             item = _item(row)
-            db.execute("INSERT OR REPLACE INTO history (prompt_id, entry, created) VALUES (?, ?, ?)",
-                       (prompt_id, dumps(entry_for(item)), time.time()))
+            self._record(db, prompt_id, entry_for(item))
             return item
         return self._tx(cancel)
 
@@ -311,7 +339,6 @@ class Store:
                            "exception_message": CRASH_REASON, "exception_type": "ServerCrash", "traceback": [],
                            "current_inputs": {}, "current_outputs": [], "timestamp": now}
                 entry = history_entry(item, {}, "error", False, [["execution_error", message]])
-                db.execute("INSERT OR REPLACE INTO history (prompt_id, entry, created) VALUES (?, ?, ?)",
-                           (item.prompt_id, dumps(entry), time.time()))
+                self._record(db, item.prompt_id, entry)
             return [r["prompt_id"] for r in rows]
         return self._tx(recover)

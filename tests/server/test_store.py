@@ -56,6 +56,25 @@ def test_history_windows_follow_comfyui(store):
     assert len(store.delete_history(None)) == 4 and store.history() == {}
 
 
+def test_history_keeps_the_newest_max_history_entries(tmp_path):
+    store = Store(tmp_path / "db.sqlite3", max_history=3)
+    for n in range(5):
+        item = store.add(f"p{n}", {"n": n}, {}, [])
+        store.finish(item.prompt_id, history_entry(item, {}, "success", True, []))
+    assert list(store.history()) == ["p2", "p3", "p4"]
+    assert [e["prompt"][1] for e in store.take_dropped()] == ["p0", "p1"]
+    assert store.take_dropped() == []  # each dropped entry is handed over once
+    store.add("q", {}, {}, [])
+    store.cancel_pending("q", lambda item: history_entry(item, {}, "error", False, []))  # a cancel is an entry too
+    assert list(store.history()) == ["p3", "p4", "q"] and [e["prompt"][1] for e in store.take_dropped()] == ["p2"]
+    store.close()
+    lower = Store(tmp_path / "db.sqlite3", max_history=1)  # the next server keeps fewer
+    assert list(lower.history()) == ["p3", "p4", "q"]
+    lower.apply_history_limit()
+    assert list(lower.history()) == ["q"] and len(lower.take_dropped()) == 2
+    lower.close()
+
+
 def test_recover_turns_running_into_failed_and_keeps_pending(tmp_path):
     first = Store(tmp_path / "db.sqlite3")
     for pid in "abc":
