@@ -30,7 +30,7 @@ from server.cli_options import (
     add_memory_option,
     resolve_device,
     resolve_folders,
-    resolve_host,
+    resolve_hosts,
     resolve_precision,
     resolve_vram,
 )
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
-            resolve_host(args)  # contradicting flags fail before the engine loads
+            resolve_hosts(args)  # contradicting flags fail before the engine loads
         if args.command in ("run", "validate"):  # a mistyped path or --set answers before torch is imported
             for resolve in (resolve_device, resolve_precision, resolve_vram, resolve_folders):
                 resolve(args)  # contradicting flags are named first, as make_environment would

@@ -23,7 +23,7 @@ PRECISION_CHOICES = ("fp32", "bf16", "fp16")
 VRAM_FLAGS = {"lowvram": "low", "novram": "no", "highvram": "high"}
 PREVIEW_METHODS = ("none", "auto", "latent2rgb", "taesd")
 DEFAULT_HOST = "127.0.0.1"
-LISTEN_ALL = "0.0.0.0"  # `--listen` without an address, as ComfyUI
+LISTEN_ALL = "0.0.0.0"  # `--listen` without an address (ComfyUI binds "::" too, which fails without IPv6)
 
 
 class CliError(Exception):
@@ -121,8 +121,9 @@ def _memory_limit(text: str) -> str:
 def add_server_flags(serve: argparse.ArgumentParser) -> None:
     """ComfyUI's server flags that ours lacked: --listen, --user-directory, --preview-method, --auto-launch."""
     serve.add_argument("--listen", nargs="?", const=LISTEN_ALL, default=None, metavar="ADDR",
-                       help=f"address to bind, as ComfyUI: without ADDR {LISTEN_ALL} (every interface); same rules "
-                            "as --host (a public address without --auth-token is warned about)")
+                       help=f"addresses to bind, comma-separated, as ComfyUI: without ADDR {LISTEN_ALL} (every IPv4 "
+                            "interface; ComfyUI adds ::); same rules as --host (a public address without "
+                            "--auth-token is warned about)")
     serve.add_argument("--user-directory", type=Path, default=None, metavar="DIR",
                        help="the front end's user files (settings, saved workflows) in DIR/default "
                             "(default DATA_DIR/user)")
@@ -202,16 +203,17 @@ def resolve_folders(args: argparse.Namespace) -> dict[str, Path | None]:
             "temp_dir_override": temp / "temp" if temp is not None else None}
 
 
-def resolve_host(args: argparse.Namespace) -> str:
-    """The address to bind: --host or --listen (never both), else loopback."""
+def resolve_hosts(args: argparse.Namespace) -> list[str]:
+    """The addresses to bind: --host or --listen (never both; --listen takes ComfyUI's comma-separated list),
+    else loopback."""
     host, listen = getattr(args, "host", None), getattr(args, "listen", None)
     if host is not None and listen is not None:
         raise CliError(f"--listen {listen} and --host {host} contradict each other: give one address to bind")
-    address = listen if listen is not None else host if host is not None else DEFAULT_HOST
-    if "," in address:
-        raise CliError(f"--listen {address}: one address to bind here (ComfyUI's comma-separated list is not "
-                       f"supported); {LISTEN_ALL} listens on every IPv4 interface")
-    return address
+    given = listen if listen is not None else host if host is not None else DEFAULT_HOST
+    addresses = [part.strip() for part in given.split(",")]
+    if not all(addresses):
+        raise CliError(f"--{'listen' if listen is not None else 'host'} {given}: an empty address in the list")
+    return list(dict.fromkeys(addresses))  # in order, each once
 
 
 def preview_method(args: argparse.Namespace) -> str:

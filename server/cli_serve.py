@@ -25,7 +25,7 @@ from server.cli_options import (
     add_server_flags,
     browser_url,
     preview_method,
-    resolve_host,
+    resolve_hosts,
 )
 
 if TYPE_CHECKING:
@@ -111,28 +111,30 @@ def workers_option(value: str) -> int | str:
     return count
 
 
-async def _serve(app: Any, host: str, port: int, on_listening: Callable[[str], Any] | None = None) -> None:
-    """Serve until SIGINT or SIGTERM; `on_listening(url)` runs once the socket accepts connections (the
-    browser of --auto-launch opens then, never before the page can load)."""
+async def _serve(app: Any, hosts: list[str], port: int, on_listening: Callable[[str], Any] | None = None) -> None:
+    """Serve on every address of `hosts`, one port for all (with --port 0, the one the first address got), until
+    SIGINT or SIGTERM; `on_listening(url)` runs once the sockets accept connections (the browser of --auto-launch
+    opens then, never before the page can load)."""
     from aiohttp import web
 
     from server.state import STATE
 
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    for host in hosts:
+        await web.TCPSite(runner, host, port).start()
+        port = int(runner.addresses[0][1])
     # What exists now (torch, the node registry, the app) lives as long as the process. Freezing it keeps the
     # collector's full passes to objects made since: a full pass over the ~400k start-up objects holds the GIL
     # for 200+ ms, a stall for every request in flight (bench/server.py's p99 was 300 ms because of it).
     gc.collect()
     gc.freeze()
-    address = runner.addresses[0]
-    app[STATE].config.port = int(address[1])  # --port 0: the port bound (the webhook rules refuse it)
-    shown = f"[{address[0]}]" if ":" in str(address[0]) else address[0]
-    print(f"listening on http://{shown}:{address[1]}", flush=True)
+    app[STATE].config.port = port  # --port 0: the port bound (the webhook rules refuse it)
+    for address in runner.addresses:
+        shown = f"[{address[0]}]" if ":" in str(address[0]) else address[0]
+        print(f"listening on http://{shown}:{address[1]}", flush=True)
     if on_listening is not None:
-        on_listening(browser_url(str(address[0]), int(address[1])))
+        on_listening(browser_url(str(runner.addresses[0][0]), port))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -146,12 +148,16 @@ async def _serve(app: Any, host: str, port: int, on_listening: Callable[[str], A
 def server_config(args: argparse.Namespace, env: Environment) -> ServerConfig:
     """The ServerConfig the serve flags describe, the engine flags taken from `env` (make_environment's). A public
     bind without --auth-token is allowed, with the warning line --host has always given."""
-    from server.state import LOOPBACK_NAMES, ServerConfig
+    from server.state import ServerConfig
+    from server.webhook import is_loopback_host
 
     if isinstance(args.workers, str) and importlib.util.find_spec("ray") is None:
         raise CliError(f"--workers {args.workers} needs Ray: pip install 'latentloom[ray]'")
-    host = resolve_host(args)
-    config = ServerConfig(data_dir=env.data_dir, host=host, port=args.port, auth_token=args.auth_token,
+    hosts = resolve_hosts(args)
+    public = [h for h in hosts if not is_loopback_host(h)]
+    # The rules that depend on where the server listens (Host names, webhooks) follow its most public address.
+    config = ServerConfig(data_dir=env.data_dir, host=(public or hosts)[0], hosts=hosts, port=args.port,
+                          auth_token=args.auth_token,
                           device=env.device, vram=env.vram, precision=env.precision,
                           unet_precision=env.unet_precision, vae_precision=env.vae_precision,
                           compile_models=env.compile_models, weight_cache_bytes=env.weight_cache_bytes,
@@ -177,9 +183,9 @@ def server_config(args: argparse.Namespace, env: Environment) -> ServerConfig:
             raise CliError(str(exc)) from None
     if args.web_root is not None:
         config.web_root = args.web_root
-    if host not in LOOPBACK_NAMES and not args.auth_token:
+    if public and not args.auth_token:
         logging.getLogger("latentloom").warning("listening on %s without --auth-token: anyone who can reach "
-                                                "this address can run workflows", host)
+                                                "this address can run workflows", ", ".join(public))
     return config
 
 
@@ -193,11 +199,12 @@ def cmd_serve(args: argparse.Namespace, env: Environment, registry: NodeRegistry
         raise CliError(f"cannot open the data directory {env.data_dir}: {exc}") from None
     opener = open_browser if args.auto_launch else None
     try:
-        asyncio.run(_serve(app, config.host, args.port, opener))
+        asyncio.run(_serve(app, config.bind_hosts, args.port, opener))
     except ConnectionError as exc:  # --workers ray: the cluster cannot be reached
         raise CliError(str(exc)) from None
     except OSError as exc:
-        raise CliError(f"cannot listen on {config.host}:{args.port}: {exc.strerror or exc}") from None
+        where = ",".join(config.bind_hosts)
+        raise CliError(f"cannot listen on {where} port {args.port}: {exc.strerror or exc}") from None
     return 0
 
 

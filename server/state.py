@@ -33,7 +33,8 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 @dataclass
 class ServerConfig:
     data_dir: Path
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # where the host and webhook rules consider the server to listen: its most public address
+    hosts: list[str] = field(default_factory=list)  # every address bound (serve --listen A,B); empty: host alone
     port: int = 8188
     auth_token: str | None = None
     cache: str = "workflow"
@@ -71,6 +72,10 @@ class ServerConfig:
     # "none": no sampler previews are made or sent. An embedding program's default is the cheap linear map; `latentloom
     # serve` passes its --preview-method, "auto" unless given (a tiny decoder where models/vae_approx has one).
     preview_method: str = "latent2rgb"
+
+    @property
+    def bind_hosts(self) -> list[str]:
+        return self.hosts or [self.host]
 
     @property
     def user_root(self) -> Path:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,7 @@ def test_help_lists_the_comfyui_flags():
     (["run", "w.json", "--precision", "bf16", "--force-fp32"], "--precision bf16 and --force-fp32 contradict"),
     (["--lowvram", "serve", "--highvram"], "--lowvram and --highvram contradict each other"),
     (["serve", "--listen", "--host", "0.0.0.0"], "--listen 0.0.0.0 and --host 0.0.0.0 contradict each other"),
-    (["serve", "--listen", "0.0.0.0,::"], "one address to bind here"),
+    (["serve", "--listen", "127.0.0.1,,::1"], "--listen 127.0.0.1,,::1: an empty address in the list"),
     (["run", "w.json", "--output", "a", "--output-directory", "b"], "--output a and --output-directory b"),
     (["--device", "tpu", "nodes"], "--device tpu: use cpu, cuda, cuda:N or mps"),
 ])
@@ -286,6 +287,21 @@ def test_listen_binds_every_interface_with_the_host_rules(tmp_path, caplog):
         assert serve_config(tmp_path, "--listen", "127.0.0.1").host == "127.0.0.1"
     assert "without --auth-token" not in caplog.text
     assert serve_config(tmp_path, "--port", "9999").port == 9999
+    listed = serve_config(tmp_path, "--listen", "127.0.0.1, 0.0.0.0,127.0.0.1", "--auth-token", "t")
+    assert listed.hosts == ["127.0.0.1", "0.0.0.0"] and listed.host == "0.0.0.0"  # the rules follow the public one
+
+
+def test_listen_with_a_list_serves_every_address_on_one_port(tmp_path):
+    server = ServerProcess(make_data_dir(tmp_path / "data"), "--listen", "127.0.0.1,127.0.0.2", "--workers", "1")
+    server.start()
+    try:
+        port = server.url.rsplit(":", 1)[1]
+        assert server.url.startswith("http://127.0.0.1:")
+        for address in ("127.0.0.1", "127.0.0.2"):
+            with urllib.request.urlopen(f"http://{address}:{port}/system_stats", timeout=30) as response:
+                assert response.status == 200
+    finally:
+        server.stop()
 
 
 def test_server_folders_precision_and_upload_size_reach_the_server(tmp_path):
@@ -358,7 +374,7 @@ def test_auto_launch_opens_the_browser_once_the_server_listens(tmp_path, monkeyp
     monkeypatch.setattr(cli_serve.webbrowser, "open", fake_open)
     config = serve_config(tmp_path, "--listen", "--workers", "1", "--auth-token", "t")
     app = create_app(config)
-    asyncio.run(cli_serve._serve(app, config.host, 0, cli_serve.open_browser))
+    asyncio.run(cli_serve._serve(app, config.bind_hosts, 0, cli_serve.open_browser))
     assert len(opened) == 1 and opened[0][0].startswith("http://127.0.0.1:")  # 0.0.0.0 is reached via loopback
 
 
