@@ -75,6 +75,11 @@ class ExecutionContext:
         if preview is not None:
             self._events("preview", {"prompt_id": self.prompt_id, "node": self.node_id, "image": preview})
 
+    def progress_text(self, text: str) -> None:
+        """Text about this node's run for the UI, which ComfyUI's front end shows on the node (GetImageSize's
+        size); the server sends it to the prompt's client as a binary TEXT frame."""
+        self._events("progress_text", {"prompt_id": self.prompt_id, "node": self.node_id, "text": text})
+
 
 @dataclass
 class ExecutionResult:

@@ -5,7 +5,6 @@ Names, inputs, defaults and ranges are ComfyUI's, so existing workflows run unch
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -17,8 +16,6 @@ from graph.node import Boolean, Combo, Float, Int, Node, Output, Socket
 from graph.types import IMAGE, INT, MASK
 from nodes.estimates import describe_image, host_op, image_spec, mask_spec, resized, tensor_of
 from nodes.tensor_ops import MAX_RESOLUTION, UPSCALE_METHODS, blur, composite, resize, to_bchw, to_bhwc
-
-log = logging.getLogger(__name__)
 
 CROP_METHODS = ["disabled", "center"]
 
@@ -301,15 +298,16 @@ class ImageSharpen(Node):
 class GetImageSize(Node):
     display_name = "Get Image Size"
     category = "image"
-    # ComfyUI declares the node's id as a hidden input (it shows the size as text on that node); we log it with
-    # the size, for the same interface.
-    hidden = ("unique_id",)
+    # ComfyUI declares the node's id as a hidden input and shows the size as text on the node; so do we, through
+    # the execution context (which /object_info does not list).
+    hidden = ("unique_id", "context")
     inputs = [Socket("image", IMAGE)]
     outputs = [Output(INT, "width"), Output(INT, "height"), Output(INT, "batch_size")]
 
-    def execute(self, image, unique_id=None):
+    def execute(self, image, unique_id=None, context=None):
         width, height, batch = int(image.shape[2]), int(image.shape[1]), int(image.shape[0])
-        log.debug("GetImageSize node %s: %dx%d, batch size %d", unique_id, width, height, batch)
+        if context is not None:
+            context.progress_text(f"width: {width}, height: {height}\n batch size: {batch}")
         return (width, height, batch)
 
 

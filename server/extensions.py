@@ -13,27 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from server.state import STATE
-from server.websocket import Preview, text_message
+from server.websocket import BinaryFrame, text_message
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PackFrame(Preview):
-    """A pack's binary message: `image` holds the payload; image_format 0 keeps it out of the JPEG preview drop."""
-
-    event: int = 0
-
-    def frame(self, with_metadata: bool) -> bytes:
-        return struct.pack(">I", self.event) + self.image
 
 
 ROUTE_NAME = "pack-web"  # (and "pack-web-api") in server.app.STATIC_ROUTE_NAMES: no token, as the canvas' scripts
@@ -82,7 +70,7 @@ def setup(app: web.Application) -> None:
         return  # no packs in this app's registry: none of the process's pack routes belong on it
 
     def publish(event: str | int, data: Any, client_id: str | None) -> None:
-        message = PackFrame(data, 0, {}, event) if isinstance(event, int) else text_message(event, data)
+        message = BinaryFrame(event, data) if isinstance(event, int) else text_message(event, data)
         state.hub.publish_threadsafe(message, client_id)
 
     try:

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from nodes.environment import Environment, UnsafePathError, safe_join
 from server.progress_state import ENDS, ProgressStates
 from server.store import QueueItem, Store, history_entry
-from server.websocket import JPEG, PNG, Hub, Preview, text_message
+from server.websocket import JPEG, PNG, Hub, Message, Preview, progress_text_frame, text_message
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def encode_preview(image: Image.Image | tuple[str, Image.Image, int | None], max
     return buffer.getvalue()
 
 
-def route_event(hub: Hub, message: str | Preview, event: str, client_id: str | None) -> None:
+def route_event(hub: Hub, message: Message, event: str, client_id: str | None) -> None:
     """To the submitting client; without one, everyone gets what is not OWNER_ONLY."""
     if client_id:
         hub.publish_threadsafe(message, client_id)
@@ -165,6 +165,9 @@ class PromptPool:
         """An executor event to its client with the `progress_state` it changes (ComfyUI's front end outlines the
         running node and draws its progress from those): after the event, but before the end of a prompt, as
         ComfyUI finishes a node's progress before it announces the prompt's success or error."""
+        if event == "progress_text":  # a node's text, shown on it by ComfyUI's front end: a binary TEXT frame
+            route_event(self.hub, progress_text_frame(data["node"], data["text"]), event, client_id)
+            return
         state = self.progress_states.update(event, data)
         if state is None:
             route_event(self.hub, text_message(event, data), event, client_id)

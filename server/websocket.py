@@ -29,7 +29,7 @@ from server.json_values import dumps
 
 log = logging.getLogger(__name__)
 
-PREVIEW_IMAGE, PREVIEW_IMAGE_WITH_METADATA = 1, 4
+PREVIEW_IMAGE, TEXT, PREVIEW_IMAGE_WITH_METADATA = 1, 3, 4  # binary message types
 JPEG, PNG = 1, 2
 OUTBOX_LIMIT = 2000  # messages kept per client (the oldest go first)
 PREVIEW_BACKLOG_LIMIT = 32  # previews are dropped, not queued, for a client this far behind
@@ -53,6 +53,23 @@ class Preview:
 
 
 @dataclass
+class BinaryFrame:
+    """A binary message other than a preview: `[u32 event][payload]` (ComfyUI's framing), never dropped."""
+
+    event: int
+    payload: bytes
+
+    def frame(self, with_metadata: bool) -> bytes:
+        return struct.pack(">I", self.event) + self.payload
+
+
+def progress_text_frame(node: str, text: str) -> BinaryFrame:
+    """ComfyUI's TEXT message, which its front end shows on node `node`: [u32 3][u32 len(node)][node][text]."""
+    node_bytes = str(node).encode()
+    return BinaryFrame(TEXT, struct.pack(">I", len(node_bytes)) + node_bytes + str(text).encode())
+
+
+@dataclass
 class Client:
     client_id: str
     outbox: deque = field(default_factory=lambda: deque(maxlen=OUTBOX_LIMIT))
@@ -61,6 +78,9 @@ class Client:
     sender: asyncio.Task | None = None
     supports_preview_metadata: bool = False
     disconnected_at: float = field(default_factory=time.monotonic)
+
+
+Message = str | Preview | BinaryFrame  # what a client's outbox holds: JSON text, or a binary frame
 
 
 def text_message(event: str, data: dict[str, Any]) -> str:
@@ -79,12 +99,12 @@ class Hub:
         self.loop: asyncio.AbstractEventLoop | None = None
         # Messages from other threads wait here; one loop callback delivers all that arrived since the last, so a
         # burst of events costs one wake-up of the loop, not one per event.
-        self._inbox: list[tuple[str | Preview, str | None]] = []
+        self._inbox: list[tuple[Message, str | None]] = []
         self._inbox_lock = threading.Lock()
         self._delivery_scheduled = False
 
     # publishing ------------------------------------------------------------------------------------
-    def publish_threadsafe(self, message: str | Preview, to: str | None) -> None:
+    def publish_threadsafe(self, message: Message, to: str | None) -> None:
         """From any thread: queue a message for one client id (None: everyone)."""
         loop = self.loop
         if loop is None or loop.is_closed():
@@ -104,7 +124,7 @@ class Hub:
         for message, to in messages:
             self.publish(message, to)
 
-    def publish(self, message: str | Preview, to: str | None) -> None:
+    def publish(self, message: Message, to: str | None) -> None:
         if to is None:
             for client in list(self.clients.values()):
                 if client.socket is not None:
@@ -118,7 +138,7 @@ class Hub:
     def broadcast_status(self) -> None:
         self.publish(text_message("status", self._status()), None)
 
-    def _enqueue(self, client: Client, message: str | Preview) -> None:
+    def _enqueue(self, client: Client, message: Message) -> None:
         # A latent preview (JPEG) can be skipped for a client that is behind; a PNG is a whole image an output node
         # sends (SaveImageWebsocket): the client's result, never dropped.
         if isinstance(message, Preview) and message.image_format == JPEG and len(client.outbox) > PREVIEW_BACKLOG_LIMIT:
@@ -198,10 +218,10 @@ class Hub:
                 client.wakeup.clear()
                 while client.outbox and not socket.closed:
                     message = client.outbox[0]
-                    if isinstance(message, Preview):
-                        await socket.send_bytes(message.frame(client.supports_preview_metadata))
-                    else:
+                    if isinstance(message, str):
                         await socket.send_str(message)
+                    else:
+                        await socket.send_bytes(message.frame(client.supports_preview_metadata))
                     if client.outbox and client.outbox[0] is message:
                         client.outbox.popleft()
         except asyncio.CancelledError:
