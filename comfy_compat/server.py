@@ -91,8 +91,8 @@ class PromptServer:
 
     def send_progress_text(self, text: str | bytes, node_id: str, sid: str | None = None) -> None:
         """A TEXT frame ComfyUI's front end shows on node `node_id`: [u32 3][u32 len(node id)][node id][text]."""
-        node = str(node_id).encode()
-        body = text if isinstance(text, bytes) else str(text).encode()
+        node = str(node_id).encode("utf-8", "replace")
+        body = text if isinstance(text, bytes) else str(text).encode("utf-8", "replace")  # lone surrogates: '?
         self.send_sync(BinaryEventTypes.TEXT, struct.pack(">I", len(node)) + node + body, sid)
 
     def add_on_prompt_handler(self, handler: Any) -> None:

@@ -64,9 +64,10 @@ class BinaryFrame:
 
 
 def progress_text_frame(node: str, text: str) -> BinaryFrame:
-    """ComfyUI's TEXT message, which its front end shows on node `node`: [u32 3][u32 len(node)][node][text]."""
-    node_bytes = str(node).encode()
-    return BinaryFrame(TEXT, struct.pack(">I", len(node_bytes)) + node_bytes + str(text).encode())
+    """ComfyUI's TEXT message, which its front end shows on node `node`: [u32 3][u32 len(node)][node][text]
+    (UTF-8; a character that has none, such as a lone surrogate, becomes '?')."""
+    node_bytes = str(node).encode("utf-8", "replace")
+    return BinaryFrame(TEXT, struct.pack(">I", len(node_bytes)) + node_bytes + str(text).encode("utf-8", "replace"))
 
 
 @dataclass

@@ -36,3 +36,10 @@ def test_get_image_size_sends_its_size_to_the_client_as_text(server):
     assert any(e["type"] == "execution_success" for e in events), events
     text = struct.pack(">II", 3, 4) + b"size" + b"width: 24, height: 16\n batch size: 1"
     assert frames == [text]
+
+
+def test_a_text_without_utf8_is_sent_with_replacements():
+    from server.websocket import progress_text_frame
+
+    frame = progress_text_frame("7", "bad \udc80 text").frame(with_metadata=True)
+    assert frame == struct.pack(">II", 3, 1) + b"7" + b"bad ? text"
