@@ -382,14 +382,17 @@ class _Run:
     def _error_data(self, node_id: str | None, exc: BaseException) -> dict[str, Any]:
         inputs = self._inputs(node_id) if node_id else {}
         exc_type = type(exc)
+        # An environment may name its files for users (the data directory's relative to it): a node that let an OS
+        # or library error through (a custom node, a full disk in SaveImage) names no absolute path either.
+        public = getattr(self.ex.env, "public_text", None) or str
         return {
             "prompt_id": self.prompt_id,
             "node_id": node_id,
             "node_type": self.prompt.classes[node_id].node_type if node_id else None,
             "executed": list(self.result.executed),
-            "exception_message": str(exc) or exc_type.__name__,
+            "exception_message": public(str(exc) or exc_type.__name__),
             "exception_type": f"{exc_type.__module__}.{exc_type.__qualname__}",
-            "traceback": traceback.format_exception(exc),
+            "traceback": [public(line) for line in traceback.format_exception(exc)],
             "current_inputs": {n: [_format_input(x) for x in v] if v is not None else None
                                for n, v in inputs.items()},
             "current_outputs": [n for n in self.values],

@@ -315,6 +315,10 @@ class Environment:
         named = name_paths(text, self.folder_names())
         return Path(text).name if named == text else named
 
+    def public_text(self, text: str) -> str:
+        """`text` with the paths under this environment's folders named as messages may show them."""
+        return name_paths(text, self.folder_names())
+
     def naming_files(self) -> Any:
         """A context in which errors name this environment's files publicly (see naming_files)."""
         return naming_files(self.folder_names())

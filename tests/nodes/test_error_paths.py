@@ -15,6 +15,7 @@ from PIL import Image
 
 from diffusion.checkpoints.random_checkpoints import write_random_checkpoint
 from graph.executor import Executor
+from graph.node import Node, String
 from graph.validation import validate_prompt
 from nodes import build_registry
 from nodes.environment import Environment, folder_names, name_paths, naming_files
@@ -124,6 +125,30 @@ def test_an_unreadable_image_is_named_in_the_input_folder(env):
     (env.input_dir / "later.png").write_bytes(b"broken after validation")
     result = Executor(env=env).execute(validation.prompt, "p", lambda event, data: None)
     assert result.status == "error" and "later.png" in result.error["exception_message"]
+    assert_no_paths(result.error, env.data_dir)
+
+
+class WriteFails(Node):
+    """A node that lets an OS error naming a data-directory file through, as a custom node or a full disk can."""
+
+    hidden = ("context",)
+    output_node = True
+    inputs = [String("name", default="x.png")]
+
+    def execute(self, name, context=None):
+        path = context.env.output_dir / "sub" / name
+        raise OSError(28, "No space left on device", str(path))
+
+
+def test_an_error_a_node_lets_through_names_no_absolute_path(env):
+    registry = build_registry(env, plugins=False)
+    registry.register(WriteFails)
+    validation = validate_prompt({"1": {"class_type": "WriteFails", "inputs": {"name": "big.png"}}}, registry, env)
+    assert validation.ok, validation.response()
+    result = Executor(env=env).execute(validation.prompt, "p", lambda event, data: None)
+    assert result.status == "error"
+    assert "No space left on device: 'output/sub/big.png'" in result.error["exception_message"]
+    assert "output/sub/big.png" in "".join(result.error["traceback"])
     assert_no_paths(result.error, env.data_dir)
 
 
